@@ -1,0 +1,196 @@
+"""Held-out metrics of a model and of its serialized artifact: quality, size, latency.
+
+Everything runs on CPU: the quantized student only runs there, and the deployment target the
+gates reason about is a CPU server.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from kd_lib.training import compute_logits
+
+
+def predict(model: nn.Module, x: Tensor, batch_size: int = 512) -> Tensor:
+    """Predicted class of every sample (eval mode, no grad, CPU).
+
+    Args:
+        model: Maps ``[B, *input_shape]`` to ``[B, C]`` logits.
+        x: ``[N, *input_shape]`` float32.
+        batch_size: Samples per forward pass.
+
+    Returns:
+        ``[N]`` int64 argmax labels.
+    """
+    return compute_logits(model, x, batch_size=batch_size, device="cpu").argmax(dim=1)
+
+
+def _check_pair(pred: Tensor, y: Tensor) -> None:
+    if pred.shape != y.shape or pred.dim() != 1:
+        raise ValueError(f"pred and y must both be [N]; got {tuple(pred.shape)} and {tuple(y.shape)}")
+    if len(y) == 0:
+        raise ValueError("cannot score an empty set (N = 0)")
+
+
+def accuracy(pred: Tensor, y: Tensor) -> float:
+    """Fraction of ``pred`` ([N] int64) equal to ``y`` ([N] int64), in [0, 1]."""
+    _check_pair(pred, y)
+    return (pred == y).double().mean().item()
+
+
+def confusion_matrix(pred: Tensor, y: Tensor, num_classes: int) -> list[list[int]]:
+    """Counts ``m[true][predicted]``: rows are true classes, columns predicted classes.
+
+    Args:
+        pred: ``[N]`` int64 predicted labels in ``[0, num_classes)``.
+        y: ``[N]`` int64 true labels in ``[0, num_classes)``.
+        num_classes: C.
+
+    Returns:
+        A C x C nested list of ints (JSON-able, as KFP and MLflow want it).
+    """
+    _check_pair(pred, y)
+    for name, t in (("pred", pred), ("y", y)):
+        if t.min() < 0 or t.max() >= num_classes:
+            raise ValueError(
+                f"{name} has labels outside [0, {num_classes}): min {t.min().item()}, max {t.max().item()}"
+            )
+    flat = y.long() * num_classes + pred.long()
+    return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes).tolist()
+
+
+def macro_f1(pred: Tensor, y: Tensor, num_classes: int) -> float:
+    """Unweighted mean of per-class F1 over the classes that occur in ``y`` or ``pred``.
+
+    Per class, ``F1 = 2 TP / (2 TP + FP + FN)``, which equals ``2 P R / (P + R)`` and is 0 when
+    precision and recall are both 0. Classes absent from both ``y`` and ``pred`` have no
+    defined F1 and are left out of the mean rather than counted as 0 or 1.
+
+    Args:
+        pred: ``[N]`` int64 predicted labels.
+        y: ``[N]`` int64 true labels.
+        num_classes: C.
+
+    Returns:
+        Macro F1 in [0, 1].
+    """
+    cm = np.asarray(confusion_matrix(pred, y, num_classes), dtype=np.float64)
+    tp = np.diag(cm)
+    fp = cm.sum(axis=0) - tp  # predicted as the class, truly another
+    fn = cm.sum(axis=1) - tp  # truly the class, predicted as another
+    denominator = 2 * tp + fp + fn
+    present = denominator > 0
+    return float(np.mean(2 * tp[present] / denominator[present]))
+
+
+def latency_ms(
+    model: nn.Module,
+    example: Tensor,
+    batch_size: int,
+    warmup: int,
+    iters: int,
+    threads: int = 1,
+) -> dict[str, float]:
+    """Wall-clock latency of one forward pass on CPU, in milliseconds.
+
+    The thread count is pinned while timing (and restored afterwards) because latency varies
+    with it more than between models; one thread mimics a CPU-limited serving container.
+
+    Args:
+        model: Maps ``[B, *input_shape]`` to ``[B, C]``.
+        example: ``[1, *input_shape]`` one sample; repeated to ``batch_size`` rows.
+        batch_size: Rows per timed forward pass.
+        warmup: Untimed passes first (allocator, packed-weight caches).
+        iters: Timed passes.
+        threads: ``torch.set_num_threads`` while timing.
+
+    Returns:
+        ``{"p50": median_ms, "p95": p95_ms}`` over the timed passes.
+    """
+    if example.dim() < 1 or example.shape[0] != 1:
+        raise ValueError(f"example must be [1, *input_shape], got {tuple(example.shape)}")
+    if batch_size < 1 or iters < 1 or warmup < 0 or threads < 1:
+        raise ValueError(
+            "need batch_size >= 1, iters >= 1, warmup >= 0, threads >= 1; "
+            f"got {batch_size}, {iters}, {warmup}, {threads}"
+        )
+    batch = example.cpu().expand(batch_size, *example.shape[1:]).contiguous()
+    previous_threads, was_training = torch.get_num_threads(), model.training
+    torch.set_num_threads(threads)
+    model.eval()
+    times: list[float] = []
+    try:
+        with torch.inference_mode():
+            for _ in range(warmup):
+                model(batch)
+            for _ in range(iters):
+                start = time.perf_counter()
+                model(batch)
+                times.append((time.perf_counter() - start) * 1000.0)
+    finally:
+        torch.set_num_threads(previous_threads)
+        model.train(was_training)
+    p50, p95 = np.percentile(times, [50, 95])
+    return {"p50": float(p50), "p95": float(p95)}
+
+
+def artifact_size_bytes(directory: str | Path) -> int:
+    """Total bytes of the files under ``directory`` (the serialized model as it ships)."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: not a directory; expected a saved model directory")
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def evaluate_model(
+    model: nn.Module,
+    x_test: Tensor,
+    y_test: Tensor,
+    num_classes: int,
+    artifact_dir: str | Path,
+    num_params: int,
+    batch_sizes: Sequence[int] = (1, 64),
+    warmup: int = 5,
+    iters: int = 30,
+    threads: int = 1,
+) -> dict[str, Any]:
+    """All test metrics of one model, as a flat JSON-able dict.
+
+    Args:
+        model: Maps ``[B, *input_shape]`` to ``[B, C]``; run on CPU.
+        x_test: ``[N, *input_shape]`` float32.
+        y_test: ``[N]`` int64.
+        num_classes: C.
+        artifact_dir: The model's saved directory; its byte size is reported.
+        num_params: Parameter count, passed in because a dynamic-quantized model hides its
+            weights from ``parameters()``; count the fp32 model.
+        batch_sizes: Batch sizes to time.
+        warmup: Untimed passes per batch size.
+        iters: Timed passes per batch size.
+        threads: CPU threads while timing.
+
+    Returns:
+        ``accuracy``, ``macro_f1``, ``size_bytes``, ``num_params``, ``latency_b{bs}_p50_ms`` and
+        ``latency_b{bs}_p95_ms`` per batch size, ``predictions`` (list of N ints) and
+        ``confusion_matrix`` (C x C, rows true).
+    """
+    pred = predict(model, x_test)
+    metrics: dict[str, Any] = {
+        "accuracy": accuracy(pred, y_test),
+        "macro_f1": macro_f1(pred, y_test, num_classes),
+        "size_bytes": artifact_size_bytes(artifact_dir),
+        "num_params": int(num_params),
+    }
+    for bs in batch_sizes:
+        timing = latency_ms(model, x_test[:1], batch_size=bs, warmup=warmup, iters=iters, threads=threads)
+        metrics[f"latency_b{bs}_p50_ms"] = timing["p50"]
+        metrics[f"latency_b{bs}_p95_ms"] = timing["p95"]
+    metrics["predictions"] = pred.tolist()
+    metrics["confusion_matrix"] = confusion_matrix(pred, y_test, num_classes)
+    return metrics

@@ -1,0 +1,167 @@
+"""Promotion gates: is the quantized student good and small enough to become the champion?
+
+``decide`` compares measured metrics with the thresholds of ``GateConfig`` and returns every
+check with its value, so a failed run says exactly which bar it missed and by how much.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping
+
+from kd_lib.config import GateConfig
+
+# Values are rounded before comparing so that float noise cannot fail a run sitting exactly on
+# a threshold: (0.97 - 0.95) * 100 is 2.0000000000000018 in binary floating point.
+_DECIMALS = 9
+
+
+@dataclass(frozen=True)
+class GateCheck:
+    """One comparison of a measured value with its threshold.
+
+    Attributes:
+        name: The GateConfig field it checks (``min_accuracy``, ...).
+        value: The measured value, in ``unit``.
+        threshold: The configured bar, in ``unit``.
+        op: ``">="`` or ``"<="``: how ``value`` must compare with ``threshold`` to pass.
+        passed: Whether it did (equality passes).
+        unit: ``"fraction"``, ``"points"``, ``"MB"`` or ``"x"``.
+    """
+
+    name: str
+    value: float
+    threshold: float
+    op: str
+    passed: bool
+    unit: str
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """The verdict: passed only when every check passed.
+
+    Attributes:
+        passed: All checks passed.
+        checks: Every check made, in a fixed order.
+    """
+
+    passed: bool
+    checks: list[GateCheck]
+
+    def failed(self) -> list[GateCheck]:
+        """The checks that did not pass."""
+        return [c for c in self.checks if not c.passed]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form; ``GateDecision.from_dict`` inverts it."""
+        return {"passed": self.passed, "checks": [asdict(c) for c in self.checks]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "GateDecision":
+        """Rebuild a decision from ``to_dict`` output (e.g. after a JSON round trip)."""
+        try:
+            checks = [
+                GateCheck(
+                    name=str(c["name"]),
+                    value=float(c["value"]),
+                    threshold=float(c["threshold"]),
+                    op=str(c["op"]),
+                    passed=bool(c["passed"]),
+                    unit=str(c["unit"]),
+                )
+                for c in data["checks"]
+            ]
+            return cls(passed=bool(data["passed"]), checks=checks)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"not a GateDecision dict ({type(err).__name__}: {err})") from None
+
+    def table(self) -> str:
+        """Plain-text aligned table, one row per check, for logs and run descriptions."""
+        header = ("check", "value", "op", "threshold", "verdict")
+        rows = [
+            (
+                c.name,
+                f"{c.value:.6g} {c.unit}",
+                c.op,
+                f"{c.threshold:.6g} {c.unit}",
+                "PASS" if c.passed else "FAIL",
+            )
+            for c in self.checks
+        ]
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines.append(f"overall: {'PASS' if self.passed else 'FAIL'}")
+        return "\n".join(lines)
+
+
+def _check(name: str, value: float, threshold: float, op: str, unit: str) -> GateCheck:
+    value = round(float(value), _DECIMALS)
+    passed = value >= threshold if op == ">=" else value <= threshold
+    return GateCheck(name=name, value=value, threshold=float(threshold), op=op, passed=passed, unit=unit)
+
+
+def _metric(metrics: Mapping[str, Any], key: str, role: str) -> float:
+    if key not in metrics:
+        raise ValueError(f"{role} metrics lack {key!r}; got keys {sorted(metrics)}")
+    return float(metrics[key])
+
+
+def decide(
+    candidate: Mapping[str, Any],
+    teacher: Mapping[str, Any],
+    thresholds: GateConfig,
+    *,
+    fp32_student: Mapping[str, Any] | None = None,
+    champion: Mapping[str, Any] | None = None,
+) -> GateDecision:
+    """Check a candidate (the quantized student) against the configured bars.
+
+    Checks, each inclusive (a value exactly at its threshold passes):
+
+    - ``min_accuracy``: candidate accuracy >= threshold (fraction).
+    - ``max_accuracy_drop``: (teacher - candidate accuracy) * 100 <= threshold (points).
+    - ``max_quantization_drop``: (fp32 student - candidate accuracy) * 100 <= threshold
+      (points); only when ``fp32_student`` is given.
+    - ``max_size_mb``: candidate ``size_bytes`` / 10^6 <= threshold (MB).
+    - ``min_compression_ratio``: teacher ``size_bytes`` / candidate ``size_bytes`` >= threshold.
+
+    Args:
+        candidate: Metrics of the model to promote; needs ``accuracy`` and ``size_bytes``.
+        teacher: Metrics of the teacher; needs ``accuracy`` and ``size_bytes``.
+        thresholds: The gate section of the pipeline config.
+        fp32_student: Metrics of the student before quantization; needs ``accuracy``.
+        champion: Metrics of the current champion. Accepted and IGNORED for now: comparing
+            with the champion (champion/challenger) is a later addition; the parameter exists
+            so callers need not change then.
+
+    Returns:
+        GateDecision with every check; ``passed`` only if all passed.
+
+    Raises:
+        ValueError: a required metric is missing, or the candidate size is not positive.
+    """
+    del champion  # reserved for champion/challenger comparison; see the docstring
+    cand_acc = _metric(candidate, "accuracy", "candidate")
+    cand_size = _metric(candidate, "size_bytes", "candidate")
+    teacher_acc = _metric(teacher, "accuracy", "teacher")
+    teacher_size = _metric(teacher, "size_bytes", "teacher")
+    if cand_size <= 0:
+        raise ValueError(f"candidate size_bytes must be > 0, got {cand_size}")
+
+    checks = [
+        _check("min_accuracy", cand_acc, thresholds.min_accuracy, ">=", "fraction"),
+        _check("max_accuracy_drop", (teacher_acc - cand_acc) * 100, thresholds.max_accuracy_drop, "<=", "points"),
+    ]
+    if fp32_student is not None:
+        fp32_acc = _metric(fp32_student, "accuracy", "fp32_student")
+        quantization_drop = (fp32_acc - cand_acc) * 100
+        checks.append(
+            _check("max_quantization_drop", quantization_drop, thresholds.max_quantization_drop, "<=", "points")
+        )
+    checks += [
+        _check("max_size_mb", cand_size / 1e6, thresholds.max_size_mb, "<=", "MB"),
+        _check("min_compression_ratio", teacher_size / cand_size, thresholds.min_compression_ratio, ">=", "x"),
+    ]
+    return GateDecision(passed=all(c.passed for c in checks), checks=checks)

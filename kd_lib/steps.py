@@ -1,0 +1,272 @@
+"""One function per DAG step: paths in, paths out, one nested MLflow run each.
+
+These are what the KFP components call (and what tests call directly). Each reads its
+inputs from artifact directories, does the work with the pure modules (data, models,
+training, quantization, evaluation, gates) and writes its outputs to the directories it is
+given. Nothing is passed through globals or shared paths.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kd_lib import data as data_lib
+from kd_lib import evaluation, gates, quantization, training
+from kd_lib.config import PipelineConfig
+from kd_lib.model_registry import ModelRegistry, gate_tags, log_pyfunc, pip_requirements
+from kd_lib.models import build_model, count_parameters
+from kd_lib.tracking import StepRun, client_for, finish_pipeline_run, step_run
+
+
+class StepError(RuntimeError):
+    """A step was asked to do something its inputs do not allow (e.g. register a failed gate)."""
+
+
+def _tensors(splits: data_lib.Splits, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.from_numpy(splits.x[name]), torch.from_numpy(splits.y[name])
+
+
+def _spec(model_cfg: Any, meta: data_lib.DatasetMeta, role: str, run: StepRun) -> dict[str, Any]:
+    return {
+        "role": role,
+        "arch": model_cfg.arch,
+        "params": dict(model_cfg.params),
+        "input_shape": list(meta.input_shape),
+        "num_classes": meta.num_classes,
+        "quantization": "none",
+        "normalization": dict(meta.normalization),
+        "dataset_fingerprint": meta.fingerprint,
+        "mlflow_run_id": run.run_id,
+    }
+
+
+def _epoch_logger(run: StepRun):
+    def log(row: dict[str, Any]) -> None:
+        run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+
+    return log
+
+
+def _log_result(run: StepRun, result: training.TrainResult) -> dict[str, Any]:
+    summary = {
+        "best_epoch": result.best_epoch,
+        "best_val_accuracy": result.best_val_accuracy,
+        "epochs_run": len(result.history),
+        "stopped_early": result.stopped_early,
+    }
+    run.log_metrics({k: float(v) for k, v in summary.items()})
+    run.log_dict(result.history, "history.json")
+    return summary
+
+
+def prepare_data(cfg: PipelineConfig, pipeline_run_id: str, dataset_dir: str | Path) -> dict[str, Any]:
+    """Load, validate, split and fingerprint the data; write it to ``dataset_dir``."""
+    with step_run(cfg, pipeline_run_id, "prepare_data") as run:
+        splits = data_lib.prepare(cfg.data)
+        data_lib.save_splits(splits, dataset_dir)
+        meta = splits.meta
+        run.log_params({"source": meta.source, "fingerprint": meta.fingerprint, "input_shape": meta.input_shape})
+        run.log_metrics({f"n_{k}": v for k, v in meta.sizes.items()} | {"num_classes": meta.num_classes})
+        run.set_tags({"kdflow.dataset_fingerprint": meta.fingerprint}, on_parent=True)
+        run.log_dict(meta.__dict__, "dataset_meta.json")
+        return meta.__dict__
+
+
+def train_teacher(
+    cfg: PipelineConfig, pipeline_run_id: str, dataset_dir: str | Path, teacher_dir: str | Path
+) -> dict[str, Any]:
+    """Cross-entropy training of the teacher with early stopping; the best epoch is saved."""
+    with step_run(cfg, pipeline_run_id, "train_teacher") as run:
+        splits = data_lib.load_splits(dataset_dir)
+        meta = splits.meta
+        torch.manual_seed(cfg.teacher.train.seed)
+        model = build_model(cfg.teacher.model.arch, cfg.teacher.model.params, tuple(meta.input_shape), meta.num_classes)
+        run.log_params({"num_params": count_parameters(model)})
+        result = training.train_supervised(
+            model, *_tensors(splits, "train"), *_tensors(splits, "val"), cfg.teacher.train, on_epoch=_epoch_logger(run)
+        )
+        quantization.save_model(result.model, _spec(cfg.teacher.model, meta, "teacher", run), teacher_dir)
+        return _log_result(run, result) | {"run_id": run.run_id}
+
+
+def distill(
+    cfg: PipelineConfig,
+    pipeline_run_id: str,
+    dataset_dir: str | Path,
+    teacher_dir: str | Path,
+    student_dir: str | Path,
+) -> dict[str, Any]:
+    """Hinton KD of the student from the teacher's logits (computed once, indexed by sample)."""
+    with step_run(cfg, pipeline_run_id, "distill") as run:
+        splits = data_lib.load_splits(dataset_dir)
+        meta = splits.meta
+        x_train, y_train = _tensors(splits, "train")
+        teacher_logits = None
+        if cfg.distill.alpha > 0:
+            teacher, _ = quantization.load_model(teacher_dir)
+            teacher_logits = training.compute_logits(teacher, x_train)
+        torch.manual_seed(cfg.distill.train.seed)
+        student = build_model(cfg.student.model.arch, cfg.student.model.params, tuple(meta.input_shape), meta.num_classes)
+        run.log_params(
+            {"num_params": count_parameters(student), "temperature": cfg.distill.temperature, "alpha": cfg.distill.alpha}
+        )
+        result = training.distill(
+            student,
+            teacher_logits,
+            x_train,
+            y_train,
+            *_tensors(splits, "val"),
+            cfg.distill.train,
+            temperature=cfg.distill.temperature,
+            alpha=cfg.distill.alpha,
+            on_epoch=_epoch_logger(run),
+        )
+        quantization.save_model(result.model, _spec(cfg.student.model, meta, "student", run), student_dir)
+        return _log_result(run, result) | {"run_id": run.run_id}
+
+
+def quantize(
+    cfg: PipelineConfig, pipeline_run_id: str, student_dir: str | Path, quantized_dir: str | Path
+) -> dict[str, Any]:
+    """Apply ``quantize.scheme`` to the fp32 student and save the result."""
+    with step_run(cfg, pipeline_run_id, "quantize") as run:
+        student, spec = quantization.load_model(student_dir)
+        quantized = quantization.quantize(student, cfg.quantize.scheme)
+        spec = spec | {"quantization": cfg.quantize.scheme, "role": "quantized_student", "mlflow_run_id": run.run_id}
+        out = quantization.save_model(quantized, spec, quantized_dir)
+        saved = json.loads((Path(out) / "spec.json").read_text())
+        info = {
+            "scheme": cfg.quantize.scheme,
+            "backend": saved.get("backend", ""),
+            "fp32_bytes": evaluation.artifact_size_bytes(student_dir),
+            "quantized_bytes": evaluation.artifact_size_bytes(quantized_dir),
+        }
+        run.log_params({"scheme": info["scheme"], "backend": info["backend"]})
+        run.log_metrics({"fp32_bytes": info["fp32_bytes"], "quantized_bytes": info["quantized_bytes"]})
+        return info
+
+
+MODEL_ROLES = ("teacher", "student", "quantized")
+
+
+def evaluate(
+    cfg: PipelineConfig,
+    pipeline_run_id: str,
+    dataset_dir: str | Path,
+    model_dirs: dict[str, str | Path],
+    evaluation_path: str | Path,
+) -> dict[str, dict[str, Any]]:
+    """Accuracy, macro-F1, artifact bytes, parameters and latency of each model on the test split.
+
+    ``model_dirs`` maps each of MODEL_ROLES to a saved model directory. Writes the result
+    (predictions included) as JSON to ``evaluation_path``.
+    """
+    with step_run(cfg, pipeline_run_id, "evaluate") as run:
+        splits = data_lib.load_splits(dataset_dir)
+        x_test, y_test = _tensors(splits, "test")
+        results: dict[str, dict[str, Any]] = {}
+        for role in MODEL_ROLES:
+            model, spec = quantization.load_model(model_dirs[role])
+            # Dynamic int8 packs Linear weights out of .parameters(): count on the fp32 architecture.
+            fp32 = build_model(spec["arch"], spec["params"], tuple(spec["input_shape"]), spec["num_classes"])
+            results[role] = evaluation.evaluate_model(
+                model,
+                x_test,
+                y_test,
+                spec["num_classes"],
+                model_dirs[role],
+                num_params=count_parameters(fp32),
+                batch_sizes=tuple(cfg.evaluate.batch_sizes),
+                warmup=cfg.evaluate.latency_warmup,
+                iters=cfg.evaluate.latency_iters,
+                threads=cfg.evaluate.threads,
+            )
+            results[role]["mlflow_run_id"] = spec.get("mlflow_run_id", "")
+            results[role]["quantization"] = spec.get("quantization", "none")
+            scalars = {k: v for k, v in results[role].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            run.log_metrics({f"{role}.{k}": v for k, v in scalars.items()})
+        Path(evaluation_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(evaluation_path).write_text(json.dumps(results))
+        run.log_dict(results, "evaluation.json")
+        return results
+
+
+def gate(
+    cfg: PipelineConfig, pipeline_run_id: str, evaluation_path: str | Path, decision_path: str | Path
+) -> gates.GateDecision:
+    """Apply the thresholds to the quantized student; the table goes to MLflow either way."""
+    with step_run(cfg, pipeline_run_id, "gate") as run:
+        results = json.loads(Path(evaluation_path).read_text())
+        decision = gates.decide(
+            results["quantized"], results["teacher"], cfg.gate, fp32_student=results["student"]
+        )
+        Path(decision_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(decision_path).write_text(json.dumps(decision.to_dict()))
+        table = decision.table()
+        for on_parent in (False, True):
+            run.log_text(table, "gate.txt", on_parent=on_parent)
+            run.log_dict(decision.to_dict(), "gate.json", on_parent=on_parent)
+        run.log_metrics({f"gate.{c.name}": c.value for c in decision.checks} | {"gate.passed": float(decision.passed)})
+        parent_tags = {"kdflow.gate_status": "passed" if decision.passed else "failed"}
+        if not decision.passed:
+            parent_tags["kdflow.gate_failed_checks"] = ",".join(c.name for c in decision.failed())
+            parent_tags |= {k: v for k, v in gate_tags(decision).items() if k.startswith("gate.")}
+        run.set_tags(parent_tags, on_parent=True)
+        return decision
+
+
+def register(
+    cfg: PipelineConfig,
+    pipeline_run_id: str,
+    dataset_dir: str | Path,
+    quantized_dir: str | Path,
+    evaluation_path: str | Path,
+    decision_path: str | Path,
+) -> dict[str, str]:
+    """Log the quantized student as a pyfunc, register it with its checks and lineage, promote it.
+
+    Runs only under the gate's ``passed`` branch, and checks the decision again itself: a
+    version is never created, and the alias never moved, for a candidate that failed.
+    """
+    decision = gates.GateDecision.from_dict(json.loads(Path(decision_path).read_text()))
+    if not decision.passed:
+        failed = ", ".join(c.name for c in decision.failed())
+        raise StepError(f"refusing to register: the gate failed ({failed})")
+    import mlflow  # the fluent API is needed only for log_model's active run
+
+    with step_run(cfg, pipeline_run_id, "register") as run:
+        meta = data_lib.load_splits(dataset_dir).meta
+        results = json.loads(Path(evaluation_path).read_text())
+        spec = json.loads((Path(quantized_dir) / "spec.json").read_text())
+        client = client_for(cfg)
+        mlflow.set_tracking_uri(client.tracking_uri)
+        mlflow.set_registry_uri(client._registry_uri)
+        with mlflow.start_run(run_id=run.run_id):
+            source, model_id = log_pyfunc(quantized_dir, spec, pip_requirements())
+        registry = ModelRegistry(client, cfg.registry.model_name)
+        quantized = results["quantized"]
+        tags = gate_tags(decision) | {
+            "kdflow.dataset_fingerprint": meta.fingerprint,
+            "kdflow.teacher_run_id": results["teacher"]["mlflow_run_id"],
+            "kdflow.config_hash": cfg.config_hash(),
+            "kdflow.pipeline_run_id": pipeline_run_id,
+            "kdflow.mlflow_parent_run_id": run.parent_run_id,
+            "kdflow.quantization": spec["quantization"],
+            "kdflow.test_accuracy": f"{quantized['accuracy']:.6f}",
+            "kdflow.size_bytes": str(quantized["size_bytes"]),
+        }
+        version = registry.register(source, run.run_id, tags, model_id=model_id)
+        registry.promote(version, cfg.registry.alias)
+        out = {"model_name": cfg.registry.model_name, "version": version, "alias": cfg.registry.alias}
+        run.set_tags({"kdflow.registered_version": version, "kdflow.alias": cfg.registry.alias}, on_parent=True)
+        run.log_params(out)
+        return out
+
+
+def finalize(cfg: PipelineConfig, pipeline_run_id: str, state: str, error: str = "") -> str | None:
+    """Close the parent MLflow run with the pipeline's final state (the DAG's exit handler)."""
+    return finish_pipeline_run(cfg, pipeline_run_id, state, error)

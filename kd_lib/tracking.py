@@ -1,0 +1,238 @@
+"""MLflow tracking: one parent run per pipeline run, one nested run per step.
+
+With model_registry.py, the only place that imports mlflow. Steps run in separate processes
+(KFP tasks), so nothing is kept in MLflow's fluent global state: the parent run is found by
+its ``kdflow.pipeline_run_id`` tag and every call goes through an explicit MlflowClient.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+
+from kd_lib.config import PipelineConfig
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+PIPELINE_RUN_TAG = "kdflow.pipeline_run_id"
+STEP_TAG = "kdflow.step"
+PARENT_TAG = "mlflow.parentRunId"
+# MLflow caps a param value at 6000 characters; long values are truncated, never dropped.
+_MAX_PARAM_LEN = 6000
+
+
+class TrackingError(RuntimeError):
+    """MLflow is unreachable or refused a request; the message names the server and the fix."""
+
+
+def resolve_tracking_uri(cfg: PipelineConfig | None = None) -> str:
+    """``tracking.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else the embedded sqlite store."""
+    if cfg is not None and cfg.tracking.tracking_uri:
+        return cfg.tracking.tracking_uri
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def absolute_tracking_uri(uri: str) -> str:
+    """Make a relative ``sqlite:///file.db`` absolute so subprocesses in other dirs share it."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri[len(prefix) :]).resolve())
+    return uri
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast with a clear message when an HTTP tracking server cannot be reached.
+
+    MLflow's own client retries for minutes before giving up; a pre-flight TCP connect
+    tells the user within seconds which server is down.
+    """
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout):
+            pass
+    except OSError as err:
+        raise TrackingError(
+            f"MLflow tracking server {uri} is unreachable ({err.strerror or err}); "
+            "start it, or point MLFLOW_TRACKING_URI / tracking.tracking_uri at a running server"
+        ) from None
+
+
+def client_for(cfg: PipelineConfig) -> MlflowClient:
+    uri = resolve_tracking_uri(cfg)
+    check_reachable(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _experiment_id(client: MlflowClient, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:
+        # Another process created it between our lookup and create.
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def _params(flat: dict[str, Any]) -> list[Param]:
+    return [Param(k, (v if isinstance(v, str) else json.dumps(v))[:_MAX_PARAM_LEN]) for k, v in sorted(flat.items())]
+
+
+def find_parent_run(client: MlflowClient, experiment: str, pipeline_run_id: str) -> str | None:
+    """The MLflow run id of the parent run of ``pipeline_run_id``, or None."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`{PIPELINE_RUN_TAG}` = '{pipeline_run_id}' and tags.`{STEP_TAG}` = 'pipeline'",
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def ensure_parent_run(client: MlflowClient, cfg: PipelineConfig, pipeline_run_id: str) -> str:
+    """Find or create the parent run of this pipeline run; the config goes in as params once."""
+    existing = find_parent_run(client, cfg.tracking.experiment, pipeline_run_id)
+    if existing:
+        return existing
+    exp_id = _experiment_id(client, cfg.tracking.experiment)
+    run = client.create_run(
+        exp_id,
+        run_name=pipeline_run_id,
+        tags={PIPELINE_RUN_TAG: pipeline_run_id, STEP_TAG: "pipeline", "kdflow.config_hash": cfg.config_hash()},
+    )
+    client.log_batch(run.info.run_id, params=_params(cfg.flat()))
+    return run.info.run_id
+
+
+class StepRun:
+    """Handle for logging into one step's nested run (explicit run ids, no fluent state)."""
+
+    def __init__(self, client: MlflowClient, run_id: str, parent_run_id: str) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.parent_run_id = parent_run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        ts = int(time.time() * 1000)
+        batch = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items() if isinstance(v, (int, float))]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.client.log_batch(self.run_id, params=_params(params))
+
+    def set_tags(self, tags: dict[str, Any], on_parent: bool = False) -> None:
+        run_id = self.parent_run_id if on_parent else self.run_id
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_dict(self, obj: Any, filename: str, on_parent: bool = False) -> None:
+        self.client.log_dict(self.parent_run_id if on_parent else self.run_id, obj, filename)
+
+    def log_text(self, text: str, filename: str, on_parent: bool = False) -> None:
+        self.client.log_text(self.parent_run_id if on_parent else self.run_id, text, filename)
+
+    def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, str(directory), artifact_path)
+
+
+@contextmanager
+def step_run(cfg: PipelineConfig, pipeline_run_id: str, step: str) -> Iterator[StepRun]:
+    """Open a nested MLflow run for one DAG step; FINISHED on success, FAILED on exception."""
+    client = client_for(cfg)
+    try:
+        parent = ensure_parent_run(client, cfg, pipeline_run_id)
+        exp_id = _experiment_id(client, cfg.tracking.experiment)
+        run = client.create_run(
+            exp_id,
+            run_name=step,
+            tags={PARENT_TAG: parent, PIPELINE_RUN_TAG: pipeline_run_id, STEP_TAG: step},
+        )
+    except MlflowException as err:
+        raise TrackingError(f"MLflow at {resolve_tracking_uri(cfg)} refused to start the {step} run: {err}") from None
+    handle = StepRun(client, run.info.run_id, parent)
+    try:
+        yield handle
+    except BaseException:
+        client.set_terminated(run.info.run_id, status="FAILED")
+        raise
+    client.set_terminated(run.info.run_id, status="FINISHED")
+
+
+def finish_pipeline_run(cfg: PipelineConfig, pipeline_run_id: str, state: str, error: str = "") -> str | None:
+    """Close the parent run with the pipeline's final state (called by the exit handler)."""
+    client = client_for(cfg)
+    parent = find_parent_run(client, cfg.tracking.experiment, pipeline_run_id)
+    if parent is None:
+        return None
+    tags = [RunTag("kdflow.pipeline_state", state)]
+    if error:
+        tags.append(RunTag("kdflow.pipeline_error", error[:5000]))
+    client.log_batch(parent, tags=tags)
+    client.set_terminated(parent, status="FINISHED" if state == "SUCCEEDED" else "FAILED")
+    return parent
+
+
+def read_run(cfg: PipelineConfig, run_id: str) -> dict[str, Any]:
+    """A run's params, metrics and tags as plain dicts (for summaries and tests)."""
+    run = client_for(cfg).get_run(run_id)
+    return {"params": dict(run.data.params), "metrics": dict(run.data.metrics), "tags": dict(run.data.tags)}
+
+
+def child_runs(cfg: PipelineConfig, parent_run_id: str) -> dict[str, str]:
+    """Step name -> run id of the nested runs under a parent run."""
+    client = client_for(cfg)
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'", max_results=100
+    )
+    return {r.data.tags.get(STEP_TAG, r.info.run_name): r.info.run_id for r in runs}
+
+
+def download_artifact(cfg: PipelineConfig, run_id: str, path: str) -> Any:
+    """Load a JSON artifact of a run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=path, dst_path=tmp, tracking_uri=resolve_tracking_uri(cfg)
+        )
+        return json.loads(Path(local).read_text())
+
+
+def pipeline_summary(cfg: PipelineConfig, parent_run_id: str) -> dict[str, Any]:
+    """What a pipeline run recorded: per-model evaluation, the gate decision, the registration.
+
+    Read back from MLflow (not from local files) so it works for cluster runs too.
+    """
+    parent = read_run(cfg, parent_run_id)
+    steps = child_runs(cfg, parent_run_id)
+    summary: dict[str, Any] = {"parent_run_id": parent_run_id, "tags": parent["tags"], "steps": steps}
+    if "evaluate" in steps:
+        summary["evaluation"] = download_artifact(cfg, steps["evaluate"], "evaluation.json")
+    if parent["tags"].get("kdflow.gate_status"):
+        summary["gate"] = download_artifact(cfg, parent_run_id, "gate.json")
+    if parent["tags"].get("kdflow.registered_version"):
+        summary["registered"] = {
+            "model_name": cfg.registry.model_name,
+            "version": parent["tags"]["kdflow.registered_version"],
+            "alias": parent["tags"].get("kdflow.alias", cfg.registry.alias),
+        }
+    return summary

@@ -1,0 +1,1 @@
+"""The kdflow DAG, its compilation, the local runner and the `kdflow` CLI."""

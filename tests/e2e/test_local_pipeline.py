@@ -1,0 +1,131 @@
+"""The whole DAG on kfp.local against real MLflow stores: a fresh sqlite store and a real
+`mlflow server` process on 127.0.0.1 (PostgreSQL-backed when KDFLOW_TEST_POSTGRES_URI is set)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from kd_lib.config import PipelineConfig
+from pipelines.local import LocalRunResult, run_local
+from tests.helpers import tiny_config
+
+pytestmark = pytest.mark.e2e
+
+# Runs in a fresh interpreter: nothing of this test process (imports, caches) helps it load.
+LOAD_CHAMPION = textwrap.dedent(
+    """
+    import json, sys
+    import mlflow
+    import numpy as np
+    from kd_lib.config import DataConfig
+    from kd_lib.data import load_source, stratified_split
+
+    uri, name, alias, out = sys.argv[1:5]
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model(f"models:/{name}@{alias}")
+    cfg = DataConfig(source="digits", seed=0)
+    x, y = load_source(cfg.source)
+    _, _, test = stratified_split(y, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    preds = model.predict(x[test])   # raw pixels: the pyfunc applies the stored normalization
+    json.dump([int(p) for p in preds], open(out, "w"))
+    """
+)
+
+
+def _run(cfg: PipelineConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> LocalRunResult:
+    # run_local exports MLFLOW_TRACKING_URI for its task subprocesses; monkeypatch restores it.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", cfg.tracking.tracking_uri or "")
+    return run_local(cfg, root=tmp_path / "runs")
+
+
+def _champion_predictions(uri: str, name: str, alias: str, tmp_path: Path) -> list[int]:
+    out = tmp_path / "champion_preds.json"
+    env = os.environ | {"MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false", "MLFLOW_TRACKING_URI": uri}
+    proc = subprocess.run(
+        [sys.executable, "-c", LOAD_CHAMPION, uri, name, alias, str(out)],
+        env=env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def _assert_registered_champion(result: LocalRunResult, cfg: PipelineConfig, uri: str, tmp_path: Path) -> str:
+    assert result.succeeded, result.error
+    summary = result.summary
+    assert summary["gate"]["passed"] is True
+    version = summary["registered"]["version"]
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    champion = client.get_model_version_by_alias(cfg.registry.model_name, "champion")
+    assert str(champion.version) == version
+    tags = champion.tags
+    assert tags["validation_status"] == "passed"
+    assert tags["kdflow.pipeline_run_id"] == result.pipeline_run_id
+    assert tags["kdflow.config_hash"] == cfg.config_hash()
+    assert tags["kdflow.dataset_fingerprint"] == summary["tags"]["kdflow.dataset_fingerprint"]
+    assert tags["kdflow.teacher_run_id"] == summary["steps"]["train_teacher"]
+    assert {f"gate.{c['name']}" for c in summary["gate"]["checks"]} <= set(tags)
+    # Every step left a finished nested run under the parent, and the parent is closed.
+    expected = {"prepare_data", "train_teacher", "distill", "quantize", "evaluate", "gate", "register"}
+    assert expected <= set(summary["steps"])
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["distill.temperature"] == "4.0"
+    # The registered model, loaded without pickle in a fresh process, predicts what evaluate measured.
+    measured = summary["evaluation"]["quantized"]["predictions"]
+    assert _champion_predictions(uri, cfg.registry.model_name, "champion", tmp_path) == measured
+    return version
+
+
+def test_pass_then_fail_on_a_fresh_sqlite_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tiny_config(tmp_path)
+    uri = cfg.tracking.tracking_uri
+    first = _run(cfg, tmp_path, monkeypatch)
+    version = _assert_registered_champion(first, cfg, uri, tmp_path)
+
+    # Thresholds no student can meet: the run succeeds, the gate fails, nothing changes.
+    strict = cfg.model_copy(deep=True)
+    strict.gate.min_accuracy = 1.0
+    strict.gate.min_compression_ratio = 1000.0
+    second = _run(strict, tmp_path, monkeypatch)
+    assert second.succeeded, second.error
+    assert second.summary["gate"]["passed"] is False
+    assert "registered" not in second.summary
+    assert "register" not in second.summary["steps"]
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    versions = client.search_model_versions(f"name = '{cfg.registry.model_name}'")
+    assert [str(v.version) for v in versions] == [version]
+    assert str(client.get_model_version_by_alias(cfg.registry.model_name, "champion").version) == version
+    tags = second.summary["tags"]
+    assert tags["kdflow.gate_status"] == "failed"
+    assert set(tags["kdflow.gate_failed_checks"].split(",")) == {"min_accuracy", "min_compression_ratio"}
+    assert tags["gate.min_accuracy"].endswith("FAIL")
+
+
+def test_against_a_real_mlflow_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_server) -> None:
+    cfg = tiny_config(tmp_path, tracking={"tracking_uri": mlflow_server.url})
+    result = _run(cfg, tmp_path, monkeypatch)
+    _assert_registered_champion(result, cfg, mlflow_server.url, tmp_path)
+    # The model's files went through the server's artifact proxy, not a path we share with it.
+    assert any(mlflow_server.artifacts.rglob("weights.pt"))
+
+
+def test_a_failing_step_closes_the_parent_run_as_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    missing = tmp_path / "nope.npz"
+    cfg = tiny_config(tmp_path, data={"source": str(missing)})
+    result = _run(cfg, tmp_path, monkeypatch)
+    assert not result.succeeded
+    assert "prepare-data" in result.error or "prepare_data" in result.error
+    client = MlflowClient(tracking_uri=cfg.tracking.tracking_uri)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags["kdflow.pipeline_state"] == "FAILED"
+    with pytest.raises(Exception):
+        client.get_registered_model(cfg.registry.model_name)

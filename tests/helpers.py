@@ -1,0 +1,36 @@
+"""Small shared test helpers (importable, unlike conftest)."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+from kd_lib.config import PipelineConfig, parse_config
+
+
+def tiny_config(tmp_path: Path, **sections: dict) -> PipelineConfig:
+    """A config small enough for a pipeline run in seconds on 2 cores (digits, few epochs)."""
+    tree: dict = {
+        "name": "kdflow-test",
+        "data": {"source": "digits", "seed": 0},
+        "teacher": {
+            "model": {"arch": "mlp", "params": {"width": 128, "depth": 1}},
+            "train": {"epochs": 6, "batch_size": 64, "lr": 0.003, "patience": 3},
+        },
+        "student": {"model": {"arch": "mlp", "params": {"width": 24, "depth": 1}}},
+        "distill": {"temperature": 4.0, "alpha": 0.9, "train": {"epochs": 8, "batch_size": 64, "lr": 0.005, "patience": 4}},
+        "quantize": {"scheme": "dynamic_int8"},
+        "evaluate": {"latency_warmup": 1, "latency_iters": 3},
+        "gate": {
+            "min_accuracy": 0.80,
+            "max_accuracy_drop": 10.0,
+            "max_quantization_drop": 2.0,
+            "max_size_mb": 1.0,
+            "min_compression_ratio": 4.0,
+        },
+        "registry": {"model_name": f"kdflow-test-{uuid.uuid4().hex[:8]}"},
+        "tracking": {"experiment": "kdflow-test", "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    }
+    for name, values in sections.items():
+        tree.setdefault(name, {}).update(values)
+    return parse_config(tree)

@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from kd_lib.evaluation import (
+    accuracy,
+    artifact_size_bytes,
+    confusion_matrix,
+    evaluate_model,
+    latency_ms,
+    macro_f1,
+    predict,
+)
+from kd_lib.models import mlp
+
+# Four classes; class 3 never occurs in y or pred, so macro F1 averages classes 0-2 only.
+Y = torch.tensor([0, 0, 0, 1, 1, 2])
+PRED = torch.tensor([0, 0, 1, 1, 2, 2])
+
+
+def test_accuracy() -> None:
+    assert accuracy(PRED, Y) == pytest.approx(4 / 6)
+    with pytest.raises(ValueError, match="both be"):
+        accuracy(PRED[:-1], Y)
+
+
+def test_confusion_matrix_rows_are_true_classes() -> None:
+    assert confusion_matrix(PRED, Y, 4) == [
+        [2, 1, 0, 0],
+        [0, 1, 1, 0],
+        [0, 0, 1, 0],
+        [0, 0, 0, 0],
+    ]
+    with pytest.raises(ValueError, match="outside"):
+        confusion_matrix(torch.tensor([0, 5]), torch.tensor([0, 1]), 4)
+
+
+def test_macro_f1_by_hand() -> None:
+    # class 0: TP 2, FP 0, FN 1 -> P 1,   R 2/3 -> F1 0.8
+    # class 1: TP 1, FP 1, FN 1 -> P 1/2, R 1/2 -> F1 0.5
+    # class 2: TP 1, FP 1, FN 0 -> P 1/2, R 1   -> F1 2/3
+    # class 3: absent from both -> excluded
+    assert macro_f1(PRED, Y, 4) == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)
+
+
+def test_macro_f1_counts_a_class_with_zero_precision_and_recall_as_zero() -> None:
+    # class 1 is predicted once but never correct: F1 0, included. class 0: P 1, R 1/2 -> 2/3.
+    assert macro_f1(torch.tensor([1, 0]), torch.tensor([0, 0]), 3) == pytest.approx((2 / 3 + 0.0) / 2)
+    assert macro_f1(Y, Y, 4) == pytest.approx(1.0)
+
+
+def test_predict_returns_int64_labels() -> None:
+    model = nn.Linear(2, 3)
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(3, 2))
+        model.bias.zero_()
+    pred = predict(model, torch.tensor([[5.0, 0.0], [0.0, 5.0], [-5.0, -5.0]]), batch_size=2)
+    assert pred.dtype == torch.int64 and pred.tolist() == [0, 1, 2]
+
+
+def test_latency_restores_threads_and_reports_percentiles() -> None:
+    before = torch.get_num_threads()
+    model = mlp((8,), 3, width=8, depth=1)
+    timing = latency_ms(model, torch.randn(1, 8), batch_size=4, warmup=1, iters=5, threads=1)
+    assert set(timing) == {"p50", "p95"}
+    assert 0 < timing["p50"] <= timing["p95"]
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match=r"\[1, \*input_shape\]"):
+        latency_ms(model, torch.randn(2, 8), batch_size=4, warmup=0, iters=1)
+
+
+def test_artifact_size_counts_every_file(tmp_path: Path) -> None:
+    (tmp_path / "a.bin").write_bytes(b"x" * 100)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.bin").write_bytes(b"y" * 23)
+    assert artifact_size_bytes(tmp_path) == 123
+    with pytest.raises(FileNotFoundError, match="nope"):
+        artifact_size_bytes(tmp_path / "nope")
+
+
+def test_evaluate_model_keys(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = mlp((8,), 3, width=8, depth=1).eval()
+    x, y = torch.randn(20, 8), torch.randint(0, 3, (20,))
+    (tmp_path / "weights.pt").write_bytes(b"z" * 50)
+    metrics = evaluate_model(model, x, y, 3, tmp_path, num_params=123, batch_sizes=(1, 4), warmup=1, iters=3)
+    expected = {"accuracy", "macro_f1", "size_bytes", "num_params", "predictions", "confusion_matrix"}
+    expected |= {f"latency_b{bs}_{p}_ms" for bs in (1, 4) for p in ("p50", "p95")}
+    assert set(metrics) == expected
+    assert metrics["size_bytes"] == 50 and metrics["num_params"] == 123
+    assert metrics["predictions"] == predict(model, x).tolist()
+    assert metrics["accuracy"] == accuracy(predict(model, x), y)
+    assert sum(map(sum, metrics["confusion_matrix"])) == 20

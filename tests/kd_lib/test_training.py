@@ -1,0 +1,189 @@
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from kd_lib.config import ConfigError, TrainConfig
+from kd_lib.models import mlp
+from kd_lib.training import _fit, compute_logits, distill, resolve_device, train_supervised
+
+Data = tuple[Tensor, Tensor, Tensor, Tensor]
+
+
+def _student(seed: int = 0, dropout: float = 0.0) -> nn.Module:
+    torch.manual_seed(seed)  # initial weights are the caller's to seed
+    return mlp((8,), 3, width=16, depth=1, dropout=dropout)
+
+
+def _val_accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    return (compute_logits(model, x).argmax(1) == y).float().mean().item()
+
+
+def _same_weights(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_learns_a_separable_problem(blobs: Data, fast_cfg: TrainConfig) -> None:
+    x_train, y_train, x_val, y_val = blobs
+    seen: list[dict] = []
+    result = train_supervised(_student(), x_train, y_train, x_val, y_val, fast_cfg, on_epoch=seen.append)
+    assert result.best_val_accuracy > 0.9
+    assert _val_accuracy(result.model, x_val, y_val) == pytest.approx(result.best_val_accuracy)
+    assert not result.model.training
+    assert next(result.model.parameters()).device.type == "cpu"
+    assert [h["epoch"] for h in result.history] == list(range(1, fast_cfg.epochs + 1))
+    assert seen == result.history
+    assert set(seen[0]) == {"epoch", "train_loss", "val_loss", "val_accuracy", "lr", "seconds"}
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert not result.stopped_early
+
+
+def test_early_stopping_stops_and_restores_the_best_epoch(blobs: Data) -> None:
+    x_train, y_train, x_val, _ = blobs
+    # Random validation labels: accuracy wanders around chance, so it soon stops improving.
+    noisy_val = torch.randint(0, 3, (len(x_val),), generator=torch.Generator().manual_seed(3))
+    cfg = TrainConfig(epochs=40, batch_size=32, lr=0.05, patience=2, seed=0, scheduler="none")
+    model = _student()
+    snapshots: dict[int, dict[str, Tensor]] = {}
+
+    def snapshot(record: dict) -> None:
+        snapshots[record["epoch"]] = copy.deepcopy(model.state_dict())
+
+    result = train_supervised(model, x_train, y_train, x_val, noisy_val, cfg, on_epoch=snapshot)
+    accuracies = [h["val_accuracy"] for h in result.history]
+    assert result.stopped_early
+    assert len(result.history) == result.best_epoch + cfg.patience < cfg.epochs
+    assert result.best_epoch == accuracies.index(max(accuracies)) + 1  # the first best epoch
+    assert result.best_val_accuracy == max(accuracies)
+    best = snapshots[result.best_epoch]
+    assert all(torch.equal(result.model.state_dict()[k], best[k]) for k in best)
+    last = snapshots[len(result.history)]
+    assert not all(torch.equal(result.model.state_dict()[k], last[k]) for k in last)
+
+
+def test_training_is_deterministic(blobs: Data, fast_cfg: TrainConfig) -> None:
+    x_train, y_train, x_val, y_val = blobs
+    cfg = fast_cfg.model_copy(update={"epochs": 4})
+    runs = []
+    for noise in (1, 99):
+        model = _student(dropout=0.3)
+        torch.rand(noise)  # disturb the global RNG: training must reseed it for dropout
+        runs.append(train_supervised(model, x_train, y_train, x_val, y_val, cfg).model)
+    assert _same_weights(runs[0], runs[1])
+    other_seed = train_supervised(
+        _student(dropout=0.3), x_train, y_train, x_val, y_val, cfg.model_copy(update={"seed": 1})
+    ).model
+    assert not _same_weights(runs[0], other_seed)
+
+
+def test_distill_with_alpha_zero_is_supervised_training(blobs: Data, fast_cfg: TrainConfig) -> None:
+    x_train, y_train, x_val, y_val = blobs
+    cfg = fast_cfg.model_copy(update={"epochs": 3})
+    supervised = train_supervised(_student(), x_train, y_train, x_val, y_val, cfg).model
+    baseline = distill(_student(), None, x_train, y_train, x_val, y_val, cfg, temperature=4.0, alpha=0.0).model
+    assert _same_weights(supervised, baseline)
+
+
+def test_distill_learns_from_teacher_logits_alone(blobs: Data, fast_cfg: TrainConfig) -> None:
+    x_train, y_train, x_val, y_val = blobs
+    teacher = nn.functional.one_hot(y_train, 3).float() * 10
+    useless_labels = torch.zeros_like(y_train)  # alpha=1: the labels must not matter
+    result = distill(_student(), teacher, x_train, useless_labels, x_val, y_val, fast_cfg, temperature=2.0, alpha=1.0)
+    assert result.best_val_accuracy > 0.9
+
+
+def test_teacher_logits_are_matched_by_sample_index(blobs: Data, fast_cfg: TrainConfig) -> None:
+    x_train, y_train, x_val, y_val = blobs
+    perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(7))
+
+    def run(x: Tensor, teacher_labels: Tensor, val_labels: Tensor) -> float:
+        teacher = nn.functional.one_hot(teacher_labels, 3).float() * 10
+        no_labels = torch.zeros(len(x), dtype=torch.int64)
+        result = distill(_student(), teacher, x, no_labels, x_val, val_labels, fast_cfg, temperature=2.0, alpha=1.0)
+        return result.best_val_accuracy
+
+    # Reordering samples and teacher rows together keeps each sample's target: still learns.
+    assert run(x_train[perm], y_train[perm], y_val) > 0.9
+    # A teacher that maps every class c to c+1 is followed sample by sample: the student learns
+    # the shifted labelling, which only happens if row i of the logits is used for sample i.
+    shifted_val = (y_val + 1) % 3
+    assert run(x_train, (y_train + 1) % 3, shifted_val) > 0.9
+    assert run(x_train, (y_train + 1) % 3, y_val) < 0.4
+
+
+def test_fit_hands_the_loss_the_indices_of_the_batch_it_ran() -> None:
+    x = torch.arange(20, dtype=torch.float32).reshape(20, 1)
+    seen_inputs: list[Tensor] = []
+    seen_indices: list[Tensor] = []
+
+    class Spy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(1, 2)
+
+        def forward(self, batch: Tensor) -> Tensor:
+            if self.training:
+                seen_inputs.append(batch.clone())
+            return self.linear(batch)
+
+    def loss_fn(logits: Tensor, idx: Tensor) -> Tensor:
+        seen_indices.append(idx.clone())
+        return logits.pow(2).mean()
+
+    cfg = TrainConfig(epochs=2, batch_size=6, patience=5, seed=0)
+    _fit(Spy(), x, x[:4], torch.zeros(4, dtype=torch.int64), cfg, loss_fn, torch.device("cpu"), None)
+    assert len(seen_indices) == 8  # 4 batches (6, 6, 6, 2) per epoch
+    for batch, idx in zip(seen_inputs, seen_indices):
+        assert torch.equal(batch, x[idx])
+    first_epoch = torch.cat(seen_indices[:4])
+    assert sorted(first_epoch.tolist()) == list(range(20))
+    assert first_epoch.tolist() != list(range(20))  # actually shuffled
+
+
+def test_lr_schedules(blobs: Data) -> None:
+    x_train, y_train, x_val, y_val = blobs
+    small = (x_train[:32], y_train[:32], x_val[:8], y_val[:8])
+
+    def lrs(**update: object) -> list[float]:
+        cfg = TrainConfig(epochs=6, batch_size=32, lr=0.1, patience=10, seed=0, **update)
+        return [h["lr"] for h in train_supervised(_student(), *small, cfg).history]
+
+    assert lrs(scheduler="step", optimizer="sgd") == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    cosine = lrs(scheduler="cosine", optimizer="adamw")
+    assert cosine[0] == pytest.approx(0.1) and all(a > b for a, b in zip(cosine, cosine[1:]))
+    assert lrs(scheduler="none", optimizer="adam") == pytest.approx([0.1] * 6)
+
+
+def test_mismatched_inputs_raise(blobs: Data, fast_cfg: TrainConfig) -> None:
+    x_train, y_train, x_val, y_val = blobs
+    with pytest.raises(ValueError, match="teacher_logits_train must be"):
+        distill(_student(), torch.zeros(10, 3), x_train, y_train, x_val, y_val, fast_cfg, temperature=4.0, alpha=0.5)
+    with pytest.raises(ValueError, match="needs teacher_logits_train"):
+        distill(_student(), None, x_train, y_train, x_val, y_val, fast_cfg, temperature=4.0, alpha=0.5)
+    with pytest.raises(ValueError, match="x_train has 240 samples but y_train has 239"):
+        train_supervised(_student(), x_train, y_train[:-1], x_val, y_val, fast_cfg)
+
+
+def test_compute_logits_batches_and_restores_mode() -> None:
+    model = _student(dropout=0.5).train()
+    x = torch.randn(37, 8)
+    logits = compute_logits(model, x, batch_size=5)
+    assert logits.shape == (37, 3)
+    assert model.training
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(logits, model(x), atol=1e-6)
+
+
+def test_resolve_device() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="'tpu'"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            resolve_device("cuda")
