@@ -5,49 +5,77 @@ all inside an exit handler that closes the MLflow parent run whatever happens.
 """
 
 from kfp import dsl
+from kfp.dsl.graph_component import GraphComponent
 
 from components import distill, evaluate, finalize, gate, prepare_data, quantize, register, train_teacher
+from kd_lib.config import PipelineConfig
 
 # Unique per pipeline run on the cluster and locally; the MLflow parent run is keyed by it.
 RUN_ID = dsl.PIPELINE_JOB_NAME_PLACEHOLDER
 PIPELINE_NAME = "kdflow-distillation"
 
 
-@dsl.pipeline(name=PIPELINE_NAME, description="Distill, quantize, evaluate, gate and register a student model.")
-def distillation_pipeline(config_json: str):
-    finalize_task = finalize(config_json=config_json, pipeline_run_id=RUN_ID).set_display_name("finalize")
-    with dsl.ExitHandler(finalize_task, name="kdflow"):
-        prepare_data_task = prepare_data(config_json=config_json, pipeline_run_id=RUN_ID)
-        train_teacher_task = train_teacher(
-            config_json=config_json, pipeline_run_id=RUN_ID, dataset=prepare_data_task.outputs["dataset"]
-        )
-        distill_task = distill(
-            config_json=config_json,
-            pipeline_run_id=RUN_ID,
-            dataset=prepare_data_task.outputs["dataset"],
-            teacher=train_teacher_task.outputs["teacher"],
-        )
-        quantize_task = quantize(config_json=config_json, pipeline_run_id=RUN_ID, student=distill_task.outputs["student"])
-        evaluate_task = evaluate(
-            config_json=config_json,
-            pipeline_run_id=RUN_ID,
-            dataset=prepare_data_task.outputs["dataset"],
-            teacher=train_teacher_task.outputs["teacher"],
-            student=distill_task.outputs["student"],
-            quantized=quantize_task.outputs["quantized"],
-        )
-        gate_task = gate(config_json=config_json, pipeline_run_id=RUN_ID, evaluation=evaluate_task.outputs["evaluation"])
-        with dsl.If(gate_task.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (KFP condition syntax)
-            register_task = register(
+def build_pipeline(cfg: PipelineConfig | None = None) -> GraphComponent:
+    """The DAG as a KFP pipeline.
+
+    With a config, every task also gets the cluster settings of its step (image, requests
+    and limits, GPU, Secrets as environment, pod labels), which KFP only accepts while the
+    pipeline function runs; without one it is the plain DAG that kfp.local runs.
+    """
+
+    @dsl.pipeline(name=PIPELINE_NAME, description="Distill, quantize, evaluate, gate and register a student model.")
+    def distillation_pipeline(config_json: str):
+        finalize_task = finalize(config_json=config_json, pipeline_run_id=RUN_ID).set_display_name("finalize")
+        with dsl.ExitHandler(finalize_task, name="kdflow"):
+            prepare_data_task = prepare_data(config_json=config_json, pipeline_run_id=RUN_ID)
+            train_teacher_task = train_teacher(
+                config_json=config_json, pipeline_run_id=RUN_ID, dataset=prepare_data_task.outputs["dataset"]
+            )
+            distill_task = distill(
                 config_json=config_json,
                 pipeline_run_id=RUN_ID,
                 dataset=prepare_data_task.outputs["dataset"],
-                quantized=quantize_task.outputs["quantized"],
-                evaluation=evaluate_task.outputs["evaluation"],
-                decision=gate_task.outputs["decision"],
+                teacher=train_teacher_task.outputs["teacher"],
             )
+            quantize_task = quantize(
+                config_json=config_json, pipeline_run_id=RUN_ID, student=distill_task.outputs["student"]
+            )
+            evaluate_task = evaluate(
+                config_json=config_json,
+                pipeline_run_id=RUN_ID,
+                dataset=prepare_data_task.outputs["dataset"],
+                teacher=train_teacher_task.outputs["teacher"],
+                student=distill_task.outputs["student"],
+                quantized=quantize_task.outputs["quantized"],
+            )
+            gate_task = gate(
+                config_json=config_json, pipeline_run_id=RUN_ID, evaluation=evaluate_task.outputs["evaluation"]
+            )
+            with dsl.If(gate_task.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (KFP condition syntax)
+                register_task = register(
+                    config_json=config_json,
+                    pipeline_run_id=RUN_ID,
+                    dataset=prepare_data_task.outputs["dataset"],
+                    quantized=quantize_task.outputs["quantized"],
+                    evaluation=evaluate_task.outputs["evaluation"],
+                    decision=gate_task.outputs["decision"],
+                )
 
-    # Every step writes a fresh MLflow run: a cache hit would leave the run without its record.
-    for task in (finalize_task, prepare_data_task, train_teacher_task, distill_task, quantize_task,
-                 evaluate_task, gate_task, register_task):
-        task.set_caching_options(False)
+        tasks = {
+            "finalize": finalize_task, "prepare_data": prepare_data_task, "train_teacher": train_teacher_task,
+            "distill": distill_task, "quantize": quantize_task, "evaluate": evaluate_task, "gate": gate_task,
+            "register": register_task,
+        }  # fmt: skip
+        for step, task in tasks.items():
+            # Every step writes a fresh MLflow run: a cache hit would leave the run without its record.
+            task.set_caching_options(False)
+            if cfg is not None:
+                from pipelines.cluster import configure_task
+
+                configure_task(task, step, cfg)
+
+    return distillation_pipeline
+
+
+# The plain DAG: what kfp.local runs (the local runner ignores cluster settings).
+distillation_pipeline = build_pipeline()
