@@ -16,6 +16,8 @@ EXAMPLES = """examples:
   kdflow run --local configs/demo.yaml
   kdflow run --local configs/demo.yaml --set gate.min_accuracy=0.99
   kdflow compile configs/demo.yaml -o build/pipeline.yaml
+  kdflow submit configs/demo.yaml --host http://localhost:8080 --set image=registry.example.com/kdflow:0.1.0
+  kdflow schedule configs/demo.yaml --host http://localhost:8080 --cron "0 0 3 * * *"
 """
 
 
@@ -52,7 +54,40 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="write the KFP IR YAML, with the config as the default of config_json")
     _config_args(p)
     p.add_argument("-o", "--output", required=True, help="output file, e.g. build/pipeline.yaml")
+
+    p = sub.add_parser("submit", help="compile and create one run on a Kubeflow Pipelines cluster")
+    _config_args(p)
+    _cluster_args(p)
+    p.add_argument("--run-name", help="display name of the run (default: <config name>-<timestamp>)")
+
+    p = sub.add_parser("schedule", help="compile and create a recurring run (scheduled retraining) on a KFP cluster")
+    _config_args(p)
+    _cluster_args(p)
+    p.add_argument(
+        "--cron",
+        required=True,
+        help="KFP cron, 6 fields with seconds first: second minute hour day-of-month month day-of-week, "
+        "e.g. '0 0 3 * * *' = every day at 03:00",
+    )
+    p.add_argument("--name", help="display name of the recurring run (default: <config name>-scheduled)")
+    p.add_argument("--replace", action="store_true", help="replace a recurring run of the same name")
+    p.add_argument("--max-concurrency", type=int, default=1, help="runs of this schedule at once (default: 1)")
+    p.add_argument("--catchup", action="store_true", help="after a pause, start every missed run, not only the latest")
     return parser
+
+
+def _cluster_args(p: argparse.ArgumentParser) -> None:
+    import os
+
+    host = os.environ.get("KF_PIPELINES_ENDPOINT")
+    p.add_argument(
+        "--host",
+        default=host,
+        required=host is None,
+        help="KFP API endpoint, e.g. http://localhost:8080 (default: $KF_PIPELINES_ENDPOINT)",
+    )
+    p.add_argument("--experiment", help="KFP experiment (default: tracking.experiment of the config)")
+    p.add_argument("--namespace", help="Kubernetes namespace of a multi-user KFP (your profile namespace)")
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -125,7 +160,39 @@ def _cmd_compile(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"validate": _cmd_validate, "run": _cmd_run, "compile": _cmd_compile}
+def _cmd_submit(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    from pipelines.submit import describe, submit_run
+
+    sub = submit_run(cfg, args.host, experiment=args.experiment, namespace=args.namespace, run_name=args.run_name)
+    print(describe(sub))
+    return 0
+
+
+def _cmd_schedule(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    from pipelines.submit import describe, schedule_run
+
+    sub = schedule_run(
+        cfg,
+        args.host,
+        args.cron,
+        experiment=args.experiment,
+        namespace=args.namespace,
+        name=args.name,
+        replace=args.replace,
+        max_concurrency=args.max_concurrency,
+        catchup=args.catchup,
+    )
+    print(describe(sub))
+    return 0
+
+
+COMMANDS = {
+    "validate": _cmd_validate,
+    "run": _cmd_run,
+    "compile": _cmd_compile,
+    "submit": _cmd_submit,
+    "schedule": _cmd_schedule,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
