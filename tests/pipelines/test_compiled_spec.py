@@ -150,8 +150,10 @@ def test_secrets_become_env_and_pods_carry_the_network_policy_label(compiled: Co
 
 
 def test_defaults_image_from_package_version_and_no_gpu(tmp_path: Path) -> None:
+    from components.image import DEFAULT_IMAGE
+
     cfg = load_config(DEMO)
-    assert cfg.image == f"kdflow:{kd_lib.__version__}"
+    assert cfg.image == f"kdflow:{kd_lib.__version__}" == DEFAULT_IMAGE
     c = Compiled(compile_pipeline(cfg, tmp_path / "p.yaml"))
     for step in STEP_NAMES:
         assert c.container(step).image == f"kdflow:{kd_lib.__version__}"
