@@ -9,6 +9,7 @@ from kfp.dsl.graph_component import GraphComponent
 
 from components import distill, evaluate, finalize, gate, prepare_data, quantize, register, train_teacher
 from kd_lib.config import PipelineConfig
+from pipelines.cluster import configure_task
 
 # Unique per pipeline run on the cluster and locally; the MLflow parent run is keyed by it.
 RUN_ID = dsl.PIPELINE_JOB_NAME_PLACEHOLDER
@@ -70,8 +71,6 @@ def build_pipeline(cfg: PipelineConfig | None = None) -> GraphComponent:
             # Every step writes a fresh MLflow run: a cache hit would leave the run without its record.
             task.set_caching_options(False)
             if cfg is not None:
-                from pipelines.cluster import configure_task
-
                 configure_task(task, step, cfg)
 
     return distillation_pipeline
