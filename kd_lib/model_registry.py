@@ -33,9 +33,9 @@ class RegistryError(RuntimeError):
 class KdflowPyfunc(mlflow.pyfunc.PythonModel):
     """Serves a kdflow model: raw features in (as in the source data), class ids out.
 
-    Input: float array ``[N, *input_shape]`` or ``[N, prod(input_shape)]`` (or a DataFrame of
-    the flattened features), *unnormalized*; the train-split normalization from the spec is
-    applied here so callers never have to know it.
+    Input: float32 array ``[N, *input_shape]`` (the logged signature enforces it), *unnormalized*
+    as in the source data; the train-split normalization from the spec is applied here so
+    callers never have to know it. Output: int64 class ids ``[N]``.
     """
 
     def load_context(self, context: Any) -> None:
@@ -47,9 +47,7 @@ class KdflowPyfunc(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
         import torch
 
-        x = np.asarray(getattr(model_input, "values", model_input), dtype=np.float32)
-        shape = tuple(self.spec["input_shape"])
-        x = x.reshape((x.shape[0], *shape))
+        x = np.asarray(model_input, dtype=np.float32)
         norm = self.spec.get("normalization") or {}
         x = (x - norm.get("mean", 0.0)) / norm.get("std", 1.0)
         with torch.no_grad():
