@@ -19,7 +19,7 @@ from kd_lib import evaluation, gates, quantization, training
 from kd_lib.config import PipelineConfig
 from kd_lib.model_registry import ModelRegistry, gate_tags, log_pyfunc, pip_requirements
 from kd_lib.models import build_model, count_parameters
-from kd_lib.tracking import StepRun, client_for, finish_pipeline_run, step_run
+from kd_lib.tracking import StepRun, client_for, finish_pipeline_run, fluent_run, step_run
 
 
 class StepError(RuntimeError):
@@ -236,17 +236,11 @@ def register(
     if not decision.passed:
         failed = ", ".join(c.name for c in decision.failed())
         raise StepError(f"refusing to register: the gate failed ({failed})")
-    import mlflow  # the fluent API is needed only for log_model's active run
-
     with step_run(cfg, pipeline_run_id, "register") as run:
         meta = data_lib.load_splits(dataset_dir).meta
         results = json.loads(Path(evaluation_path).read_text())
         spec = json.loads((Path(quantized_dir) / "spec.json").read_text())
         client = client_for(cfg)
-        mlflow.set_tracking_uri(client.tracking_uri)
-        mlflow.set_registry_uri(client._registry_uri)
-        with mlflow.start_run(run_id=run.run_id):
-            source, model_id = log_pyfunc(quantized_dir, spec, pip_requirements())
         registry = ModelRegistry(client, cfg.registry.model_name)
         quantized = results["quantized"]
         tags = gate_tags(decision) | {
@@ -259,8 +253,12 @@ def register(
             "kdflow.test_accuracy": f"{quantized['accuracy']:.6f}",
             "kdflow.size_bytes": str(quantized["size_bytes"]),
         }
-        version = registry.register(source, run.run_id, tags, model_id=model_id)
-        registry.promote(version, cfg.registry.alias)
+        # MLflow resolves a models:/m-... source through its global store, so registration
+        # happens inside the same scoped fluent state as log_model.
+        with fluent_run(client, run.run_id):
+            source, model_id = log_pyfunc(quantized_dir, spec, pip_requirements())
+            version = registry.register(source, run.run_id, tags, model_id=model_id)
+            registry.promote(version, cfg.registry.alias)
         out = {"model_name": cfg.registry.model_name, "version": version, "alias": cfg.registry.alias}
         run.set_tags({"kdflow.registered_version": version, "kdflow.alias": cfg.registry.alias}, on_parent=True)
         run.log_params(out)

@@ -178,6 +178,32 @@ def step_run(cfg: PipelineConfig, pipeline_run_id: str, step: str) -> Iterator[S
     client.set_terminated(run.info.run_id, status="FINISHED")
 
 
+@contextmanager
+def fluent_run(client: MlflowClient, run_id: str) -> Iterator[None]:
+    """Make ``run_id`` MLflow's active fluent run (log_model needs one), then undo everything.
+
+    ``mlflow.set_tracking_uri``/``set_registry_uri`` also export MLFLOW_*_URI environment
+    variables that child processes inherit; they are restored here so a library call leaves
+    no global trace.
+    """
+    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(client.tracking_uri)
+    mlflow.set_registry_uri(client._registry_uri)
+    try:
+        with mlflow.start_run(run_id=run_id):
+            yield
+    finally:
+        # set_*_uri always export their env var, so clearing the globals and restoring the
+        # variables brings URI resolution back to exactly what it was.
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def finish_pipeline_run(cfg: PipelineConfig, pipeline_run_id: str, state: str, error: str = "") -> str | None:
     """Close the parent run with the pipeline's final state (called by the exit handler)."""
     client = client_for(cfg)

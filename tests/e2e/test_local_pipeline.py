@@ -48,7 +48,11 @@ def _run(cfg: PipelineConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 def _champion_predictions(uri: str, name: str, alias: str, tmp_path: Path) -> list[int]:
     out = tmp_path / "champion_preds.json"
-    env = os.environ | {"MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false", "MLFLOW_TRACKING_URI": uri}
+    env = os.environ | {
+        "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
+        "MLFLOW_TRACKING_URI": uri,
+        "MLFLOW_REGISTRY_URI": uri,
+    }
     proc = subprocess.run(
         [sys.executable, "-c", LOAD_CHAMPION, uri, name, alias, str(out)],
         env=env, capture_output=True, text=True, timeout=180,

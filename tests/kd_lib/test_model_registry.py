@@ -1,5 +1,6 @@
 """Registry behaviour on a real sqlite MLflow store: tags at creation, guarded promotion."""
 
+import os
 from pathlib import Path
 
 import mlflow
@@ -13,6 +14,7 @@ from kd_lib.gates import decide
 from kd_lib.config import GateConfig
 from kd_lib.model_registry import ModelRegistry, RegistryError, gate_tags, log_pyfunc, pip_requirements
 from kd_lib.models import build_model
+from kd_lib.tracking import fluent_run
 
 
 @pytest.fixture
@@ -31,24 +33,26 @@ def test_register_promote_and_load_without_pickle(
 ) -> None:
     model_dir, spec, model = saved_model
     uri = f"sqlite:///{tmp_path / 'r.db'}"
-    mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri, uri)
     registry = ModelRegistry(client, "reg-test")
-    with mlflow.start_run() as run:
-        source, model_id = log_pyfunc(model_dir, spec, pip_requirements())
+    run = client.create_run(client.create_experiment("reg"))
     passed = decide({"accuracy": 0.9, "size_bytes": 10}, {"accuracy": 0.91, "size_bytes": 100}, GateConfig())
-    v1 = registry.register(source, run.info.run_id, gate_tags(passed), model_id=model_id)
-    assert client.get_model_version("reg-test", v1).tags["validation_status"] == "passed"
-    registry.promote(v1, "champion")
-    assert registry.alias_version("champion") == v1
-
     failed = decide({"accuracy": 0.1, "size_bytes": 10}, {"accuracy": 0.91, "size_bytes": 100}, GateConfig())
-    v2 = registry.register(source, run.info.run_id, gate_tags(failed), model_id=model_id)
+    with fluent_run(client, run.info.run_id):
+        source, model_id = log_pyfunc(model_dir, spec, pip_requirements())
+        v1 = registry.register(source, run.info.run_id, gate_tags(passed), model_id=model_id)
+        registry.promote(v1, "champion")
+        v2 = registry.register(source, run.info.run_id, gate_tags(failed), model_id=model_id)
+    assert "MLFLOW_REGISTRY_URI" not in os.environ, "fluent_run must not leak the registry URI"
+    assert client.get_model_version("reg-test", v1).tags["validation_status"] == "passed"
+    assert registry.alias_version("champion") == v1
     with pytest.raises(RegistryError, match="not tagged validation_status=passed"):
         registry.promote(v2, "champion")
     assert registry.alias_version("champion") == v1
 
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
     loaded = mlflow.pyfunc.load_model("models:/reg-test@champion")
     raw = np.random.default_rng(0).uniform(0, 4, size=(6, 1, 4, 4)).astype(np.float32)
     expected = model(torch.from_numpy((raw - 2.0) / 4.0)).argmax(1).numpy()
