@@ -12,9 +12,10 @@ import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlparse
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -89,11 +90,38 @@ class GateConfig(_Strict):
     max_quantization_drop: float = Field(1.0, ge=0, description="fp32 student minus quantized student accuracy, points.")
     max_size_mb: float = Field(1.0, gt=0, description="Quantized student artifact size, MB (10^6 bytes).")
     min_compression_ratio: float = Field(4.0, gt=0, description="Teacher artifact bytes / quantized student artifact bytes.")
+    champion_policy: Literal["ignore", "must_not_regress"] = Field(
+        "ignore",
+        description="must_not_regress: the candidate's test accuracy may be at most champion_tolerance points below "
+        "the current @champion's (both measured on this run's test split), and it may not be larger unless it is "
+        "more accurate.",
+    )
+    champion_tolerance: float = Field(0.0, ge=0, description="Allowed accuracy drop against the champion, points.")
 
 
 class RegistryConfig(_Strict):
     model_name: str = Field("kdflow-student", min_length=1)
     alias: str = Field("champion", min_length=1)
+    challenger_alias: str = Field("challenger", min_length=1)
+    keep_rejected: bool = Field(
+        False,
+        description="Register a candidate that passed every threshold but lost to the champion, tagged "
+        "validation_status=rejected and aliased challenger_alias (never champion).",
+    )
+    ranking: Literal["accuracy", "newest"] = Field(
+        "accuracy",
+        description="Which passed version is champion: accuracy (highest test accuracy, then smallest, then newest) "
+        "or newest (highest version number).",
+    )
+
+
+class RetryConfig(_Strict):
+    """Bounded exponential backoff for every MLflow (and S3) call: transient failures only."""
+
+    max_attempts: int = Field(6, ge=1, description="Tries per call, the first included.")
+    backoff_s: float = Field(1.0, ge=0, description="First wait; doubles after each failure.")
+    max_backoff_s: float = Field(20.0, ge=0, description="Cap on a single wait.")
+    timeout_s: float = Field(30.0, gt=0, description="Per-request timeout.")
 
 
 class TrackingConfig(_Strict):
@@ -101,6 +129,18 @@ class TrackingConfig(_Strict):
         None, description="MLflow tracking URI; else $MLFLOW_TRACKING_URI; else sqlite:///mlflow.db."
     )
     experiment: str = Field("kdflow", min_length=1)
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_credentials_in_uri(cls, uri: str | None) -> str | None:
+        # The config becomes MLflow params and a KFP parameter: a password here would leak.
+        if uri and urlparse(uri).password:
+            raise ValueError(
+                "contains a password; remove it from the URI and set MLFLOW_TRACKING_USERNAME / "
+                "MLFLOW_TRACKING_PASSWORD in the environment (a Kubernetes Secret on the cluster)"
+            )
+        return uri
 
 
 class PipelineConfig(_Strict):

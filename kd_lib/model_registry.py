@@ -8,7 +8,10 @@ object. So ``models:/NAME@champion`` loads with ``MLFLOW_ALLOW_PICKLE_DESERIALIZ
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -126,19 +129,111 @@ class ModelRegistry:
     def alias_version(self, alias: str) -> str | None:
         try:
             return str(self.client.get_model_version_by_alias(self.name, alias).version)
-        except MlflowException:
-            return None
+        except MlflowException as err:
+            if err.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(err).lower():
+                return None
+            raise
+
+    def set_alias(self, alias: str, version: str, require_passed: bool = True) -> None:
+        """Point ``alias`` at ``version``; for the champion alias only if it is tagged passed."""
+        if require_passed:
+            tags = self.client.get_model_version(self.name, version).tags
+            if tags.get("validation_status") != "passed":
+                raise RegistryError(
+                    f"{self.name} v{version} is not tagged validation_status=passed; refusing to alias it"
+                )
+        self.client.set_registered_model_alias(self.name, alias, version)
 
     def promote(self, version: str, alias: str) -> None:
         """Point ``alias`` at ``version``, only if that version is tagged as validated."""
-        tags = self.client.get_model_version(self.name, version).tags
-        if tags.get("validation_status") != "passed":
-            raise RegistryError(f"{self.name} v{version} is not tagged validation_status=passed; refusing to alias it")
-        self.client.set_registered_model_alias(self.name, alias, version)
+        self.set_alias(alias, version, require_passed=True)
+
+    def _all_versions(self) -> list[Any]:
+        return list(self.client.search_model_versions(f"name = '{self.name}'", max_results=10000))
+
+    def find_by_tag(self, key: str, value: str) -> str | None:
+        """The version whose tag ``key`` equals ``value`` (e.g. this pipeline run's), or None."""
+        for v in self._all_versions():
+            if v.tags.get(key) == value:
+                return str(v.version)
+        return None
+
+    def best_passed(self, ranking: str) -> str | None:
+        """The version that should be champion: the best ``validation_status=passed`` one."""
+        passed = [v for v in self._all_versions() if v.tags.get("validation_status") == "passed"]
+        if not passed:
+            return None
+        return str(max(passed, key=lambda v: rank_key(v.tags, int(v.version), ranking)).version)
+
+    def converge(self, alias: str, ranking: str, max_rounds: int = 30, settle_s: float = 0.3) -> str | None:
+        """Make ``alias`` point at the best passed version, race-safely.
+
+        ``set_registered_model_alias`` is last-writer-wins, so two pipelines promoting at
+        once could leave the worse model as champion. Here every writer re-reads after it
+        writes, until it has seen the alias on the best version twice in a row. A stale write
+        by a slower process is always followed by that process's own re-read, which corrects
+        it; so the alias settles on the best passed version whatever the interleaving.
+        """
+        confirmed = 0
+        for _ in range(max_rounds):
+            best = self.best_passed(ranking)
+            if best is None:
+                return None
+            if self.alias_version(alias) == best:
+                confirmed += 1
+                if confirmed >= 2:
+                    return best
+                time.sleep(settle_s)
+                continue
+            confirmed = 0
+            self.set_alias(alias, best)
+        raise RegistryError(f"{self.name}@{alias} did not settle after {max_rounds} rounds of concurrent promotion")
 
     def versions(self) -> list[dict[str, Any]]:
-        found = self.client.search_model_versions(f"name = '{self.name}'")
-        return [{"version": str(v.version), "tags": dict(v.tags), "aliases": list(v.aliases)} for v in found]
+        return [
+            {"version": str(v.version), "tags": dict(v.tags), "aliases": list(v.aliases)} for v in self._all_versions()
+        ]
+
+    def download_version(self, version: str, dst: str | Path) -> Path:
+        """Download a version's kdflow model directory (weights + spec) and return its path."""
+        local = Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{self.name}/{version}", dst_path=str(dst),
+            tracking_uri=self.client.tracking_uri,
+        ))  # fmt: skip
+        specs = [p for p in local.rglob("spec.json") if "code" not in p.relative_to(local).parts]
+        if len(specs) != 1:
+            raise RegistryError(f"{self.name} v{version}: expected one kdflow model in its artifacts, found {len(specs)}")
+        return specs[0].parent
+
+
+def rank_key(tags: dict[str, str], version: int, ranking: str) -> tuple[float, ...]:
+    """Sort key, larger is better: ``newest`` by version number; ``accuracy`` by test accuracy,
+    then smaller artifact, then newer version (so the order is total and every process agrees)."""
+    if ranking == "newest":
+        return (float(version),)
+
+    def number(key: str, missing: float) -> float:
+        try:
+            return float(tags[key])
+        except (KeyError, ValueError):
+            return missing
+
+    return (number("kdflow.test_accuracy", float("-inf")), -number("kdflow.size_bytes", float("inf")), float(version))
+
+
+@contextmanager
+def registry_errors(uri: str, name: str) -> Iterator[None]:
+    """Turn MLflow's 403 into a RegistryError saying who lacks which permission, and the fix."""
+    try:
+        yield
+    except MlflowException as err:
+        if err.error_code != "PERMISSION_DENIED" and "permission" not in str(err).lower():
+            raise
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME", "<anonymous>")
+        raise RegistryError(
+            f"MLflow at {uri} denied user {user!r} permission to register {name!r} ({err.error_code}); ask an "
+            f"MLflow admin to grant EDIT on registered model {name!r}, or use credentials that have it"
+        ) from None
 
 
 def gate_tags(decision: GateDecision) -> dict[str, str]:

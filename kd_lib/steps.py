@@ -9,6 +9,7 @@ given. Nothing is passed through globals or shared paths.
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,9 @@ import torch
 from kd_lib import data as data_lib
 from kd_lib import evaluation, gates, quantization, training
 from kd_lib.config import PipelineConfig
-from kd_lib.model_registry import ModelRegistry, gate_tags, log_pyfunc, pip_requirements
+from kd_lib.model_registry import ModelRegistry, gate_tags, log_pyfunc, pip_requirements, registry_errors
 from kd_lib.models import build_model, count_parameters
-from kd_lib.tracking import StepRun, client_for, finish_pipeline_run, fluent_run, step_run
+from kd_lib.tracking import StepRun, finish_pipeline_run, fluent_run, step_run
 
 
 class StepError(RuntimeError):
@@ -195,28 +196,68 @@ def evaluate(
         return results
 
 
+def _champion_metrics(cfg: PipelineConfig, splits: data_lib.Splits, run: StepRun) -> dict[str, Any] | None:
+    """The current champion measured on THIS run's test split (same data, same yardstick)."""
+    registry = ModelRegistry(run.client, cfg.registry.model_name)
+    version = registry.alias_version(cfg.registry.alias)
+    if version is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = registry.download_version(version, tmp)
+        model, spec = quantization.load_model(model_dir)
+        size = evaluation.artifact_size_bytes(model_dir)
+    meta = splits.meta
+    if list(spec["input_shape"]) != list(meta.input_shape) or spec["num_classes"] != meta.num_classes:
+        raise StepError(
+            f"champion {cfg.registry.model_name} v{version} takes input {spec['input_shape']} with "
+            f"{spec['num_classes']} classes, this data {meta.input_shape} with {meta.num_classes}: they cannot be "
+            "compared; register under a new registry.model_name or set gate.champion_policy=ignore"
+        )
+    # Undo this run's normalization, apply the champion's own.
+    norm, own = meta.normalization, spec.get("normalization") or {"mean": 0.0, "std": 1.0}
+    raw = splits.x["test"] * norm["std"] + norm["mean"]
+    x = torch.from_numpy(((raw - own["mean"]) / own["std"]).astype("float32"))
+    accuracy = evaluation.accuracy(evaluation.predict(model, x), torch.from_numpy(splits.y["test"]))
+    return {"version": version, "accuracy": accuracy, "size_bytes": size}
+
+
 def gate(
-    cfg: PipelineConfig, pipeline_run_id: str, evaluation_path: str | Path, decision_path: str | Path
-) -> gates.GateDecision:
-    """Apply the thresholds to the quantized student; the table goes to MLflow either way."""
+    cfg: PipelineConfig,
+    pipeline_run_id: str,
+    dataset_dir: str | Path,
+    evaluation_path: str | Path,
+    decision_path: str | Path,
+) -> tuple[gates.GateDecision, str]:
+    """Apply the thresholds (and the champion comparison) to the quantized student.
+
+    Returns the decision and the action the DAG takes: ``promote``, ``challenger`` or
+    ``reject``. The table goes to MLflow either way.
+    """
     with step_run(cfg, pipeline_run_id, "gate") as run:
         results = json.loads(Path(evaluation_path).read_text())
+        champion = None
+        if cfg.gate.champion_policy != "ignore":
+            champion = _champion_metrics(cfg, data_lib.load_splits(dataset_dir), run)
+            if champion:
+                run.log_metrics({"champion.accuracy": champion["accuracy"], "champion.size_bytes": champion["size_bytes"]})
+                run.set_tags({"kdflow.champion_version": champion["version"]})
         decision = gates.decide(
-            results["quantized"], results["teacher"], cfg.gate, fp32_student=results["student"]
+            results["quantized"], results["teacher"], cfg.gate, fp32_student=results["student"], champion=champion
         )
+        action = decision.action(cfg.registry.keep_rejected)
         Path(decision_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(decision_path).write_text(json.dumps(decision.to_dict()))
+        Path(decision_path).write_text(json.dumps(decision.to_dict() | {"action": action}))
         table = decision.table()
         for on_parent in (False, True):
             run.log_text(table, "gate.txt", on_parent=on_parent)
             run.log_dict(decision.to_dict(), "gate.json", on_parent=on_parent)
         run.log_metrics({f"gate.{c.name}": c.value for c in decision.checks} | {"gate.passed": float(decision.passed)})
-        parent_tags = {"kdflow.gate_status": "passed" if decision.passed else "failed"}
+        parent_tags = {"kdflow.gate_status": "passed" if decision.passed else "failed", "kdflow.gate_action": action}
         if not decision.passed:
             parent_tags["kdflow.gate_failed_checks"] = ",".join(c.name for c in decision.failed())
             parent_tags |= {k: v for k, v in gate_tags(decision).items() if k.startswith("gate.")}
         run.set_tags(parent_tags, on_parent=True)
-        return decision
+        return decision, action
 
 
 def register(
@@ -229,18 +270,23 @@ def register(
 ) -> dict[str, str]:
     """Log the quantized student as a pyfunc, register it with its checks and lineage, promote it.
 
-    Runs only under the gate's ``passed`` branch, and checks the decision again itself: a
-    version is never created, and the alias never moved, for a candidate that failed.
+    Runs only under the gate's non-``reject`` branch and re-derives the action itself:
+    ``promote`` registers a ``validation_status=passed`` version and then converges the
+    champion alias onto the best passed version (race-safe); ``challenger`` registers a
+    ``rejected`` version under the challenger alias, never champion. Re-running the same
+    pipeline run reuses its version instead of creating a duplicate.
     """
     decision = gates.GateDecision.from_dict(json.loads(Path(decision_path).read_text()))
-    if not decision.passed:
+    action = decision.action(cfg.registry.keep_rejected)
+    if action == "reject":
         failed = ", ".join(c.name for c in decision.failed())
         raise StepError(f"refusing to register: the gate failed ({failed})")
+
     with step_run(cfg, pipeline_run_id, "register") as run:
         meta = data_lib.load_splits(dataset_dir).meta
         results = json.loads(Path(evaluation_path).read_text())
         spec = json.loads((Path(quantized_dir) / "spec.json").read_text())
-        client = client_for(cfg)
+        client = run.client
         registry = ModelRegistry(client, cfg.registry.model_name)
         quantized = results["quantized"]
         tags = gate_tags(decision) | {
@@ -253,14 +299,28 @@ def register(
             "kdflow.test_accuracy": f"{quantized['accuracy']:.6f}",
             "kdflow.size_bytes": str(quantized["size_bytes"]),
         }
-        # MLflow resolves a models:/m-... source through its global store, so registration
-        # happens inside the same scoped fluent state as log_model.
-        with fluent_run(client, run.run_id):
-            source, model_id = log_pyfunc(quantized_dir, spec, pip_requirements())
-            version = registry.register(source, run.run_id, tags, model_id=model_id)
-            registry.promote(version, cfg.registry.alias)
-        out = {"model_name": cfg.registry.model_name, "version": version, "alias": cfg.registry.alias}
-        run.set_tags({"kdflow.registered_version": version, "kdflow.alias": cfg.registry.alias}, on_parent=True)
+        with registry_errors(client.tracking_uri, cfg.registry.model_name):
+            version = registry.find_by_tag("kdflow.pipeline_run_id", pipeline_run_id)
+            reused = version is not None
+            if not reused:
+                # MLflow resolves a models:/m-... source through its global store, so
+                # registration happens inside the same scoped fluent state as log_model.
+                with fluent_run(client, run.run_id):
+                    source, model_id = log_pyfunc(quantized_dir, spec, pip_requirements())
+                    version = registry.register(source, run.run_id, tags, model_id=model_id)
+            if action == "promote":
+                alias, champion = cfg.registry.alias, registry.converge(cfg.registry.alias, cfg.registry.ranking)
+            else:
+                alias, champion = cfg.registry.challenger_alias, registry.alias_version(cfg.registry.alias)
+                registry.set_alias(alias, version, require_passed=False)
+        out = {
+            "model_name": cfg.registry.model_name,
+            "version": version,
+            "alias": alias,
+            "champion": champion or "",
+            "reused": str(reused).lower(),
+        }
+        run.set_tags({"kdflow.registered_version": version, "kdflow.alias": alias, "kdflow.champion": champion or ""}, on_parent=True)
         run.log_params(out)
         return out
 

@@ -1,6 +1,6 @@
 """The kdflow DAG, read top to bottom like the diagram in DESIGN.md.
 
-prepare_data -> train_teacher -> distill -> quantize -> evaluate -> gate -[passed]-> register,
+prepare_data -> train_teacher -> distill -> quantize -> evaluate -> gate -[not rejected]-> register,
 all inside an exit handler that closes the MLflow parent run whatever happens.
 """
 
@@ -36,8 +36,14 @@ def distillation_pipeline(config_json: str):
             student=distill_task.outputs["student"],
             quantized=quantize_task.outputs["quantized"],
         )
-        gate_task = gate(config_json=config_json, pipeline_run_id=RUN_ID, evaluation=evaluate_task.outputs["evaluation"])
-        with dsl.If(gate_task.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (KFP condition syntax)
+        gate_task = gate(
+            config_json=config_json,
+            pipeline_run_id=RUN_ID,
+            dataset=prepare_data_task.outputs["dataset"],
+            evaluation=evaluate_task.outputs["evaluation"],
+        )
+        # promote -> registered + champion; challenger -> registered, rejected, never champion.
+        with dsl.If(gate_task.outputs["Output"] != "reject", name="gate-passed"):
             register_task = register(
                 config_json=config_json,
                 pipeline_run_id=RUN_ID,

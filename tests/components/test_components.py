@@ -49,8 +49,8 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> dict:
         student=out["student"], quantized=out["quantized"], evaluation=out["evaluation"], metrics=out["metrics"],
     )  # fmt: skip
     out["decision"] = _art(dsl.Artifact, tmp, "decision")
-    out["passed"] = components.gate.python_func(
-        config_json=cj, pipeline_run_id=rid, evaluation=out["evaluation"], decision=out["decision"]
+    out["action"] = components.gate.python_func(
+        config_json=cj, pipeline_run_id=rid, dataset=out["dataset"], evaluation=out["evaluation"], decision=out["decision"]
     )
     return out
 
@@ -83,9 +83,9 @@ def test_evaluate_fills_metrics_and_the_evaluation_file(chain: dict) -> None:
     assert chain["metrics"].metadata["teacher_size_bytes"] == results["teacher"]["size_bytes"]
 
 
-def test_gate_returns_the_decision_flag(chain: dict) -> None:
+def test_gate_returns_the_action(chain: dict) -> None:
     decision = json.loads(Path(chain["decision"].path).read_text())
-    assert chain["passed"] is decision["passed"]
+    assert chain["action"] == decision["action"] == ("promote" if decision["passed"] else "reject")
     assert chain["decision"].metadata["failed"] == [c["name"] for c in decision["checks"] if not c["passed"]]
 
 
@@ -103,7 +103,7 @@ def test_register_refuses_a_failed_decision_and_registers_a_passed_one(chain: di
         components.register.python_func(decision=failed, **args)
     client = MlflowClient(cfg.tracking.tracking_uri, cfg.tracking.tracking_uri)
     assert client.search_model_versions(f"name = '{cfg.registry.model_name}'") == []
-    assert chain["passed"], "tiny config is meant to pass its gate"
+    assert chain["action"] == "promote", "tiny config is meant to pass its gate"
     version = components.register.python_func(decision=chain["decision"], **args)
     assert str(client.get_model_version_by_alias(cfg.registry.model_name, "champion").version) == version
 
