@@ -119,9 +119,8 @@ class RetryConfig(_Strict):
     """Bounded exponential backoff for every MLflow (and S3) call: transient failures only."""
 
     max_attempts: int = Field(6, ge=1, description="Tries per call, the first included.")
-    backoff_s: float = Field(1.0, ge=0, description="First wait; doubles after each failure.")
-    max_backoff_s: float = Field(20.0, ge=0, description="Cap on a single wait.")
-    timeout_s: float = Field(30.0, gt=0, description="Per-request timeout.")
+    backoff_s: float = Field(1.0, ge=0, description="Base wait: the k-th retry waits about backoff_s * 2^k seconds.")
+    timeout_s: float = Field(30.0, gt=0, description="Per-request timeout, seconds.")
 
 
 class TrackingConfig(_Strict):

@@ -9,6 +9,7 @@ object. So ``models:/NAME@champion`` loads with ``MLFLOW_ALLOW_PICKLE_DESERIALIZ
 from __future__ import annotations
 
 import os
+import random
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -186,7 +187,15 @@ class ModelRegistry:
                 time.sleep(settle_s)
                 continue
             confirmed = 0
-            self.set_alias(alias, best)
+            try:
+                self.set_alias(alias, best)
+            except MlflowException as err:
+                if not _is_write_conflict(err):
+                    raise
+                # MLflow's alias upsert is select-then-insert: two writers inserting the first
+                # alias row at once make one fail on the primary key. The winner's write is
+                # visible now; re-read and decide again.
+                time.sleep(random.uniform(0.05, settle_s))
         raise RegistryError(f"{self.name}@{alias} did not settle after {max_rounds} rounds of concurrent promotion")
 
     def versions(self) -> list[dict[str, Any]]:
@@ -204,6 +213,11 @@ class ModelRegistry:
         if len(specs) != 1:
             raise RegistryError(f"{self.name} v{version}: expected one kdflow model in its artifacts, found {len(specs)}")
         return specs[0].parent
+
+
+def _is_write_conflict(err: MlflowException) -> bool:
+    text = str(err).lower()
+    return any(marker in text for marker in ("unique constraint", "uniqueviolation", "duplicate key", "already exists"))
 
 
 def rank_key(tags: dict[str, str], version: int, ranking: str) -> tuple[float, ...]:

@@ -9,6 +9,7 @@ given. Nothing is passed through globals or shared paths.
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,17 @@ def _spec(model_cfg: Any, meta: data_lib.DatasetMeta, role: str, run: StepRun) -
         "dataset_fingerprint": meta.fingerprint,
         "mlflow_run_id": run.run_id,
     }
+
+
+def _checkpoint_dir(output_dir: str | Path) -> Path:
+    """Beside the step's output (not inside it: the artifact's size is what the gate measures).
+
+    Resuming needs this to survive the task: true for kfp.local and for KFP's retry of a task
+    on a persistent volume; on ephemeral pod storage a preempted pod starts over (same seed,
+    same result, only slower).
+    """
+    out = Path(output_dir)
+    return out.with_name(out.name + ".checkpoint")
 
 
 def _epoch_logger(run: StepRun):
@@ -87,10 +99,17 @@ def train_teacher(
         torch.manual_seed(cfg.teacher.train.seed)
         model = build_model(cfg.teacher.model.arch, cfg.teacher.model.params, tuple(meta.input_shape), meta.num_classes)
         run.log_params({"num_params": count_parameters(model)})
+        ckpt = _checkpoint_dir(teacher_dir)
         result = training.train_supervised(
-            model, *_tensors(splits, "train"), *_tensors(splits, "val"), cfg.teacher.train, on_epoch=_epoch_logger(run)
+            model,
+            *_tensors(splits, "train"),
+            *_tensors(splits, "val"),
+            cfg.teacher.train,
+            on_epoch=_epoch_logger(run),
+            checkpoint_dir=ckpt,
         )
         quantization.save_model(result.model, _spec(cfg.teacher.model, meta, "teacher", run), teacher_dir)
+        shutil.rmtree(ckpt, ignore_errors=True)
         return _log_result(run, result) | {"run_id": run.run_id}
 
 
@@ -125,8 +144,10 @@ def distill(
             temperature=cfg.distill.temperature,
             alpha=cfg.distill.alpha,
             on_epoch=_epoch_logger(run),
+            checkpoint_dir=_checkpoint_dir(student_dir),
         )
         quantization.save_model(result.model, _spec(cfg.student.model, meta, "student", run), student_dir)
+        shutil.rmtree(_checkpoint_dir(student_dir), ignore_errors=True)
         return _log_result(run, result) | {"run_id": run.run_id}
 
 

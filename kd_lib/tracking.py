@@ -8,6 +8,7 @@ its ``kdflow.pipeline_run_id`` tag and every call goes through an explicit Mlflo
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import tempfile
@@ -23,7 +24,9 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
-from kd_lib.config import PipelineConfig
+from kd_lib.config import PipelineConfig, RetryConfig
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 PIPELINE_RUN_TAG = "kdflow.pipeline_run_id"
@@ -72,9 +75,33 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         ) from None
 
 
+def apply_retry_policy(retry: RetryConfig) -> None:
+    """Configure MLflow's HTTP client (urllib3 retries on connection errors, 429 and 5xx with
+    exponential backoff) from ``tracking.retry``; it reads these variables on every request."""
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(retry.max_attempts - 1)
+    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = str(retry.backoff_s)
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(retry.timeout_s))
+
+
+def wait_reachable(uri: str, retry: RetryConfig) -> None:
+    """check_reachable with bounded exponential backoff: rides out a server restart."""
+    for attempt in range(retry.max_attempts):
+        try:
+            check_reachable(uri, timeout=min(5.0, retry.timeout_s))
+            return
+        except TrackingError:
+            if attempt == retry.max_attempts - 1:
+                raise
+            wait = retry.backoff_s * 2**attempt
+            log.warning("MLflow at %s unreachable (try %d/%d); retrying in %.1f s", uri, attempt + 1, retry.max_attempts, wait)
+            time.sleep(wait)
+
+
 def client_for(cfg: PipelineConfig) -> MlflowClient:
+    """A client for the configured server, after waiting (bounded) for it to be reachable."""
     uri = resolve_tracking_uri(cfg)
-    check_reachable(uri)
+    apply_retry_policy(cfg.tracking.retry)
+    wait_reachable(uri, cfg.tracking.retry)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
