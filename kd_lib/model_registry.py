@@ -205,9 +205,11 @@ class ModelRegistry:
 
     def download_version(self, version: str, dst: str | Path) -> Path:
         """Download a version's kdflow model directory (weights + spec) and return its path."""
+        # The concrete artifact location, not models:/..., which MLflow resolves through its
+        # global registry URI rather than this client's.
+        location = self.client.get_model_version_download_uri(self.name, version)
         local = Path(mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{self.name}/{version}", dst_path=str(dst),
-            tracking_uri=self.client.tracking_uri,
+            artifact_uri=location, dst_path=str(dst), tracking_uri=self.client.tracking_uri
         ))  # fmt: skip
         specs = [p for p in local.rglob("spec.json") if "code" not in p.relative_to(local).parts]
         if len(specs) != 1:
