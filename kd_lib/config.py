@@ -119,7 +119,7 @@ class RetryConfig(_Strict):
     """Bounded exponential backoff for every MLflow (and S3) call: transient failures only."""
 
     max_attempts: int = Field(6, ge=1, description="Tries per call, the first included.")
-    backoff_s: float = Field(1.0, ge=0, description="Base wait: the k-th retry waits about backoff_s * 2^k seconds.")
+    backoff_s: int = Field(1, ge=0, description="Base wait, whole seconds (MLflow reads an int): the k-th retry waits about backoff_s * 2^k s.")
     timeout_s: float = Field(30.0, gt=0, description="Per-request timeout, seconds.")
 
 

@@ -10,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import mlflow
 import pytest
 from mlflow import MlflowClient
 
@@ -113,12 +114,52 @@ def test_pass_then_fail_on_a_fresh_sqlite_store(tmp_path: Path, monkeypatch: pyt
     assert tags["gate.min_accuracy"].endswith("FAIL")
 
 
-def test_against_a_real_mlflow_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_server) -> None:
+FAKE_SECRETS = {
+    "AWS_ACCESS_KEY_ID": "AKIAKDFLOWFAKE7EXAMPLE",
+    "AWS_SECRET_ACCESS_KEY": "kdflow/Fake+Secret/Key/9f8e7d6c5b4a",
+    "MLFLOW_TRACKING_USERNAME": "kdflow-ci-user-3c2b1a",
+    "MLFLOW_TRACKING_PASSWORD": "Fake-Mlflow-Password-0a9b8c",
+    "MLFLOW_TRACKING_TOKEN": "fake-token-5e4d3c2b1a09",
+}
+
+
+def _recorded_text(client: MlflowClient, cfg: PipelineConfig, result: LocalRunResult, tmp_path: Path) -> str:
+    """Everything the run left behind: MLflow params, tags and artifacts of every run, the
+    registered version's tags, and every file kfp.local wrote (executor inputs and outputs)."""
+    parts: list[str] = []
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    for run in client.search_runs([exp.experiment_id]):
+        parts.append(json.dumps([run.data.params, run.data.tags, run.info.run_name]))
+        local = mlflow.artifacts.download_artifacts(
+            run_id=run.info.run_id, dst_path=str(tmp_path / "scan" / run.info.run_id), tracking_uri=client.tracking_uri
+        )
+        parts += [p.read_bytes().decode("utf-8", "replace") for p in Path(local).rglob("*") if p.is_file()]
+    for v in client.search_model_versions(f"name = '{cfg.registry.model_name}'"):
+        parts.append(json.dumps(v.tags))
+    parts += [p.read_bytes().decode("utf-8", "replace") for p in result.pipeline_root.rglob("*") if p.is_file()]
+    return "\n".join(parts)
+
+
+def test_against_a_real_mlflow_server_leaking_no_credential(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture, mlflow_server
+) -> None:
+    # Credentials in the environment, as a Kubernetes Secret would put them (the server
+    # here has no auth, so they are sent and ignored): none may be recorded anywhere.
+    for key, value in FAKE_SECRETS.items():
+        monkeypatch.setenv(key, value)
     cfg = tiny_config(tmp_path, tracking={"tracking_uri": mlflow_server.url})
     result = _run(cfg, tmp_path, monkeypatch)
     _assert_registered_champion(result, cfg, mlflow_server.url, tmp_path)
     # The model's files went through the server's artifact proxy, not a path we share with it.
     assert any(mlflow_server.artifacts.rglob("weights.pt"))
+
+    client = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
+    recorded = _recorded_text(client, cfg, result, tmp_path)
+    logs = capfd.readouterr()
+    assert "quantized_student" in recorded and "executor_output" in logs.out + logs.err  # the scan saw real content
+    for key, secret in FAKE_SECRETS.items():
+        assert secret not in recorded, f"{key} leaked into MLflow or KFP artifacts"
+        assert secret not in logs.out + logs.err, f"{key} leaked into the logs"
 
 
 def test_a_failing_step_closes_the_parent_run_as_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
