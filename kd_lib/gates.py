@@ -6,7 +6,7 @@ check with its value, so a failed run says exactly which bar it missed and by ho
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Mapping
 
 from kd_lib.config import GateConfig
@@ -26,7 +26,8 @@ class GateCheck:
         threshold: The configured bar, in ``unit``.
         op: ``">="`` or ``"<="``: how ``value`` must compare with ``threshold`` to pass.
         passed: Whether it did (equality passes).
-        unit: ``"fraction"``, ``"points"``, ``"MB"`` or ``"x"``.
+        unit: ``"fraction"``, ``"points"``, ``"MB"``, ``"x"`` or ``"bool"`` (1 true, 0 false).
+        detail: Why, in words, when the number alone does not say (e.g. what ``auto`` tried).
     """
 
     name: str
@@ -35,6 +36,7 @@ class GateCheck:
     op: str
     passed: bool
     unit: str
+    detail: str = ""
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,7 @@ class GateDecision:
                     op=str(c["op"]),
                     passed=bool(c["passed"]),
                     unit=str(c["unit"]),
+                    detail=str(c.get("detail", "")),
                 )
                 for c in data["checks"]
             ]
@@ -92,6 +95,7 @@ class GateDecision:
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
         lines.insert(1, "  ".join("-" * w for w in widths))
+        lines += [f"{c.name}: {c.detail}" for c in self.checks if c.detail and not c.passed]
         lines.append(f"overall: {'PASS' if self.passed else 'FAIL'}")
         return "\n".join(lines)
 
@@ -126,6 +130,10 @@ def decide(
       (points); only when ``fp32_student`` is given.
     - ``max_size_mb``: candidate ``size_bytes`` / 10^6 <= threshold (MB).
     - ``min_compression_ratio``: teacher ``size_bytes`` / candidate ``size_bytes`` >= threshold.
+    - ``quantization_auto_found``: only when the candidate carries ``quantization_auto_found``
+      (``quantize.scheme: auto``): 1 when auto found a scheme within
+      ``max_quantization_drop`` on the validation split, else 0 and the check fails with
+      ``quantization_auto_reason`` as its detail.
 
     Args:
         candidate: Metrics of the model to promote; needs ``accuracy`` and ``size_bytes``.
@@ -164,4 +172,8 @@ def decide(
         _check("max_size_mb", cand_size / 1e6, thresholds.max_size_mb, "<=", "MB"),
         _check("min_compression_ratio", teacher_size / cand_size, thresholds.min_compression_ratio, ">=", "x"),
     ]
+    if "quantization_auto_found" in candidate:
+        found = bool(candidate["quantization_auto_found"])
+        check = _check("quantization_auto_found", float(found), 1.0, ">=", "bool")
+        checks.append(replace(check, detail="" if found else str(candidate.get("quantization_auto_reason", ""))))
     return GateDecision(passed=all(c.passed for c in checks), checks=checks)
