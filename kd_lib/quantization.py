@@ -377,7 +377,9 @@ class EagerInt8:
     weights (12 MB vs 2.4 MB). So: eager torch.ao, x86 engine by default.
     """
 
-    covers: tuple[type[nn.Module], ...] = _WEIGHT_LAYERS
+    # BatchNorm counts as covered: it is folded into the Conv before it (a BatchNorm anywhere
+    # else is refused by _prepared, after fusion).
+    covers: tuple[type[nn.Module], ...] = (*_WEIGHT_LAYERS, *_BATCHNORM)
 
     def __init__(self, name: str, engine: str, qat: bool) -> None:
         self.name = name
@@ -393,13 +395,7 @@ class EagerInt8:
         if groups:
             (tq.fuse_modules_qat if train else tq.fuse_modules)(model, groups, inplace=True)
         # BatchNorm that did not follow a Conv (fused away above) would receive int8 tensors.
-        left = uncovered_layers(model, self.covers)
-        if left:
-            raise QuantizationError(
-                f"quantization scheme {self.name!r} (backend {self.backend}) quantizes every layer and "
-                f"cannot quantize {', '.join(left)}: only Linear and Conv layers (with a BatchNorm/ReLU "
-                "right after them) are supported; choose dynamic_int8, weight_only_int8, fp16 or bf16"
-            )
+        self._refuse_uncovered(model, _WEIGHT_LAYERS)
         wrapper = tq.QuantWrapper(model)
         if train:
             wrapper.qconfig = tq.get_default_qat_qconfig(self.engine)
@@ -409,10 +405,21 @@ class EagerInt8:
             tq.prepare(wrapper, inplace=True)
         return wrapper
 
+    def _refuse_uncovered(self, model: nn.Module, covers: tuple[type[nn.Module], ...]) -> None:
+        # Everything between QuantStub and DeQuantStub runs on int8 tensors, so a layer this
+        # backend cannot convert cannot stay fp32 either: always an error, never a warning.
+        left = uncovered_layers(model, covers)
+        if left:
+            raise QuantizationError(
+                f"quantization scheme {self.name!r} (backend {self.backend}) quantizes every layer and "
+                f"cannot quantize {', '.join(left)}: only Linear and Conv layers (with a BatchNorm/ReLU "
+                "right after them) are supported; choose dynamic_int8, weight_only_int8, fp16 or bf16"
+            )
+
     def apply(self, model: nn.Module, context: QuantizeContext) -> nn.Module:
         from torch.ao import quantization as tq
 
-        _check_coverage(self, model, context)
+        self._refuse_uncovered(model, self.covers)
         if not context.calibration and not self.qat:
             raise QuantizationError(
                 f"quantization scheme {self.name!r} needs calibration batches (the quantize step passes "
