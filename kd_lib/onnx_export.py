@@ -65,6 +65,7 @@ def export_fp32(model: nn.Module, input_shape: Sequence[int], path: str | Path) 
             output_names=["logits"],
             dynamic_shapes=({0: torch.export.Dim("batch")},),
             dynamo=True,
+            external_data=False,  # one self-contained file (weights inline), so its size is the model's
             verbose=False,
         )
     return out
