@@ -652,29 +652,6 @@ def quantize(
     return get_quantizer(scheme, backend).apply(model, context or QuantizeContext())
 
 
-def _compact(state: dict[str, Any]) -> dict[str, Any]:
-    """Copy tensors that are views into a larger storage: torch.save writes whole storages.
-
-    The int8 weights torch.ao unpacks from fbgemm's packed Linear format sit in a buffer twice
-    their size; saved as is, they would cost 2 bytes per weight instead of 1.
-    """
-    # In place: the state dict's _metadata (per-module versions) must survive, or torch.ao's
-    # loaders take their legacy-format path.
-    for key, value in state.items():
-        state[key] = _compact_value(value)
-    return state
-
-
-def _compact_value(value: Any) -> Any:
-    if isinstance(value, tuple):  # torch.ao's Linear saves (int8 weight, bias) as one entry
-        return tuple(_compact_value(v) for v in value)
-    try:
-        oversized = value.untyped_storage().nbytes() > value.numel() * value.element_size()
-    except (AttributeError, NotImplementedError, RuntimeError, TypeError):
-        return value  # not a plain tensor (a torchao subclass, a dtype, ...): keep as is
-    return value.clone() if oversized else value
-
-
 def save_model(model: nn.Module, spec: dict[str, Any], directory: str | Path) -> Path:
     """Write a model as ``weights.pt`` + ``spec.json``, loadable without pickle by ``load_model``.
 
@@ -714,7 +691,7 @@ def save_model(model: nn.Module, spec: dict[str, Any], directory: str | Path) ->
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     with _quiet_torch_ao():
-        torch.save(_compact(model.state_dict()), out / WEIGHTS_FILE)
+        torch.save(model.state_dict(), out / WEIGHTS_FILE)
     (out / SPEC_FILE).write_text(spec_text + "\n")
     return out
 
