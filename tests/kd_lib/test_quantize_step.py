@@ -9,11 +9,11 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from kd_lib import gates, steps
 from kd_lib.config import PipelineConfig
@@ -23,9 +23,19 @@ from tests.helpers import tiny_config
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
     """prepare_data -> train_teacher -> distill once (digits, MLP student and CNN student)."""
     root = tmp_path_factory.mktemp("quantize_step")
+    # A sqlite store puts run artifacts under ./mlruns of the working directory: keep them here.
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        yield _train(root)
+    finally:
+        os.chdir(cwd)
+
+
+def _train(root: Path) -> dict[str, Path]:
     cfg = tiny_config(root)
     paths = {"root": root, "dataset": root / "dataset", "teacher": root / "teacher"}
     steps.prepare_data(cfg, "prep", paths["dataset"])
@@ -173,16 +183,22 @@ def test_pyfunc_of_each_kind_of_artifact_loads_without_pickle(trained, tmp_path:
 
     x = np.random.default_rng(0).uniform(0, 16, size=(20, 1, 8, 8)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
+    previous_uri = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'pyfunc.db'}")
     uris, expected = {}, {}
-    for scheme in ("static_int8", "weight_only_int8", "bf16"):
-        _, _, out = _quantize(trained, tmp_path / scheme, arch="cnn", scheme=scheme)
-        spec = json.loads((out / "spec.json").read_text())
-        with mlflow.start_run():
-            uris[scheme], _ = log_pyfunc(out, spec, pip_requirements(spec))
-        wrapper = KdflowPyfunc()
-        wrapper.load_context(type("Ctx", (), {"artifacts": {"model": str(out)}})())
-        expected[scheme] = wrapper.predict(None, x).tolist()
+    try:
+        # Artifacts under tmp_path, not ./mlruns of the working directory.
+        experiment = mlflow.create_experiment("pyfunc", artifact_location=(tmp_path / "artifacts").as_uri())
+        for scheme in ("static_int8", "weight_only_int8", "bf16"):
+            _, _, out = _quantize(trained, tmp_path / scheme, arch="cnn", scheme=scheme)
+            spec = json.loads((out / "spec.json").read_text())
+            with mlflow.start_run(experiment_id=experiment):
+                uris[scheme], _ = log_pyfunc(out, spec, pip_requirements(spec))
+            wrapper = KdflowPyfunc()
+            wrapper.load_context(type("Ctx", (), {"artifacts": {"model": str(out)}})())
+            expected[scheme] = wrapper.predict(None, x).tolist()
+    finally:
+        mlflow.set_tracking_uri(previous_uri)
     env = os.environ | {
         "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'pyfunc.db'}",
@@ -194,4 +210,3 @@ def test_pyfunc_of_each_kind_of_artifact_loads_without_pickle(trained, tmp_path:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == expected
-    torch.manual_seed(0)  # the step changed nothing global the next test depends on
