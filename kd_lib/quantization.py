@@ -271,8 +271,8 @@ class HalfPrecision:
     """``fp16`` / ``bf16``: every parameter and buffer cast to a 16-bit float (2x smaller).
 
     Every layer type is covered. On this CPU (AVX512-BF16 + AMX) bf16 matmuls are fast: the
-    wide MLP at batch 64 ran 0.70 ms vs 2.04 ms fp32 (1 thread), while fp16 ran at fp32 speed
-    (2.09 ms); the CNN's convolutions gain little (bf16 6.3 ms vs 8.0 ms).
+    wide MLP at batch 64 ran 0.71 ms vs 2.29 ms fp32 (1 thread), while fp16 ran at fp32 speed
+    (2.13 ms); convolutions gain nothing (CNN student bf16 2.14 ms, fp16 2.97, fp32 2.12).
     """
 
     covers: tuple[type[nn.Module], ...] = (nn.Module,)
@@ -301,9 +301,10 @@ class DynamicInt8:
 
     Weights are stored as int8 (about 4x smaller); activations are quantized on the fly per
     batch, so no calibration data is needed. Convolutions are not covered (they stay fp32 and
-    are reported). Chosen over torchao's Int8DynamicActivationInt8Weight: wide MLP batch 64,
-    1 thread: torch.ao 0.61 ms, torchao eager 1.29 ms, torchao + torch.compile 0.51 ms but only
-    after a compile in every serving process; fp32 2.04 ms.
+    are reported). Chosen over torchao's Int8DynamicActivationInt8Weight by bench/quantization.py
+    (mnist5k, 1 thread, batch-64 p50): wide MLP torch.ao 0.65 ms, torchao eager 1.3-3.1 ms,
+    torchao + torch.compile 0.5-1.5 ms (and a compile in every serving process), fp32 2.3 ms;
+    MLP student 0.074 ms vs torchao 0.38 ms (fp32 0.089).
     """
 
     name = "dynamic_int8"
@@ -369,12 +370,13 @@ class EagerInt8:
     modules; everything between runs on int8 tensors. Static: observers calibrate activation
     scales on training batches. QAT: fake-quantized fine-tuning first (``context.finetune``).
 
-    Backend choice, 1 thread, batch 64 (batch 1): the default "x86" engine ran the wide MLP
-    in 0.55 ms (0.16) and the CNN in 1.61 ms (0.13); the "onednn" engine 0.38 ms (0.20) and
-    1.68 ms (0.14); fp32 2.04 ms (0.39) and 7.97 ms (0.14). PT2E with the x86 inductor
-    quantizer reached 0.41 ms on the wide MLP only with torch.compile + freezing (seconds of
-    compile per process), failed to compile the CNN, and its converted program keeps fp32
-    weights (12 MB vs 2.4 MB). So: eager torch.ao, x86 engine by default.
+    Backend choice (bench/quantization.py, mnist5k, 1 thread, batch-64 p50): the "x86" engine
+    ran the wide MLP in 0.56 ms, the CNN student in 1.20 ms and the CNN teacher in 1.62 ms; the
+    "onednn" engine 0.57, 1.22 and 1.67 ms (fp32: 2.29, 2.12, 4.38 ms); at batch 1 they tie.
+    PT2E with the x86 inductor quantizer reached 0.44 ms on the wide MLP only under
+    torch.compile with freezing (a compile in every serving process), failed to compile both
+    CNNs, and its converted program keeps fp32 weights (12 MB vs 2.4 MB). So: eager torch.ao,
+    x86 engine by default, onednn selectable.
     """
 
     # BatchNorm counts as covered: it is folded into the Conv before it (a BatchNorm anywhere
@@ -527,8 +529,8 @@ class WeightOnlyInt8:
 
     The artifact is about 4x smaller; compute runs at fp32 speed with the dequantized weights
     (memory at run time is fp32). Chosen over torchao's Int8WeightOnlyConfig, which keeps int8
-    in memory but covers Linear only and ran slower than fp32 here: wide MLP batch 64, 1 thread:
-    this backend = fp32 2.04 ms, torchao eager 2.56 ms, torchao + torch.compile 2.47 ms.
+    in memory but covers Linear only and ran slower than fp32 here (bench, wide MLP, batch-64
+    p50, 1 thread): this backend 2.0 ms (= fp32), torchao eager 2.6 ms, torchao + compile 2.7 ms.
     """
 
     name = "weight_only_int8"
