@@ -28,5 +28,9 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not e2e"
 
+# Not part of `make test`: trains on mnist5k and times every quantization scheme (~5 min).
+bench: $(STAMP)
+	$(PY) bench/quantization.py --data $(or $(DATA),/work/shared/datasets/mnist5k.npz)
+
 clean:
 	rm -rf .kdflow mlflow.db mlruns build

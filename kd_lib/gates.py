@@ -26,10 +26,11 @@ class GateCheck:
         threshold: The configured bar, in ``unit``.
         op: ``">="`` or ``"<="``: how ``value`` must compare with ``threshold`` to pass.
         passed: Whether it did (equality passes).
-        unit: ``"fraction"``, ``"points"``, ``"MB"`` or ``"x"``.
+        unit: ``"fraction"``, ``"points"``, ``"MB"``, ``"x"`` or ``"bool"`` (1 true, 0 false).
+        detail: Why, in words, when the number alone does not say (e.g. what ``auto`` tried,
+            or that a larger candidate passed because it is more accurate than the champion).
         group: ``"threshold"`` (the absolute bars) or ``"champion"`` (the comparison with the
             current champion); a candidate failing only champion checks may become a challenger.
-        note: Why a check passed or failed other than by its comparison (may be empty).
     """
 
     name: str
@@ -38,8 +39,8 @@ class GateCheck:
     op: str
     passed: bool
     unit: str
+    detail: str = ""
     group: str = "threshold"
-    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,8 @@ class GateDecision:
                     op=str(c["op"]),
                     passed=bool(c["passed"]),
                     unit=str(c["unit"]),
+                    detail=str(c.get("detail", "")),
                     group=str(c.get("group", "threshold")),
-                    note=str(c.get("note", "")),
                 )
                 for c in data["checks"]
             ]
@@ -108,6 +109,7 @@ class GateDecision:
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
         lines.insert(1, "  ".join("-" * w for w in widths))
+        lines += [f"{c.name}: {c.detail}" for c in self.checks if c.detail and not c.passed]
         lines.append(f"overall: {'PASS' if self.passed else 'FAIL'}")
         return "\n".join(lines)
 
@@ -125,7 +127,7 @@ def _champion_checks(cand_acc: float, cand_size: float, champion: Mapping[str, A
     size = _check("champion_size_ratio", cand_size / champ_size, 1.0, "<=", "x", "champion")
     if not size.passed and round(cand_acc - champ_acc, _DECIMALS) > 0:
         # A larger model is acceptable when it buys accuracy.
-        size = replace(size, passed=True, note="larger than the champion but more accurate")
+        size = replace(size, passed=True, detail="larger than the champion but more accurate")
     return [drop, size]
 
 
@@ -153,6 +155,10 @@ def decide(
       (points); only when ``fp32_student`` is given.
     - ``max_size_mb``: candidate ``size_bytes`` / 10^6 <= threshold (MB).
     - ``min_compression_ratio``: teacher ``size_bytes`` / candidate ``size_bytes`` >= threshold.
+    - ``quantization_auto_found``: only when the candidate carries ``quantization_auto_found``
+      (``quantize.scheme: auto``): 1 when auto found a scheme within
+      ``max_quantization_drop`` on the validation split, else 0 and the check fails with
+      ``quantization_auto_reason`` as its detail.
 
     Args:
         candidate: Metrics of the model to promote; needs ``accuracy`` and ``size_bytes``.
@@ -193,6 +199,10 @@ def decide(
         _check("max_size_mb", cand_size / 1e6, thresholds.max_size_mb, "<=", "MB"),
         _check("min_compression_ratio", teacher_size / cand_size, thresholds.min_compression_ratio, ">=", "x"),
     ]
+    if "quantization_auto_found" in candidate:
+        found = bool(candidate["quantization_auto_found"])
+        check = _check("quantization_auto_found", float(found), 1.0, ">=", "bool")
+        checks.append(replace(check, detail="" if found else str(candidate.get("quantization_auto_reason", ""))))
     if champion is not None and thresholds.champion_policy == "must_not_regress":
         checks += _champion_checks(cand_acc, cand_size, champion, thresholds)
     return GateDecision(passed=all(c.passed for c in checks), checks=checks)

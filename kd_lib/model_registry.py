@@ -59,14 +59,17 @@ class KdflowPyfunc(mlflow.pyfunc.PythonModel):
         return logits.argmax(dim=1).numpy().astype(np.int64)
 
 
-def pip_requirements() -> list[str]:
-    """What the served model needs, pinned to the versions that produced it."""
+def pip_requirements(spec: dict[str, Any] | None = None) -> list[str]:
+    """What the served model needs, pinned to the versions that produced it (plus the
+    quantization library its spec records, e.g. torchao for a torchao backend)."""
     from importlib.metadata import version
 
     import torch
 
     pins = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"]
-    return pins + [f"{pkg}=={version(pkg)}" for pkg in ("numpy", "pydantic", "pyyaml")]
+    pins += [f"{pkg}=={version(pkg)}" for pkg in ("numpy", "pydantic", "pyyaml")]
+    extra = {k: v for k, v in ((spec or {}).get("versions") or {}).items() if k == "torchao"}
+    return pins + [f"{pkg}=={ver}" for pkg, ver in sorted(extra.items())]
 
 
 def log_pyfunc(model_dir: str | Path, spec: dict[str, Any], pip_requirements: list[str]) -> tuple[str, str]:
@@ -256,5 +259,6 @@ def gate_tags(decision: GateDecision) -> dict[str, str]:
     """One tag per check (``gate.<name>``: value op threshold verdict) plus the overall status."""
     tags = {"validation_status": "passed" if decision.passed else "rejected"}
     for c in decision.checks:
-        tags[f"gate.{c.name}"] = f"{c.value:.6g} {c.op} {c.threshold:.6g} {'PASS' if c.passed else 'FAIL'}"
+        verdict = f"{c.value:.6g} {c.op} {c.threshold:.6g} {'PASS' if c.passed else 'FAIL'}"
+        tags[f"gate.{c.name}"] = (f"{verdict}: {c.detail}" if c.detail else verdict)[:5000]
     return tags

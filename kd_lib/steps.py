@@ -151,25 +151,216 @@ def distill(
         return _log_result(run, result) | {"run_id": run.run_id}
 
 
+def _calibration_batches(splits: data_lib.Splits, cfg: PipelineConfig) -> list[torch.Tensor]:
+    """``quantize.calibration_batches`` batches of training samples, in a seeded random order."""
+    x = torch.from_numpy(splits.x["train"])
+    size = cfg.quantize.calibration_batch_size
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.distill.train.seed))
+    order = order[: cfg.quantize.calibration_batches * size]
+    return [x[order[i : i + size]] for i in range(0, len(order), size)]
+
+
+def _qat_finetune(cfg: PipelineConfig, splits: data_lib.Splits, teacher_dir: str | Path | None, run: StepRun):
+    """The fine-tuning function of qat_int8: KD against the teacher's logits, quantize.qat_* settings."""
+
+    def finetune(model: torch.nn.Module) -> None:
+        x_train, y_train = _tensors(splits, "train")
+        teacher_logits = None
+        if cfg.distill.alpha > 0:
+            if teacher_dir is None:
+                raise StepError("qat_int8 fine-tunes with the KD loss and needs the teacher; pass teacher_dir")
+            teacher, _ = quantization.load_model(teacher_dir)
+            teacher_logits = training.compute_logits(teacher, x_train)
+        train_cfg = cfg.distill.train.model_copy(update={"epochs": cfg.quantize.qat_epochs, "lr": cfg.quantize.qat_lr})
+        history = training.kd_finetune(
+            model,
+            teacher_logits,
+            x_train,
+            y_train,
+            train_cfg,
+            temperature=cfg.distill.temperature,
+            alpha=cfg.distill.alpha,
+            on_epoch=lambda row: run.log_metrics({"qat.train_loss": row["train_loss"]}, step=int(row["epoch"])),
+        )
+        run.log_dict(history, "qat_history.json")
+
+    return finetune
+
+
+def _val_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return evaluation.accuracy(evaluation.predict(model, x), y)
+
+
 def quantize(
-    cfg: PipelineConfig, pipeline_run_id: str, student_dir: str | Path, quantized_dir: str | Path
+    cfg: PipelineConfig,
+    pipeline_run_id: str,
+    dataset_dir: str | Path,
+    student_dir: str | Path,
+    quantized_dir: str | Path,
+    teacher_dir: str | Path | None = None,
+    onnx_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Apply ``quantize.scheme`` to the fp32 student and save the result."""
+    """Apply ``quantize.scheme`` to the fp32 student and save the result.
+
+    ``static_int8`` calibrates on training batches of ``dataset_dir``; ``qat_int8`` fine-tunes
+    with the KD loss against the teacher in ``teacher_dir``. ``scheme: auto`` tries
+    ``quantize.auto_order`` and keeps the first scheme whose validation accuracy drop is within
+    ``gate.max_quantization_drop``; every try is logged. When none passes, the fp32 student is
+    saved with ``quantization_auto.found = false`` in its spec, which fails the gate with that
+    reason. With ``quantize.export_onnx`` the fp32 and quantized ONNX files go to ``onnx_dir``.
+    """
+    qcfg = cfg.quantize
     with step_run(cfg, pipeline_run_id, "quantize") as run:
+        splits = data_lib.load_splits(dataset_dir)
         student, spec = quantization.load_model(student_dir)
-        quantized = quantization.quantize(student, cfg.quantize.scheme)
-        spec = spec | {"quantization": cfg.quantize.scheme, "role": "quantized_student", "mlflow_run_id": run.run_id}
+        x_val, y_val = _tensors(splits, "val")
+        fp32_val = _val_accuracy(student, x_val, y_val)
+        calibration = _calibration_batches(splits, cfg)
+        context = quantization.QuantizeContext(
+            calibration=calibration,
+            finetune=_qat_finetune(cfg, splits, teacher_dir, run),
+            allow_fp32_layers=qcfg.allow_fp32_layers,
+        )
+        auto = qcfg.scheme == "auto"
+        candidates = list(qcfg.auto_order) if auto else [qcfg.scheme]
+        # The backend override names one scheme's backend, so it cannot apply to a list of schemes.
+        backend = None if auto else qcfg.backend
+        tries: list[dict[str, Any]] = []
+        chosen: tuple[str, torch.nn.Module] | None = None
+        for scheme in candidates:
+            try:
+                model = quantization.quantize(student, scheme, context, backend)
+            except quantization.QuantizationError as err:
+                if not auto:
+                    raise
+                tries.append({"scheme": scheme, "passed": False, "error": str(err)})
+                run.log_metrics({f"auto.{scheme}.passed": 0.0})
+                continue
+            val_acc = _val_accuracy(model, x_val, y_val)
+            drop = round((fp32_val - val_acc) * 100, 9)
+            with tempfile.TemporaryDirectory() as tmp:
+                tried = quantization.save_model(model, spec | {"quantization": scheme, "backend": backend}, tmp)
+                size = evaluation.artifact_size_bytes(tried)
+            passed = drop <= cfg.gate.max_quantization_drop
+            tries.append(
+                {"scheme": scheme, "backend": quantization.get_quantizer(scheme, backend).backend,
+                 "val_accuracy": val_acc, "drop_points": drop, "bytes": size, "passed": passed}
+            )  # fmt: skip
+            if auto:
+                run.log_metrics(
+                    {f"auto.{scheme}.val_accuracy": val_acc, f"auto.{scheme}.drop_points": drop,
+                     f"auto.{scheme}.bytes": size, f"auto.{scheme}.passed": float(passed)}
+                )  # fmt: skip
+            if passed or not auto:
+                chosen = (scheme, model)
+                break
+
+        extra: dict[str, Any] = {}
+        if auto:
+            if chosen is None:
+                reason = (
+                    f"quantize.scheme auto: none of {', '.join(candidates)} kept the validation accuracy drop "
+                    f"within gate.max_quantization_drop = {cfg.gate.max_quantization_drop} points "
+                    f"({'; '.join(_try_summary(t) for t in tries)}); the fp32 student was kept"
+                )
+                extra["quantization_auto"] = {"found": False, "chosen": None, "reason": reason, "tries": tries}
+                run.set_tags({"kdflow.quantize_auto": "none passed"}, on_parent=True)
+                chosen = ("none", quantization.quantize(student, "none"))
+            else:
+                reason = f"quantize.scheme auto: chose {chosen[0]} ({_try_summary(tries[-1])})"
+                extra["quantization_auto"] = {"found": True, "chosen": chosen[0], "reason": reason, "tries": tries}
+                run.set_tags({"kdflow.quantize_auto": chosen[0]}, on_parent=True)
+            run.log_dict(tries, "auto_tries.json")
+        scheme, quantized = chosen
+        used_backend = backend if scheme == qcfg.scheme else None
+        chosen_try = next((t for t in tries if t["scheme"] == scheme), None)
+        spec = spec | extra | {
+            "quantization": scheme,
+            "backend": used_backend,
+            "role": "quantized_student",
+            "mlflow_run_id": run.run_id,
+            "fp32_layers": quantization.fp32_layers(student, scheme, used_backend),
+            "validation": {"fp32_accuracy": fp32_val, **({"accuracy": chosen_try["val_accuracy"],
+                                                            "drop_points": chosen_try["drop_points"]}
+                                                           if chosen_try else {})},
+        }  # fmt: skip
+        if scheme in ("static_int8", "qat_int8"):
+            spec["calibration"] = {"batches": len(calibration), "batch_size": qcfg.calibration_batch_size}
+        if spec["fp32_layers"]:
+            run.set_tags({"kdflow.fp32_layers": ", ".join(spec["fp32_layers"])})
         out = quantization.save_model(quantized, spec, quantized_dir)
         saved = json.loads((Path(out) / "spec.json").read_text())
         info = {
-            "scheme": cfg.quantize.scheme,
+            "scheme": scheme,
             "backend": saved.get("backend", ""),
             "fp32_bytes": evaluation.artifact_size_bytes(student_dir),
             "quantized_bytes": evaluation.artifact_size_bytes(quantized_dir),
+            "fp32_val_accuracy": fp32_val,
         }
-        run.log_params({"scheme": info["scheme"], "backend": info["backend"]})
-        run.log_metrics({"fp32_bytes": info["fp32_bytes"], "quantized_bytes": info["quantized_bytes"]})
+        if auto:
+            info["auto_found"] = extra["quantization_auto"]["found"]
+            info["auto_reason"] = extra["quantization_auto"]["reason"]
+        run.log_params({"scheme": scheme, "backend": info["backend"], "requested_scheme": qcfg.scheme,
+                        "versions": saved.get("versions", {})})  # fmt: skip
+        run.log_metrics({"fp32_bytes": info["fp32_bytes"], "quantized_bytes": info["quantized_bytes"],
+                         "fp32_val_accuracy": fp32_val} | ({"val_accuracy": chosen_try["val_accuracy"],
+                                                             "val_drop_points": chosen_try["drop_points"]}
+                                                            if chosen_try else {}))  # fmt: skip
+        if qcfg.export_onnx:
+            if onnx_dir is None:
+                raise StepError("quantize.export_onnx is true but no onnx_dir was given to the quantize step")
+            info["onnx"] = _export_onnx(student, quantized, saved, splits, calibration, onnx_dir, run)
         return info
+
+
+def _try_summary(t: dict[str, Any]) -> str:
+    if "error" in t:
+        return f"{t['scheme']}: not applicable"
+    return f"{t['scheme']}: drop {t['drop_points']:.2f} points"
+
+
+def _export_onnx(
+    student: torch.nn.Module,
+    quantized: torch.nn.Module,
+    spec: dict[str, Any],
+    splits: data_lib.Splits,
+    calibration: list[torch.Tensor],
+    onnx_dir: str | Path,
+    run: StepRun,
+) -> dict[str, Any]:
+    """Export fp32 (+ the onnxruntime-quantized counterpart) and check both on the test split."""
+    from kd_lib import onnx_export
+
+    out = Path(onnx_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    x_test, y_test = _tensors(splits, "test")
+    fp32_path = onnx_export.export_fp32(student, spec["input_shape"], out / "student_fp32.onnx")
+    q_path, how = onnx_export.quantize_onnx(fp32_path, out / "student_quantized.onnx", spec["quantization"], calibration)
+    report: dict[str, Any] = {"quantized_onnx": how}
+    pairs = [("fp32", fp32_path, student)] + ([("quantized", q_path, quantized)] if q_path else [])
+    for name, path, torch_model in pairs:
+        onnx_logits = onnx_export.run_onnx(path, x_test)
+        torch_logits = training.compute_logits(torch_model, x_test)
+        onnx_pred = onnx_logits.argmax(1)
+        report[name] = {
+            "file": Path(path).name,
+            "bytes": Path(path).stat().st_size,
+            "test_accuracy": evaluation.accuracy(onnx_pred, y_test),
+            "torch_test_accuracy": evaluation.accuracy(torch_logits.argmax(1), y_test),
+            "agreement_with_torch": evaluation.accuracy(onnx_pred, torch_logits.argmax(1)),
+            "max_abs_logit_diff": float((onnx_logits - torch_logits).abs().max()),
+        }
+    # The fp32 export must be the same function as the torch model; anything else is an exporter bug.
+    if report["fp32"]["max_abs_logit_diff"] > 1e-3:
+        raise StepError(
+            f"the fp32 ONNX export disagrees with torch on the test split (max |logit diff| "
+            f"{report['fp32']['max_abs_logit_diff']:.3g}); not shipping it"
+        )
+    (out / "onnx_check.json").write_text(json.dumps(report, indent=2))
+    run.log_dict(report, "onnx_check.json")
+    run.log_artifacts(out, "onnx")
+    run.log_metrics({f"onnx.{k}.test_accuracy": v["test_accuracy"] for k, v in report.items() if isinstance(v, dict)})
+    return report
 
 
 MODEL_ROLES = ("teacher", "student", "quantized")
@@ -209,6 +400,11 @@ def evaluate(
             )
             results[role]["mlflow_run_id"] = spec.get("mlflow_run_id", "")
             results[role]["quantization"] = spec.get("quantization", "none")
+            results[role]["backend"] = spec.get("backend", "none")
+            auto = spec.get("quantization_auto")
+            if isinstance(auto, dict):
+                results[role]["quantization_auto_found"] = bool(auto.get("found"))
+                results[role]["quantization_auto_reason"] = str(auto.get("reason", ""))
             scalars = {k: v for k, v in results[role].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
             run.log_metrics({f"{role}.{k}": v for k, v in scalars.items()})
         Path(evaluation_path).parent.mkdir(parents=True, exist_ok=True)
@@ -327,7 +523,7 @@ def register(
                 # MLflow resolves a models:/m-... source through its global store, so
                 # registration happens inside the same scoped fluent state as log_model.
                 with fluent_run(client, run.run_id):
-                    source, model_id = log_pyfunc(quantized_dir, spec, pip_requirements())
+                    source, model_id = log_pyfunc(quantized_dir, spec, pip_requirements(spec))
                     version = registry.register(source, run.run_id, tags, model_id=model_id)
             if action == "promote":
                 alias, champion = cfg.registry.alias, registry.converge(cfg.registry.alias, cfg.registry.ranking)

@@ -379,3 +379,73 @@ def distill(
         return hinton_loss(logits, batch_teacher, targets[idx], temperature=temperature, alpha=alpha)
 
     return _fit(student, x_train, x_val, y_val, cfg, loss_fn, device, on_epoch, checkpoint_dir)
+
+
+def kd_finetune(
+    model: nn.Module,
+    teacher_logits_train: Tensor | None,
+    x_train: Tensor,
+    y_train: Tensor,
+    cfg: TrainConfig,
+    temperature: float,
+    alpha: float,
+    on_epoch: EpochCallback | None = None,
+) -> list[dict[str, Any]]:
+    """Fine-tune ``model`` in place for exactly ``cfg.epochs`` epochs with ``hinton_loss``.
+
+    Made for quantization-aware training: the model holds fake-quantize modules whose
+    observers also record every batch they see, so unlike ``distill`` there is no validation
+    pass (it would leak validation statistics into the quantization ranges) and no early
+    stopping or best-epoch restore (the last state is what gets converted).
+
+    Args:
+        model: Maps ``[B, *input_shape]`` to ``[B, C]``; left in train mode on its device.
+        teacher_logits_train: ``[N, C]`` teacher logits of ``x_train``, or None when ``alpha == 0``.
+        x_train: ``[N, *input_shape]`` float32.
+        y_train: ``[N]`` int64.
+        cfg: Epochs, batch size, lr, optimizer, seed and device (the scheduler is ignored).
+        temperature: Softmax temperature T > 0 of the KD term.
+        alpha: Weight of the KD term in [0, 1].
+        on_epoch: Called with ``{"epoch", "train_loss", "seconds"}`` after each epoch.
+
+    Returns:
+        One ``{"epoch", "train_loss", "seconds"}`` dict per epoch.
+
+    Raises:
+        ValueError: lengths differ, or teacher logits are missing while alpha > 0.
+    """
+    if len(x_train) != len(y_train) or len(x_train) == 0:
+        raise ValueError(f"need matching, non-empty x_train and y_train; got {len(x_train)} and {len(y_train)}")
+    if teacher_logits_train is None and alpha > 0:
+        raise ValueError(f"alpha={alpha} > 0 needs teacher_logits_train; pass them or set alpha=0")
+    if teacher_logits_train is not None and tuple(teacher_logits_train.shape[:1]) != (len(x_train),):
+        raise ValueError(
+            f"teacher_logits_train must be [N, C] with N = {len(x_train)}, got {tuple(teacher_logits_train.shape)}"
+        )
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    model.to(device).train()
+    optimizer = _optimizer(model, cfg)
+    targets = y_train.to(device)
+    teacher = None if teacher_logits_train is None else teacher_logits_train.to(device, torch.float32)
+    history: list[dict[str, Any]] = []
+    n = len(x_train)
+    for epoch in range(1, cfg.epochs + 1):
+        start = time.perf_counter()
+        loss_sum = 0.0
+        order = torch.randperm(n, generator=generator)
+        for i in range(0, n, cfg.batch_size):
+            idx = order[i : i + cfg.batch_size]
+            logits = model(x_train[idx].to(device))
+            batch_teacher = None if teacher is None else teacher[idx.to(device)]
+            loss = hinton_loss(logits, batch_teacher, targets[idx.to(device)], temperature=temperature, alpha=alpha)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.item() * len(idx)
+        record = {"epoch": epoch, "train_loss": loss_sum / n, "seconds": time.perf_counter() - start}
+        history.append(record)
+        if on_epoch is not None:
+            on_epoch(dict(record))
+    return history

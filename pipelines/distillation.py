@@ -27,7 +27,13 @@ def distillation_pipeline(config_json: str):
             dataset=prepare_data_task.outputs["dataset"],
             teacher=train_teacher_task.outputs["teacher"],
         )
-        quantize_task = quantize(config_json=config_json, pipeline_run_id=RUN_ID, student=distill_task.outputs["student"])
+        quantize_task = quantize(
+            config_json=config_json,
+            pipeline_run_id=RUN_ID,
+            dataset=prepare_data_task.outputs["dataset"],
+            teacher=train_teacher_task.outputs["teacher"],
+            student=distill_task.outputs["student"],
+        )
         evaluate_task = evaluate(
             config_json=config_json,
             pipeline_run_id=RUN_ID,

@@ -39,9 +39,11 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> dict:
         config_json=cj, pipeline_run_id=rid, dataset=out["dataset"], teacher=out["teacher"], student=out["student"]
     )
     out["quantized"] = _art(dsl.Model, tmp, "quantized")
+    out["onnx"] = _art(dsl.Model, tmp, "onnx")
     out["bytes"] = components.quantize.python_func(
-        config_json=cj, pipeline_run_id=rid, student=out["student"], quantized=out["quantized"]
-    )
+        config_json=cj, pipeline_run_id=rid, dataset=out["dataset"], teacher=out["teacher"],
+        student=out["student"], quantized=out["quantized"], onnx=out["onnx"],
+    )  # fmt: skip
     out["evaluation"] = _art(dsl.Artifact, tmp, "evaluation")
     out["metrics"] = _art(dsl.Metrics, tmp, "metrics")
     components.evaluate.python_func(

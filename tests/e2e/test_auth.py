@@ -46,7 +46,7 @@ def test_user_without_edit_gets_a_clear_error_and_nothing_is_registered(
     steps.prepare_data(cfg, "auth-run", d["dataset"])  # alice may create her own runs
     steps.train_teacher(cfg, "auth-run", d["dataset"], d["teacher"])
     steps.distill(cfg, "auth-run", d["dataset"], d["teacher"], d["student"])
-    steps.quantize(cfg, "auth-run", d["student"], d["quantized"])
+    steps.quantize(cfg, "auth-run", d["dataset"], d["student"], d["quantized"])
     steps.evaluate(cfg, "auth-run", d["dataset"], {"teacher": d["teacher"], "student": d["student"],
                    "quantized": d["quantized"]}, tmp_path / "evaluation.json")  # fmt: skip
     _, action = steps.gate(cfg, "auth-run", d["dataset"], tmp_path / "evaluation.json", tmp_path / "decision.json")

@@ -30,7 +30,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     steps.prepare_data(cfg, "setup", d["dataset"])
     steps.train_teacher(cfg, "setup", d["dataset"], d["teacher"])
     steps.distill(cfg, "setup", d["dataset"], d["teacher"], d["student"])
-    steps.quantize(cfg, "setup", d["student"], d["quantized"])
+    steps.quantize(cfg, "setup", d["dataset"], d["student"], d["quantized"])
     steps.evaluate(cfg, "setup", d["dataset"], {"teacher": d["teacher"], "student": d["student"],
                    "quantized": d["quantized"]}, tmp / "evaluation.json")  # fmt: skip
     return {"cfg": cfg, "dirs": d, "evaluation": json.loads((tmp / "evaluation.json").read_text()), "tmp": tmp}

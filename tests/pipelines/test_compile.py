@@ -31,7 +31,7 @@ def test_dag_matches_the_diagram(tmp_path: Path) -> None:
     assert set(inner) == {"prepare-data", "train-teacher", "distill", "quantize", "evaluate", "gate", "condition-2"}
     assert _deps(inner["train-teacher"]) == {"prepare-data"}
     assert _deps(inner["distill"]) == {"prepare-data", "train-teacher"}
-    assert _deps(inner["quantize"]) == {"distill"}
+    assert _deps(inner["quantize"]) == {"prepare-data", "train-teacher", "distill"}
     assert _deps(inner["evaluate"]) == {"prepare-data", "train-teacher", "distill", "quantize"}
     assert _deps(inner["gate"]) == {"prepare-data", "evaluate"}
     condition = inner["condition-2"]
