@@ -35,6 +35,8 @@ def distillation_pipeline(config_json: str):
             teacher=train_teacher_task.outputs["teacher"],
             student=distill_task.outputs["student"],
             quantized=quantize_task.outputs["quantized"],
+            teacher_history=train_teacher_task.outputs["history"],
+            student_history=distill_task.outputs["history"],
         )
         gate_task = gate(config_json=config_json, pipeline_run_id=RUN_ID, evaluation=evaluate_task.outputs["evaluation"])
         with dsl.If(gate_task.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (KFP condition syntax)
