@@ -188,10 +188,6 @@ def _num(value: Any, digits: int = 4) -> str:
     return f"{value:.{digits}g}"
 
 
-def _times(n: int) -> str:
-    return {0: "never", 1: "once"}.get(n, f"{n} times")
-
-
 def _roles(data: ReportData) -> list[str]:
     ordered = [r for r in ROLE_LABELS if r in data.evaluation]
     return ordered + [r for r in data.evaluation if r not in ROLE_LABELS]
@@ -263,8 +259,28 @@ def _check_sentence(c: Mapping[str, Any]) -> str:
     return f"{c['name']}: {float(c['value']):.4g} {unit}, needs {wanted} {float(c['threshold']):.4g} {unit}"
 
 
+def headline(data: ReportData) -> str:
+    """The final student against the teacher in one sentence ("" without both measured)."""
+    teacher, final = data.evaluation.get("teacher"), data.evaluation.get("quantized")
+    if not teacher or not final or not final.get("size_bytes"):
+        return ""
+    drop = (final["accuracy"] - teacher["accuracy"]) * 100
+    ratio = teacher["size_bytes"] / final["size_bytes"]
+    return (
+        f"{_role_label(data, 'quantized')}: {_pct(final['accuracy'])} test accuracy ({drop:+.2f} points vs the "
+        f"teacher's {_pct(teacher['accuracy'])}), {_bytes(final['size_bytes'])}, {ratio:.1f}x smaller than the teacher."
+    )
+
+
 def decision_of(data: ReportData) -> Decision:
     """What happened to the candidate, in words, for the headline of both formats."""
+    decision = _decision(data)
+    if line := headline(data):
+        decision.lines.insert(1, line)
+    return decision
+
+
+def _decision(data: ReportData) -> Decision:
     gate = data.gate
     failed = [c for c in (gate or {}).get("checks", []) if not c.get("passed")]
     if data.stage == STAGE_EVALUATE:
@@ -275,8 +291,9 @@ def decision_of(data: ReportData) -> Decision:
             "PENDING",
             "pending",
             [
-                f"Measured by the evaluate step: {verdict}. Registration runs after this step;",
-                "the final report with the registered version is logged to the MLflow parent run (report.html).",
+                f"Measured by the evaluate step: {verdict}. The gate step decides, and registration runs, after it.",
+                "The final report, with the decision and the registered version, is report.html on the MLflow "
+                "parent run.",
             ],
         )
     state_note = f"Pipeline state: {data.state}." if data.state else ""
@@ -388,6 +405,12 @@ def plot_confusions(
 
 def plot_tradeoff(data: ReportData) -> str:
     """Accuracy versus artifact size (log), the gate's pass region and thresholds; base64 PNG."""
+    return _png(tradeoff_figure(data))
+
+
+def tradeoff_figure(data: ReportData) -> Figure:
+    """The figure of ``plot_tradeoff``: x is size in KB (log), y accuracy in %; each gate
+    threshold is a line (accuracy floors horizontal, size ceilings vertical)."""
     fig = Figure(figsize=(8.5, 5.0))
     ax = fig.subplots()
     th = thresholds_of(data)
@@ -445,7 +468,7 @@ def plot_tradeoff(data: ReportData) -> str:
     ax.set(title="Accuracy versus artifact size", xlabel="artifact size (KB, log scale)", ylabel="test accuracy (%)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="lower right")
-    return _png(fig)
+    return fig
 
 
 # ---------------------------------------------------------------- HTML sections
@@ -585,8 +608,8 @@ def _confusion_html(data: ReportData) -> str:
         stats = [
             f"teacher and final student agree on {vs['agreement'] * 100:.2f}% of the test set "
             f"({vs['n_disagree']} of {n_total} samples differ)",
-            f"where they differ: the student is right {_times(vs['other_right'])}, the teacher "
-            f"{_times(vs['reference_right'])}, both are wrong {_times(vs['both_wrong'])}",
+            f"of the {vs['n_disagree']} samples where they differ, the student is right on {vs['other_right']}, "
+            f"the teacher on {vs['reference_right']}, and neither on {vs['both_wrong']}",
         ]
         body += "<ul class=\"stats\">" + "".join(f"<li>{_esc(s)}</li>" for s in stats) + "</ul>"
     body += '<p class="note">Rows are true classes, columns predicted; colours on a log scale so errors show. ' \

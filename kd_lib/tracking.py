@@ -25,6 +25,11 @@ from mlflow.exceptions import MlflowException
 
 from kd_lib.config import PipelineConfig
 
+# MLflow draws a progress bar for every artifact download once tqdm is installed; kdflow's
+# artifacts are small JSON files, and the bars would clutter every step's log and the CLI.
+# setdefault: a user who sets the variable keeps the choice.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 PIPELINE_RUN_TAG = "kdflow.pipeline_run_id"
 STEP_TAG = "kdflow.step"

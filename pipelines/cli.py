@@ -103,11 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
         "  MLFLOW_TRACKING_URI=http://127.0.0.1:5000 kdflow run --local configs/demo.yaml --verbose\n",
     )  # fmt: skip
     _config_args(p)
-    p.add_argument("--local", action="store_true", required=True, help="run on this machine with kfp.local (required)")
+    p.add_argument(
+        "--local", action="store_true", required=True,
+        help="run on this machine with kfp.local (required; clusters take `kdflow compile` output), "
+        "e.g. kdflow run --local configs/demo.yaml",
+    )  # fmt: skip
     p.add_argument(
         "--root", default=".kdflow/runs", help="where local task artifacts go (default: .kdflow/runs), e.g. --root /tmp/runs"
     )
-    p.add_argument("-v", "--verbose", action="store_true", help="show kfp.local's own full output instead of one line per step")
+    p.add_argument(
+        "-v", "--verbose", action="store_true",
+        help="show kfp.local's own full output instead of one line per step, e.g. kdflow run --local -v configs/demo.yaml",
+    )  # fmt: skip
 
     p = _sub(
         sub, "compile", "write the KFP IR YAML, with the config as the default of config_json",
@@ -140,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "run_id",
         metavar="RUN_ID",
-        help="the MLflow parent run id that `kdflow run` prints (a step's run id or the KFP run name work too)",
+        help="the MLflow parent run id that `kdflow run` prints (a step's run id or the KFP run name work too), "
+        "e.g. 7ca76df42f2b4adf988f58166d66022a",
     )
     p.add_argument("-o", "--output", default="report.html", help="output file (default: report.html), e.g. -o run.md")
     _tracking_arg(p)
