@@ -276,7 +276,7 @@ def decision_of(data: ReportData) -> Decision:
     """What happened to the candidate, in words, for the headline of both formats."""
     decision = _decision(data)
     if line := headline(data):
-        decision.lines.insert(1, line)
+        decision.lines.insert(0, line)
     return decision
 
 
@@ -444,7 +444,7 @@ def tradeoff_figure(data: ReportData) -> Figure:
     x_lo = min(sizes_kb + [c for c, _, _ in ceilings] or [1.0]) / 2.5
     x_hi = max(sizes_kb + [c for c, _, _ in ceilings] or [10.0]) * 2.5
     y_lo = min(accs + [f for f, _, _ in floors] or [0.0]) - 3
-    y_hi = min(100.5, max(accs or [100.0]) + 2)
+    y_hi = min(100.5, max(accs + [f for f, _, _ in floors] or [100.0]) + 2)
     y_lo = max(0.0, min(y_lo, y_hi - 5))
     for value, label, style in floors:
         ax.axhline(value, color="#d62728", ls=style, lw=1.2, label=label)

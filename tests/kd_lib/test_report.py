@@ -199,6 +199,12 @@ def test_gate_thresholds_are_drawn_on_the_tradeoff_plot(data: ReportData) -> Non
     assert round(340.0 / th["min_compression_ratio"], 6) in vertical
     labels = ax.get_legend_handles_labels()[1]
     assert any(label.startswith("min_accuracy") for label in labels)
+    # Inside the axes, so visible, even when a bar is above every model (a rejection).
+    data.gate = None
+    data.thresholds = dict(data.thresholds, min_accuracy=0.99, max_size_mb=0.001)
+    ax = report.tradeoff_figure(data).axes[0]
+    assert ax.get_ylim()[0] < 99.0 < ax.get_ylim()[1]
+    assert ax.get_xlim()[0] < 1.0 < ax.get_xlim()[1]  # 0.001 MB = 1 KB
 
 
 def test_pareto_front_of_a_sweep(data: ReportData) -> None:
