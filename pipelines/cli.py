@@ -43,13 +43,17 @@ class CliError(Exception):
 
 
 def _sub(sub: Any, name: str, summary: str, description: str, examples: str) -> argparse.ArgumentParser:
-    return sub.add_parser(
+    p = sub.add_parser(
         name,
         help=summary,
         description=description,
         epilog="examples:\n" + examples,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    # Also accepted after the command (`kdflow run ... --debug`); SUPPRESS keeps the global value otherwise.
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help=f"show the full traceback of an error, e.g. kdflow {name} --debug ...")  # fmt: skip
+    return p
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -368,7 +372,7 @@ def _fix_for(err: BaseException) -> str:
     if getattr(err, "fix", ""):
         return str(getattr(err, "fix"))
     if isinstance(err, ConfigError):
-        return "correct the field(s) named above in the YAML or the --set override; `kdflow validate CONFIG` checks it"
+        return "correct the field(s) named above in the YAML file or in the --set override"
     if isinstance(err, TrackingError):
         return "start the MLflow server, or point --tracking-uri / MLFLOW_TRACKING_URI / tracking.tracking_uri at the right one"
     if isinstance(err, DataError):
