@@ -18,11 +18,12 @@ import io
 import json
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import yaml
-from matplotlib.colors import LogNorm, Normalize
-from matplotlib.figure import Figure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # Report stages: the evaluate step knows measurements and thresholds, not yet the decision;
 # the exit handler (and `kdflow report`) know everything that happened.
@@ -183,7 +184,8 @@ def _bytes(n: Any) -> str:
 def _num(value: Any, digits: int = 4) -> str:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return "–" if value is None else str(value)
-    if isinstance(value, int) or float(value).is_integer() and abs(value) >= 1000:
+    # Counts come back from KFP/MLflow as floats (85002.0): print those as the ints they are.
+    if isinstance(value, int) or (float(value).is_integer() and abs(value) >= 1000):
         return f"{int(value):,}"
     return f"{value:.{digits}g}"
 
@@ -318,6 +320,13 @@ def _decision(data: ReportData) -> Decision:
 # ---------------------------------------------------------------- plots
 
 
+def _figure(width: float, height: float) -> Figure:
+    # Imported here: every pipeline step imports kd_lib.steps, and only two of them draw.
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height))
+
+
 def _png(fig: Figure) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -330,7 +339,7 @@ def _img(b64: str, alt: str) -> str:
 
 def plot_training(histories: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
     """Loss and validation accuracy per epoch, teacher and student on shared axes; base64 PNG."""
-    fig = Figure(figsize=(10.5, 3.6))
+    fig = _figure(10.5, 3.6)
     ax_loss, ax_acc = fig.subplots(1, 2)
     for role, rows in histories.items():
         if not rows:
@@ -358,6 +367,8 @@ def plot_training(histories: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
 
 def _heatmap(ax: Any, matrix: list[list[int]], names: list[str], title: str, xlabel: str, ylabel: str,
              cmap: str, log: bool) -> None:  # fmt: skip
+    from matplotlib.colors import LogNorm, Normalize
+
     n = len(matrix)
     peak = max((max(row) for row in matrix), default=0)
     # Log colours where the diagonal holds nearly every sample: a linear scale would hide the errors.
@@ -395,7 +406,7 @@ def plot_confusions(
         (pairs, "Where they disagree", "student predicted", "teacher predicted", "Oranges", False),
     ]
     panels = [p for p in panels if p[0] is not None]
-    fig = Figure(figsize=(3.6 * len(panels), 3.8))
+    fig = _figure(3.6 * len(panels), 3.8)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (matrix, *rest) in zip(axes, panels):
         _heatmap(ax, matrix, names, *rest)
@@ -411,7 +422,7 @@ def plot_tradeoff(data: ReportData) -> str:
 def tradeoff_figure(data: ReportData) -> Figure:
     """The figure of ``plot_tradeoff``: x is size in KB (log), y accuracy in %; each gate
     threshold is a line (accuracy floors horizontal, size ceilings vertical)."""
-    fig = Figure(figsize=(8.5, 5.0))
+    fig = _figure(8.5, 5.0)
     ax = fig.subplots()
     th = thresholds_of(data)
     teacher = data.evaluation.get("teacher", {})
