@@ -33,5 +33,7 @@ def evaluate(
             if key in row:
                 metrics.log_metric(f"{role}_{key}", row[key])
     histories = {"teacher": teacher_history.path, "student": student_history.path}
-    data = steps.evaluation_report(cfg, pipeline_run_id, dataset.path, evaluation.path, histories, report.path, summary.path)
+    data = steps.evaluation_report(
+        cfg, pipeline_run_id, dataset.path, evaluation.path, histories, report.path, summary.path
+    )
     confusion.log_confusion_matrix(data.class_names, results["quantized"]["confusion_matrix"])

@@ -539,7 +539,8 @@ def _header_html(data: ReportData) -> str:
 def _decision_html(data: ReportData) -> str:
     d = decision_of(data)
     lines = "".join(f"<li>{_esc(line)}</li>" for line in d.lines)
-    return _section("decision", "Decision", f'<span class="badge {d.css}">{_esc(d.verdict)}</span><ul class="stats">{lines}</ul>')
+    badge = f'<span class="badge {d.css}">{_esc(d.verdict)}</span>'
+    return _section("decision", "Decision", f'{badge}<ul class="stats">{lines}</ul>')
 
 
 def _models_html(data: ReportData) -> str:
@@ -660,7 +661,8 @@ def _config_html(data: ReportData) -> str:
     if not data.config:
         return _section("config", "Configuration", _missing("The configuration was not recorded."))
     text = yaml.safe_dump(data.config, sort_keys=False).rstrip()
-    return _section("config", "Configuration", f"<details><summary>resolved pipeline config</summary><pre>{_esc(text)}</pre></details>")
+    body = f"<details><summary>resolved pipeline config</summary><pre>{_esc(text)}</pre></details>"
+    return _section("config", "Configuration", body)
 
 
 def render_html(data: ReportData) -> str:
@@ -714,7 +716,8 @@ def render_markdown(data: ReportData) -> str:
                 _num(row.get("latency_b1_p50_ms"), 3),
             ])  # fmt: skip
         out += ["## Models (test split)", ""]
-        out += _md_table(["model", "accuracy", "macro-F1", "size", "compression", "parameters", "latency b1 p50 (ms)"], rows)
+        headers = ["model", "accuracy", "macro-F1", "size", "compression", "parameters", "latency b1 p50 (ms)"]
+        out += _md_table(headers, rows)
         out.append("")
     if data.gate:
         rows = [

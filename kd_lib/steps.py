@@ -100,7 +100,10 @@ def train_teacher(
     The per-epoch history goes to the MLflow run and, when given, to ``history_path`` (JSON)
     for the report.
     """
-    with step_run(cfg, pipeline_run_id, "train_teacher") as run, EpochProgress("train_teacher", cfg.teacher.train.epochs) as progress:
+    with (
+        step_run(cfg, pipeline_run_id, "train_teacher") as run,
+        EpochProgress("train_teacher", cfg.teacher.train.epochs) as progress,
+    ):
         splits = data_lib.load_splits(dataset_dir)
         meta = splits.meta
         torch.manual_seed(cfg.teacher.train.seed)
@@ -129,7 +132,10 @@ def distill(
 
     The per-epoch history goes to the MLflow run and, when given, to ``history_path`` (JSON).
     """
-    with step_run(cfg, pipeline_run_id, "distill") as run, EpochProgress("distill", cfg.distill.train.epochs) as progress:
+    with (
+        step_run(cfg, pipeline_run_id, "distill") as run,
+        EpochProgress("distill", cfg.distill.train.epochs) as progress,
+    ):
         splits = data_lib.load_splits(dataset_dir)
         meta = splits.meta
         x_train, y_train = _tensors(splits, "train")

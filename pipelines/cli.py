@@ -86,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error, e.g. kdflow --debug run ...")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the full traceback of an error, e.g. kdflow --debug run ..."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = _sub(
@@ -374,7 +376,10 @@ def _fix_for(err: BaseException) -> str:
     if isinstance(err, ConfigError):
         return "correct the field(s) named above in the YAML file or in the --set override"
     if isinstance(err, TrackingError):
-        return "start the MLflow server, or point --tracking-uri / MLFLOW_TRACKING_URI / tracking.tracking_uri at the right one"
+        return (
+            "start the MLflow server, or point --tracking-uri / MLFLOW_TRACKING_URI / tracking.tracking_uri "
+            "at the right one"
+        )
     if isinstance(err, DataError):
         return "fix the data named above, or point data.source at another dataset"
     if isinstance(err, RegistryError):

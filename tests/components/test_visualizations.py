@@ -27,5 +27,5 @@ def test_histories_flow_from_the_training_steps_into_evaluate(tmp_path) -> None:
     spec = yaml.safe_load(compile_pipeline(PipelineConfig(), tmp_path / "p.yaml").read_text())
     dag = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
     inputs = dag["evaluate"]["inputs"]["artifacts"]
-    assert inputs["teacher_history"]["taskOutputArtifact"] == {"outputArtifactKey": "history", "producerTask": "train-teacher"}
-    assert inputs["student_history"]["taskOutputArtifact"] == {"outputArtifactKey": "history", "producerTask": "distill"}
+    for name, producer in (("teacher_history", "train-teacher"), ("student_history", "distill")):
+        assert inputs[name]["taskOutputArtifact"] == {"outputArtifactKey": "history", "producerTask": producer}

@@ -79,7 +79,8 @@ def test_models_lists_versions_with_aliases_gate_status_and_metrics(store, capsy
     assert code == 0
     lines = out.splitlines()
     assert lines[0] == f"{cfg.registry.model_name}: 2 version(s)"
-    assert lines[1].split() == ["version", "aliases", "gate", "test_acc", "size", "quantization", "created", "pipeline", "run"]
+    headers = ["version", "aliases", "gate", "test_acc", "size", "quantization", "created", "pipeline", "run"]
+    assert lines[1].split() == headers
     rows = [line.split() for line in lines[3:]]
     assert [r[0] for r in rows] == ["2", "1"]  # newest first
     assert rows[0][1] == "@champion" and rows[1][1] == "-"
