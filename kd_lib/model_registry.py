@@ -202,9 +202,25 @@ class ModelRegistry:
         raise RegistryError(f"{self.name}@{alias} did not settle after {max_rounds} rounds of concurrent promotion")
 
     def versions(self) -> list[dict[str, Any]]:
-        return [
-            {"version": str(v.version), "tags": dict(v.tags), "aliases": list(v.aliases)} for v in self._all_versions()
+        """Every version, newest first: version, tags, aliases, run_id, status, created (epoch ms)."""
+        found = self.client.search_model_versions(f"name = '{self.name}'")
+        # search_model_versions leaves ModelVersion.aliases empty on some stores: read them
+        # from the registered model, which always carries alias -> version.
+        by_version: dict[str, list[str]] = {}
+        for alias, version in self.client.get_registered_model(self.name).aliases.items():
+            by_version.setdefault(str(version), []).append(alias)
+        rows = [
+            {
+                "version": str(v.version),
+                "tags": dict(v.tags),
+                "aliases": sorted(set(v.aliases) | set(by_version.get(str(v.version), []))),
+                "run_id": v.run_id or "",
+                "status": v.status,
+                "created": int(v.creation_timestamp or 0),
+            }
+            for v in found
         ]
+        return sorted(rows, key=lambda r: int(r["version"]), reverse=True)
 
     def download_version(self, version: str, dst: str | Path) -> Path:
         """Download a version's kdflow model directory (weights + spec) and return its path."""

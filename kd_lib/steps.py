@@ -17,11 +17,12 @@ from typing import Any
 import torch
 
 from kd_lib import data as data_lib
-from kd_lib import evaluation, gates, quantization, training
+from kd_lib import evaluation, gates, quantization, report, training
 from kd_lib.config import PipelineConfig
 from kd_lib.model_registry import ModelRegistry, gate_tags, log_pyfunc, pip_requirements, registry_errors
 from kd_lib.models import build_model, count_parameters
-from kd_lib.tracking import StepRun, finish_pipeline_run, fluent_run, step_run
+from kd_lib.progress import EpochProgress
+from kd_lib.tracking import StepRun, client_for, find_parent_run, finish_pipeline_run, fluent_run, pipeline_record, step_run
 
 
 class StepError(RuntimeError):
@@ -57,23 +58,34 @@ def _checkpoint_dir(output_dir: str | Path) -> Path:
     return out.with_name(out.name + ".checkpoint")
 
 
-def _epoch_logger(run: StepRun):
+def _epoch_logger(run: StepRun, progress: EpochProgress):
     def log(row: dict[str, Any]) -> None:
         run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+        progress(row)
 
     return log
 
 
-def _log_result(run: StepRun, result: training.TrainResult) -> dict[str, Any]:
+def _log_result(
+    run: StepRun, result: training.TrainResult, progress: EpochProgress, history_path: str | Path | None
+) -> dict[str, Any]:
     summary = {
         "best_epoch": result.best_epoch,
         "best_val_accuracy": result.best_val_accuracy,
         "epochs_run": len(result.history),
         "stopped_early": result.stopped_early,
     }
+    progress.done(result.best_epoch, len(result.history), result.best_val_accuracy, result.stopped_early)
     run.log_metrics({k: float(v) for k, v in summary.items()})
     run.log_dict(result.history, "history.json")
+    if history_path is not None:
+        _write_json(history_path, result.history)
     return summary
+
+
+def _write_json(path: str | Path, obj: Any) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(obj))
 
 
 def prepare_data(cfg: PipelineConfig, pipeline_run_id: str, dataset_dir: str | Path) -> dict[str, Any]:
@@ -90,10 +102,21 @@ def prepare_data(cfg: PipelineConfig, pipeline_run_id: str, dataset_dir: str | P
 
 
 def train_teacher(
-    cfg: PipelineConfig, pipeline_run_id: str, dataset_dir: str | Path, teacher_dir: str | Path
+    cfg: PipelineConfig,
+    pipeline_run_id: str,
+    dataset_dir: str | Path,
+    teacher_dir: str | Path,
+    history_path: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Cross-entropy training of the teacher with early stopping; the best epoch is saved."""
-    with step_run(cfg, pipeline_run_id, "train_teacher") as run:
+    """Cross-entropy training of the teacher with early stopping; the best epoch is saved.
+
+    The per-epoch history goes to the MLflow run and, when given, to ``history_path`` (JSON)
+    for the report.
+    """
+    with (
+        step_run(cfg, pipeline_run_id, "train_teacher") as run,
+        EpochProgress("train_teacher", cfg.teacher.train.epochs) as progress,
+    ):
         splits = data_lib.load_splits(dataset_dir)
         meta = splits.meta
         torch.manual_seed(cfg.teacher.train.seed)
@@ -105,12 +128,12 @@ def train_teacher(
             *_tensors(splits, "train"),
             *_tensors(splits, "val"),
             cfg.teacher.train,
-            on_epoch=_epoch_logger(run),
+            on_epoch=_epoch_logger(run, progress),
             checkpoint_dir=ckpt,
         )
         quantization.save_model(result.model, _spec(cfg.teacher.model, meta, "teacher", run), teacher_dir)
         shutil.rmtree(ckpt, ignore_errors=True)
-        return _log_result(run, result) | {"run_id": run.run_id}
+        return _log_result(run, result, progress, history_path) | {"run_id": run.run_id}
 
 
 def distill(
@@ -119,9 +142,16 @@ def distill(
     dataset_dir: str | Path,
     teacher_dir: str | Path,
     student_dir: str | Path,
+    history_path: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Hinton KD of the student from the teacher's logits (computed once, indexed by sample)."""
-    with step_run(cfg, pipeline_run_id, "distill") as run:
+    """Hinton KD of the student from the teacher's logits (computed once, indexed by sample).
+
+    The per-epoch history goes to the MLflow run and, when given, to ``history_path`` (JSON).
+    """
+    with (
+        step_run(cfg, pipeline_run_id, "distill") as run,
+        EpochProgress("distill", cfg.distill.train.epochs) as progress,
+    ):
         splits = data_lib.load_splits(dataset_dir)
         meta = splits.meta
         x_train, y_train = _tensors(splits, "train")
@@ -143,12 +173,12 @@ def distill(
             cfg.distill.train,
             temperature=cfg.distill.temperature,
             alpha=cfg.distill.alpha,
-            on_epoch=_epoch_logger(run),
+            on_epoch=_epoch_logger(run, progress),
             checkpoint_dir=_checkpoint_dir(student_dir),
         )
         quantization.save_model(result.model, _spec(cfg.student.model, meta, "student", run), student_dir)
         shutil.rmtree(_checkpoint_dir(student_dir), ignore_errors=True)
-        return _log_result(run, result) | {"run_id": run.run_id}
+        return _log_result(run, result, progress, history_path) | {"run_id": run.run_id}
 
 
 def _calibration_batches(splits: data_lib.Splits, cfg: PipelineConfig) -> list[torch.Tensor]:
@@ -376,10 +406,12 @@ def evaluate(
     """Accuracy, macro-F1, artifact bytes, parameters and latency of each model on the test split.
 
     ``model_dirs`` maps each of MODEL_ROLES to a saved model directory. Writes the result
-    (predictions included) as JSON to ``evaluation_path``.
+    (predictions included, and for each student ``vs_teacher``: where it disagrees with the
+    teacher) as JSON to ``evaluation_path``.
     """
     with step_run(cfg, pipeline_run_id, "evaluate") as run:
         splits = data_lib.load_splits(dataset_dir)
+        meta = splits.meta
         x_test, y_test = _tensors(splits, "test")
         results: dict[str, dict[str, Any]] = {}
         for role in MODEL_ROLES:
@@ -407,8 +439,13 @@ def evaluate(
                 results[role]["quantization_auto_reason"] = str(auto.get("reason", ""))
             scalars = {k: v for k, v in results[role].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
             run.log_metrics({f"{role}.{k}": v for k, v in scalars.items()})
-        Path(evaluation_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(evaluation_path).write_text(json.dumps(results))
+        # Where each student departs from its teacher (same accuracy can hide different mistakes).
+        teacher_pred = torch.tensor(results["teacher"]["predictions"])
+        for role in ("student", "quantized"):
+            vs = evaluation.agreement(teacher_pred, torch.tensor(results[role]["predictions"]), y_test, meta.num_classes)
+            results[role]["vs_teacher"] = vs
+            run.log_metrics({f"{role}.agreement_with_teacher": vs["agreement"]})
+        _write_json(evaluation_path, results)
         run.log_dict(results, "evaluation.json")
         return results
 
@@ -438,6 +475,65 @@ def _champion_metrics(cfg: PipelineConfig, splits: data_lib.Splits, run: StepRun
     return {"version": version, "accuracy": accuracy, "size_bytes": size}
 
 
+def class_names(meta: data_lib.DatasetMeta | dict[str, Any]) -> list[str]:
+    """The dataset's class names when it has them, else the class indices as strings."""
+    fields = meta if isinstance(meta, dict) else meta.__dict__
+    names = fields.get("class_names")
+    return [str(n) for n in names] if names else [str(i) for i in range(int(fields["num_classes"]))]
+
+
+def _gate_decision(
+    cfg: PipelineConfig, results: dict[str, dict[str, Any]], champion: dict[str, Any] | None = None
+) -> gates.GateDecision:
+    return gates.decide(
+        results["quantized"], results["teacher"], cfg.gate, fp32_student=results["student"], champion=champion
+    )
+
+
+def evaluation_report(
+    cfg: PipelineConfig,
+    pipeline_run_id: str,
+    dataset_dir: str | Path,
+    evaluation_path: str | Path,
+    history_paths: dict[str, str | Path],
+    html_path: str | Path,
+    markdown_path: str | Path,
+) -> report.ReportData:
+    """The report as the evaluate step knows it: measurements, curves, matrices and gate checks.
+
+    The checks are the gate's own pure ``decide`` on the same measurements, so they are what
+    the gate step will find; the decision and the registered version come later and are in
+    the final report that ``finalize`` logs to the MLflow parent run.
+
+    Args:
+        history_paths: ``teacher`` / ``student`` -> the JSON history a training step wrote;
+            a missing or empty file (an imported teacher) leaves that curve out.
+    """
+    results = json.loads(Path(evaluation_path).read_text())
+    meta = json.loads((Path(dataset_dir) / data_lib.META_FILE).read_text())
+    histories = {}
+    for role, path in history_paths.items():
+        text = Path(path).read_text() if Path(path).is_file() else ""
+        if text.strip():
+            histories[role] = json.loads(text)
+    data = report.ReportData(
+        name=cfg.name,
+        evaluation=results,
+        histories=histories,
+        gate=_gate_decision(cfg, results).to_dict(),
+        thresholds=cfg.gate.model_dump(),
+        stage=report.STAGE_EVALUATE,
+        run={"pipeline_run_id": pipeline_run_id, "dataset_fingerprint": meta.get("fingerprint", ""),
+             "config_hash": cfg.config_hash()},
+        config=cfg.model_dump(mode="json", exclude={"tracking"}),
+        class_names=class_names(meta),
+    )  # fmt: skip
+    for path, text in ((html_path, report.render_html(data)), (markdown_path, report.render_markdown(data))):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text)
+    return data
+
+
 def gate(
     cfg: PipelineConfig,
     pipeline_run_id: str,
@@ -458,9 +554,7 @@ def gate(
             if champion:
                 run.log_metrics({"champion.accuracy": champion["accuracy"], "champion.size_bytes": champion["size_bytes"]})
                 run.set_tags({"kdflow.champion_version": champion["version"]})
-        decision = gates.decide(
-            results["quantized"], results["teacher"], cfg.gate, fp32_student=results["student"], champion=champion
-        )
+        decision = _gate_decision(cfg, results, champion)
         action = decision.action(cfg.registry.keep_rejected)
         Path(decision_path).parent.mkdir(parents=True, exist_ok=True)
         Path(decision_path).write_text(json.dumps(decision.to_dict() | {"action": action}))
@@ -542,6 +636,28 @@ def register(
         return out
 
 
+def final_report(
+    cfg: PipelineConfig, parent_run_id: str, state: str | None = None, error: str | None = None
+) -> report.ReportData:
+    """The final report of a pipeline run, rebuilt from what MLflow recorded of it."""
+    record = pipeline_record(client_for(cfg), parent_run_id)
+    return report.from_pipeline_record(record, state=state, error=error)
+
+
 def finalize(cfg: PipelineConfig, pipeline_run_id: str, state: str, error: str = "") -> str | None:
-    """Close the parent MLflow run with the pipeline's final state (the DAG's exit handler)."""
+    """The DAG's exit handler: log the final report to the parent run, then close it.
+
+    Runs whatever happened, so the report must never keep the parent run open: a report
+    that cannot be built is logged as a tag and a warning, and the run is closed anyway.
+    """
+    client = client_for(cfg)
+    parent = find_parent_run(client, cfg.tracking.experiment, pipeline_run_id)
+    if parent is not None:
+        try:
+            data = final_report(cfg, parent, state=state, error=error)
+            client.log_text(parent, report.render_html(data), "report.html")
+            client.log_text(parent, report.render_markdown(data), "report.md")
+        except Exception as err:  # noqa: BLE001 - the exit handler must close the run regardless
+            print(f"warning: the final report could not be built: {type(err).__name__}: {err}", flush=True)
+            client.set_tag(parent, "kdflow.report_error", f"{type(err).__name__}: {err}"[:5000])
     return finish_pipeline_run(cfg, pipeline_run_id, state, error)

@@ -41,6 +41,8 @@ def distillation_pipeline(config_json: str):
             teacher=train_teacher_task.outputs["teacher"],
             student=distill_task.outputs["student"],
             quantized=quantize_task.outputs["quantized"],
+            teacher_history=train_teacher_task.outputs["history"],
+            student_history=distill_task.outputs["history"],
         )
         gate_task = gate(
             config_json=config_json,

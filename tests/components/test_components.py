@@ -31,13 +31,17 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out["dataset"] = _art(dsl.Dataset, tmp, "dataset")
     out["fingerprint"] = components.prepare_data.python_func(config_json=cj, pipeline_run_id=rid, dataset=out["dataset"])
     out["teacher"] = _art(dsl.Model, tmp, "teacher")
+    out["teacher_history"] = _art(dsl.Artifact, tmp, "teacher_history")
     out["teacher_acc"] = components.train_teacher.python_func(
-        config_json=cj, pipeline_run_id=rid, dataset=out["dataset"], teacher=out["teacher"]
-    )
+        config_json=cj, pipeline_run_id=rid, dataset=out["dataset"], teacher=out["teacher"],
+        history=out["teacher_history"],
+    )  # fmt: skip
     out["student"] = _art(dsl.Model, tmp, "student")
+    out["student_history"] = _art(dsl.Artifact, tmp, "student_history")
     out["student_acc"] = components.distill.python_func(
-        config_json=cj, pipeline_run_id=rid, dataset=out["dataset"], teacher=out["teacher"], student=out["student"]
-    )
+        config_json=cj, pipeline_run_id=rid, dataset=out["dataset"], teacher=out["teacher"], student=out["student"],
+        history=out["student_history"],
+    )  # fmt: skip
     out["quantized"] = _art(dsl.Model, tmp, "quantized")
     out["onnx"] = _art(dsl.Model, tmp, "onnx")
     out["bytes"] = components.quantize.python_func(
@@ -46,9 +50,14 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> dict:
     )  # fmt: skip
     out["evaluation"] = _art(dsl.Artifact, tmp, "evaluation")
     out["metrics"] = _art(dsl.Metrics, tmp, "metrics")
+    out["confusion"] = _art(dsl.ClassificationMetrics, tmp, "confusion")
+    out["report"] = _art(dsl.HTML, tmp, "report")
+    out["summary"] = _art(dsl.Markdown, tmp, "summary")
     components.evaluate.python_func(
         config_json=cj, pipeline_run_id=rid, dataset=out["dataset"], teacher=out["teacher"],
-        student=out["student"], quantized=out["quantized"], evaluation=out["evaluation"], metrics=out["metrics"],
+        student=out["student"], quantized=out["quantized"], teacher_history=out["teacher_history"],
+        student_history=out["student_history"], evaluation=out["evaluation"], metrics=out["metrics"],
+        confusion=out["confusion"], report=out["report"], summary=out["summary"],
     )  # fmt: skip
     out["decision"] = _art(dsl.Artifact, tmp, "decision")
     out["action"] = components.gate.python_func(

@@ -86,7 +86,25 @@ def _assert_registered_champion(result: LocalRunResult, cfg: PipelineConfig, uri
     # The registered model, loaded without pickle in a fresh process, predicts what evaluate measured.
     measured = summary["evaluation"]["quantized"]["predictions"]
     assert _champion_predictions(uri, cfg.registry.model_name, "champion", tmp_path) == measured
+    # One line per task, in DAG order, every one succeeded.
+    tasks = ["prepare-data", "train-teacher", "distill", "quantize", "evaluate", "gate", "register", "finalize"]
+    assert [(s["task"], s["status"]) for s in result.steps] == [(t, "SUCCESS") for t in tasks]
+    _assert_evaluate_outputs(result)
     return version
+
+
+def _assert_evaluate_outputs(result: LocalRunResult) -> None:
+    """What the KFP UI shows for evaluate: HTML report, Markdown summary, metrics, confusion matrix."""
+    evaluate_dir = result.pipeline_root / "evaluate"
+    page = (evaluate_dir / "report").read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.count('src="data:image/png;base64,') == 3
+    assert "PENDING" in page and '<section id="gate">' in page
+    assert (evaluate_dir / "summary").read_text().startswith("# Compression report: kdflow-test")
+    outputs = json.loads((evaluate_dir / "executor_output.json").read_text())["artifacts"]
+    matrix = outputs["confusion"]["artifacts"][0]["metadata"]["confusionMatrix"]
+    assert [a["displayName"] for a in matrix["annotationSpecs"]] == [str(i) for i in range(10)]
+    assert len(matrix["rows"]) == 10
+    assert "quantized_accuracy" in outputs["metrics"]["artifacts"][0]["metadata"]
 
 
 def test_pass_then_fail_on_a_fresh_sqlite_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -94,6 +112,7 @@ def test_pass_then_fail_on_a_fresh_sqlite_store(tmp_path: Path, monkeypatch: pyt
     uri = cfg.tracking.tracking_uri
     first = _run(cfg, tmp_path, monkeypatch)
     version = _assert_registered_champion(first, cfg, uri, tmp_path)
+    assert first.report_path is not None and "PROMOTED" in first.report_path.read_text()
 
     # Thresholds no student can meet: the run succeeds, the gate fails, nothing changes.
     strict = cfg.model_copy(deep=True)
@@ -112,6 +131,8 @@ def test_pass_then_fail_on_a_fresh_sqlite_store(tmp_path: Path, monkeypatch: pyt
     assert tags["kdflow.gate_status"] == "failed"
     assert set(tags["kdflow.gate_failed_checks"].split(",")) == {"min_accuracy", "min_compression_ratio"}
     assert tags["gate.min_accuracy"].endswith("FAIL")
+    assert "register" not in [s["task"] for s in second.steps]
+    assert "REJECTED" in second.report_path.read_text()
 
 
 FAKE_SECRETS = {
@@ -174,3 +195,7 @@ def test_a_failing_step_closes_the_parent_run_as_failed(tmp_path: Path, monkeypa
     assert parent.data.tags["kdflow.pipeline_state"] == "FAILED"
     with pytest.raises(Exception):
         client.get_registered_model(cfg.registry.model_name)
+    # The failed task is named in the step lines; the exit handler still ran and wrote a report.
+    statuses = {s["task"]: s["status"] for s in result.steps}
+    assert statuses["prepare-data"] == "FAILURE" and statuses["finalize"] == "SUCCESS"
+    assert "NO DECISION" in result.report_path.read_text()
