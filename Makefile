@@ -58,5 +58,9 @@ lock:
 image:
 	docker build -t $(IMAGE) .
 
+# Not part of `make test`: trains on mnist5k and times every quantization scheme (~1 min).
+bench: $(STAMP)
+	$(PY) bench/quantization.py --data $(or $(DATA),../shared/datasets/mnist5k.npz)
+
 clean:
 	rm -rf .kdflow mlflow.db mlruns build

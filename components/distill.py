@@ -1,18 +1,24 @@
 from kfp import dsl
-from kfp.dsl import Dataset, Input, Model, Output
+from kfp.dsl import Artifact, Dataset, Input, Model, Output
 
 from components.image import COMPONENT_OPTIONS
 
 
 @dsl.component(**COMPONENT_OPTIONS)
 def distill(
-    config_json: str, pipeline_run_id: str, dataset: Input[Dataset], teacher: Input[Model], student: Output[Model]
+    config_json: str,
+    pipeline_run_id: str,
+    dataset: Input[Dataset],
+    teacher: Input[Model],
+    student: Output[Model],
+    history: Output[Artifact],
 ) -> float:
     """Distill the student from the teacher (Hinton KD); returns its best val accuracy."""
     from kd_lib import steps
     from kd_lib.config import config_from_json
 
     cfg = config_from_json(config_json)
-    summary = steps.distill(cfg, pipeline_run_id, dataset.path, teacher.path, student.path)
+    summary = steps.distill(cfg, pipeline_run_id, dataset.path, teacher.path, student.path, history.path)
     student.metadata.update({"mlflow_run_id": summary["run_id"], "best_epoch": summary["best_epoch"]})
+    history.metadata.update({"epochs_run": summary["epochs_run"], "stopped_early": summary["stopped_early"]})
     return float(summary["best_val_accuracy"])

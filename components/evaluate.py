@@ -1,5 +1,5 @@
 from kfp import dsl
-from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
 
 from components.image import COMPONENT_OPTIONS
 
@@ -12,16 +12,28 @@ def evaluate(
     teacher: Input[Model],
     student: Input[Model],
     quantized: Input[Model],
+    teacher_history: Input[Artifact],
+    student_history: Input[Artifact],
     evaluation: Output[Artifact],
     metrics: Output[Metrics],
+    confusion: Output[ClassificationMetrics],
+    report: Output[HTML],
+    summary: Output[Markdown],
 ):
-    """Test-split accuracy, macro-F1, size, parameters and latency of all three models."""
+    """Test-split metrics of all three models, shown in the KFP UI as scalars, a confusion
+    matrix, an HTML compression report and a Markdown summary."""
     from kd_lib import steps
     from kd_lib.config import config_from_json
 
+    cfg = config_from_json(config_json)
     models = {"teacher": teacher.path, "student": student.path, "quantized": quantized.path}
-    results = steps.evaluate(config_from_json(config_json), pipeline_run_id, dataset.path, models, evaluation.path)
+    results = steps.evaluate(cfg, pipeline_run_id, dataset.path, models, evaluation.path)
     for role, row in results.items():
         for key in ("accuracy", "macro_f1", "size_bytes", "num_params", "latency_b1_p50_ms"):
             if key in row:
                 metrics.log_metric(f"{role}_{key}", row[key])
+    histories = {"teacher": teacher_history.path, "student": student_history.path}
+    data = steps.evaluation_report(
+        cfg, pipeline_run_id, dataset.path, evaluation.path, histories, report.path, summary.path
+    )
+    confusion.log_confusion_matrix(data.class_names, results["quantized"]["confusion_matrix"])

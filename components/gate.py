@@ -1,15 +1,22 @@
 from kfp import dsl
-from kfp.dsl import Artifact, Input, Output
+from kfp.dsl import Artifact, Dataset, Input, Output
 
 from components.image import COMPONENT_OPTIONS
 
 
 @dsl.component(**COMPONENT_OPTIONS)
-def gate(config_json: str, pipeline_run_id: str, evaluation: Input[Artifact], decision: Output[Artifact]) -> bool:
-    """Apply the gate thresholds; the returned flag drives the register branch."""
+def gate(
+    config_json: str,
+    pipeline_run_id: str,
+    dataset: Input[Dataset],
+    evaluation: Input[Artifact],
+    decision: Output[Artifact],
+) -> str:
+    """Apply the gate (and champion comparison); returns the action: promote, challenger or reject."""
     from kd_lib import steps
     from kd_lib.config import config_from_json
 
-    result = steps.gate(config_from_json(config_json), pipeline_run_id, evaluation.path, decision.path)
-    decision.metadata.update({"passed": result.passed, "failed": [c.name for c in result.failed()]})
-    return result.passed
+    cfg = config_from_json(config_json)
+    result, action = steps.gate(cfg, pipeline_run_id, dataset.path, evaluation.path, decision.path)
+    decision.metadata.update({"passed": result.passed, "action": action, "failed": [c.name for c in result.failed()]})
+    return action

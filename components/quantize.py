@@ -1,15 +1,33 @@
 from kfp import dsl
-from kfp.dsl import Input, Model, Output
+from kfp.dsl import Dataset, Input, Model, Output
 
 from components.image import COMPONENT_OPTIONS
 
 
 @dsl.component(**COMPONENT_OPTIONS)
-def quantize(config_json: str, pipeline_run_id: str, student: Input[Model], quantized: Output[Model]) -> int:
-    """Quantize the fp32 student with quantize.scheme; returns the artifact's bytes."""
+def quantize(
+    config_json: str,
+    pipeline_run_id: str,
+    dataset: Input[Dataset],
+    teacher: Input[Model],
+    student: Input[Model],
+    quantized: Output[Model],
+    onnx: Output[Model],
+) -> int:
+    """Quantize the fp32 student with quantize.scheme (calibration data and, for QAT, the
+    teacher come from the inputs); returns the artifact's bytes."""
     from kd_lib import steps
     from kd_lib.config import config_from_json
 
-    info = steps.quantize(config_from_json(config_json), pipeline_run_id, student.path, quantized.path)
-    quantized.metadata.update(info)
+    info = steps.quantize(
+        config_from_json(config_json),
+        pipeline_run_id,
+        dataset.path,
+        student.path,
+        quantized.path,
+        teacher_dir=teacher.path,
+        onnx_dir=onnx.path,
+    )
+    quantized.metadata.update({k: v for k, v in info.items() if k != "onnx"})
+    onnx.metadata.update({"exported": "onnx" in info})
     return int(info["quantized_bytes"])

@@ -13,9 +13,10 @@ import json
 from pathlib import Path
 import re
 from typing import Any, Literal, get_args
+from urllib.parse import urlparse
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kd_lib import __version__
 
@@ -76,7 +77,32 @@ class DistillConfig(_Strict):
 
 
 class QuantizeConfig(_Strict):
-    scheme: str = Field("dynamic_int8", description="A name in kd_lib.quantization.QUANTIZERS ('none', 'dynamic_int8').")
+    scheme: str = Field(
+        "dynamic_int8",
+        description="A name in kd_lib.quantization.QUANTIZERS ('none', 'dynamic_int8', 'static_int8', "
+        "'weight_only_int8', 'fp16', 'bf16', 'qat_int8') or 'auto' (the first of auto_order within "
+        "gate.max_quantization_drop on the validation split).",
+    )
+    backend: str | None = Field(
+        None, description="A backend of the scheme (kd_lib.quantization.backends); None = the measured default."
+    )
+    calibration_batches: int = Field(8, ge=1, description="static_int8: training batches run to calibrate scales.")
+    calibration_batch_size: int = Field(64, ge=1, description="static_int8: samples per calibration batch.")
+    qat_epochs: int = Field(2, ge=1, description="qat_int8: epochs of fake-quantized fine-tuning with the KD loss.")
+    qat_lr: float = Field(1e-4, gt=0, description="qat_int8: learning rate of that fine-tuning (distill.train otherwise).")
+    allow_fp32_layers: bool = Field(
+        True,
+        description="Layers a scheme cannot quantize (Conv2d under dynamic_int8) stay fp32 and are recorded; "
+        "false makes that an error.",
+    )
+    auto_order: list[str] = Field(
+        default_factory=lambda: ["static_int8", "qat_int8", "dynamic_int8", "weight_only_int8", "bf16", "fp16"],
+        min_length=1,
+        description="scheme 'auto': schemes to try, in this order (smallest/fastest expected first).",
+    )
+    export_onnx: bool = Field(
+        False, description="Also export the fp32 and quantized student to ONNX and check them with onnxruntime."
+    )
 
 
 class EvaluateConfig(_Strict):
@@ -92,11 +118,37 @@ class GateConfig(_Strict):
     max_quantization_drop: float = Field(1.0, ge=0, description="fp32 student minus quantized student accuracy, points.")
     max_size_mb: float = Field(1.0, gt=0, description="Quantized student artifact size, MB (10^6 bytes).")
     min_compression_ratio: float = Field(4.0, gt=0, description="Teacher artifact bytes / quantized student artifact bytes.")
+    champion_policy: Literal["ignore", "must_not_regress"] = Field(
+        "ignore",
+        description="must_not_regress: the candidate's test accuracy may be at most champion_tolerance points below "
+        "the current @champion's (both measured on this run's test split), and it may not be larger unless it is "
+        "more accurate.",
+    )
+    champion_tolerance: float = Field(0.0, ge=0, description="Allowed accuracy drop against the champion, points.")
 
 
 class RegistryConfig(_Strict):
     model_name: str = Field("kdflow-student", min_length=1)
     alias: str = Field("champion", min_length=1)
+    challenger_alias: str = Field("challenger", min_length=1)
+    keep_rejected: bool = Field(
+        False,
+        description="Register a candidate that passed every threshold but lost to the champion, tagged "
+        "validation_status=rejected and aliased challenger_alias (never champion).",
+    )
+    ranking: Literal["accuracy", "newest"] = Field(
+        "accuracy",
+        description="Which passed version is champion: accuracy (highest test accuracy, then smallest, then newest) "
+        "or newest (highest version number).",
+    )
+
+
+class RetryConfig(_Strict):
+    """Bounded exponential backoff for every MLflow (and S3) call: transient failures only."""
+
+    max_attempts: int = Field(6, ge=1, description="Tries per call, the first included.")
+    backoff_s: int = Field(1, ge=0, description="Base wait, whole seconds (MLflow reads an int): the k-th retry waits about backoff_s * 2^k s.")
+    timeout_s: float = Field(30.0, gt=0, description="Per-request timeout, seconds.")
 
 
 class TrackingConfig(_Strict):
@@ -104,6 +156,18 @@ class TrackingConfig(_Strict):
         None, description="MLflow tracking URI; else $MLFLOW_TRACKING_URI; else sqlite:///mlflow.db."
     )
     experiment: str = Field("kdflow", min_length=1)
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_credentials_in_uri(cls, uri: str | None) -> str | None:
+        # The config becomes MLflow params and a KFP parameter: a password here would leak.
+        if uri and urlparse(uri).password:
+            raise ValueError(
+                "contains a password; remove it from the URI and set MLFLOW_TRACKING_USERNAME / "
+                "MLFLOW_TRACKING_PASSWORD in the environment (a Kubernetes Secret on the cluster)"
+            )
+        return uri
 
 
 # ---------------------------------------------------------------------------------------------

@@ -107,6 +107,8 @@ def validate(x: np.ndarray, y: np.ndarray, num_classes: int | None, origin: str)
         raise DataError(f"{origin}: shape mismatch, {x.shape[0]} samples in 'x' but {y.shape[0]} labels in 'y'")
     if x.shape[0] == 0:
         raise DataError(f"{origin}: the dataset is empty")
+    if x[0].size == 0:
+        raise DataError(f"{origin}: 'x' has shape {x.shape}: samples have no features")
     bad = ~np.isfinite(x)
     if bad.any():
         first = int(np.argwhere(bad.reshape(x.shape[0], -1).any(axis=1))[0, 0])

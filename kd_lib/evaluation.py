@@ -194,3 +194,38 @@ def evaluate_model(
     metrics["predictions"] = pred.tolist()
     metrics["confusion_matrix"] = confusion_matrix(pred, y_test, num_classes)
     return metrics
+
+
+def agreement(reference: Tensor, other: Tensor, y: Tensor, num_classes: int) -> dict[str, Any]:
+    """Where two models' predictions differ, and which of them was right there.
+
+    Used to show where the student departs from its teacher: a student can match the
+    teacher's accuracy while making different mistakes.
+
+    Args:
+        reference: ``[N]`` int64 predictions of the reference model (the teacher).
+        other: ``[N]`` int64 predictions of the compared model (a student).
+        y: ``[N]`` int64 true labels.
+        num_classes: C.
+
+    Returns:
+        ``agreement`` (fraction of samples with equal predictions), ``n_disagree``,
+        ``other_right`` (disagreements the other model got right), ``reference_right``,
+        ``both_wrong``, and ``pairs``: C x C counts ``m[reference_pred][other_pred]`` over the
+        disagreeing samples only (zero diagonal).
+    """
+    _check_pair(reference, y)
+    _check_pair(other, y)
+    differ = reference != other
+    pairs = [[0] * num_classes for _ in range(num_classes)]
+    if differ.any():
+        # confusion_matrix counts m[second][first]: here m[reference][other].
+        pairs = confusion_matrix(other[differ], reference[differ], num_classes)
+    return {
+        "agreement": 1.0 - differ.double().mean().item(),
+        "n_disagree": int(differ.sum()),
+        "other_right": int((differ & (other == y)).sum()),
+        "reference_right": int((differ & (reference == y)).sum()),
+        "both_wrong": int((differ & (reference != y) & (other != y)).sum()),
+        "pairs": pairs,
+    }

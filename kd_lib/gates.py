@@ -6,7 +6,7 @@ check with its value, so a failed run says exactly which bar it missed and by ho
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Mapping
 
 from kd_lib.config import GateConfig
@@ -26,7 +26,11 @@ class GateCheck:
         threshold: The configured bar, in ``unit``.
         op: ``">="`` or ``"<="``: how ``value`` must compare with ``threshold`` to pass.
         passed: Whether it did (equality passes).
-        unit: ``"fraction"``, ``"points"``, ``"MB"`` or ``"x"``.
+        unit: ``"fraction"``, ``"points"``, ``"MB"``, ``"x"`` or ``"bool"`` (1 true, 0 false).
+        detail: Why, in words, when the number alone does not say (e.g. what ``auto`` tried,
+            or that a larger candidate passed because it is more accurate than the champion).
+        group: ``"threshold"`` (the absolute bars) or ``"champion"`` (the comparison with the
+            current champion); a candidate failing only champion checks may become a challenger.
     """
 
     name: str
@@ -35,6 +39,8 @@ class GateCheck:
     op: str
     passed: bool
     unit: str
+    detail: str = ""
+    group: str = "threshold"
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,15 @@ class GateDecision:
         """The checks that did not pass."""
         return [c for c in self.checks if not c.passed]
 
+    def action(self, keep_rejected: bool) -> str:
+        """``"promote"`` when everything passed; ``"challenger"`` when only champion checks
+        failed and rejected candidates are kept; else ``"reject"``."""
+        if self.passed:
+            return "promote"
+        if keep_rejected and all(c.group == "champion" for c in self.failed()):
+            return "challenger"
+        return "reject"
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form; ``GateDecision.from_dict`` inverts it."""
         return {"passed": self.passed, "checks": [asdict(c) for c in self.checks]}
@@ -69,6 +84,8 @@ class GateDecision:
                     op=str(c["op"]),
                     passed=bool(c["passed"]),
                     unit=str(c["unit"]),
+                    detail=str(c.get("detail", "")),
+                    group=str(c.get("group", "threshold")),
                 )
                 for c in data["checks"]
             ]
@@ -92,14 +109,26 @@ class GateDecision:
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
         lines.insert(1, "  ".join("-" * w for w in widths))
+        lines += [f"{c.name}: {c.detail}" for c in self.checks if c.detail and not c.passed]
         lines.append(f"overall: {'PASS' if self.passed else 'FAIL'}")
         return "\n".join(lines)
 
 
-def _check(name: str, value: float, threshold: float, op: str, unit: str) -> GateCheck:
+def _check(name: str, value: float, threshold: float, op: str, unit: str, group: str = "threshold") -> GateCheck:
     value = round(float(value), _DECIMALS)
     passed = value >= threshold if op == ">=" else value <= threshold
-    return GateCheck(name=name, value=value, threshold=float(threshold), op=op, passed=passed, unit=unit)
+    return GateCheck(name=name, value=value, threshold=float(threshold), op=op, passed=passed, unit=unit, group=group)
+
+
+def _champion_checks(cand_acc: float, cand_size: float, champion: Mapping[str, Any], t: GateConfig) -> list[GateCheck]:
+    champ_acc = _metric(champion, "accuracy", "champion")
+    champ_size = _metric(champion, "size_bytes", "champion")
+    drop = _check("champion_accuracy_drop", (champ_acc - cand_acc) * 100, t.champion_tolerance, "<=", "points", "champion")
+    size = _check("champion_size_ratio", cand_size / champ_size, 1.0, "<=", "x", "champion")
+    if not size.passed and round(cand_acc - champ_acc, _DECIMALS) > 0:
+        # A larger model is acceptable when it buys accuracy.
+        size = replace(size, passed=True, detail="larger than the champion but more accurate")
+    return [drop, size]
 
 
 def _metric(metrics: Mapping[str, Any], key: str, role: str) -> float:
@@ -126,15 +155,22 @@ def decide(
       (points); only when ``fp32_student`` is given.
     - ``max_size_mb``: candidate ``size_bytes`` / 10^6 <= threshold (MB).
     - ``min_compression_ratio``: teacher ``size_bytes`` / candidate ``size_bytes`` >= threshold.
+    - ``quantization_auto_found``: only when the candidate carries ``quantization_auto_found``
+      (``quantize.scheme: auto``): 1 when auto found a scheme within
+      ``max_quantization_drop`` on the validation split, else 0 and the check fails with
+      ``quantization_auto_reason`` as its detail.
 
     Args:
         candidate: Metrics of the model to promote; needs ``accuracy`` and ``size_bytes``.
         teacher: Metrics of the teacher; needs ``accuracy`` and ``size_bytes``.
         thresholds: The gate section of the pipeline config.
         fp32_student: Metrics of the student before quantization; needs ``accuracy``.
-        champion: Metrics of the current champion. Accepted and IGNORED for now: comparing
-            with the champion (champion/challenger) is a later addition; the parameter exists
-            so callers need not change then.
+        champion: Metrics of the current champion, measured on the same test split
+            (``accuracy``, ``size_bytes``), or None when there is none. Used only when
+            ``thresholds.champion_policy == "must_not_regress"``, adding two checks of group
+            ``"champion"``: ``champion_accuracy_drop`` ((champion - candidate) * 100 <=
+            champion_tolerance) and ``champion_size_ratio`` (candidate / champion bytes <= 1,
+            also passing when the candidate is more accurate).
 
     Returns:
         GateDecision with every check; ``passed`` only if all passed.
@@ -142,7 +178,6 @@ def decide(
     Raises:
         ValueError: a required metric is missing, or the candidate size is not positive.
     """
-    del champion  # reserved for champion/challenger comparison; see the docstring
     cand_acc = _metric(candidate, "accuracy", "candidate")
     cand_size = _metric(candidate, "size_bytes", "candidate")
     teacher_acc = _metric(teacher, "accuracy", "teacher")
@@ -164,4 +199,10 @@ def decide(
         _check("max_size_mb", cand_size / 1e6, thresholds.max_size_mb, "<=", "MB"),
         _check("min_compression_ratio", teacher_size / cand_size, thresholds.min_compression_ratio, ">=", "x"),
     ]
+    if "quantization_auto_found" in candidate:
+        found = bool(candidate["quantization_auto_found"])
+        check = _check("quantization_auto_found", float(found), 1.0, ">=", "bool")
+        checks.append(replace(check, detail="" if found else str(candidate.get("quantization_auto_reason", ""))))
+    if champion is not None and thresholds.champion_policy == "must_not_regress":
+        checks += _champion_checks(cand_acc, cand_size, champion, thresholds)
     return GateDecision(passed=all(c.passed for c in checks), checks=checks)

@@ -8,7 +8,11 @@ object. So ``models:/NAME@champion`` loads with ``MLFLOW_ALLOW_PICKLE_DESERIALIZ
 
 from __future__ import annotations
 
+import os
+import random
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +37,9 @@ class RegistryError(RuntimeError):
 class KdflowPyfunc(mlflow.pyfunc.PythonModel):
     """Serves a kdflow model: raw features in (as in the source data), class ids out.
 
-    Input: float array ``[N, *input_shape]`` or ``[N, prod(input_shape)]`` (or a DataFrame of
-    the flattened features), *unnormalized*; the train-split normalization from the spec is
-    applied here so callers never have to know it.
+    Input: float32 array ``[N, *input_shape]`` (the logged signature enforces it), *unnormalized*
+    as in the source data; the train-split normalization from the spec is applied here so
+    callers never have to know it. Output: int64 class ids ``[N]``.
     """
 
     def load_context(self, context: Any) -> None:
@@ -47,9 +51,7 @@ class KdflowPyfunc(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
         import torch
 
-        x = np.asarray(getattr(model_input, "values", model_input), dtype=np.float32)
-        shape = tuple(self.spec["input_shape"])
-        x = x.reshape((x.shape[0], *shape))
+        x = np.asarray(model_input, dtype=np.float32)
         norm = self.spec.get("normalization") or {}
         x = (x - norm.get("mean", 0.0)) / norm.get("std", 1.0)
         with torch.no_grad():
@@ -57,14 +59,17 @@ class KdflowPyfunc(mlflow.pyfunc.PythonModel):
         return logits.argmax(dim=1).numpy().astype(np.int64)
 
 
-def pip_requirements() -> list[str]:
-    """What the served model needs, pinned to the versions that produced it."""
+def pip_requirements(spec: dict[str, Any] | None = None) -> list[str]:
+    """What the served model needs, pinned to the versions that produced it (plus the
+    quantization library its spec records, e.g. torchao for a torchao backend)."""
     from importlib.metadata import version
 
     import torch
 
     pins = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"]
-    return pins + [f"{pkg}=={version(pkg)}" for pkg in ("numpy", "pydantic", "pyyaml")]
+    pins += [f"{pkg}=={version(pkg)}" for pkg in ("numpy", "pydantic", "pyyaml")]
+    extra = {k: v for k, v in ((spec or {}).get("versions") or {}).items() if k == "torchao"}
+    return pins + [f"{pkg}=={ver}" for pkg, ver in sorted(extra.items())]
 
 
 def log_pyfunc(model_dir: str | Path, spec: dict[str, Any], pip_requirements: list[str]) -> tuple[str, str]:
@@ -128,24 +133,148 @@ class ModelRegistry:
     def alias_version(self, alias: str) -> str | None:
         try:
             return str(self.client.get_model_version_by_alias(self.name, alias).version)
-        except MlflowException:
-            return None
+        except MlflowException as err:
+            if err.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(err).lower():
+                return None
+            raise
+
+    def set_alias(self, alias: str, version: str, require_passed: bool = True) -> None:
+        """Point ``alias`` at ``version``; for the champion alias only if it is tagged passed."""
+        if require_passed:
+            tags = self.client.get_model_version(self.name, version).tags
+            if tags.get("validation_status") != "passed":
+                raise RegistryError(
+                    f"{self.name} v{version} is not tagged validation_status=passed; refusing to alias it"
+                )
+        self.client.set_registered_model_alias(self.name, alias, version)
 
     def promote(self, version: str, alias: str) -> None:
         """Point ``alias`` at ``version``, only if that version is tagged as validated."""
-        tags = self.client.get_model_version(self.name, version).tags
-        if tags.get("validation_status") != "passed":
-            raise RegistryError(f"{self.name} v{version} is not tagged validation_status=passed; refusing to alias it")
-        self.client.set_registered_model_alias(self.name, alias, version)
+        self.set_alias(alias, version, require_passed=True)
+
+    def _all_versions(self) -> list[Any]:
+        return list(self.client.search_model_versions(f"name = '{self.name}'", max_results=10000))
+
+    def find_by_tag(self, key: str, value: str) -> str | None:
+        """The version whose tag ``key`` equals ``value`` (e.g. this pipeline run's), or None."""
+        for v in self._all_versions():
+            if v.tags.get(key) == value:
+                return str(v.version)
+        return None
+
+    def best_passed(self, ranking: str) -> str | None:
+        """The version that should be champion: the best ``validation_status=passed`` one."""
+        passed = [v for v in self._all_versions() if v.tags.get("validation_status") == "passed"]
+        if not passed:
+            return None
+        return str(max(passed, key=lambda v: rank_key(v.tags, int(v.version), ranking)).version)
+
+    def converge(self, alias: str, ranking: str, max_rounds: int = 30, settle_s: float = 0.3) -> str | None:
+        """Make ``alias`` point at the best passed version, race-safely.
+
+        ``set_registered_model_alias`` is last-writer-wins, so two pipelines promoting at
+        once could leave the worse model as champion. Here every writer re-reads after it
+        writes, until it has seen the alias on the best version twice in a row. A stale write
+        by a slower process is always followed by that process's own re-read, which corrects
+        it; so the alias settles on the best passed version whatever the interleaving.
+        """
+        confirmed = 0
+        for _ in range(max_rounds):
+            best = self.best_passed(ranking)
+            if best is None:
+                return None
+            if self.alias_version(alias) == best:
+                confirmed += 1
+                if confirmed >= 2:
+                    return best
+                time.sleep(settle_s)
+                continue
+            confirmed = 0
+            try:
+                self.set_alias(alias, best)
+            except MlflowException as err:
+                if not _is_write_conflict(err):
+                    raise
+                # MLflow's alias upsert is select-then-insert: two writers inserting the first
+                # alias row at once make one fail on the primary key. The winner's write is
+                # visible now; re-read and decide again.
+                time.sleep(random.uniform(0.05, settle_s))
+        raise RegistryError(f"{self.name}@{alias} did not settle after {max_rounds} rounds of concurrent promotion")
 
     def versions(self) -> list[dict[str, Any]]:
+        """Every version, newest first: version, tags, aliases, run_id, status, created (epoch ms)."""
         found = self.client.search_model_versions(f"name = '{self.name}'")
-        return [{"version": str(v.version), "tags": dict(v.tags), "aliases": list(v.aliases)} for v in found]
+        # search_model_versions leaves ModelVersion.aliases empty on some stores: read them
+        # from the registered model, which always carries alias -> version.
+        by_version: dict[str, list[str]] = {}
+        for alias, version in self.client.get_registered_model(self.name).aliases.items():
+            by_version.setdefault(str(version), []).append(alias)
+        rows = [
+            {
+                "version": str(v.version),
+                "tags": dict(v.tags),
+                "aliases": sorted(set(v.aliases) | set(by_version.get(str(v.version), []))),
+                "run_id": v.run_id or "",
+                "status": v.status,
+                "created": int(v.creation_timestamp or 0),
+            }
+            for v in found
+        ]
+        return sorted(rows, key=lambda r: int(r["version"]), reverse=True)
+
+    def download_version(self, version: str, dst: str | Path) -> Path:
+        """Download a version's kdflow model directory (weights + spec) and return its path."""
+        # The concrete artifact location, not models:/..., which MLflow resolves through its
+        # global registry URI rather than this client's.
+        location = self.client.get_model_version_download_uri(self.name, version)
+        local = Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=location, dst_path=str(dst), tracking_uri=self.client.tracking_uri
+        ))  # fmt: skip
+        specs = [p for p in local.rglob("spec.json") if "code" not in p.relative_to(local).parts]
+        if len(specs) != 1:
+            raise RegistryError(f"{self.name} v{version}: expected one kdflow model in its artifacts, found {len(specs)}")
+        return specs[0].parent
+
+
+def _is_write_conflict(err: MlflowException) -> bool:
+    text = str(err).lower()
+    return any(marker in text for marker in ("unique constraint", "uniqueviolation", "duplicate key", "already exists"))
+
+
+def rank_key(tags: dict[str, str], version: int, ranking: str) -> tuple[float, ...]:
+    """Sort key, larger is better: ``newest`` by version number; ``accuracy`` by test accuracy,
+    then smaller artifact, then newer version (so the order is total and every process agrees)."""
+    if ranking == "newest":
+        return (float(version),)
+
+    def number(key: str, missing: float) -> float:
+        try:
+            return float(tags[key])
+        except (KeyError, ValueError):
+            return missing
+
+    return (number("kdflow.test_accuracy", float("-inf")), -number("kdflow.size_bytes", float("inf")), float(version))
+
+
+@contextmanager
+def registry_errors(uri: str, name: str) -> Iterator[None]:
+    """Turn MLflow's 403 into a RegistryError saying who lacks which permission, and the fix."""
+    try:
+        yield
+    except MlflowException as err:
+        if err.error_code != "PERMISSION_DENIED" and "permission" not in str(err).lower():
+            raise
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME", "<anonymous>")
+        raise RegistryError(
+            f"MLflow at {uri} denied user {user!r} permission to register {name!r} ({err.error_code}); ask an "
+            f"MLflow admin to grant EDIT on registered model {name!r}, or use credentials that have it"
+        ) from None
 
 
 def gate_tags(decision: GateDecision) -> dict[str, str]:
     """One tag per check (``gate.<name>``: value op threshold verdict) plus the overall status."""
     tags = {"validation_status": "passed" if decision.passed else "rejected"}
     for c in decision.checks:
-        tags[f"gate.{c.name}"] = f"{c.value:.6g} {c.op} {c.threshold:.6g} {'PASS' if c.passed else 'FAIL'}"
+        verdict = f"{c.value:.6g} {c.op} {c.threshold:.6g} {'PASS' if c.passed else 'FAIL'}"
+        tags[f"gate.{c.name}"] = (f"{verdict}: {c.detail}" if c.detail else verdict)[:5000]
     return tags

@@ -9,17 +9,20 @@ given. Nothing is passed through globals or shared paths.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from kd_lib import data as data_lib
-from kd_lib import evaluation, gates, quantization, training
+from kd_lib import evaluation, gates, quantization, report, training
 from kd_lib.config import PipelineConfig
-from kd_lib.model_registry import ModelRegistry, gate_tags, log_pyfunc, pip_requirements
+from kd_lib.model_registry import ModelRegistry, gate_tags, log_pyfunc, pip_requirements, registry_errors
 from kd_lib.models import build_model, count_parameters
-from kd_lib.tracking import StepRun, client_for, finish_pipeline_run, step_run
+from kd_lib.progress import EpochProgress
+from kd_lib.tracking import StepRun, client_for, find_parent_run, finish_pipeline_run, fluent_run, pipeline_record, step_run
 
 
 class StepError(RuntimeError):
@@ -44,23 +47,45 @@ def _spec(model_cfg: Any, meta: data_lib.DatasetMeta, role: str, run: StepRun) -
     }
 
 
-def _epoch_logger(run: StepRun):
+def _checkpoint_dir(output_dir: str | Path) -> Path:
+    """Beside the step's output (not inside it: the artifact's size is what the gate measures).
+
+    Resuming needs this to survive the task: true for kfp.local and for KFP's retry of a task
+    on a persistent volume; on ephemeral pod storage a preempted pod starts over (same seed,
+    same result, only slower).
+    """
+    out = Path(output_dir)
+    return out.with_name(out.name + ".checkpoint")
+
+
+def _epoch_logger(run: StepRun, progress: EpochProgress):
     def log(row: dict[str, Any]) -> None:
         run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+        progress(row)
 
     return log
 
 
-def _log_result(run: StepRun, result: training.TrainResult) -> dict[str, Any]:
+def _log_result(
+    run: StepRun, result: training.TrainResult, progress: EpochProgress, history_path: str | Path | None
+) -> dict[str, Any]:
     summary = {
         "best_epoch": result.best_epoch,
         "best_val_accuracy": result.best_val_accuracy,
         "epochs_run": len(result.history),
         "stopped_early": result.stopped_early,
     }
+    progress.done(result.best_epoch, len(result.history), result.best_val_accuracy, result.stopped_early)
     run.log_metrics({k: float(v) for k, v in summary.items()})
     run.log_dict(result.history, "history.json")
+    if history_path is not None:
+        _write_json(history_path, result.history)
     return summary
+
+
+def _write_json(path: str | Path, obj: Any) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(obj))
 
 
 def prepare_data(cfg: PipelineConfig, pipeline_run_id: str, dataset_dir: str | Path) -> dict[str, Any]:
@@ -77,20 +102,38 @@ def prepare_data(cfg: PipelineConfig, pipeline_run_id: str, dataset_dir: str | P
 
 
 def train_teacher(
-    cfg: PipelineConfig, pipeline_run_id: str, dataset_dir: str | Path, teacher_dir: str | Path
+    cfg: PipelineConfig,
+    pipeline_run_id: str,
+    dataset_dir: str | Path,
+    teacher_dir: str | Path,
+    history_path: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Cross-entropy training of the teacher with early stopping; the best epoch is saved."""
-    with step_run(cfg, pipeline_run_id, "train_teacher") as run:
+    """Cross-entropy training of the teacher with early stopping; the best epoch is saved.
+
+    The per-epoch history goes to the MLflow run and, when given, to ``history_path`` (JSON)
+    for the report.
+    """
+    with (
+        step_run(cfg, pipeline_run_id, "train_teacher") as run,
+        EpochProgress("train_teacher", cfg.teacher.train.epochs) as progress,
+    ):
         splits = data_lib.load_splits(dataset_dir)
         meta = splits.meta
         torch.manual_seed(cfg.teacher.train.seed)
         model = build_model(cfg.teacher.model.arch, cfg.teacher.model.params, tuple(meta.input_shape), meta.num_classes)
         run.log_params({"num_params": count_parameters(model)})
+        ckpt = _checkpoint_dir(teacher_dir)
         result = training.train_supervised(
-            model, *_tensors(splits, "train"), *_tensors(splits, "val"), cfg.teacher.train, on_epoch=_epoch_logger(run)
+            model,
+            *_tensors(splits, "train"),
+            *_tensors(splits, "val"),
+            cfg.teacher.train,
+            on_epoch=_epoch_logger(run, progress),
+            checkpoint_dir=ckpt,
         )
         quantization.save_model(result.model, _spec(cfg.teacher.model, meta, "teacher", run), teacher_dir)
-        return _log_result(run, result) | {"run_id": run.run_id}
+        shutil.rmtree(ckpt, ignore_errors=True)
+        return _log_result(run, result, progress, history_path) | {"run_id": run.run_id}
 
 
 def distill(
@@ -99,9 +142,16 @@ def distill(
     dataset_dir: str | Path,
     teacher_dir: str | Path,
     student_dir: str | Path,
+    history_path: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Hinton KD of the student from the teacher's logits (computed once, indexed by sample)."""
-    with step_run(cfg, pipeline_run_id, "distill") as run:
+    """Hinton KD of the student from the teacher's logits (computed once, indexed by sample).
+
+    The per-epoch history goes to the MLflow run and, when given, to ``history_path`` (JSON).
+    """
+    with (
+        step_run(cfg, pipeline_run_id, "distill") as run,
+        EpochProgress("distill", cfg.distill.train.epochs) as progress,
+    ):
         splits = data_lib.load_splits(dataset_dir)
         meta = splits.meta
         x_train, y_train = _tensors(splits, "train")
@@ -123,31 +173,224 @@ def distill(
             cfg.distill.train,
             temperature=cfg.distill.temperature,
             alpha=cfg.distill.alpha,
-            on_epoch=_epoch_logger(run),
+            on_epoch=_epoch_logger(run, progress),
+            checkpoint_dir=_checkpoint_dir(student_dir),
         )
         quantization.save_model(result.model, _spec(cfg.student.model, meta, "student", run), student_dir)
-        return _log_result(run, result) | {"run_id": run.run_id}
+        shutil.rmtree(_checkpoint_dir(student_dir), ignore_errors=True)
+        return _log_result(run, result, progress, history_path) | {"run_id": run.run_id}
+
+
+def _calibration_batches(splits: data_lib.Splits, cfg: PipelineConfig) -> list[torch.Tensor]:
+    """``quantize.calibration_batches`` batches of training samples, in a seeded random order."""
+    x = torch.from_numpy(splits.x["train"])
+    size = cfg.quantize.calibration_batch_size
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.distill.train.seed))
+    order = order[: cfg.quantize.calibration_batches * size]
+    return [x[order[i : i + size]] for i in range(0, len(order), size)]
+
+
+def _qat_finetune(cfg: PipelineConfig, splits: data_lib.Splits, teacher_dir: str | Path | None, run: StepRun):
+    """The fine-tuning function of qat_int8: KD against the teacher's logits, quantize.qat_* settings."""
+
+    def finetune(model: torch.nn.Module) -> None:
+        x_train, y_train = _tensors(splits, "train")
+        teacher_logits = None
+        if cfg.distill.alpha > 0:
+            if teacher_dir is None:
+                raise StepError("qat_int8 fine-tunes with the KD loss and needs the teacher; pass teacher_dir")
+            teacher, _ = quantization.load_model(teacher_dir)
+            teacher_logits = training.compute_logits(teacher, x_train)
+        train_cfg = cfg.distill.train.model_copy(update={"epochs": cfg.quantize.qat_epochs, "lr": cfg.quantize.qat_lr})
+        history = training.kd_finetune(
+            model,
+            teacher_logits,
+            x_train,
+            y_train,
+            train_cfg,
+            temperature=cfg.distill.temperature,
+            alpha=cfg.distill.alpha,
+            on_epoch=lambda row: run.log_metrics({"qat.train_loss": row["train_loss"]}, step=int(row["epoch"])),
+        )
+        run.log_dict(history, "qat_history.json")
+
+    return finetune
+
+
+def _val_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return evaluation.accuracy(evaluation.predict(model, x), y)
 
 
 def quantize(
-    cfg: PipelineConfig, pipeline_run_id: str, student_dir: str | Path, quantized_dir: str | Path
+    cfg: PipelineConfig,
+    pipeline_run_id: str,
+    dataset_dir: str | Path,
+    student_dir: str | Path,
+    quantized_dir: str | Path,
+    teacher_dir: str | Path | None = None,
+    onnx_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Apply ``quantize.scheme`` to the fp32 student and save the result."""
+    """Apply ``quantize.scheme`` to the fp32 student and save the result.
+
+    ``static_int8`` calibrates on training batches of ``dataset_dir``; ``qat_int8`` fine-tunes
+    with the KD loss against the teacher in ``teacher_dir``. ``scheme: auto`` tries
+    ``quantize.auto_order`` and keeps the first scheme whose validation accuracy drop is within
+    ``gate.max_quantization_drop``; every try is logged. When none passes, the fp32 student is
+    saved with ``quantization_auto.found = false`` in its spec, which fails the gate with that
+    reason. With ``quantize.export_onnx`` the fp32 and quantized ONNX files go to ``onnx_dir``.
+    """
+    qcfg = cfg.quantize
     with step_run(cfg, pipeline_run_id, "quantize") as run:
+        splits = data_lib.load_splits(dataset_dir)
         student, spec = quantization.load_model(student_dir)
-        quantized = quantization.quantize(student, cfg.quantize.scheme)
-        spec = spec | {"quantization": cfg.quantize.scheme, "role": "quantized_student", "mlflow_run_id": run.run_id}
+        x_val, y_val = _tensors(splits, "val")
+        fp32_val = _val_accuracy(student, x_val, y_val)
+        calibration = _calibration_batches(splits, cfg)
+        context = quantization.QuantizeContext(
+            calibration=calibration,
+            finetune=_qat_finetune(cfg, splits, teacher_dir, run),
+            allow_fp32_layers=qcfg.allow_fp32_layers,
+        )
+        auto = qcfg.scheme == "auto"
+        candidates = list(qcfg.auto_order) if auto else [qcfg.scheme]
+        # The backend override names one scheme's backend, so it cannot apply to a list of schemes.
+        backend = None if auto else qcfg.backend
+        tries: list[dict[str, Any]] = []
+        chosen: tuple[str, torch.nn.Module] | None = None
+        for scheme in candidates:
+            try:
+                model = quantization.quantize(student, scheme, context, backend)
+            except quantization.QuantizationError as err:
+                if not auto:
+                    raise
+                tries.append({"scheme": scheme, "passed": False, "error": str(err)})
+                run.log_metrics({f"auto.{scheme}.passed": 0.0})
+                continue
+            val_acc = _val_accuracy(model, x_val, y_val)
+            drop = round((fp32_val - val_acc) * 100, 9)
+            with tempfile.TemporaryDirectory() as tmp:
+                tried = quantization.save_model(model, spec | {"quantization": scheme, "backend": backend}, tmp)
+                size = evaluation.artifact_size_bytes(tried)
+            passed = drop <= cfg.gate.max_quantization_drop
+            tries.append(
+                {"scheme": scheme, "backend": quantization.get_quantizer(scheme, backend).backend,
+                 "val_accuracy": val_acc, "drop_points": drop, "bytes": size, "passed": passed}
+            )  # fmt: skip
+            if auto:
+                run.log_metrics(
+                    {f"auto.{scheme}.val_accuracy": val_acc, f"auto.{scheme}.drop_points": drop,
+                     f"auto.{scheme}.bytes": size, f"auto.{scheme}.passed": float(passed)}
+                )  # fmt: skip
+            if passed or not auto:
+                chosen = (scheme, model)
+                break
+
+        extra: dict[str, Any] = {}
+        if auto:
+            if chosen is None:
+                reason = (
+                    f"quantize.scheme auto: none of {', '.join(candidates)} kept the validation accuracy drop "
+                    f"within gate.max_quantization_drop = {cfg.gate.max_quantization_drop} points "
+                    f"({'; '.join(_try_summary(t) for t in tries)}); the fp32 student was kept"
+                )
+                extra["quantization_auto"] = {"found": False, "chosen": None, "reason": reason, "tries": tries}
+                run.set_tags({"kdflow.quantize_auto": "none passed"}, on_parent=True)
+                chosen = ("none", quantization.quantize(student, "none"))
+            else:
+                reason = f"quantize.scheme auto: chose {chosen[0]} ({_try_summary(tries[-1])})"
+                extra["quantization_auto"] = {"found": True, "chosen": chosen[0], "reason": reason, "tries": tries}
+                run.set_tags({"kdflow.quantize_auto": chosen[0]}, on_parent=True)
+            run.log_dict(tries, "auto_tries.json")
+        scheme, quantized = chosen
+        used_backend = backend if scheme == qcfg.scheme else None
+        chosen_try = next((t for t in tries if t["scheme"] == scheme), None)
+        spec = spec | extra | {
+            "quantization": scheme,
+            "backend": used_backend,
+            "role": "quantized_student",
+            "mlflow_run_id": run.run_id,
+            "fp32_layers": quantization.fp32_layers(student, scheme, used_backend),
+            "validation": {"fp32_accuracy": fp32_val, **({"accuracy": chosen_try["val_accuracy"],
+                                                            "drop_points": chosen_try["drop_points"]}
+                                                           if chosen_try else {})},
+        }  # fmt: skip
+        if scheme in ("static_int8", "qat_int8"):
+            spec["calibration"] = {"batches": len(calibration), "batch_size": qcfg.calibration_batch_size}
+        if spec["fp32_layers"]:
+            run.set_tags({"kdflow.fp32_layers": ", ".join(spec["fp32_layers"])})
         out = quantization.save_model(quantized, spec, quantized_dir)
         saved = json.loads((Path(out) / "spec.json").read_text())
         info = {
-            "scheme": cfg.quantize.scheme,
+            "scheme": scheme,
             "backend": saved.get("backend", ""),
             "fp32_bytes": evaluation.artifact_size_bytes(student_dir),
             "quantized_bytes": evaluation.artifact_size_bytes(quantized_dir),
+            "fp32_val_accuracy": fp32_val,
         }
-        run.log_params({"scheme": info["scheme"], "backend": info["backend"]})
-        run.log_metrics({"fp32_bytes": info["fp32_bytes"], "quantized_bytes": info["quantized_bytes"]})
+        if auto:
+            info["auto_found"] = extra["quantization_auto"]["found"]
+            info["auto_reason"] = extra["quantization_auto"]["reason"]
+        run.log_params({"scheme": scheme, "backend": info["backend"], "requested_scheme": qcfg.scheme,
+                        "versions": saved.get("versions", {})})  # fmt: skip
+        run.log_metrics({"fp32_bytes": info["fp32_bytes"], "quantized_bytes": info["quantized_bytes"],
+                         "fp32_val_accuracy": fp32_val} | ({"val_accuracy": chosen_try["val_accuracy"],
+                                                             "val_drop_points": chosen_try["drop_points"]}
+                                                            if chosen_try else {}))  # fmt: skip
+        if qcfg.export_onnx:
+            if onnx_dir is None:
+                raise StepError("quantize.export_onnx is true but no onnx_dir was given to the quantize step")
+            info["onnx"] = _export_onnx(student, quantized, saved, splits, calibration, onnx_dir, run)
         return info
+
+
+def _try_summary(t: dict[str, Any]) -> str:
+    if "error" in t:
+        return f"{t['scheme']}: not applicable"
+    return f"{t['scheme']}: drop {t['drop_points']:.2f} points"
+
+
+def _export_onnx(
+    student: torch.nn.Module,
+    quantized: torch.nn.Module,
+    spec: dict[str, Any],
+    splits: data_lib.Splits,
+    calibration: list[torch.Tensor],
+    onnx_dir: str | Path,
+    run: StepRun,
+) -> dict[str, Any]:
+    """Export fp32 (+ the onnxruntime-quantized counterpart) and check both on the test split."""
+    from kd_lib import onnx_export
+
+    out = Path(onnx_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    x_test, y_test = _tensors(splits, "test")
+    fp32_path = onnx_export.export_fp32(student, spec["input_shape"], out / "student_fp32.onnx")
+    q_path, how = onnx_export.quantize_onnx(fp32_path, out / "student_quantized.onnx", spec["quantization"], calibration)
+    report: dict[str, Any] = {"quantized_onnx": how}
+    pairs = [("fp32", fp32_path, student)] + ([("quantized", q_path, quantized)] if q_path else [])
+    for name, path, torch_model in pairs:
+        onnx_logits = onnx_export.run_onnx(path, x_test)
+        torch_logits = training.compute_logits(torch_model, x_test)
+        onnx_pred = onnx_logits.argmax(1)
+        report[name] = {
+            "file": Path(path).name,
+            "bytes": Path(path).stat().st_size,
+            "test_accuracy": evaluation.accuracy(onnx_pred, y_test),
+            "torch_test_accuracy": evaluation.accuracy(torch_logits.argmax(1), y_test),
+            "agreement_with_torch": evaluation.accuracy(onnx_pred, torch_logits.argmax(1)),
+            "max_abs_logit_diff": float((onnx_logits - torch_logits).abs().max()),
+        }
+    # The fp32 export must be the same function as the torch model; anything else is an exporter bug.
+    if report["fp32"]["max_abs_logit_diff"] > 1e-3:
+        raise StepError(
+            f"the fp32 ONNX export disagrees with torch on the test split (max |logit diff| "
+            f"{report['fp32']['max_abs_logit_diff']:.3g}); not shipping it"
+        )
+    (out / "onnx_check.json").write_text(json.dumps(report, indent=2))
+    run.log_dict(report, "onnx_check.json")
+    run.log_artifacts(out, "onnx")
+    run.log_metrics({f"onnx.{k}.test_accuracy": v["test_accuracy"] for k, v in report.items() if isinstance(v, dict)})
+    return report
 
 
 MODEL_ROLES = ("teacher", "student", "quantized")
@@ -163,10 +406,12 @@ def evaluate(
     """Accuracy, macro-F1, artifact bytes, parameters and latency of each model on the test split.
 
     ``model_dirs`` maps each of MODEL_ROLES to a saved model directory. Writes the result
-    (predictions included) as JSON to ``evaluation_path``.
+    (predictions included, and for each student ``vs_teacher``: where it disagrees with the
+    teacher) as JSON to ``evaluation_path``.
     """
     with step_run(cfg, pipeline_run_id, "evaluate") as run:
         splits = data_lib.load_splits(dataset_dir)
+        meta = splits.meta
         x_test, y_test = _tensors(splits, "test")
         results: dict[str, dict[str, Any]] = {}
         for role in MODEL_ROLES:
@@ -187,36 +432,143 @@ def evaluate(
             )
             results[role]["mlflow_run_id"] = spec.get("mlflow_run_id", "")
             results[role]["quantization"] = spec.get("quantization", "none")
+            results[role]["backend"] = spec.get("backend", "none")
+            auto = spec.get("quantization_auto")
+            if isinstance(auto, dict):
+                results[role]["quantization_auto_found"] = bool(auto.get("found"))
+                results[role]["quantization_auto_reason"] = str(auto.get("reason", ""))
             scalars = {k: v for k, v in results[role].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
             run.log_metrics({f"{role}.{k}": v for k, v in scalars.items()})
-        Path(evaluation_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(evaluation_path).write_text(json.dumps(results))
+        # Where each student departs from its teacher (same accuracy can hide different mistakes).
+        teacher_pred = torch.tensor(results["teacher"]["predictions"])
+        for role in ("student", "quantized"):
+            vs = evaluation.agreement(teacher_pred, torch.tensor(results[role]["predictions"]), y_test, meta.num_classes)
+            results[role]["vs_teacher"] = vs
+            run.log_metrics({f"{role}.agreement_with_teacher": vs["agreement"]})
+        _write_json(evaluation_path, results)
         run.log_dict(results, "evaluation.json")
         return results
 
 
-def gate(
-    cfg: PipelineConfig, pipeline_run_id: str, evaluation_path: str | Path, decision_path: str | Path
+def _champion_metrics(cfg: PipelineConfig, splits: data_lib.Splits, run: StepRun) -> dict[str, Any] | None:
+    """The current champion measured on THIS run's test split (same data, same yardstick)."""
+    registry = ModelRegistry(run.client, cfg.registry.model_name)
+    version = registry.alias_version(cfg.registry.alias)
+    if version is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = registry.download_version(version, tmp)
+        model, spec = quantization.load_model(model_dir)
+        size = evaluation.artifact_size_bytes(model_dir)
+    meta = splits.meta
+    if list(spec["input_shape"]) != list(meta.input_shape) or spec["num_classes"] != meta.num_classes:
+        raise StepError(
+            f"champion {cfg.registry.model_name} v{version} takes input {spec['input_shape']} with "
+            f"{spec['num_classes']} classes, this data {meta.input_shape} with {meta.num_classes}: they cannot be "
+            "compared; register under a new registry.model_name or set gate.champion_policy=ignore"
+        )
+    # Undo this run's normalization, apply the champion's own.
+    norm, own = meta.normalization, spec.get("normalization") or {"mean": 0.0, "std": 1.0}
+    raw = splits.x["test"] * norm["std"] + norm["mean"]
+    x = torch.from_numpy(((raw - own["mean"]) / own["std"]).astype("float32"))
+    accuracy = evaluation.accuracy(evaluation.predict(model, x), torch.from_numpy(splits.y["test"]))
+    return {"version": version, "accuracy": accuracy, "size_bytes": size}
+
+
+def class_names(meta: data_lib.DatasetMeta | dict[str, Any]) -> list[str]:
+    """The dataset's class names when it has them, else the class indices as strings."""
+    fields = meta if isinstance(meta, dict) else meta.__dict__
+    names = fields.get("class_names")
+    return [str(n) for n in names] if names else [str(i) for i in range(int(fields["num_classes"]))]
+
+
+def _gate_decision(
+    cfg: PipelineConfig, results: dict[str, dict[str, Any]], champion: dict[str, Any] | None = None
 ) -> gates.GateDecision:
-    """Apply the thresholds to the quantized student; the table goes to MLflow either way."""
+    return gates.decide(
+        results["quantized"], results["teacher"], cfg.gate, fp32_student=results["student"], champion=champion
+    )
+
+
+def evaluation_report(
+    cfg: PipelineConfig,
+    pipeline_run_id: str,
+    dataset_dir: str | Path,
+    evaluation_path: str | Path,
+    history_paths: dict[str, str | Path],
+    html_path: str | Path,
+    markdown_path: str | Path,
+) -> report.ReportData:
+    """The report as the evaluate step knows it: measurements, curves, matrices and gate checks.
+
+    The checks are the gate's own pure ``decide`` on the same measurements, so they are what
+    the gate step will find; the decision and the registered version come later and are in
+    the final report that ``finalize`` logs to the MLflow parent run.
+
+    Args:
+        history_paths: ``teacher`` / ``student`` -> the JSON history a training step wrote;
+            a missing or empty file (an imported teacher) leaves that curve out.
+    """
+    results = json.loads(Path(evaluation_path).read_text())
+    meta = json.loads((Path(dataset_dir) / data_lib.META_FILE).read_text())
+    histories = {}
+    for role, path in history_paths.items():
+        text = Path(path).read_text() if Path(path).is_file() else ""
+        if text.strip():
+            histories[role] = json.loads(text)
+    data = report.ReportData(
+        name=cfg.name,
+        evaluation=results,
+        histories=histories,
+        gate=_gate_decision(cfg, results).to_dict(),
+        thresholds=cfg.gate.model_dump(),
+        stage=report.STAGE_EVALUATE,
+        run={"pipeline_run_id": pipeline_run_id, "dataset_fingerprint": meta.get("fingerprint", ""),
+             "config_hash": cfg.config_hash()},
+        config=cfg.model_dump(mode="json", exclude={"tracking"}),
+        class_names=class_names(meta),
+    )  # fmt: skip
+    for path, text in ((html_path, report.render_html(data)), (markdown_path, report.render_markdown(data))):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text)
+    return data
+
+
+def gate(
+    cfg: PipelineConfig,
+    pipeline_run_id: str,
+    dataset_dir: str | Path,
+    evaluation_path: str | Path,
+    decision_path: str | Path,
+) -> tuple[gates.GateDecision, str]:
+    """Apply the thresholds (and the champion comparison) to the quantized student.
+
+    Returns the decision and the action the DAG takes: ``promote``, ``challenger`` or
+    ``reject``. The table goes to MLflow either way.
+    """
     with step_run(cfg, pipeline_run_id, "gate") as run:
         results = json.loads(Path(evaluation_path).read_text())
-        decision = gates.decide(
-            results["quantized"], results["teacher"], cfg.gate, fp32_student=results["student"]
-        )
+        champion = None
+        if cfg.gate.champion_policy != "ignore":
+            champion = _champion_metrics(cfg, data_lib.load_splits(dataset_dir), run)
+            if champion:
+                run.log_metrics({"champion.accuracy": champion["accuracy"], "champion.size_bytes": champion["size_bytes"]})
+                run.set_tags({"kdflow.champion_version": champion["version"]})
+        decision = _gate_decision(cfg, results, champion)
+        action = decision.action(cfg.registry.keep_rejected)
         Path(decision_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(decision_path).write_text(json.dumps(decision.to_dict()))
+        Path(decision_path).write_text(json.dumps(decision.to_dict() | {"action": action}))
         table = decision.table()
         for on_parent in (False, True):
             run.log_text(table, "gate.txt", on_parent=on_parent)
             run.log_dict(decision.to_dict(), "gate.json", on_parent=on_parent)
         run.log_metrics({f"gate.{c.name}": c.value for c in decision.checks} | {"gate.passed": float(decision.passed)})
-        parent_tags = {"kdflow.gate_status": "passed" if decision.passed else "failed"}
+        parent_tags = {"kdflow.gate_status": "passed" if decision.passed else "failed", "kdflow.gate_action": action}
         if not decision.passed:
             parent_tags["kdflow.gate_failed_checks"] = ",".join(c.name for c in decision.failed())
             parent_tags |= {k: v for k, v in gate_tags(decision).items() if k.startswith("gate.")}
         run.set_tags(parent_tags, on_parent=True)
-        return decision
+        return decision, action
 
 
 def register(
@@ -229,24 +581,23 @@ def register(
 ) -> dict[str, str]:
     """Log the quantized student as a pyfunc, register it with its checks and lineage, promote it.
 
-    Runs only under the gate's ``passed`` branch, and checks the decision again itself: a
-    version is never created, and the alias never moved, for a candidate that failed.
+    Runs only under the gate's non-``reject`` branch and re-derives the action itself:
+    ``promote`` registers a ``validation_status=passed`` version and then converges the
+    champion alias onto the best passed version (race-safe); ``challenger`` registers a
+    ``rejected`` version under the challenger alias, never champion. Re-running the same
+    pipeline run reuses its version instead of creating a duplicate.
     """
     decision = gates.GateDecision.from_dict(json.loads(Path(decision_path).read_text()))
-    if not decision.passed:
+    action = decision.action(cfg.registry.keep_rejected)
+    if action == "reject":
         failed = ", ".join(c.name for c in decision.failed())
         raise StepError(f"refusing to register: the gate failed ({failed})")
-    import mlflow  # the fluent API is needed only for log_model's active run
 
     with step_run(cfg, pipeline_run_id, "register") as run:
         meta = data_lib.load_splits(dataset_dir).meta
         results = json.loads(Path(evaluation_path).read_text())
         spec = json.loads((Path(quantized_dir) / "spec.json").read_text())
-        client = client_for(cfg)
-        mlflow.set_tracking_uri(client.tracking_uri)
-        mlflow.set_registry_uri(client._registry_uri)
-        with mlflow.start_run(run_id=run.run_id):
-            source, model_id = log_pyfunc(quantized_dir, spec, pip_requirements())
+        client = run.client
         registry = ModelRegistry(client, cfg.registry.model_name)
         quantized = results["quantized"]
         tags = gate_tags(decision) | {
@@ -259,14 +610,54 @@ def register(
             "kdflow.test_accuracy": f"{quantized['accuracy']:.6f}",
             "kdflow.size_bytes": str(quantized["size_bytes"]),
         }
-        version = registry.register(source, run.run_id, tags, model_id=model_id)
-        registry.promote(version, cfg.registry.alias)
-        out = {"model_name": cfg.registry.model_name, "version": version, "alias": cfg.registry.alias}
-        run.set_tags({"kdflow.registered_version": version, "kdflow.alias": cfg.registry.alias}, on_parent=True)
+        with registry_errors(client.tracking_uri, cfg.registry.model_name):
+            version = registry.find_by_tag("kdflow.pipeline_run_id", pipeline_run_id)
+            reused = version is not None
+            if not reused:
+                # MLflow resolves a models:/m-... source through its global store, so
+                # registration happens inside the same scoped fluent state as log_model.
+                with fluent_run(client, run.run_id):
+                    source, model_id = log_pyfunc(quantized_dir, spec, pip_requirements(spec))
+                    version = registry.register(source, run.run_id, tags, model_id=model_id)
+            if action == "promote":
+                alias, champion = cfg.registry.alias, registry.converge(cfg.registry.alias, cfg.registry.ranking)
+            else:
+                alias, champion = cfg.registry.challenger_alias, registry.alias_version(cfg.registry.alias)
+                registry.set_alias(alias, version, require_passed=False)
+        out = {
+            "model_name": cfg.registry.model_name,
+            "version": version,
+            "alias": alias,
+            "champion": champion or "",
+            "reused": str(reused).lower(),
+        }
+        run.set_tags({"kdflow.registered_version": version, "kdflow.alias": alias, "kdflow.champion": champion or ""}, on_parent=True)
         run.log_params(out)
         return out
 
 
+def final_report(
+    cfg: PipelineConfig, parent_run_id: str, state: str | None = None, error: str | None = None
+) -> report.ReportData:
+    """The final report of a pipeline run, rebuilt from what MLflow recorded of it."""
+    record = pipeline_record(client_for(cfg), parent_run_id)
+    return report.from_pipeline_record(record, state=state, error=error)
+
+
 def finalize(cfg: PipelineConfig, pipeline_run_id: str, state: str, error: str = "") -> str | None:
-    """Close the parent MLflow run with the pipeline's final state (the DAG's exit handler)."""
+    """The DAG's exit handler: log the final report to the parent run, then close it.
+
+    Runs whatever happened, so the report must never keep the parent run open: a report
+    that cannot be built is logged as a tag and a warning, and the run is closed anyway.
+    """
+    client = client_for(cfg)
+    parent = find_parent_run(client, cfg.tracking.experiment, pipeline_run_id)
+    if parent is not None:
+        try:
+            data = final_report(cfg, parent, state=state, error=error)
+            client.log_text(parent, report.render_html(data), "report.html")
+            client.log_text(parent, report.render_markdown(data), "report.md")
+        except Exception as err:  # noqa: BLE001 - the exit handler must close the run regardless
+            print(f"warning: the final report could not be built: {type(err).__name__}: {err}", flush=True)
+            client.set_tag(parent, "kdflow.report_error", f"{type(err).__name__}: {err}"[:5000])
     return finish_pipeline_run(cfg, pipeline_run_id, state, error)

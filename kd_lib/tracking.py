@@ -8,6 +8,7 @@ its ``kdflow.pipeline_run_id`` tag and every call goes through an explicit Mlflo
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import tempfile
@@ -23,7 +24,14 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
-from kd_lib.config import PipelineConfig
+from kd_lib.config import PipelineConfig, RetryConfig
+
+log = logging.getLogger(__name__)
+
+# MLflow draws a progress bar for every artifact download once tqdm is installed; kdflow's
+# artifacts are small JSON files, and the bars would clutter every step's log and the CLI.
+# setdefault: a user who sets the variable keeps the choice.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 PIPELINE_RUN_TAG = "kdflow.pipeline_run_id"
@@ -34,7 +42,15 @@ _MAX_PARAM_LEN = 6000
 
 
 class TrackingError(RuntimeError):
-    """MLflow is unreachable or refused a request; the message names the server and the fix."""
+    """MLflow is unreachable or refused a request; the message names the server and the fix.
+
+    ``cause`` and ``fix`` are also kept apart, for the CLI's two-line errors.
+    """
+
+    def __init__(self, cause: str, fix: str = "") -> None:
+        super().__init__(f"{cause}; {fix}" if fix else cause)
+        self.cause = cause
+        self.fix = fix
 
 
 def resolve_tracking_uri(cfg: PipelineConfig | None = None) -> str:
@@ -67,14 +83,38 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             pass
     except OSError as err:
         raise TrackingError(
-            f"MLflow tracking server {uri} is unreachable ({err.strerror or err}); "
-            "start it, or point MLFLOW_TRACKING_URI / tracking.tracking_uri at a running server"
+            f"MLflow tracking server {uri} is unreachable ({err.strerror or err})",
+            "start it, or point MLFLOW_TRACKING_URI / tracking.tracking_uri at a running server",
         ) from None
 
 
+def apply_retry_policy(retry: RetryConfig) -> None:
+    """Configure MLflow's HTTP client (urllib3 retries on connection errors, 429 and 5xx with
+    exponential backoff) from ``tracking.retry``; it reads these variables on every request."""
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(retry.max_attempts - 1)
+    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = str(retry.backoff_s)
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(retry.timeout_s))
+
+
+def wait_reachable(uri: str, retry: RetryConfig) -> None:
+    """check_reachable with bounded exponential backoff: rides out a server restart."""
+    for attempt in range(retry.max_attempts):
+        try:
+            check_reachable(uri, timeout=min(5.0, retry.timeout_s))
+            return
+        except TrackingError:
+            if attempt == retry.max_attempts - 1:
+                raise
+            wait = retry.backoff_s * 2**attempt
+            log.warning("MLflow at %s unreachable (try %d/%d); retrying in %.1f s", uri, attempt + 1, retry.max_attempts, wait)
+            time.sleep(wait)
+
+
 def client_for(cfg: PipelineConfig) -> MlflowClient:
+    """A client for the configured server, after waiting (bounded) for it to be reachable."""
     uri = resolve_tracking_uri(cfg)
-    check_reachable(uri)
+    apply_retry_policy(cfg.tracking.retry)
+    wait_reachable(uri, cfg.tracking.retry)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -178,6 +218,32 @@ def step_run(cfg: PipelineConfig, pipeline_run_id: str, step: str) -> Iterator[S
     client.set_terminated(run.info.run_id, status="FINISHED")
 
 
+@contextmanager
+def fluent_run(client: MlflowClient, run_id: str) -> Iterator[None]:
+    """Make ``run_id`` MLflow's active fluent run (log_model needs one), then undo everything.
+
+    ``mlflow.set_tracking_uri``/``set_registry_uri`` also export MLFLOW_*_URI environment
+    variables that child processes inherit; they are restored here so a library call leaves
+    no global trace.
+    """
+    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(client.tracking_uri)
+    mlflow.set_registry_uri(client._registry_uri)
+    try:
+        with mlflow.start_run(run_id=run_id):
+            yield
+    finally:
+        # set_*_uri always export their env var, so clearing the globals and restoring the
+        # variables brings URI resolution back to exactly what it was.
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def finish_pipeline_run(cfg: PipelineConfig, pipeline_run_id: str, state: str, error: str = "") -> str | None:
     """Close the parent run with the pipeline's final state (called by the exit handler)."""
     client = client_for(cfg)
@@ -236,3 +302,104 @@ def pipeline_summary(cfg: PipelineConfig, parent_run_id: str) -> dict[str, Any]:
             "alias": parent["tags"].get("kdflow.alias", cfg.registry.alias),
         }
     return summary
+
+
+# ---------------------------------------------------------------- reading a pipeline run back
+
+
+class RunNotFoundError(TrackingError):
+    """No MLflow run (nor kdflow pipeline run) has the id the user gave."""
+
+
+def client_for_uri(uri: str | None = None) -> MlflowClient:
+    """A client for ``uri`` (else ``$MLFLOW_TRACKING_URI``, else the embedded sqlite store).
+
+    For commands that have no pipeline config (``kdflow models``, ``kdflow report``). A
+    sqlite store that does not exist is an error here: MLflow would silently create an
+    empty one, and the user would see "not found" instead of "wrong directory".
+    """
+    uri = absolute_tracking_uri(uri or resolve_tracking_uri())
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not Path(uri[len(prefix) :]).is_file():
+        raise TrackingError(
+            f"no MLflow store at {uri[len(prefix):]}",
+            "run kdflow in the directory where the pipeline ran, or pass --tracking-uri (or set "
+            "MLFLOW_TRACKING_URI) to the store it used",
+        )
+    check_reachable(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def resolve_parent_run(client: MlflowClient, run_id: str) -> str:
+    """The parent (pipeline) run for an MLflow run id of the parent or of any step, or a kdflow
+    pipeline run id (the KFP job name)."""
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        run = None
+    if run is not None:
+        return run.data.tags.get(PARENT_TAG) or run.info.run_id
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if experiments:
+        found = client.search_runs(
+            experiments,
+            filter_string=f"tags.`{PIPELINE_RUN_TAG}` = '{run_id}' and tags.`{STEP_TAG}` = 'pipeline'",
+            max_results=1,
+        )
+        if found:
+            return found[0].info.run_id
+    raise RunNotFoundError(
+        f"no MLflow run or kdflow pipeline run {run_id!r} in {client.tracking_uri}",
+        "use the id of the 'MLflow parent run' line that `kdflow run` printed, with the tracking URI that run used",
+    )
+
+
+def _json_artifact(client: MlflowClient, run_id: str, path: str) -> Any:
+    """A JSON artifact of a run, or None when the run never logged it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = client.download_artifacts(run_id, path, tmp)
+            return json.loads(Path(local).read_text())
+        except (MlflowException, OSError, ValueError):
+            return None
+
+
+def _latest_steps(runs: list[Any]) -> dict[str, str]:
+    """Step name -> run id; when a step ran more than once (retries), the newest finished run."""
+    steps: dict[str, str] = {}
+    ranked = sorted(runs, key=lambda r: (r.info.status == "FINISHED", r.info.start_time or 0))
+    for r in ranked:  # later (better) entries overwrite earlier ones
+        steps[r.data.tags.get(STEP_TAG, r.info.run_name)] = r.info.run_id
+    return steps
+
+
+def pipeline_record(client: MlflowClient, parent_run_id: str) -> dict[str, Any]:
+    """Everything a pipeline run recorded, as plain dicts: what a report is rebuilt from.
+
+    Keys: ``parent_run_id``, ``status``, ``params``, ``tags``, ``steps`` (step -> run id),
+    ``evaluation``, ``gate``, ``dataset_meta`` (None when that step did not log it) and
+    ``histories`` (``teacher``/``student`` -> per-epoch rows, for the steps that trained).
+    """
+    parent = client.get_run(parent_run_id)
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'", max_results=1000
+    )
+    steps = _latest_steps(children)
+    histories = {}
+    for role, step in (("teacher", "train_teacher"), ("student", "distill")):
+        rows = _json_artifact(client, steps[step], "history.json") if step in steps else None
+        if rows:
+            histories[role] = rows
+    return {
+        "parent_run_id": parent_run_id,
+        "status": parent.info.status,
+        "params": dict(parent.data.params),
+        "tags": dict(parent.data.tags),
+        "steps": steps,
+        "evaluation": _json_artifact(client, steps["evaluate"], "evaluation.json") if "evaluate" in steps else None,
+        "gate": _json_artifact(client, parent_run_id, "gate.json") if parent.data.tags.get("kdflow.gate_status") else None,
+        "dataset_meta": (
+            _json_artifact(client, steps["prepare_data"], "dataset_meta.json") if "prepare_data" in steps else None
+        ),
+        "histories": histories,
+    }

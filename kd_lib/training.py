@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import copy
 import itertools
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -151,6 +153,7 @@ def _fit(
     loss_fn: BatchLoss,
     device: torch.device,
     on_epoch: EpochCallback | None,
+    checkpoint_dir: str | Path | None = None,
 ) -> TrainResult:
     """The one training loop: shuffled minibatches, LR schedule, early stopping, best-epoch restore.
 
@@ -170,8 +173,24 @@ def _fit(
     history: list[dict[str, Any]] = []
     best_state = copy.deepcopy(model.state_dict())
     best_epoch, best_acc, since_best, stopped_early = 0, -1.0, 0, False
+    first_epoch = 1
+    ckpt = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
+    if ckpt is not None and ckpt.is_file():
+        state = load_checkpoint(ckpt)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        best_state, best_epoch, best_acc = state["best_state"], state["best_epoch"], state["best_acc"]
+        since_best, history = state["since_best"], state["history"]
+        first_epoch = state["epoch"] + 1
+        stopped_early = state["stopped_early"]
     n = len(x_train)
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(first_epoch, cfg.epochs + 1):
+        if stopped_early:  # resumed from the checkpoint of the epoch that stopped the run
+            break
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         model.train()
@@ -209,9 +228,17 @@ def _fit(
             best_state = copy.deepcopy(model.state_dict())
         else:
             since_best += 1
-            if since_best >= cfg.patience and epoch < cfg.epochs:
-                stopped_early = True
-                break
+            stopped_early = since_best >= cfg.patience and epoch < cfg.epochs
+        if ckpt is not None:
+            save_checkpoint(ckpt, {
+                "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "best_state": best_state, "best_epoch": best_epoch, "best_acc": best_acc,
+                "since_best": since_best, "history": history, "stopped_early": stopped_early,
+            })  # fmt: skip
+        if stopped_early:
+            break
 
     model.load_state_dict(best_state)
     model.to("cpu").eval()
@@ -224,6 +251,25 @@ def _fit(
     )
 
 
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write atomically (temp file + rename): a kill mid-write leaves the previous checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True``: tensors and plain containers, never code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 (torch raises many types for a bad file)
+        raise ValueError(f"{path}: unreadable training checkpoint ({type(err).__name__}: {err}); delete it to restart") from None
+
+
 def train_supervised(
     model: nn.Module,
     x_train: Tensor,
@@ -232,6 +278,7 @@ def train_supervised(
     y_val: Tensor,
     cfg: TrainConfig,
     on_epoch: EpochCallback | None = None,
+    checkpoint_dir: str | Path | None = None,
 ) -> TrainResult:
     """Train a model with cross-entropy on hard labels (the teacher, or a from-scratch baseline).
 
@@ -247,6 +294,10 @@ def train_supervised(
         y_val: ``[M]`` int64 labels.
         cfg: Epochs, batch size, optimizer, schedule, patience, seed, device.
         on_epoch: Called with a copy of each epoch's history dict (e.g. to log to MLflow).
+        checkpoint_dir: When given, the full training state (model, optimizer, scheduler, RNG
+            states, best weights, history) is saved there after every epoch, and a run that
+            finds a checkpoint resumes after its epoch: a preempted step restarted with the
+            same seed ends with the same weights as an uninterrupted run.
 
     Returns:
         TrainResult with the best epoch's weights on CPU in eval mode.
@@ -262,7 +313,7 @@ def train_supervised(
     def loss_fn(logits: Tensor, idx: Tensor) -> Tensor:
         return F.cross_entropy(logits, targets[idx])
 
-    return _fit(model, x_train, x_val, y_val, cfg, loss_fn, device, on_epoch)
+    return _fit(model, x_train, x_val, y_val, cfg, loss_fn, device, on_epoch, checkpoint_dir)
 
 
 def distill(
@@ -276,6 +327,7 @@ def distill(
     temperature: float,
     alpha: float,
     on_epoch: EpochCallback | None = None,
+    checkpoint_dir: str | Path | None = None,
 ) -> TrainResult:
     """Distill a student from precomputed teacher logits with ``hinton_loss``.
 
@@ -296,6 +348,7 @@ def distill(
         temperature: Softmax temperature T > 0 of the KD term.
         alpha: Weight of the KD term in [0, 1].
         on_epoch: Called with a copy of each epoch's history dict.
+        checkpoint_dir: Per-epoch checkpoint and resume, as in ``train_supervised``.
 
     Returns:
         TrainResult with the best epoch's weights on CPU in eval mode.
@@ -325,4 +378,74 @@ def distill(
         batch_teacher = None if teacher is None else teacher[idx]
         return hinton_loss(logits, batch_teacher, targets[idx], temperature=temperature, alpha=alpha)
 
-    return _fit(student, x_train, x_val, y_val, cfg, loss_fn, device, on_epoch)
+    return _fit(student, x_train, x_val, y_val, cfg, loss_fn, device, on_epoch, checkpoint_dir)
+
+
+def kd_finetune(
+    model: nn.Module,
+    teacher_logits_train: Tensor | None,
+    x_train: Tensor,
+    y_train: Tensor,
+    cfg: TrainConfig,
+    temperature: float,
+    alpha: float,
+    on_epoch: EpochCallback | None = None,
+) -> list[dict[str, Any]]:
+    """Fine-tune ``model`` in place for exactly ``cfg.epochs`` epochs with ``hinton_loss``.
+
+    Made for quantization-aware training: the model holds fake-quantize modules whose
+    observers also record every batch they see, so unlike ``distill`` there is no validation
+    pass (it would leak validation statistics into the quantization ranges) and no early
+    stopping or best-epoch restore (the last state is what gets converted).
+
+    Args:
+        model: Maps ``[B, *input_shape]`` to ``[B, C]``; left in train mode on its device.
+        teacher_logits_train: ``[N, C]`` teacher logits of ``x_train``, or None when ``alpha == 0``.
+        x_train: ``[N, *input_shape]`` float32.
+        y_train: ``[N]`` int64.
+        cfg: Epochs, batch size, lr, optimizer, seed and device (the scheduler is ignored).
+        temperature: Softmax temperature T > 0 of the KD term.
+        alpha: Weight of the KD term in [0, 1].
+        on_epoch: Called with ``{"epoch", "train_loss", "seconds"}`` after each epoch.
+
+    Returns:
+        One ``{"epoch", "train_loss", "seconds"}`` dict per epoch.
+
+    Raises:
+        ValueError: lengths differ, or teacher logits are missing while alpha > 0.
+    """
+    if len(x_train) != len(y_train) or len(x_train) == 0:
+        raise ValueError(f"need matching, non-empty x_train and y_train; got {len(x_train)} and {len(y_train)}")
+    if teacher_logits_train is None and alpha > 0:
+        raise ValueError(f"alpha={alpha} > 0 needs teacher_logits_train; pass them or set alpha=0")
+    if teacher_logits_train is not None and tuple(teacher_logits_train.shape[:1]) != (len(x_train),):
+        raise ValueError(
+            f"teacher_logits_train must be [N, C] with N = {len(x_train)}, got {tuple(teacher_logits_train.shape)}"
+        )
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    model.to(device).train()
+    optimizer = _optimizer(model, cfg)
+    targets = y_train.to(device)
+    teacher = None if teacher_logits_train is None else teacher_logits_train.to(device, torch.float32)
+    history: list[dict[str, Any]] = []
+    n = len(x_train)
+    for epoch in range(1, cfg.epochs + 1):
+        start = time.perf_counter()
+        loss_sum = 0.0
+        order = torch.randperm(n, generator=generator)
+        for i in range(0, n, cfg.batch_size):
+            idx = order[i : i + cfg.batch_size]
+            logits = model(x_train[idx].to(device))
+            batch_teacher = None if teacher is None else teacher[idx.to(device)]
+            loss = hinton_loss(logits, batch_teacher, targets[idx.to(device)], temperature=temperature, alpha=alpha)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.item() * len(idx)
+        record = {"epoch": epoch, "train_loss": loss_sum / n, "seconds": time.perf_counter() - start}
+        history.append(record)
+        if on_epoch is not None:
+            on_epoch(dict(record))
+    return history

@@ -1,6 +1,6 @@
 """The kdflow DAG, read top to bottom like the diagram in DESIGN.md.
 
-prepare_data -> train_teacher -> distill -> quantize -> evaluate -> gate -[passed]-> register,
+prepare_data -> train_teacher -> distill -> quantize -> evaluate -> gate -[not rejected]-> register,
 all inside an exit handler that closes the MLflow parent run whatever happens.
 """
 
@@ -39,7 +39,11 @@ def build_pipeline(cfg: PipelineConfig | None = None) -> GraphComponent:
                 teacher=train_teacher_task.outputs["teacher"],
             )
             quantize_task = quantize(
-                config_json=config_json, pipeline_run_id=RUN_ID, student=distill_task.outputs["student"]
+                config_json=config_json,
+                pipeline_run_id=RUN_ID,
+                dataset=prepare_data_task.outputs["dataset"],
+                teacher=train_teacher_task.outputs["teacher"],
+                student=distill_task.outputs["student"],
             )
             evaluate_task = evaluate(
                 config_json=config_json,
@@ -48,11 +52,17 @@ def build_pipeline(cfg: PipelineConfig | None = None) -> GraphComponent:
                 teacher=train_teacher_task.outputs["teacher"],
                 student=distill_task.outputs["student"],
                 quantized=quantize_task.outputs["quantized"],
+                teacher_history=train_teacher_task.outputs["history"],
+                student_history=distill_task.outputs["history"],
             )
             gate_task = gate(
-                config_json=config_json, pipeline_run_id=RUN_ID, evaluation=evaluate_task.outputs["evaluation"]
+                config_json=config_json,
+                pipeline_run_id=RUN_ID,
+                dataset=prepare_data_task.outputs["dataset"],
+                evaluation=evaluate_task.outputs["evaluation"],
             )
-            with dsl.If(gate_task.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (KFP condition syntax)
+            # promote -> registered + champion; challenger -> registered, rejected, never champion.
+            with dsl.If(gate_task.outputs["Output"] != "reject", name="gate-passed"):
                 register_task = register(
                     config_json=config_json,
                     pipeline_run_id=RUN_ID,

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
+from urllib.parse import urlparse
 
 from kd_lib import tracking
 from kd_lib.config import PipelineConfig
+
+LOG_FILE = "kfp-local.log"
 
 
 @dataclass
@@ -23,13 +30,142 @@ class LocalRunResult:
     wall_s: float
     parent_run_id: str | None
     summary: dict[str, Any] = field(default_factory=dict)
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    log_path: Path | None = None
+    report_path: Path | None = None
 
 
-def run_local(cfg: PipelineConfig, root: str | Path = ".kdflow/runs") -> LocalRunResult:
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_START = re.compile(r"Executing task '([^']+)'")
+_FINISH = re.compile(r"Task '([^']+)' finished with status (\w+)")
+_SKIP = re.compile(r"Skipping (?:conditional )?task (\S+)")
+# The plain progress lines of kd_lib.progress, as a task prints them into its log.
+_EPOCH = re.compile(r"^\s*\S+ epoch (\d+)/(\d+)\s+.*?val_acc (\S+)")
+_DONE = re.compile(r"^\s*\S+ done: (.*)$")
+
+
+class StepDisplay:
+    """Turns kfp.local's verbose output into one line per task (file-like: it is what
+    ``sys.stdout`` is while the pipeline runs).
+
+    kfp.local prints each task's full executor input, every log line and every output
+    artifact. This keeps all of it in a log file, and shows the person at the terminal only
+    which task is running (with its epoch progress, live, on a terminal), how long each took,
+    and, when one fails, that task's own log.
+    """
+
+    def __init__(self, out: TextIO, err: TextIO, log: TextIO, live: bool | None = None) -> None:
+        self.out, self.err, self.log = out, err, log
+        self.live = out.isatty() if live is None else live
+        utf = (getattr(out, "encoding", "") or "").lower().startswith("utf")
+        self.marks = {"run": "▸" if utf else ">", "ok": "✓" if utf else "ok", "fail": "✗" if utf else "FAILED",
+                      "skip": "–" if utf else "-"}  # fmt: skip
+        self.steps: list[dict[str, Any]] = []
+        self._partial = ""
+        self._task: str | None = None
+        self._started = 0.0
+        self._task_log: list[str] = []
+        self._detail = ""
+        self._in_executor_input: str | None = None
+
+    # file-like interface
+    def write(self, text: str) -> int:
+        self._partial += text
+        *lines, self._partial = self._partial.split("\n")
+        for line in lines:
+            self._line(_ANSI.sub("", line))
+        return len(text)
+
+    def flush(self) -> None:
+        self.log.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def close_partial(self) -> None:
+        if self._partial:
+            self._line(_ANSI.sub("", self._partial))
+            self._partial = ""
+
+    # parsing
+    def _line(self, line: str) -> None:
+        self.log.write(line + "\n")
+        if m := _START.search(line):
+            self._begin(m.group(1))
+        elif m := _FINISH.search(line):
+            self._end(m.group(1), m.group(2))
+        elif m := _SKIP.search(line):
+            self._show(f"  {self.marks['skip']} {m.group(1):<16} skipped (its condition was false)\n")
+        elif self._task is not None:
+            self._task_line(line)
+
+    def _task_line(self, line: str) -> None:
+        # The executor input is a JSON dump of every parameter (the config included): noise in
+        # a failed task's log. It opens with a "{" line after this marker and closes at that indent.
+        if self._in_executor_input is not None:
+            if line.rstrip() == self._in_executor_input + "}":
+                self._in_executor_input = None
+            elif line.strip() == "{" and self._in_executor_input == "":
+                self._in_executor_input = line[: len(line) - len(line.lstrip())]
+            return
+        if "Got executor_input:" in line:
+            self._in_executor_input = ""
+            return
+        self._task_log.append(line)
+        if m := _EPOCH.match(line):
+            self._detail = f"epoch {m.group(1)}/{m.group(2)}  val_acc {m.group(3)}"
+            if self.live:
+                elapsed = time.monotonic() - self._started
+                self._show(f"\r\x1b[K  {self.marks['run']} {self._task:<16} {elapsed:6.1f} s  {self._detail}")
+        elif m := _DONE.match(line):
+            self._detail = m.group(1)
+
+    def _begin(self, task: str) -> None:
+        self._task, self._started, self._task_log, self._detail = task, time.monotonic(), [], ""
+        self._in_executor_input = None
+        self._show(f"  {self.marks['run']} {task:<16} running" + ("" if self.live else "\n"))
+
+    def _end(self, task: str, status: str) -> None:
+        seconds = time.monotonic() - self._started
+        ok = status == "SUCCESS"
+        self.steps.append({"task": task, "status": status, "seconds": seconds})
+        mark = self.marks["ok" if ok else "fail"]
+        detail = f"  {self._detail}" if ok and self._detail else ""
+        prefix = "\r\x1b[K" if self.live else ""
+        self._show(f"{prefix}  {mark} {task:<16} {seconds:6.1f} s{detail}" + ("" if ok else "  FAILED") + "\n")
+        if not ok:
+            tail = [line for line in self._task_log if line.strip()][-60:]
+            self.err.write(f"--- log of the failed task {task} (last {len(tail)} lines) ---\n")
+            self.err.write("\n".join(tail) + "\n---\n")
+            self.err.flush()
+        self._task = None
+
+    def _show(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
+
+
+def _report_path(client: Any, parent_run_id: str) -> Path | None:
+    """The final report's file when the parent run's artifacts are on this disk."""
+    uri = client.get_run(parent_run_id).info.artifact_uri
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("", "file"):
+        return None
+    path = Path(parsed.path if parsed.scheme else uri) / "report.html"
+    return path if path.is_file() else None
+
+
+def run_local(cfg: PipelineConfig, root: str | Path = ".kdflow/runs", verbose: bool = False) -> LocalRunResult:
     """Run the pipeline with ``kfp.local.SubprocessRunner(use_venv=False)``.
 
     Each task is a subprocess of this Python; they inherit the environment, so the tracking
     URI is resolved (and made absolute) here once and exported for them.
+
+    Args:
+        cfg: The pipeline config.
+        root: Where each invocation's task artifacts go (one fresh directory per call).
+        verbose: Pass kfp.local's own output through untouched; by default it goes to
+            ``<pipeline root>/kfp-local.log`` and the terminal shows one line per task.
     """
     from kfp import local
 
@@ -48,14 +184,39 @@ def run_local(cfg: PipelineConfig, root: str | Path = ".kdflow/runs") -> LocalRu
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(invocation), raise_on_error=True)
     start = time.perf_counter()
     error = ""
-    try:
-        distillation_pipeline(config_json=cfg.to_json())
-    except RuntimeError as err:  # kfp.local raises RuntimeError naming the failed task
-        error = str(err)
+    log_path = invocation / LOG_FILE
+    display: StepDisplay | None = None
+    with contextlib.ExitStack() as stack:
+        if not verbose:
+            log = stack.enter_context(log_path.open("w"))
+            display = StepDisplay(sys.stdout, sys.stderr, log)
+            stack.enter_context(contextlib.redirect_stdout(display))  # type: ignore[type-var]
+            stack.enter_context(contextlib.redirect_stderr(display))  # type: ignore[type-var]
+            stack.enter_context(warnings.catch_warnings())
+            # kfp.local warns per task that our image is not a Python image: it is, with kd_lib.
+            warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
+        try:
+            distillation_pipeline(config_json=cfg.to_json())
+        except RuntimeError as err:  # kfp.local raises RuntimeError naming the failed task
+            error = _ANSI.sub("", str(err))
+        finally:
+            if display is not None:
+                display.close_partial()
     wall = time.perf_counter() - start
     jobs = [p.name for p in invocation.iterdir() if p.is_dir()]
     run_id = jobs[0] if len(jobs) == 1 else ""
     client = tracking.client_for(cfg)
     parent = tracking.find_parent_run(client, cfg.tracking.experiment, run_id) if run_id else None
     summary = tracking.pipeline_summary(cfg, parent) if parent else {}
-    return LocalRunResult(run_id, not error, error, invocation / run_id, wall, parent, summary)
+    return LocalRunResult(
+        pipeline_run_id=run_id,
+        succeeded=not error,
+        error=error,
+        pipeline_root=invocation / run_id,
+        wall_s=wall,
+        parent_run_id=parent,
+        summary=summary,
+        steps=display.steps if display else [],
+        log_path=None if verbose else log_path,
+        report_path=_report_path(client, parent) if parent else None,
+    )

@@ -61,21 +61,25 @@ def postgres_uri() -> Iterator[str | None]:
 
 
 class MlflowServer:
-    def __init__(self, backend_uri: str, artifacts: Path, log: Path) -> None:
+    def __init__(
+        self, backend_uri: str, artifacts: Path, log: Path, app_args: list[str] | None = None, env: dict | None = None
+    ) -> None:
         self.backend_uri = backend_uri
         self.artifacts = artifacts
         self.log = log
+        self.app_args = app_args or []
+        self.env = env or {}
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 90.0) -> None:
-        env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"} | self.env
         cmd = [
             sys.executable, "-m", "mlflow", "server",
             "--backend-store-uri", self.backend_uri,
             "--artifacts-destination", str(self.artifacts),
-            "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+            "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1", *self.app_args,
         ]  # fmt: skip
         # Its own process group: mlflow server forks workers; we stop them all together.
         self.proc = subprocess.Popen(
@@ -108,6 +112,31 @@ def mlflow_server(tmp_path: Path, postgres_uri: str | None) -> Iterator[MlflowSe
     """A real `mlflow server` on 127.0.0.1: PostgreSQL backend in CI, sqlite elsewhere."""
     backend = postgres_uri or f"sqlite:///{tmp_path / 'server.db'}"
     server = MlflowServer(backend, tmp_path / "artifacts", tmp_path / "mlflow-server.log")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+ADMIN = ("admin", "admin-Pass-1234567")
+
+
+@pytest.fixture
+def auth_mlflow_server(tmp_path: Path) -> Iterator[MlflowServer]:
+    """A real `mlflow server --app-name basic-auth`: new users get READ only by default."""
+    ini = tmp_path / "auth.ini"
+    ini.write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = sqlite:///{tmp_path / 'auth.db'}\n"
+        f"admin_username = {ADMIN[0]}\nadmin_password = {ADMIN[1]}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    server = MlflowServer(
+        f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "artifacts", tmp_path / "mlflow-auth-server.log",
+        app_args=["--app-name", "basic-auth"],
+        env={"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_FLASK_SERVER_SECRET_KEY": uuid.uuid4().hex},
+    )  # fmt: skip
     server.start()
     try:
         yield server

@@ -10,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import mlflow
 import pytest
 from mlflow import MlflowClient
 
@@ -48,7 +49,11 @@ def _run(cfg: PipelineConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 def _champion_predictions(uri: str, name: str, alias: str, tmp_path: Path) -> list[int]:
     out = tmp_path / "champion_preds.json"
-    env = os.environ | {"MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false", "MLFLOW_TRACKING_URI": uri}
+    env = os.environ | {
+        "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
+        "MLFLOW_TRACKING_URI": uri,
+        "MLFLOW_REGISTRY_URI": uri,
+    }
     proc = subprocess.run(
         [sys.executable, "-c", LOAD_CHAMPION, uri, name, alias, str(out)],
         env=env, capture_output=True, text=True, timeout=180,
@@ -81,7 +86,25 @@ def _assert_registered_champion(result: LocalRunResult, cfg: PipelineConfig, uri
     # The registered model, loaded without pickle in a fresh process, predicts what evaluate measured.
     measured = summary["evaluation"]["quantized"]["predictions"]
     assert _champion_predictions(uri, cfg.registry.model_name, "champion", tmp_path) == measured
+    # One line per task, in DAG order, every one succeeded.
+    tasks = ["prepare-data", "train-teacher", "distill", "quantize", "evaluate", "gate", "register", "finalize"]
+    assert [(s["task"], s["status"]) for s in result.steps] == [(t, "SUCCESS") for t in tasks]
+    _assert_evaluate_outputs(result)
     return version
+
+
+def _assert_evaluate_outputs(result: LocalRunResult) -> None:
+    """What the KFP UI shows for evaluate: HTML report, Markdown summary, metrics, confusion matrix."""
+    evaluate_dir = result.pipeline_root / "evaluate"
+    page = (evaluate_dir / "report").read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.count('src="data:image/png;base64,') == 3
+    assert "PENDING" in page and '<section id="gate">' in page
+    assert (evaluate_dir / "summary").read_text().startswith("# Compression report: kdflow-test")
+    outputs = json.loads((evaluate_dir / "executor_output.json").read_text())["artifacts"]
+    matrix = outputs["confusion"]["artifacts"][0]["metadata"]["confusionMatrix"]
+    assert [a["displayName"] for a in matrix["annotationSpecs"]] == [str(i) for i in range(10)]
+    assert len(matrix["rows"]) == 10
+    assert "quantized_accuracy" in outputs["metrics"]["artifacts"][0]["metadata"]
 
 
 def test_pass_then_fail_on_a_fresh_sqlite_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -89,6 +112,7 @@ def test_pass_then_fail_on_a_fresh_sqlite_store(tmp_path: Path, monkeypatch: pyt
     uri = cfg.tracking.tracking_uri
     first = _run(cfg, tmp_path, monkeypatch)
     version = _assert_registered_champion(first, cfg, uri, tmp_path)
+    assert first.report_path is not None and "PROMOTED" in first.report_path.read_text()
 
     # Thresholds no student can meet: the run succeeds, the gate fails, nothing changes.
     strict = cfg.model_copy(deep=True)
@@ -107,14 +131,56 @@ def test_pass_then_fail_on_a_fresh_sqlite_store(tmp_path: Path, monkeypatch: pyt
     assert tags["kdflow.gate_status"] == "failed"
     assert set(tags["kdflow.gate_failed_checks"].split(",")) == {"min_accuracy", "min_compression_ratio"}
     assert tags["gate.min_accuracy"].endswith("FAIL")
+    assert "register" not in [s["task"] for s in second.steps]
+    assert "REJECTED" in second.report_path.read_text()
 
 
-def test_against_a_real_mlflow_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_server) -> None:
+FAKE_SECRETS = {
+    "AWS_ACCESS_KEY_ID": "AKIAKDFLOWFAKE7EXAMPLE",
+    "AWS_SECRET_ACCESS_KEY": "kdflow/Fake+Secret/Key/9f8e7d6c5b4a",
+    "MLFLOW_TRACKING_USERNAME": "kdflow-ci-user-3c2b1a",
+    "MLFLOW_TRACKING_PASSWORD": "Fake-Mlflow-Password-0a9b8c",
+    "MLFLOW_TRACKING_TOKEN": "fake-token-5e4d3c2b1a09",
+}
+
+
+def _recorded_text(client: MlflowClient, cfg: PipelineConfig, result: LocalRunResult, tmp_path: Path) -> str:
+    """Everything the run left behind: MLflow params, tags and artifacts of every run, the
+    registered version's tags, and every file kfp.local wrote (executor inputs and outputs)."""
+    parts: list[str] = []
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    for run in client.search_runs([exp.experiment_id]):
+        parts.append(json.dumps([run.data.params, run.data.tags, run.info.run_name]))
+        local = mlflow.artifacts.download_artifacts(
+            run_id=run.info.run_id, dst_path=str(tmp_path / "scan" / run.info.run_id), tracking_uri=client.tracking_uri
+        )
+        parts += [p.read_bytes().decode("utf-8", "replace") for p in Path(local).rglob("*") if p.is_file()]
+    for v in client.search_model_versions(f"name = '{cfg.registry.model_name}'"):
+        parts.append(json.dumps(v.tags))
+    parts += [p.read_bytes().decode("utf-8", "replace") for p in result.pipeline_root.rglob("*") if p.is_file()]
+    return "\n".join(parts)
+
+
+def test_against_a_real_mlflow_server_leaking_no_credential(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture, mlflow_server
+) -> None:
+    # Credentials in the environment, as a Kubernetes Secret would put them (the server
+    # here has no auth, so they are sent and ignored): none may be recorded anywhere.
+    for key, value in FAKE_SECRETS.items():
+        monkeypatch.setenv(key, value)
     cfg = tiny_config(tmp_path, tracking={"tracking_uri": mlflow_server.url})
     result = _run(cfg, tmp_path, monkeypatch)
     _assert_registered_champion(result, cfg, mlflow_server.url, tmp_path)
     # The model's files went through the server's artifact proxy, not a path we share with it.
     assert any(mlflow_server.artifacts.rglob("weights.pt"))
+
+    client = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
+    recorded = _recorded_text(client, cfg, result, tmp_path)
+    logs = capfd.readouterr()
+    assert "quantized_student" in recorded and "executor_output" in logs.out + logs.err  # the scan saw real content
+    for key, secret in FAKE_SECRETS.items():
+        assert secret not in recorded, f"{key} leaked into MLflow or KFP artifacts"
+        assert secret not in logs.out + logs.err, f"{key} leaked into the logs"
 
 
 def test_a_failing_step_closes_the_parent_run_as_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -129,3 +195,7 @@ def test_a_failing_step_closes_the_parent_run_as_failed(tmp_path: Path, monkeypa
     assert parent.data.tags["kdflow.pipeline_state"] == "FAILED"
     with pytest.raises(Exception):
         client.get_registered_model(cfg.registry.model_name)
+    # The failed task is named in the step lines; the exit handler still ran and wrote a report.
+    statuses = {s["task"]: s["status"] for s in result.steps}
+    assert statuses["prepare-data"] == "FAILURE" and statuses["finalize"] == "SUCCESS"
+    assert "NO DECISION" in result.report_path.read_text()

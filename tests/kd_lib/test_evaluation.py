@@ -8,6 +8,7 @@ from torch import nn
 
 from kd_lib.evaluation import (
     accuracy,
+    agreement,
     artifact_size_bytes,
     confusion_matrix,
     evaluate_model,
@@ -95,3 +96,19 @@ def test_evaluate_model_keys(tmp_path: Path) -> None:
     assert metrics["predictions"] == predict(model, x).tolist()
     assert metrics["accuracy"] == accuracy(predict(model, x), y)
     assert sum(map(sum, metrics["confusion_matrix"])) == 20
+
+
+def test_agreement_counts_who_was_right_where_two_models_differ() -> None:
+    y = torch.tensor([0, 1, 2, 2, 1, 0])
+    teacher = torch.tensor([0, 1, 2, 1, 1, 2])  # wrong on samples 3 and 5
+    # Differs on 1 and 4 (teacher right), 3 (student right), 5 (both wrong).
+    student = torch.tensor([0, 2, 2, 2, 0, 1])
+    out = agreement(teacher, student, y, 3)
+    assert out["agreement"] == pytest.approx(2 / 6)
+    assert (out["n_disagree"], out["reference_right"], out["other_right"], out["both_wrong"]) == (4, 2, 1, 1)
+    # pairs[teacher_pred][student_pred] over the 4 disagreeing samples only.
+    assert out["pairs"] == [[0, 0, 0], [1, 0, 2], [0, 1, 0]]
+    same = agreement(teacher, teacher, y, 3)
+    assert same["agreement"] == 1.0 and same["n_disagree"] == 0 and same["pairs"] == [[0] * 3] * 3
+    with pytest.raises(ValueError, match="both be"):
+        agreement(teacher, student[:-1], y, 3)

@@ -68,7 +68,7 @@ def test_dynamic_int8_refuses_a_model_without_linear_layers() -> None:
 
 
 def test_unknown_scheme() -> None:
-    with pytest.raises(UnknownNameError, match="quantizer 'int3'.*dynamic_int8, none"):
+    with pytest.raises(UnknownNameError, match="quantizer 'int3'.*dynamic_int8, fp16, none, qat_int8, static_int8"):
         quantize(_mlp(), "int3")
 
 
@@ -176,9 +176,13 @@ def test_missing_and_corrupt_files_name_the_file(tmp_path: Path) -> None:
 def test_weights_that_do_not_fit_the_spec_are_rejected(tmp_path: Path) -> None:
     save_model(quantize(_mlp(), "dynamic_int8"), {**SPEC, "quantization": "dynamic_int8"}, tmp_path)
     spec = json.loads((tmp_path / "spec.json").read_text())
-    spec["quantization"] = "none"  # fp32 structure cannot take int8 packed weights
+    spec["quantization"], spec["backend"] = "none", "none"  # fp32 structure cannot take int8 packed weights
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     with pytest.raises(ArtifactError, match="does not match the architecture"):
+        load_model(tmp_path)
+    spec["backend"] = "torch.ao.quantization.quantize_dynamic"  # a backend of another scheme
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    with pytest.raises(ArtifactError, match="scheme 'none' has no backend 'torch.ao.quantization.quantize_dynamic'"):
         load_model(tmp_path)
 
 

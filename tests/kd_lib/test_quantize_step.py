@@ -1,0 +1,214 @@
+"""The quantize step on real (tiny) artifacts: calibration from the dataset, QAT with the
+teacher, `auto` with its logged tries and its gate failure, ONNX export checked with
+onnxruntime, and the registered pyfunc loading without pickle."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kd_lib import gates, steps
+from kd_lib.config import PipelineConfig
+from kd_lib.quantization import QuantizationError, load_model
+from kd_lib.tracking import client_for, read_run
+from tests.helpers import tiny_config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    """prepare_data -> train_teacher -> distill once (digits, MLP student and CNN student)."""
+    root = tmp_path_factory.mktemp("quantize_step")
+    # A sqlite store puts run artifacts under ./mlruns of the working directory: keep them here.
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        yield _train(root)
+    finally:
+        os.chdir(cwd)
+
+
+def _train(root: Path) -> dict[str, Path]:
+    cfg = tiny_config(root)
+    paths = {"root": root, "dataset": root / "dataset", "teacher": root / "teacher"}
+    steps.prepare_data(cfg, "prep", paths["dataset"])
+    steps.train_teacher(cfg, "prep", paths["dataset"], paths["teacher"])
+    for arch, params in (("mlp", {"width": 24, "depth": 1}), ("cnn", {"channels": 4, "depth": 1, "hidden": 16})):
+        student_cfg = _cfg(root, student={"model": {"arch": arch, "params": params}})
+        paths[arch] = root / f"student_{arch}"
+        steps.distill(student_cfg, "prep", paths["dataset"], paths["teacher"], paths[arch])
+    return paths
+
+
+def _cfg(root: Path, **sections: dict) -> PipelineConfig:
+    cfg = tiny_config(root, **sections)
+    # All tests of this module share one tracking store (the fixture's).
+    cfg.tracking.tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
+    return cfg
+
+
+def _quantize(trained: dict[str, Path], tmp_path: Path, arch: str = "mlp", **quantize: object):
+    cfg = _cfg(trained["root"], quantize=dict(quantize))
+    out = tmp_path / "quantized"
+    info = steps.quantize(
+        cfg, f"run-{tmp_path.name}", trained["dataset"], trained[arch], out,
+        teacher_dir=trained["teacher"], onnx_dir=tmp_path / "onnx",
+    )  # fmt: skip
+    return cfg, info, out
+
+
+def _step_run(cfg: PipelineConfig, pipeline_run_id: str) -> dict:
+    client = client_for(cfg)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    runs = client.search_runs(
+        [exp.experiment_id], f"tags.`kdflow.pipeline_run_id` = '{pipeline_run_id}' and tags.`kdflow.step` = 'quantize'"
+    )
+    assert len(runs) == 1
+    return read_run(cfg, runs[0].info.run_id)
+
+
+def test_static_int8_calibrates_on_the_dataset(trained, tmp_path: Path) -> None:
+    cfg, info, out = _quantize(trained, tmp_path, arch="cnn", scheme="static_int8", calibration_batches=3,
+                               calibration_batch_size=32)  # fmt: skip
+    spec = json.loads((out / "spec.json").read_text())
+    assert spec["quantization"] == "static_int8" and spec["backend"] == "torch.ao.quantization.eager[x86]"
+    assert spec["calibration"] == {"batches": 3, "batch_size": 32}
+    assert spec["fp32_layers"] == []
+    # (This CNN is too tiny for int8 to be smaller than fp32: per-tensor file overhead dominates;
+    # sizes are tested on a realistic model in test_quantization_schemes.)
+    assert info["quantized_bytes"] == sum(p.stat().st_size for p in out.iterdir())
+    assert abs(spec["validation"]["drop_points"]) < 5.0
+    load_model(out)
+
+
+def test_dynamic_int8_records_the_convolutions_it_left_in_fp32(trained, tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match="Conv2d"):
+        _, _, out = _quantize(trained, tmp_path, arch="cnn", scheme="dynamic_int8")
+    assert json.loads((out / "spec.json").read_text())["fp32_layers"] == ["0 (Conv2d)"]
+    with pytest.raises(QuantizationError, match="'dynamic_int8'.*Conv2d"):
+        _quantize(trained, tmp_path / "strict", arch="cnn", scheme="dynamic_int8", allow_fp32_layers=False)
+
+
+def test_qat_fine_tunes_with_the_teacher(trained, tmp_path: Path) -> None:
+    cfg, info, out = _quantize(trained, tmp_path, scheme="qat_int8", qat_epochs=2)
+    model, spec = load_model(out)
+    assert spec["quantization"] == "qat_int8"
+    run = _step_run(cfg, f"run-{tmp_path.name}")
+    assert "qat.train_loss" in run["metrics"]
+    assert spec["validation"]["accuracy"] > 0.8
+
+
+def test_auto_keeps_the_first_scheme_within_the_drop_and_logs_every_try(trained, tmp_path: Path) -> None:
+    # dynamic_int8 cannot apply to the CNN's convolutions when fp32 layers are refused: the
+    # first try fails, the second (bf16) is within the drop.
+    cfg, info, out = _quantize(
+        trained, tmp_path, arch="cnn", scheme="auto", auto_order=["dynamic_int8", "bf16"], allow_fp32_layers=False
+    )
+    spec = json.loads((out / "spec.json").read_text())
+    assert spec["quantization"] == "bf16" and info["auto_found"] is True
+    tries = spec["quantization_auto"]["tries"]
+    assert [t["scheme"] for t in tries] == ["dynamic_int8", "bf16"]
+    assert "Conv2d" in tries[0]["error"] and tries[1]["passed"] is True
+    run = _step_run(cfg, f"run-{tmp_path.name}")
+    assert run["metrics"]["auto.dynamic_int8.passed"] == 0.0
+    assert run["metrics"]["auto.bf16.passed"] == 1.0
+    assert "auto.bf16.drop_points" in run["metrics"]
+
+
+def test_auto_without_a_passing_scheme_keeps_fp32_and_fails_the_gate_with_the_reason(trained, tmp_path: Path) -> None:
+    cfg, info, out = _quantize(
+        trained, tmp_path, arch="cnn", scheme="auto", auto_order=["dynamic_int8"], allow_fp32_layers=False
+    )
+    assert info["auto_found"] is False and info["scheme"] == "none"
+    model, spec = load_model(out)  # a real model, not None
+    assert spec["quantization_auto"]["found"] is False
+    assert "none of dynamic_int8" in spec["quantization_auto"]["reason"]
+
+    models = {"teacher": trained["teacher"], "student": trained["cnn"], "quantized": out}
+    cfg.evaluate.latency_iters = 1
+    steps.evaluate(cfg, f"run-{tmp_path.name}", trained["dataset"], models, tmp_path / "evaluation.json")
+    decision, action = steps.gate(
+        cfg, f"run-{tmp_path.name}", trained["dataset"], tmp_path / "evaluation.json", tmp_path / "decision.json"
+    )
+    assert not decision.passed and action == "reject"
+    failed = {c.name: c for c in decision.failed()}
+    assert "quantization_auto_found" in failed
+    assert "none of dynamic_int8" in failed["quantization_auto_found"].detail
+    assert "quantization_auto_found: quantize.scheme auto: none of" in decision.table()
+    again = gates.GateDecision.from_dict(json.loads((tmp_path / "decision.json").read_text()))
+    assert again.failed()[-1].detail == failed["quantization_auto_found"].detail
+
+
+def test_onnx_export_is_checked_with_onnxruntime_on_the_test_split(trained, tmp_path: Path) -> None:
+    cfg, info, out = _quantize(trained, tmp_path, arch="cnn", scheme="static_int8", export_onnx=True)
+    report = json.loads((tmp_path / "onnx" / "onnx_check.json").read_text())
+    assert report == info["onnx"]
+    assert report["fp32"]["agreement_with_torch"] == 1.0 and report["fp32"]["max_abs_logit_diff"] < 1e-3
+    assert report["fp32"]["test_accuracy"] == report["fp32"]["torch_test_accuracy"]
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(tmp_path / "onnx" / "student_quantized.onnx").graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm"} & ops >= {"QuantizeLinear", "DequantizeLinear"}
+    assert report["quantized_onnx"].startswith("onnxruntime quantize_static, QDQ, per-channel")
+    assert report["quantized"]["test_accuracy"] > report["fp32"]["test_accuracy"] - 0.05
+    assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == [
+        "onnx_check.json", "student_fp32.onnx", "student_quantized.onnx"
+    ]  # fmt: skip
+    # The ONNX files are not part of the quantized artifact (its size is what the gate measures).
+    assert sorted(p.name for p in out.iterdir()) == ["spec.json", "weights.pt"]
+
+
+LOAD_PYFUNC = textwrap.dedent(
+    """
+    import json, sys
+    import mlflow, numpy as np
+    x = np.load(sys.argv[2])
+    out = {}
+    for scheme, uri in json.loads(sys.argv[1]).items():
+        out[scheme] = mlflow.pyfunc.load_model(uri).predict(x).tolist()
+    print(json.dumps(out))
+    """
+)
+
+
+def test_pyfunc_of_each_kind_of_artifact_loads_without_pickle(trained, tmp_path: Path, repo_root: Path) -> None:
+    import mlflow
+
+    from kd_lib.model_registry import KdflowPyfunc, log_pyfunc, pip_requirements
+
+    x = np.random.default_rng(0).uniform(0, 16, size=(20, 1, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    previous_uri = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'pyfunc.db'}")
+    uris, expected = {}, {}
+    try:
+        # Artifacts under tmp_path, not ./mlruns of the working directory.
+        experiment = mlflow.create_experiment("pyfunc", artifact_location=(tmp_path / "artifacts").as_uri())
+        for scheme in ("static_int8", "weight_only_int8", "bf16"):
+            _, _, out = _quantize(trained, tmp_path / scheme, arch="cnn", scheme=scheme)
+            spec = json.loads((out / "spec.json").read_text())
+            with mlflow.start_run(experiment_id=experiment):
+                uris[scheme], _ = log_pyfunc(out, spec, pip_requirements(spec))
+            wrapper = KdflowPyfunc()
+            wrapper.load_context(type("Ctx", (), {"artifacts": {"model": str(out)}})())
+            expected[scheme] = wrapper.predict(None, x).tolist()
+    finally:
+        mlflow.set_tracking_uri(previous_uri)
+    env = os.environ | {
+        "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'pyfunc.db'}",
+        "PYTHONPATH": "",  # the model ships kd_lib itself
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", LOAD_PYFUNC, json.dumps(uris), str(tmp_path / "x.npy")],
+        capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == expected

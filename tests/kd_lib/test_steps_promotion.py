@@ -1,0 +1,100 @@
+"""Champion/challenger through the real gate and register steps on a real sqlite store.
+
+One tiny model is trained once; the candidates differ by the metrics the evaluate step
+reported (an honest stand-in for a worse or larger retrained student), while the champion
+is always re-measured by the gate step itself on the test split.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from kd_lib import steps
+from tests.helpers import tiny_config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    tmp = tmp_path_factory.mktemp("promotion")
+    cfg = tiny_config(
+        tmp,
+        gate={"champion_policy": "must_not_regress", "champion_tolerance": 1.0, "min_accuracy": 0.5,
+              "max_accuracy_drop": 40.0, "max_quantization_drop": 5.0},
+        teacher={"train": {"epochs": 3}}, distill={"train": {"epochs": 3}},
+    )  # fmt: skip
+    d = {name: tmp / name for name in ("dataset", "teacher", "student", "quantized")}
+    steps.prepare_data(cfg, "setup", d["dataset"])
+    steps.train_teacher(cfg, "setup", d["dataset"], d["teacher"])
+    steps.distill(cfg, "setup", d["dataset"], d["teacher"], d["student"])
+    steps.quantize(cfg, "setup", d["dataset"], d["student"], d["quantized"])
+    steps.evaluate(cfg, "setup", d["dataset"], {"teacher": d["teacher"], "student": d["student"],
+                   "quantized": d["quantized"]}, tmp / "evaluation.json")  # fmt: skip
+    return {"cfg": cfg, "dirs": d, "evaluation": json.loads((tmp / "evaluation.json").read_text()), "tmp": tmp}
+
+
+def _candidate(trained: dict, run_id: str, tmp: Path, keep_rejected: bool = False, **quantized) -> tuple[str, dict | None]:
+    cfg = trained["cfg"].model_copy(deep=True)
+    cfg.registry.keep_rejected = keep_rejected
+    evaluation = json.loads(json.dumps(trained["evaluation"]))
+    evaluation["quantized"].update(quantized)
+    (tmp / f"{run_id}.json").write_text(json.dumps(evaluation))
+    d = trained["dirs"]
+    decision, action = steps.gate(cfg, run_id, d["dataset"], tmp / f"{run_id}.json", tmp / f"{run_id}.decision.json")
+    out = None
+    if action != "reject":
+        out = steps.register(cfg, run_id, d["dataset"], d["quantized"], tmp / f"{run_id}.json", tmp / f"{run_id}.decision.json")
+    return action, out
+
+
+def test_champion_challenger_sequence(trained: dict, tmp_path: Path) -> None:
+    cfg = trained["cfg"]
+    name = cfg.registry.model_name
+    client = MlflowClient(cfg.tracking.tracking_uri, cfg.tracking.tracking_uri)
+    acc = trained["evaluation"]["quantized"]["accuracy"]
+    size = trained["evaluation"]["quantized"]["size_bytes"]
+
+    # No champion yet: the thresholds alone decide.
+    action, first = _candidate(trained, "run-1", tmp_path)
+    assert action == "promote" and first["champion"] == first["version"] == "1"
+
+    # The same model again: no regression, same size; ties go to the newest version.
+    action, second = _candidate(trained, "run-2", tmp_path)
+    assert action == "promote" and second["champion"] == "2"
+
+    # 3 points worse than the champion (tolerance 1): rejected, nothing registered, alias kept.
+    action, out = _candidate(trained, "run-3", tmp_path, accuracy=acc - 0.03)
+    assert (action, out) == ("reject", None)
+    assert len(client.search_model_versions(f"name = '{name}'")) == 2
+    with pytest.raises(steps.StepError, match="champion_accuracy_drop"):
+        steps.register(cfg, "run-3", trained["dirs"]["dataset"], trained["dirs"]["quantized"],
+                       tmp_path / "run-3.json", tmp_path / "run-3.decision.json")  # fmt: skip
+
+    # Kept as challenger when asked: registered, tagged rejected, never champion.
+    action, challenger = _candidate(trained, "run-4", tmp_path, keep_rejected=True, accuracy=acc - 0.03)
+    assert action == "challenger" and challenger["alias"] == "challenger"
+    v4 = client.get_model_version(name, challenger["version"])
+    assert v4.tags["validation_status"] == "rejected"
+    assert v4.tags["gate.champion_accuracy_drop"].endswith("FAIL")
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "2"
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == challenger["version"]
+
+    # Within tolerance but 30% larger and not more accurate: a size regression.
+    action, _ = _candidate(trained, "run-5", tmp_path, accuracy=acc - 0.005, size_bytes=int(size * 1.3))
+    assert action == "reject"
+    decision = json.loads((tmp_path / "run-5.decision.json").read_text())
+    assert [c["name"] for c in decision["checks"] if not c["passed"]] == ["champion_size_ratio"]
+    # Larger is fine when it buys accuracy (the champion is re-measured, so this is honest).
+    action, bigger = _candidate(trained, "run-6", tmp_path, accuracy=min(1.0, acc + 0.02), size_bytes=int(size * 1.3))
+    assert action == "promote" and bigger["champion"] == bigger["version"]
+
+    # Re-running a pipeline run that already registered reuses its version: no duplicate.
+    again = steps.register(cfg, "run-6", trained["dirs"]["dataset"], trained["dirs"]["quantized"],
+                           tmp_path / "run-6.json", tmp_path / "run-6.decision.json")  # fmt: skip
+    assert again["version"] == bigger["version"] and again["reused"] == "true"
+    versions = client.search_model_versions(f"name = '{name}'")
+    assert len(versions) == 4
+    assert all("validation_status" in v.tags and "kdflow.pipeline_run_id" in v.tags for v in versions)
