@@ -383,11 +383,13 @@ class PipelineConfig(_Strict):
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Flatten nested dicts into ``{"a.b.c": leaf}``; lists stay leaves."""
+    """Flatten nested dicts into ``{"a.b.c": leaf}``; lists, and dicts with dotted keys, stay leaves."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
         path = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
+        # A mapping whose keys contain dots (Kubernetes labels) stays one JSON leaf, so the
+        # dotted params can be turned back into the same tree.
+        if isinstance(value, dict) and value and not any("." in str(k) for k in value):
             out.update(flatten(value, path + "."))
         else:
             out[path] = value

@@ -132,8 +132,19 @@ def _experiment_id(client: MlflowClient, name: str) -> str:
         return exp.experiment_id
 
 
+def _param_text(value: Any) -> str:
+    """Plain strings as they are, everything else as JSON; a string that would read back as
+    another JSON type ("2", "true") is quoted so the params turn back into the same config."""
+    if isinstance(value, str):
+        try:
+            json.loads(value)
+        except ValueError:
+            return value
+    return json.dumps(value)
+
+
 def _params(flat: dict[str, Any]) -> list[Param]:
-    return [Param(k, (v if isinstance(v, str) else json.dumps(v))[:_MAX_PARAM_LEN]) for k, v in sorted(flat.items())]
+    return [Param(k, _param_text(v)[:_MAX_PARAM_LEN]) for k, v in sorted(flat.items())]
 
 
 def find_parent_run(client: MlflowClient, experiment: str, pipeline_run_id: str) -> str | None:

@@ -24,7 +24,7 @@ def test_evaluate_emits_what_the_kfp_ui_visualizes() -> None:
 def test_histories_flow_from_the_training_steps_into_evaluate(tmp_path) -> None:
     for component in (train_teacher, distill):
         assert component.component_spec.outputs["history"].type.startswith("system.Artifact")
-    spec = yaml.safe_load(compile_pipeline(PipelineConfig(), tmp_path / "p.yaml").read_text())
+    spec = next(yaml.safe_load_all(compile_pipeline(PipelineConfig(), tmp_path / "p.yaml").read_text()))
     dag = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
     inputs = dag["evaluate"]["inputs"]["artifacts"]
     for name, producer in (("teacher_history", "train-teacher"), ("student_history", "distill")):

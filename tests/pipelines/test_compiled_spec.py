@@ -81,14 +81,14 @@ def test_tasks_dependencies_and_the_gate_condition(compiled: Compiled, gpu_cfg: 
         "prepare-data": set(),
         "train-teacher": {"prepare-data"},
         "distill": {"prepare-data", "train-teacher"},
-        "quantize": {"distill"},
+        "quantize": {"prepare-data", "train-teacher", "distill"},
         "evaluate": {"prepare-data", "train-teacher", "distill", "quantize"},
-        "gate": {"evaluate"},
+        "gate": {"prepare-data", "evaluate"},
         "condition-2": {"prepare-data", "quantize", "evaluate", "gate"},
     }
     branch = inner["condition-2"]
     assert branch.task_info.name == "gate-passed"
-    assert branch.trigger_policy.condition == "inputs.parameter_values['pipelinechannel--gate-Output'] == true"
+    assert branch.trigger_policy.condition == "inputs.parameter_values['pipelinechannel--gate-Output'] != 'reject'"
     assert set(compiled.dag(branch.component_ref.name)) == {"register"}
     # Caching is off everywhere: every step must write its MLflow run.
     every = {**root, **inner, "register": compiled.dag(branch.component_ref.name)["register"]}

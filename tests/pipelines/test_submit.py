@@ -148,14 +148,14 @@ def test_valid_cron_passes(cron: str) -> None:
     "overrides, message",
     [
         (["tracking.tracking_uri=sqlite:///mlflow.db"], "local store"),
-        (["tracking.tracking_uri=http://user:pw@mlflow:5000"], "carries credentials"),
+        # Refused as early as the config itself (a password must never become a parameter).
+        (["tracking.tracking_uri=http://user:pw@mlflow:5000"], "contains a password"),
         (["cluster.secrets=[]"], "no MLflow server for the steps"),
     ],
 )
 def test_configs_that_cannot_run_on_a_cluster_are_refused(api: FakeKfpApi, overrides: list[str], message: str) -> None:
-    cfg = load_config(DEMO, overrides)
     with pytest.raises(ConfigError, match=message):
-        submit_run(cfg, api.url)
+        submit_run(load_config(DEMO, overrides), api.url)
     assert api.requests == []
 
 
