@@ -157,7 +157,8 @@ def _recorded_text(client: MlflowClient, cfg: PipelineConfig, result: LocalRunRe
         parts += [p.read_bytes().decode("utf-8", "replace") for p in Path(local).rglob("*") if p.is_file()]
     for v in client.search_model_versions(f"name = '{cfg.registry.model_name}'"):
         parts.append(json.dumps(v.tags))
-    parts += [p.read_bytes().decode("utf-8", "replace") for p in result.pipeline_root.rglob("*") if p.is_file()]
+    # The invocation directory: every task's files plus kfp.local's own log of all task output.
+    parts += [p.read_bytes().decode("utf-8", "replace") for p in result.pipeline_root.parent.rglob("*") if p.is_file()]
     return "\n".join(parts)
 
 
@@ -177,7 +178,8 @@ def test_against_a_real_mlflow_server_leaking_no_credential(
     client = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
     recorded = _recorded_text(client, cfg, result, tmp_path)
     logs = capfd.readouterr()
-    assert "quantized_student" in recorded and "executor_output" in logs.out + logs.err  # the scan saw real content
+    # The scan saw real content: artifacts, and kfp.local's full task log (kfp-local.log).
+    assert "quantized_student" in recorded and "executor_output" in recorded and "prepare-data" in logs.out
     for key, secret in FAKE_SECRETS.items():
         assert secret not in recorded, f"{key} leaked into MLflow or KFP artifacts"
         assert secret not in logs.out + logs.err, f"{key} leaked into the logs"
