@@ -68,24 +68,31 @@ def absolute_tracking_uri(uri: str) -> str:
     return uri
 
 
+def connect_error(url: str, timeout: float = 5.0) -> OSError | None:
+    """Try a TCP connection to an http(s) URL's host and port; the error, or None if it answered."""
+    parsed = urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout):
+            return None
+    except OSError as err:
+        return err
+
+
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Fail fast with a clear message when an HTTP tracking server cannot be reached.
 
     MLflow's own client retries for minutes before giving up; a pre-flight TCP connect
     tells the user within seconds which server is down.
     """
-    parsed = urlparse(uri)
-    if parsed.scheme not in ("http", "https"):
+    if urlparse(uri).scheme not in ("http", "https"):
         return
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        with socket.create_connection((parsed.hostname, port), timeout=timeout):
-            pass
-    except OSError as err:
+    err = connect_error(uri, timeout)
+    if err is not None:
         raise TrackingError(
             f"MLflow tracking server {uri} is unreachable ({err.strerror or err})",
             "start it, or point MLFLOW_TRACKING_URI / tracking.tracking_uri at a running server",
-        ) from None
+        )
 
 
 def apply_retry_policy(retry: RetryConfig) -> None:
@@ -269,52 +276,6 @@ def finish_pipeline_run(cfg: PipelineConfig, pipeline_run_id: str, state: str, e
     return parent
 
 
-def read_run(cfg: PipelineConfig, run_id: str) -> dict[str, Any]:
-    """A run's params, metrics and tags as plain dicts (for summaries and tests)."""
-    run = client_for(cfg).get_run(run_id)
-    return {"params": dict(run.data.params), "metrics": dict(run.data.metrics), "tags": dict(run.data.tags)}
-
-
-def child_runs(cfg: PipelineConfig, parent_run_id: str) -> dict[str, str]:
-    """Step name -> run id of the nested runs under a parent run."""
-    client = client_for(cfg)
-    parent = client.get_run(parent_run_id)
-    runs = client.search_runs(
-        [parent.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'", max_results=100
-    )
-    return {r.data.tags.get(STEP_TAG, r.info.run_name): r.info.run_id for r in runs}
-
-
-def download_artifact(cfg: PipelineConfig, run_id: str, path: str) -> Any:
-    """Load a JSON artifact of a run."""
-    with tempfile.TemporaryDirectory() as tmp:
-        local = mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path=path, dst_path=tmp, tracking_uri=resolve_tracking_uri(cfg)
-        )
-        return json.loads(Path(local).read_text())
-
-
-def pipeline_summary(cfg: PipelineConfig, parent_run_id: str) -> dict[str, Any]:
-    """What a pipeline run recorded: per-model evaluation, the gate decision, the registration.
-
-    Read back from MLflow (not from local files) so it works for cluster runs too.
-    """
-    parent = read_run(cfg, parent_run_id)
-    steps = child_runs(cfg, parent_run_id)
-    summary: dict[str, Any] = {"parent_run_id": parent_run_id, "tags": parent["tags"], "steps": steps}
-    if "evaluate" in steps:
-        summary["evaluation"] = download_artifact(cfg, steps["evaluate"], "evaluation.json")
-    if parent["tags"].get("kdflow.gate_status"):
-        summary["gate"] = download_artifact(cfg, parent_run_id, "gate.json")
-    if parent["tags"].get("kdflow.registered_version"):
-        summary["registered"] = {
-            "model_name": cfg.registry.model_name,
-            "version": parent["tags"]["kdflow.registered_version"],
-            "alias": parent["tags"].get("kdflow.alias", cfg.registry.alias),
-        }
-    return summary
-
-
 # ---------------------------------------------------------------- reading a pipeline run back
 
 
@@ -414,3 +375,18 @@ def pipeline_record(client: MlflowClient, parent_run_id: str) -> dict[str, Any]:
         ),
         "histories": histories,
     }
+
+
+def pipeline_summary(cfg: PipelineConfig, parent_run_id: str) -> dict[str, Any]:
+    """``pipeline_record`` plus ``registered`` (model name, version, alias) when the run
+    registered a version: what ``kdflow run`` prints at the end. Read back from MLflow, not
+    from local files, so it works for cluster runs too."""
+    summary = pipeline_record(client_for(cfg), parent_run_id)
+    tags = summary["tags"]
+    if tags.get("kdflow.registered_version"):
+        summary["registered"] = {
+            "model_name": cfg.registry.model_name,
+            "version": tags["kdflow.registered_version"],
+            "alias": tags.get("kdflow.alias", cfg.registry.alias),
+        }
+    return summary

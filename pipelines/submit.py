@@ -13,7 +13,6 @@ import contextlib
 import io
 import json
 import os
-import socket
 import tempfile
 import time
 import warnings
@@ -24,6 +23,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 from kd_lib.config import ConfigError, PipelineConfig
+from kd_lib.tracking import connect_error
 
 TOKEN_ENV = "KDFLOW_KFP_TOKEN"
 SA_TOKEN_PATH_ENV = "KF_PIPELINES_SA_TOKEN_PATH"
@@ -168,15 +168,12 @@ def _check_reachable(host: str, timeout: float = 5.0) -> None:
     parsed = urlparse(host)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise SubmitError(f"--host {host!r} is not an http(s) URL, e.g. http://localhost:8080 after port-forwarding")
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        with socket.create_connection((parsed.hostname, port), timeout=timeout):
-            pass
-    except OSError as err:
+    err = connect_error(host, timeout)
+    if err is not None:
         raise SubmitError(
             f"KFP API {host} is unreachable ({err.strerror or err}); check --host, or port-forward it: "
             "kubectl -n kubeflow port-forward svc/ml-pipeline-ui 8080:80"
-        ) from None
+        )
 
 
 def connect(host: str, namespace: str | None = None) -> Any:

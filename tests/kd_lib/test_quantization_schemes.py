@@ -28,7 +28,6 @@ from kd_lib.quantization import (
     fp32_layers,
     get_quantizer,
     int8_per_channel,
-    load_model,
     quantize,
     save_model,
 )

@@ -18,7 +18,7 @@ import pytest
 from kd_lib import gates, steps
 from kd_lib.config import PipelineConfig
 from kd_lib.quantization import QuantizationError, load_model
-from kd_lib.tracking import client_for, read_run
+from kd_lib.tracking import client_for
 from tests.helpers import tiny_config
 
 
@@ -71,7 +71,8 @@ def _step_run(cfg: PipelineConfig, pipeline_run_id: str) -> dict:
         [exp.experiment_id], f"tags.`kdflow.pipeline_run_id` = '{pipeline_run_id}' and tags.`kdflow.step` = 'quantize'"
     )
     assert len(runs) == 1
-    return read_run(cfg, runs[0].info.run_id)
+    data = runs[0].data
+    return {"params": dict(data.params), "metrics": dict(data.metrics), "tags": dict(data.tags)}
 
 
 def test_static_int8_calibrates_on_the_dataset(trained, tmp_path: Path) -> None:

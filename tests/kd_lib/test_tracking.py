@@ -48,7 +48,7 @@ def test_steps_nest_under_one_parent_run(tmp_path: Path) -> None:
         pass
     assert a.parent_run_id != other.parent_run_id
     client = MlflowClient(cfg.tracking.tracking_uri)
-    children = tracking.child_runs(cfg, a.parent_run_id)
+    children = tracking.pipeline_record(client, a.parent_run_id)["steps"]
     assert set(children) == {"prepare_data", "train_teacher"}
     assert client.get_run(children["prepare_data"]).info.status == "FINISHED"
     assert client.get_run(children["train_teacher"]).info.status == "FAILED"

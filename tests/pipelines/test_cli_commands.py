@@ -172,7 +172,7 @@ def test_every_command_and_option_is_explained_with_an_example(capsys) -> None:
     for name, sub in subparsers.choices.items():
         assert f"kdflow {name}" in top, name  # an example per command at the top level
         text = sub.format_help()
-        assert f"examples:\n  kdflow {name}" in text or f"examples:\n  MLFLOW" in text, name
+        assert f"examples:\n  kdflow {name}" in text or "examples:\n  MLFLOW" in text, name
         for action in sub._actions:
             if action.dest == "help":
                 continue
