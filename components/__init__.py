@@ -8,9 +8,10 @@ from components.distill import distill
 from components.evaluate import evaluate
 from components.finalize import finalize
 from components.gate import gate
+from components.import_teacher import import_teacher
 from components.prepare_data import prepare_data
 from components.quantize import quantize
 from components.register import register
 from components.train_teacher import train_teacher
 
-__all__ = ["distill", "evaluate", "finalize", "gate", "prepare_data", "quantize", "register", "train_teacher"]
+__all__ = ["distill", "evaluate", "finalize", "gate", "import_teacher", "prepare_data", "quantize", "register", "train_teacher"]

@@ -29,6 +29,24 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class AugmentConfig(_Strict):
+    """Random transforms of *training* batches (never validation or test); images only for crop/flip.
+
+    With any of them on, the teacher runs on every augmented batch instead of reading its
+    cached logits (the cache holds logits of the un-augmented samples).
+    """
+
+    random_crop_padding: int = Field(
+        0, ge=0, description="Pad each side with this many zero pixels, then crop back to the original size at a random offset; 0 = off."
+    )
+    horizontal_flip: bool = Field(False, description="Mirror half of the images left-right (off for digits: a mirrored 3 is not a 3).")
+    noise_std: float = Field(0.0, ge=0, description="Std of Gaussian noise added to the normalized inputs; 0 = off.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.random_crop_padding > 0 or self.horizontal_flip or self.noise_std > 0
+
+
 class DataConfig(_Strict):
     source: str = Field(
         "digits",
@@ -38,6 +56,7 @@ class DataConfig(_Strict):
     val_fraction: float = Field(0.15, gt=0, lt=0.5)
     test_fraction: float = Field(0.15, gt=0, lt=0.5)
     seed: int = 0
+    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Training-batch augmentation.")
 
 
 class ModelConfig(_Strict):
@@ -58,10 +77,29 @@ class TrainConfig(_Strict):
 
 
 class TeacherConfig(_Strict):
+    source: Literal["train", "mlflow", "checkpoint"] = Field(
+        "train",
+        description="train: train `model` on the data with `train`; mlflow: import a kdflow model registered in "
+        "MLflow (`uri` e.g. models:/teacher@champion), no training step; checkpoint: a state_dict file (`uri`, "
+        "local path or s3://) for the architecture `model`, loaded with weights_only=True.",
+    )
+    uri: str | None = Field(
+        None, description="mlflow: models:/<name>@<alias> or models:/<name>/<version>; checkpoint: path or s3:// URI of the weights."
+    )
     model: ModelConfig = Field(
         default_factory=lambda: ModelConfig(arch="mlp", params={"width": 256, "depth": 2})
     )
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _uri_matches_source(self) -> "TeacherConfig":
+        if self.source == "train" and self.uri is not None:
+            raise ValueError("uri is only read when source is 'mlflow' or 'checkpoint'; remove it or set source")
+        if self.source == "mlflow" and not (self.uri or "").startswith("models:/"):
+            raise ValueError("source 'mlflow' needs uri: models:/<name>@<alias> or models:/<name>/<version>")
+        if self.source == "checkpoint" and not self.uri:
+            raise ValueError("source 'checkpoint' needs uri: the weights file (local path or s3://bucket/key)")
+        return self
 
 
 class StudentConfig(_Strict):
@@ -70,10 +108,40 @@ class StudentConfig(_Strict):
     )
 
 
+class LossTermConfig(_Strict):
+    """One weighted term of the distillation objective."""
+
+    name: str = Field(..., min_length=1, description="A name in kd_lib.losses.LOSSES: ce, kd, dkd, fitnets, at.")
+    weight: float = Field(1.0, ge=0, description="Multiplier of this term in the sum.")
+    params: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the loss, e.g. {temperature: 4}.")
+
+
+def _default_losses() -> list[LossTermConfig]:
+    return [
+        LossTermConfig(name="kd", weight=0.9, params={"temperature": 4.0}),
+        LossTermConfig(name="ce", weight=0.1),
+    ]
+
+
 class DistillConfig(_Strict):
-    temperature: float = Field(4.0, gt=0, description="Softmax temperature T of Hinton KD.")
-    alpha: float = Field(0.9, ge=0, le=1, description="Weight of the KD term; 0 trains the student without KD.")
+    losses: list[LossTermConfig] = Field(
+        default_factory=_default_losses,
+        min_length=1,
+        description="Weighted sum of KD losses, e.g. [{name: kd, weight: 0.9, params: {temperature: 4}}, "
+        "{name: ce, weight: 0.1}]; [{name: ce}] alone trains the student without a teacher (the baseline).",
+    )
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> "DistillConfig":
+        if not any(term.weight > 0 for term in self.losses):
+            raise ValueError("losses: every weight is 0; give at least one term a positive weight")
+        return self
+
+    @property
+    def uses_teacher(self) -> bool:
+        """False when only hard-label terms have weight: the teacher is then never run."""
+        return any(term.weight > 0 and term.name != "ce" for term in self.losses)
 
 
 class QuantizeConfig(_Strict):
@@ -176,7 +244,7 @@ class TrackingConfig(_Strict):
 # ---------------------------------------------------------------------------------------------
 
 # The tasks of the DAG, by the name of the kd_lib step each runs.
-StepName = Literal["prepare_data", "train_teacher", "distill", "quantize", "evaluate", "gate", "register", "finalize"]
+StepName = Literal["prepare_data", "train_teacher", "import_teacher", "distill", "quantize", "evaluate", "gate", "register", "finalize"]
 STEP_NAMES: tuple[str, ...] = get_args(StepName)
 
 # Kubernetes quantities in the forms KFP's compiler accepts (it rejects e.g. "1.5Gi").
@@ -410,18 +478,31 @@ def _format_errors(err: ValidationError, origin: str) -> str:
 def apply_override(tree: dict[str, Any], assignment: str) -> None:
     """Apply one ``dotted.path=value`` override in place; the value is parsed as YAML."""
     if "=" not in assignment:
-        raise ConfigError(f"override {assignment!r}: expected dotted.path=value, e.g. distill.temperature=4")
+        raise ConfigError(f"override {assignment!r}: expected dotted.path=value, e.g. distill.train.epochs=30")
     path, raw = assignment.split("=", 1)
     keys = [k for k in path.strip().split(".") if k]
     if not keys:
         raise ConfigError(f"override {assignment!r}: empty field path")
-    node = tree
-    for key in keys[:-1]:
-        child = node.setdefault(key, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {assignment!r}: {key} is a value, not a section")
-        node = child
-    node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    node: Any = tree
+    # A list item is addressed by its index: distill.losses.0.params.temperature=2.
+    for depth, key in enumerate(keys):
+        last = depth == len(keys) - 1
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                where = ".".join(keys[:depth])
+                raise ConfigError(f"override {assignment!r}: {where} has {len(node)} item(s); use an index 0..{len(node) - 1}")
+            if last:
+                node[int(key)] = value
+            else:
+                node = node[int(key)]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {assignment!r}: {keys[depth - 1]} is a value, not a section")
+        if last:
+            node[key] = value
+        else:
+            node = node.setdefault(key, {})
 
 
 def parse_config(tree: dict[str, Any], overrides: list[str] | None = None, origin: str = "config") -> PipelineConfig:

@@ -14,7 +14,7 @@ import inspect
 import math
 from typing import Any, Callable, Mapping
 
-from torch import nn
+from torch import Tensor, nn
 
 from kd_lib.config import ConfigError
 from kd_lib.registry import Registry
@@ -227,3 +227,29 @@ def count_parameters(model: nn.Module) -> int:
     count the fp32 model before quantizing it.
     """
     return sum(p.numel() for p in model.parameters())
+
+
+class Renormalized(nn.Module):
+    """``model((x * std_data + mean_data - mean_model) / std_model)``.
+
+    Feeds inputs normalized with this run's train-split statistics to a model trained on
+    data normalized with other statistics (an imported teacher, the current champion):
+    undo one normalization, apply the other. ``model`` stays a child named ``model``.
+    """
+
+    def __init__(self, model: nn.Module, data_norm: dict[str, float], model_norm: dict[str, float]) -> None:
+        super().__init__()
+        self.model = model
+        self.scale = float(data_norm["std"]) / float(model_norm["std"])
+        self.shift = (float(data_norm["mean"]) - float(model_norm["mean"])) / float(model_norm["std"])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x * self.scale + self.shift)
+
+
+def for_data(model: nn.Module, model_norm: dict[str, float] | None, data_norm: dict[str, float]) -> nn.Module:
+    """``model`` itself when it expects this normalization, else wrapped in ``Renormalized``."""
+    own = model_norm or {"mean": 0.0, "std": 1.0}
+    if float(own["mean"]) == float(data_norm["mean"]) and float(own["std"]) == float(data_norm["std"]):
+        return model
+    return Renormalized(model, data_norm, own)

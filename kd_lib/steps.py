@@ -17,10 +17,11 @@ from typing import Any
 import torch
 
 from kd_lib import data as data_lib
-from kd_lib import evaluation, gates, quantization, report, training
-from kd_lib.config import PipelineConfig
+from kd_lib import evaluation, gates, losses, quantization, report, storage, training
+from kd_lib.augment import make_augment
+from kd_lib.config import ConfigError, PipelineConfig
 from kd_lib.model_registry import ModelRegistry, gate_tags, log_pyfunc, pip_requirements, registry_errors
-from kd_lib.models import build_model, count_parameters
+from kd_lib.models import build_model, count_parameters, for_data
 from kd_lib.progress import EpochProgress
 from kd_lib.tracking import StepRun, client_for, find_parent_run, finish_pipeline_run, fluent_run, pipeline_record, step_run
 
@@ -101,6 +102,13 @@ def prepare_data(cfg: PipelineConfig, pipeline_run_id: str, dataset_dir: str | P
         return meta.__dict__
 
 
+def _augment(cfg: PipelineConfig, meta: data_lib.DatasetMeta) -> Any:
+    try:
+        return make_augment(cfg.data.augment, tuple(meta.input_shape))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def train_teacher(
     cfg: PipelineConfig,
     pipeline_run_id: str,
@@ -130,10 +138,96 @@ def train_teacher(
             cfg.teacher.train,
             on_epoch=_epoch_logger(run, progress),
             checkpoint_dir=ckpt,
+            augment=_augment(cfg, meta),
         )
         quantization.save_model(result.model, _spec(cfg.teacher.model, meta, "teacher", run), teacher_dir)
         shutil.rmtree(ckpt, ignore_errors=True)
         return _log_result(run, result, progress, history_path) | {"run_id": run.run_id}
+
+
+def _parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """``models:/name@alias`` -> (name, alias, None); ``models:/name/3`` -> (name, None, "3")."""
+    rest = uri[len("models:/") :]
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        if name and alias:
+            return name, alias, None
+    elif "/" in rest:
+        name, version = rest.rsplit("/", 1)
+        if name and version.isdigit():
+            return name, None, version
+    raise ConfigError(f"teacher.uri {uri!r}: expected models:/<name>@<alias> or models:/<name>/<version>")
+
+
+def import_teacher(
+    cfg: PipelineConfig,
+    pipeline_run_id: str,
+    dataset_dir: str | Path,
+    teacher_dir: str | Path,
+    history_path: str | Path | None = None,
+) -> dict[str, Any]:
+    """Bring an already trained teacher into the run instead of training one.
+
+    ``teacher.source: mlflow`` downloads the kdflow model a registry URI points at (its own
+    spec, normalization included: later steps feed it inputs renormalized to what it was
+    trained on). ``teacher.source: checkpoint`` reads a ``state_dict`` file (local or
+    ``s3://``) with ``weights_only=True`` into the architecture ``teacher.model``; it must
+    expect inputs normalized like this run's (train-split mean/std). Either way the teacher
+    is checked against the data (input shape, classes) and its validation accuracy logged.
+
+    Raises:
+        ConfigError: a malformed URI.
+        StepError: the model is missing from the registry, does not fit the data, or the
+            checkpoint does not fit ``teacher.model``.
+    """
+    with step_run(cfg, pipeline_run_id, "import_teacher") as run:
+        splits = data_lib.load_splits(dataset_dir)
+        meta = splits.meta
+        uri = cfg.teacher.uri or ""
+        run.log_params({"source": cfg.teacher.source, "uri": uri})
+        with tempfile.TemporaryDirectory() as tmp:
+            if cfg.teacher.source == "mlflow":
+                name, alias, version = _parse_models_uri(uri)
+                registry = ModelRegistry(run.client, name)
+                with registry_errors(f"reading {uri}"):
+                    version = version or registry.alias_version(alias)  # type: ignore[arg-type]
+                    if version is None:
+                        raise StepError(f"teacher.uri {uri}: model {name!r} has no alias {alias!r}; check the name and alias in the registry")
+                    model_dir = registry.download_version(version, tmp)
+                model, spec = quantization.load_model(model_dir)
+                spec = dict(spec, role="teacher", mlflow_run_id=run.run_id, imported_from=f"models:/{name}/{version}")
+                run.set_tags({"kdflow.teacher_source": f"models:/{name}/{version}"}, on_parent=True)
+            else:
+                local = storage.fetch(uri, tmp, cfg.tracking.retry)
+                torch.manual_seed(0)
+                model = build_model(cfg.teacher.model.arch, cfg.teacher.model.params, tuple(meta.input_shape), meta.num_classes)
+                try:
+                    state = torch.load(local, map_location="cpu", weights_only=True)
+                    model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+                except Exception as err:  # noqa: BLE001 (torch raises many types for a bad file)
+                    raise StepError(
+                        f"teacher.uri {uri}: not a state_dict of teacher.model {cfg.teacher.model.arch} "
+                        f"{cfg.teacher.model.params} ({type(err).__name__}: {str(err)[:300]}); fix teacher.model or the file"
+                    ) from None
+                spec = _spec(cfg.teacher.model, meta, "teacher", run) | {"imported_from": uri}
+                run.set_tags({"kdflow.teacher_source": uri}, on_parent=True)
+        if list(spec["input_shape"]) != list(meta.input_shape) or int(spec["num_classes"]) != meta.num_classes:
+            raise StepError(
+                f"teacher {uri} takes input {spec['input_shape']} with {spec['num_classes']} classes, but the data has "
+                f"{meta.input_shape} with {meta.num_classes}: use a teacher trained for this data"
+            )
+        quantization.save_model(model, spec, teacher_dir)
+        x_val, y_val = _tensors(splits, "val")
+        val_acc = _val_accuracy(for_data(model, spec.get("normalization"), meta.normalization), x_val, y_val)
+        run.log_metrics({"best_val_accuracy": val_acc})
+        if history_path is not None:
+            _write_json(history_path, [])  # no training curve to show
+        return {"best_val_accuracy": val_acc, "run_id": run.run_id, "imported_from": spec["imported_from"]}
+
+
+def _load_teacher(teacher_dir: str | Path, meta: data_lib.DatasetMeta) -> torch.nn.Module:
+    model, spec = quantization.load_model(teacher_dir)
+    return for_data(model, spec.get("normalization"), meta.normalization)
 
 
 def distill(
@@ -144,9 +238,11 @@ def distill(
     student_dir: str | Path,
     history_path: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Hinton KD of the student from the teacher's logits (computed once, indexed by sample).
+    """Distill the student from the teacher with ``distill.losses``.
 
-    The per-epoch history goes to the MLflow run and, when given, to ``history_path`` (JSON).
+    The teacher's logits are cached (computed once, indexed by sample) unless augmentation or
+    a feature loss needs it live. The per-epoch history (with each loss term) goes to the
+    MLflow run and, when given, to ``history_path`` (JSON).
     """
     with (
         step_run(cfg, pipeline_run_id, "distill") as run,
@@ -154,28 +250,30 @@ def distill(
     ):
         splits = data_lib.load_splits(dataset_dir)
         meta = splits.meta
-        x_train, y_train = _tensors(splits, "train")
-        teacher_logits = None
-        if cfg.distill.alpha > 0:
-            teacher, _ = quantization.load_model(teacher_dir)
-            teacher_logits = training.compute_logits(teacher, x_train)
+        objective = losses.build_objective(cfg.distill.losses)
+        teacher = _load_teacher(teacher_dir, meta) if objective.needs_teacher else None
         torch.manual_seed(cfg.distill.train.seed)
         student = build_model(cfg.student.model.arch, cfg.student.model.params, tuple(meta.input_shape), meta.num_classes)
+        augment = _augment(cfg, meta)
         run.log_params(
-            {"num_params": count_parameters(student), "temperature": cfg.distill.temperature, "alpha": cfg.distill.alpha}
+            {"num_params": count_parameters(student), "teacher_logit_cache": augment is None and not objective.needs_features}
+            | losses.as_params(cfg.distill.losses)
         )
-        result = training.distill(
-            student,
-            teacher_logits,
-            x_train,
-            y_train,
-            *_tensors(splits, "val"),
-            cfg.distill.train,
-            temperature=cfg.distill.temperature,
-            alpha=cfg.distill.alpha,
-            on_epoch=_epoch_logger(run, progress),
-            checkpoint_dir=_checkpoint_dir(student_dir),
-        )
+        try:
+            result = training.distill(
+                student,
+                teacher,
+                objective,
+                *_tensors(splits, "train"),
+                *_tensors(splits, "val"),
+                cfg.distill.train,
+                augment=augment,
+                on_epoch=_epoch_logger(run, progress),
+                checkpoint_dir=_checkpoint_dir(student_dir),
+            )
+        except ValueError as err:
+            # A feature loss on layers that do not fit (an MLP under `at`, mismatched maps).
+            raise ConfigError(f"distill.losses ({losses.describe(cfg.distill.losses)}): {err}") from None
         quantization.save_model(result.model, _spec(cfg.student.model, meta, "student", run), student_dir)
         shutil.rmtree(_checkpoint_dir(student_dir), ignore_errors=True)
         return _log_result(run, result, progress, history_path) | {"run_id": run.run_id}
@@ -191,25 +289,33 @@ def _calibration_batches(splits: data_lib.Splits, cfg: PipelineConfig) -> list[t
 
 
 def _qat_finetune(cfg: PipelineConfig, splits: data_lib.Splits, teacher_dir: str | Path | None, run: StepRun):
-    """The fine-tuning function of qat_int8: KD against the teacher's logits, quantize.qat_* settings."""
+    """The fine-tuning function of qat_int8: the distillation objective, quantize.qat_* settings.
+
+    Feature terms (fitnets, at) are left out: their layers are wrapped in fake-quantize
+    modules, and the logit terms carry the teacher's knowledge through this short phase.
+    The terms used are logged as ``qat.objective``.
+    """
 
     def finetune(model: torch.nn.Module) -> None:
         x_train, y_train = _tensors(splits, "train")
-        teacher_logits = None
-        if cfg.distill.alpha > 0:
+        terms = [t for t in cfg.distill.losses if not losses.LOSSES.get(t.name).needs_features]
+        terms = terms or [t.model_copy(update={"name": "ce", "params": {}}) for t in cfg.distill.losses[:1]]
+        objective = losses.build_objective(terms)
+        teacher = None
+        if objective.needs_teacher:
             if teacher_dir is None:
                 raise StepError("qat_int8 fine-tunes with the KD loss and needs the teacher; pass teacher_dir")
-            teacher, _ = quantization.load_model(teacher_dir)
-            teacher_logits = training.compute_logits(teacher, x_train)
+            teacher = _load_teacher(teacher_dir, splits.meta)
+        run.log_params({"qat.objective": losses.describe(terms)})
         train_cfg = cfg.distill.train.model_copy(update={"epochs": cfg.quantize.qat_epochs, "lr": cfg.quantize.qat_lr})
         history = training.kd_finetune(
             model,
-            teacher_logits,
+            teacher,
+            objective,
             x_train,
             y_train,
             train_cfg,
-            temperature=cfg.distill.temperature,
-            alpha=cfg.distill.alpha,
+            augment=_augment(cfg, splits.meta),
             on_epoch=lambda row: run.log_metrics({"qat.train_loss": row["train_loss"]}, step=int(row["epoch"])),
         )
         run.log_dict(history, "qat_history.json")
@@ -416,6 +522,7 @@ def evaluate(
         results: dict[str, dict[str, Any]] = {}
         for role in MODEL_ROLES:
             model, spec = quantization.load_model(model_dirs[role])
+            model = for_data(model, spec.get("normalization"), meta.normalization)  # an imported teacher's own
             # Dynamic int8 packs Linear weights out of .parameters(): count on the fp32 architecture.
             fp32 = build_model(spec["arch"], spec["params"], tuple(spec["input_shape"]), spec["num_classes"])
             results[role] = evaluation.evaluate_model(
@@ -467,11 +574,9 @@ def _champion_metrics(cfg: PipelineConfig, splits: data_lib.Splits, run: StepRun
             f"{spec['num_classes']} classes, this data {meta.input_shape} with {meta.num_classes}: they cannot be "
             "compared; register under a new registry.model_name or set gate.champion_policy=ignore"
         )
-    # Undo this run's normalization, apply the champion's own.
-    norm, own = meta.normalization, spec.get("normalization") or {"mean": 0.0, "std": 1.0}
-    raw = splits.x["test"] * norm["std"] + norm["mean"]
-    x = torch.from_numpy(((raw - own["mean"]) / own["std"]).astype("float32"))
-    accuracy = evaluation.accuracy(evaluation.predict(model, x), torch.from_numpy(splits.y["test"]))
+    model = for_data(model, spec.get("normalization"), meta.normalization)  # the champion's own statistics
+    x_test, y_test = _tensors(splits, "test")
+    accuracy = evaluation.accuracy(evaluation.predict(model, x_test), y_test)
     return {"version": version, "accuracy": accuracy, "size_bytes": size}
 
 

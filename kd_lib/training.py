@@ -1,10 +1,14 @@
 """Teacher training and distillation loops.
 
-Both loops are the same minibatch SGD loop (``_fit``) with a different loss: supervised
-training uses cross-entropy on the labels, distillation uses ``hinton_loss`` against teacher
-logits precomputed once for the whole training set. The loss function receives the SAMPLE
-INDICES of each batch, so teacher logits are looked up by sample, never by batch position,
-and shuffling cannot misalign them.
+Both are the same minibatch loop (``_fit``) with a different loss: supervised training uses
+cross-entropy on the labels, distillation the configured ``Objective`` (kd, dkd, fitnets, at,
+ce, weighted). The loss function receives the SAMPLE INDICES of each batch, so cached
+teacher logits are looked up by sample, never by batch position, and shuffling cannot
+misalign them.
+
+Teacher logits are cached (computed once per training set, reused every epoch) when nothing
+changes the teacher's input or needs more than its logits; with augmentation, or a
+feature-based loss, the teacher runs live on every batch.
 """
 
 from __future__ import annotations
@@ -21,12 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kd_lib.augment import Augment
 from kd_lib.config import ConfigError, TrainConfig
-from kd_lib.losses import hinton_loss
+from kd_lib.losses import LossInputs, Objective, capture_features
 
 EpochCallback = Callable[[dict[str, Any]], None]
-# (logits of the batch [B, C] on the device, sample indices of the batch [B] int64 on the device) -> scalar
-BatchLoss = Callable[[Tensor, Tensor], Tensor]
+# (model, input batch [B, *input_shape] on the device, sample indices of the batch [B] int64 on
+# the device) -> scalar. The loss runs the forward pass itself: feature losses hook into it.
+BatchLoss = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
 
 @dataclass
@@ -114,14 +120,14 @@ def compute_logits(
     return torch.cat(chunks)
 
 
-def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def _optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "sgd":
         # Plain SGD without momentum trains small nets far slower; 0.9 is the usual default.
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
     raise ConfigError(f"train.optimizer {cfg.optimizer!r} is not one of adam, adamw, sgd")
 
 
@@ -154,20 +160,26 @@ def _fit(
     device: torch.device,
     on_epoch: EpochCallback | None,
     checkpoint_dir: str | Path | None = None,
+    augment: Augment | None = None,
+    objective: Objective | None = None,
 ) -> TrainResult:
     """The one training loop: shuffled minibatches, LR schedule, early stopping, best-epoch restore.
 
-    ``loss_fn(batch_logits, batch_idx)`` gets the indices into ``x_train`` of the samples in
-    the batch and looks up whatever targets it needs (labels, teacher logits) by those indices.
+    ``loss_fn(model, batch_x, batch_idx)`` gets the (augmented) inputs and the indices into
+    ``x_train`` of the samples in the batch, runs the forward pass and looks up whatever
+    targets it needs (labels, cached teacher logits) by those indices. ``objective``'s own
+    parameters (FitNets' regressor) are optimized and checkpointed with the model's.
     """
     # Seeds dropout and anything else drawing from the global RNG during training. The model's
     # initial weights were drawn by the caller when it built the model, so seeding before
     # build_model is the caller's job.
     torch.manual_seed(cfg.seed)
-    # A private generator makes the batch order depend on cfg.seed alone.
+    # Private generators make the batch order and the augmentation depend on cfg.seed alone.
     generator = torch.Generator().manual_seed(cfg.seed)
+    augment_generator = torch.Generator().manual_seed(cfg.seed + 1)
     model.to(device)
-    optimizer = _optimizer(model, cfg)
+    params = list(model.parameters()) + (list(objective.parameters()) if objective is not None else [])
+    optimizer = _optimizer(params, cfg)
     scheduler = _scheduler(optimizer, cfg)
 
     history: list[dict[str, Any]] = []
@@ -178,10 +190,13 @@ def _fit(
     if ckpt is not None and ckpt.is_file():
         state = load_checkpoint(ckpt)
         model.load_state_dict(state["model"])
+        if objective is not None:
+            objective.load_state_dict(state["objective"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
+        augment_generator.set_state(state["augment_generator"])
         torch.set_rng_state(state["torch_rng"])
         best_state, best_epoch, best_acc = state["best_state"], state["best_epoch"], state["best_acc"]
         since_best, history = state["since_best"], state["history"]
@@ -198,8 +213,10 @@ def _fit(
         loss_sum = 0.0
         for i in range(0, n, cfg.batch_size):
             idx = order[i : i + cfg.batch_size]
-            logits = model(x_train[idx].to(device))
-            loss = loss_fn(logits, idx.to(device))
+            xb = x_train[idx].to(device)
+            if augment is not None:
+                xb = augment(xb, augment_generator)
+            loss = loss_fn(model, xb, idx.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -218,6 +235,8 @@ def _fit(
             "lr": lr,
             "seconds": time.perf_counter() - start,
         }
+        if objective is not None:
+            record |= objective.epoch_means()
         history.append(record)
         if on_epoch is not None:
             on_epoch(dict(record))
@@ -233,7 +252,9 @@ def _fit(
             save_checkpoint(ckpt, {
                 "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "generator": generator.get_state(), "augment_generator": augment_generator.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "objective": objective.state_dict() if objective is not None else None,
                 "best_state": best_state, "best_epoch": best_epoch, "best_acc": best_acc,
                 "since_best": since_best, "history": history, "stopped_early": stopped_early,
             })  # fmt: skip
@@ -279,8 +300,9 @@ def train_supervised(
     cfg: TrainConfig,
     on_epoch: EpochCallback | None = None,
     checkpoint_dir: str | Path | None = None,
+    augment: Augment | None = None,
 ) -> TrainResult:
-    """Train a model with cross-entropy on hard labels (the teacher, or a from-scratch baseline).
+    """Train a model with cross-entropy on hard labels (the teacher).
 
     Minibatches are shuffled by a generator seeded with ``cfg.seed``; the run stops when the
     validation accuracy has not improved for ``cfg.patience`` epochs, and the best epoch's
@@ -298,6 +320,7 @@ def train_supervised(
             states, best weights, history) is saved there after every epoch, and a run that
             finds a checkpoint resumes after its epoch: a preempted step restarted with the
             same seed ends with the same weights as an uninterrupted run.
+        augment: Applied to every training batch (``kd_lib.augment.make_augment``).
 
     Returns:
         TrainResult with the best epoch's weights on CPU in eval mode.
@@ -310,88 +333,117 @@ def train_supervised(
     device = resolve_device(cfg.device)
     targets = y_train.to(device)
 
-    def loss_fn(logits: Tensor, idx: Tensor) -> Tensor:
-        return F.cross_entropy(logits, targets[idx])
+    def loss_fn(net: nn.Module, xb: Tensor, idx: Tensor) -> Tensor:
+        return F.cross_entropy(net(xb), targets[idx])
 
-    return _fit(model, x_train, x_val, y_val, cfg, loss_fn, device, on_epoch, checkpoint_dir)
+    return _fit(model, x_train, x_val, y_val, cfg, loss_fn, device, on_epoch, checkpoint_dir, augment)
+
+
+def _distill_loss(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    objective: Objective,
+    x_train: Tensor,
+    y_train: Tensor,
+    device: torch.device,
+    live_teacher: bool,
+) -> BatchLoss:
+    """Bind the objective and return the per-batch loss, with the teacher cached or live.
+
+    Cached: the teacher's logits for every training sample are computed once here (eval
+    mode, no grad) and each batch reads its rows by sample index. Live: the teacher runs on
+    each batch as the student sees it (augmented), capturing the feature maps feature losses
+    need. Feature losses force live, since the cache holds logits only.
+    """
+    if objective.needs_teacher and teacher is None:
+        raise ValueError(f"the objective ({', '.join(objective.names)}) needs a teacher; pass one or use [ce] alone")
+    targets = y_train.to(device)
+    student.to(device)
+    if teacher is not None:
+        teacher.to(device).eval()
+    objective.bind(student, teacher, x_train[:2].to(device))
+    s_layers, t_layers = objective.feature_layers()
+    uses_teacher = objective.needs_teacher
+    live = uses_teacher and (live_teacher or objective.needs_features)
+    cache = compute_logits(teacher, x_train, device=device).to(device) if uses_teacher and not live else None  # type: ignore[arg-type]
+
+    def loss_fn(net: nn.Module, xb: Tensor, idx: Tensor) -> Tensor:
+        if s_layers:
+            logits, s_feats = capture_features(net, s_layers, xb)
+        else:
+            logits, s_feats = net(xb), {}
+        t_logits, t_feats = None, {}
+        if cache is not None:
+            t_logits = cache[idx]
+        elif live:
+            with torch.no_grad():
+                t_logits, t_feats = capture_features(teacher, t_layers, xb)  # type: ignore[arg-type]
+        return objective(LossInputs(logits, targets[idx], t_logits, s_feats, t_feats))
+
+    return loss_fn
 
 
 def distill(
     student: nn.Module,
-    teacher_logits_train: Tensor | None,
+    teacher: nn.Module | None,
+    objective: Objective,
     x_train: Tensor,
     y_train: Tensor,
     x_val: Tensor,
     y_val: Tensor,
     cfg: TrainConfig,
-    temperature: float,
-    alpha: float,
+    augment: Augment | None = None,
+    cache_teacher_logits: bool = True,
     on_epoch: EpochCallback | None = None,
     checkpoint_dir: str | Path | None = None,
 ) -> TrainResult:
-    """Distill a student from precomputed teacher logits with ``hinton_loss``.
+    """Distill a student from a frozen teacher with the configured objective.
 
-    Teacher logits are computed once (``compute_logits``) rather than per batch: the teacher
-    is frozen, so this is exact and avoids a teacher forward pass every step. Row ``i`` of
-    ``teacher_logits_train`` must belong to sample ``i`` of ``x_train``; batches look rows up
-    by sample index. Validation accuracy and early stopping are measured on hard labels.
+    Without augmentation and feature losses the teacher's logits are computed once for the
+    whole training set and looked up by sample index (exact: the teacher is frozen and in
+    eval mode); otherwise the teacher runs on every batch. Validation accuracy and early
+    stopping are measured on hard labels, as for the teacher. ``objective = [ce]`` with the
+    same ``cfg`` and ``augment`` is the fair no-KD baseline: same loop, same everything.
 
     Args:
         student: Maps ``[B, *input_shape]`` to ``[B, C]``; trained in place and returned.
-        teacher_logits_train: ``[N, C]`` float teacher logits for ``x_train``, or None when
-            ``alpha == 0`` (the no-KD baseline).
+        teacher: The frozen teacher, or None when no term needs it.
+        objective: ``kd_lib.losses.build_objective(cfg.distill.losses)``.
         x_train: ``[N, *input_shape]`` float32.
         y_train: ``[N]`` int64 labels.
         x_val: ``[M, *input_shape]`` float32.
         y_val: ``[M]`` int64 labels.
         cfg: Epochs, batch size, optimizer, schedule, patience, seed, device.
-        temperature: Softmax temperature T > 0 of the KD term.
-        alpha: Weight of the KD term in [0, 1].
-        on_epoch: Called with a copy of each epoch's history dict.
+        augment: Applied to every training batch; forces a live teacher.
+        cache_teacher_logits: False runs the teacher live even when a cache would be exact
+            (for benchmarking the cache).
+        on_epoch: Called with a copy of each epoch's history dict (with per-term losses).
         checkpoint_dir: Per-epoch checkpoint and resume, as in ``train_supervised``.
 
     Returns:
         TrainResult with the best epoch's weights on CPU in eval mode.
 
     Raises:
-        ValueError: lengths differ (including teacher logits vs. x_train), teacher logits are
-            missing while alpha > 0, or alpha/temperature are out of range.
+        ValueError: lengths differ, or the objective needs a teacher and none was given.
     """
     _check_data(x_train, y_train, x_val, y_val)
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if teacher_logits_train is None and alpha > 0:
-        raise ValueError(f"alpha={alpha} > 0 needs teacher_logits_train; pass them or set alpha=0")
-    if teacher_logits_train is not None:
-        if teacher_logits_train.dim() != 2 or len(teacher_logits_train) != len(x_train):
-            raise ValueError(
-                f"teacher_logits_train must be [N, C] with N = len(x_train) = {len(x_train)}, "
-                f"got shape {tuple(teacher_logits_train.shape)}; compute them on the same training split"
-            )
     device = resolve_device(cfg.device)
-    targets = y_train.to(device)
-    teacher = None if teacher_logits_train is None else teacher_logits_train.to(device, torch.float32)
-
-    def loss_fn(logits: Tensor, idx: Tensor) -> Tensor:
-        batch_teacher = None if teacher is None else teacher[idx]
-        return hinton_loss(logits, batch_teacher, targets[idx], temperature=temperature, alpha=alpha)
-
-    return _fit(student, x_train, x_val, y_val, cfg, loss_fn, device, on_epoch, checkpoint_dir)
+    live = augment is not None or not cache_teacher_logits
+    loss_fn = _distill_loss(student, teacher, objective, x_train, y_train, device, live)
+    return _fit(student, x_train, x_val, y_val, cfg, loss_fn, device, on_epoch, checkpoint_dir, augment, objective)
 
 
 def kd_finetune(
     model: nn.Module,
-    teacher_logits_train: Tensor | None,
+    teacher: nn.Module | None,
+    objective: Objective,
     x_train: Tensor,
     y_train: Tensor,
     cfg: TrainConfig,
-    temperature: float,
-    alpha: float,
+    augment: Augment | None = None,
     on_epoch: EpochCallback | None = None,
 ) -> list[dict[str, Any]]:
-    """Fine-tune ``model`` in place for exactly ``cfg.epochs`` epochs with ``hinton_loss``.
+    """Fine-tune ``model`` in place for exactly ``cfg.epochs`` epochs with the KD objective.
 
     Made for quantization-aware training: the model holds fake-quantize modules whose
     observers also record every batch they see, so unlike ``distill`` there is no validation
@@ -400,35 +452,29 @@ def kd_finetune(
 
     Args:
         model: Maps ``[B, *input_shape]`` to ``[B, C]``; left in train mode on its device.
-        teacher_logits_train: ``[N, C]`` teacher logits of ``x_train``, or None when ``alpha == 0``.
+        teacher: The frozen teacher, or None when no term needs it.
+        objective: The distillation objective (freshly built: its learnable parts start anew).
         x_train: ``[N, *input_shape]`` float32.
         y_train: ``[N]`` int64.
         cfg: Epochs, batch size, lr, optimizer, seed and device (the scheduler is ignored).
-        temperature: Softmax temperature T > 0 of the KD term.
-        alpha: Weight of the KD term in [0, 1].
-        on_epoch: Called with ``{"epoch", "train_loss", "seconds"}`` after each epoch.
+        augment: Applied to every training batch.
+        on_epoch: Called with ``{"epoch", "train_loss", "seconds", "loss_<term>"...}`` after each epoch.
 
     Returns:
-        One ``{"epoch", "train_loss", "seconds"}`` dict per epoch.
+        One such dict per epoch.
 
     Raises:
-        ValueError: lengths differ, or teacher logits are missing while alpha > 0.
+        ValueError: lengths differ, or the objective needs a teacher and none was given.
     """
     if len(x_train) != len(y_train) or len(x_train) == 0:
         raise ValueError(f"need matching, non-empty x_train and y_train; got {len(x_train)} and {len(y_train)}")
-    if teacher_logits_train is None and alpha > 0:
-        raise ValueError(f"alpha={alpha} > 0 needs teacher_logits_train; pass them or set alpha=0")
-    if teacher_logits_train is not None and tuple(teacher_logits_train.shape[:1]) != (len(x_train),):
-        raise ValueError(
-            f"teacher_logits_train must be [N, C] with N = {len(x_train)}, got {tuple(teacher_logits_train.shape)}"
-        )
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
-    model.to(device).train()
-    optimizer = _optimizer(model, cfg)
-    targets = y_train.to(device)
-    teacher = None if teacher_logits_train is None else teacher_logits_train.to(device, torch.float32)
+    augment_generator = torch.Generator().manual_seed(cfg.seed + 1)
+    loss_fn = _distill_loss(model, teacher, objective, x_train, y_train, device, augment is not None)
+    model.train()
+    optimizer = _optimizer(list(model.parameters()) + list(objective.parameters()), cfg)
     history: list[dict[str, Any]] = []
     n = len(x_train)
     for epoch in range(1, cfg.epochs + 1):
@@ -437,14 +483,16 @@ def kd_finetune(
         order = torch.randperm(n, generator=generator)
         for i in range(0, n, cfg.batch_size):
             idx = order[i : i + cfg.batch_size]
-            logits = model(x_train[idx].to(device))
-            batch_teacher = None if teacher is None else teacher[idx.to(device)]
-            loss = hinton_loss(logits, batch_teacher, targets[idx.to(device)], temperature=temperature, alpha=alpha)
+            xb = x_train[idx].to(device)
+            if augment is not None:
+                xb = augment(xb, augment_generator)
+            loss = loss_fn(model, xb, idx.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             loss_sum += loss.item() * len(idx)
         record = {"epoch": epoch, "train_loss": loss_sum / n, "seconds": time.perf_counter() - start}
+        record |= objective.epoch_means()
         history.append(record)
         if on_epoch is not None:
             on_epoch(dict(record))

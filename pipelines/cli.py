@@ -22,7 +22,7 @@ import yaml
 from kd_lib.config import ConfigError, PipelineConfig, load_config
 
 EXAMPLES = """examples:
-  kdflow validate configs/demo.yaml --set distill.temperature=4
+  kdflow validate configs/demo.yaml --set distill.losses.0.params.temperature=2
   kdflow run --local configs/demo.yaml
   kdflow run --local configs/demo.yaml --set gate.min_accuracy=0.99
   kdflow compile configs/demo.yaml -o build/pipeline.yaml
@@ -67,7 +67,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="PATH=VALUE",
-        help="override one field by its dotted path (repeatable; the value is YAML), e.g. --set distill.temperature=4",
+        help="override one field by its dotted path (repeatable; the value is YAML), e.g. --set distill.train.epochs=30",
     )
 
 

@@ -1,13 +1,14 @@
 """The kdflow DAG, read top to bottom like the diagram in DESIGN.md.
 
-prepare_data -> train_teacher -> distill -> quantize -> evaluate -> gate -[not rejected]-> register,
-all inside an exit handler that closes the MLflow parent run whatever happens.
+prepare_data -> train_teacher (or import_teacher) -> distill -> quantize -> evaluate -> gate
+-[not rejected]-> register, all inside an exit handler that closes the MLflow parent run
+whatever happens.
 """
 
 from kfp import dsl
 from kfp.dsl.graph_component import GraphComponent
 
-from components import distill, evaluate, finalize, gate, prepare_data, quantize, register, train_teacher
+from components import distill, evaluate, finalize, gate, import_teacher, prepare_data, quantize, register, train_teacher
 from kd_lib.config import PipelineConfig
 from pipelines.cluster import configure_task
 
@@ -16,43 +17,47 @@ RUN_ID = dsl.PIPELINE_JOB_NAME_PLACEHOLDER
 PIPELINE_NAME = "kdflow-distillation"
 
 
-def build_pipeline(cfg: PipelineConfig | None = None) -> GraphComponent:
+def build_pipeline(cfg: PipelineConfig | None = None, for_cluster: bool = True) -> GraphComponent:
     """The DAG as a KFP pipeline.
 
-    With a config, every task also gets the cluster settings of its step (image, requests
-    and limits, GPU, Secrets as environment, pod labels), which KFP only accepts while the
-    pipeline function runs; without one it is the plain DAG that kfp.local runs.
+    The config picks the DAG's shape: ``teacher.source`` other than ``train`` puts an
+    ``import_teacher`` task where ``train_teacher`` would be (no training step at all).
+    With ``for_cluster``, every task also gets the cluster settings of its step (image,
+    requests and limits, GPU, Secrets as environment, pod labels), which KFP only accepts
+    while the pipeline function runs; the local runner builds it without them.
     """
+    importing = cfg is not None and cfg.teacher.source != "train"
+    teacher_step, teacher_step_name = (import_teacher, "import_teacher") if importing else (train_teacher, "train_teacher")
 
     @dsl.pipeline(name=PIPELINE_NAME, description="Distill, quantize, evaluate, gate and register a student model.")
     def distillation_pipeline(config_json: str):
         finalize_task = finalize(config_json=config_json, pipeline_run_id=RUN_ID).set_display_name("finalize")
         with dsl.ExitHandler(finalize_task, name="kdflow"):
             prepare_data_task = prepare_data(config_json=config_json, pipeline_run_id=RUN_ID)
-            train_teacher_task = train_teacher(
+            teacher_task = teacher_step(
                 config_json=config_json, pipeline_run_id=RUN_ID, dataset=prepare_data_task.outputs["dataset"]
             )
             distill_task = distill(
                 config_json=config_json,
                 pipeline_run_id=RUN_ID,
                 dataset=prepare_data_task.outputs["dataset"],
-                teacher=train_teacher_task.outputs["teacher"],
+                teacher=teacher_task.outputs["teacher"],
             )
             quantize_task = quantize(
                 config_json=config_json,
                 pipeline_run_id=RUN_ID,
                 dataset=prepare_data_task.outputs["dataset"],
-                teacher=train_teacher_task.outputs["teacher"],
+                teacher=teacher_task.outputs["teacher"],
                 student=distill_task.outputs["student"],
             )
             evaluate_task = evaluate(
                 config_json=config_json,
                 pipeline_run_id=RUN_ID,
                 dataset=prepare_data_task.outputs["dataset"],
-                teacher=train_teacher_task.outputs["teacher"],
+                teacher=teacher_task.outputs["teacher"],
                 student=distill_task.outputs["student"],
                 quantized=quantize_task.outputs["quantized"],
-                teacher_history=train_teacher_task.outputs["history"],
+                teacher_history=teacher_task.outputs["history"],
                 student_history=distill_task.outputs["history"],
             )
             gate_task = gate(
@@ -73,18 +78,18 @@ def build_pipeline(cfg: PipelineConfig | None = None) -> GraphComponent:
                 )
 
         tasks = {
-            "finalize": finalize_task, "prepare_data": prepare_data_task, "train_teacher": train_teacher_task,
+            "finalize": finalize_task, "prepare_data": prepare_data_task, teacher_step_name: teacher_task,
             "distill": distill_task, "quantize": quantize_task, "evaluate": evaluate_task, "gate": gate_task,
             "register": register_task,
         }  # fmt: skip
         for step, task in tasks.items():
             # Every step writes a fresh MLflow run: a cache hit would leave the run without its record.
             task.set_caching_options(False)
-            if cfg is not None:
+            if cfg is not None and for_cluster:
                 configure_task(task, step, cfg)
 
     return distillation_pipeline
 
 
-# The plain DAG: what kfp.local runs (the local runner ignores cluster settings).
+# The default DAG (a teacher trained in the run), without cluster settings.
 distillation_pipeline = build_pipeline()

@@ -169,7 +169,7 @@ def run_local(cfg: PipelineConfig, root: str | Path = ".kdflow/runs", verbose: b
     """
     from kfp import local
 
-    from pipelines.distillation import distillation_pipeline
+    from pipelines.distillation import build_pipeline
 
     uri = tracking.absolute_tracking_uri(tracking.resolve_tracking_uri(cfg))
     tracking.check_reachable(uri)
@@ -196,7 +196,7 @@ def run_local(cfg: PipelineConfig, root: str | Path = ".kdflow/runs", verbose: b
             # kfp.local warns per task that our image is not a Python image: it is, with kd_lib.
             warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
         try:
-            distillation_pipeline(config_json=cfg.to_json())
+            build_pipeline(cfg, for_cluster=False)(config_json=cfg.to_json())
         except RuntimeError as err:  # kfp.local raises RuntimeError naming the failed task
             error = _ANSI.sub("", str(err))
         finally:

@@ -82,7 +82,7 @@ def _assert_registered_champion(result: LocalRunResult, cfg: PipelineConfig, uri
     assert expected <= set(summary["steps"])
     parent = client.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED"
-    assert parent.data.params["distill.temperature"] == "4.0"
+    assert parent.data.params["distill.train.epochs"] == "8"
     # The registered model, loaded without pickle in a fresh process, predicts what evaluate measured.
     measured = summary["evaluation"]["quantized"]["predictions"]
     assert _champion_predictions(uri, cfg.registry.model_name, "champion", tmp_path) == measured

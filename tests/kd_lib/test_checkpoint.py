@@ -18,7 +18,9 @@ import pytest
 import torch
 
 from kd_lib import training
-from kd_lib.config import TrainConfig
+from kd_lib.augment import make_augment
+from kd_lib.config import AugmentConfig, LossTermConfig, TrainConfig
+from kd_lib.losses import build_objective
 from kd_lib.models import build_model
 
 CFG = TrainConfig(epochs=8, batch_size=32, lr=0.01, patience=100, seed=3, scheduler="cosine")
@@ -66,12 +68,19 @@ def test_supervised_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path: 
 
 def test_distill_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     x, y, xv, yv = _data()
-    logits = torch.nn.functional.one_hot(y, 3).float() * 5
-    args = dict(temperature=3.0, alpha=0.7)
-    full = training.distill(_model(), logits, x, y, xv, yv, CFG, **args)
+    torch.manual_seed(11)
+    teacher = build_model("mlp", {"width": 32, "depth": 1}, (1, 4, 4), 3)  # any fixed function will do
+    terms = [LossTermConfig(name="kd", weight=0.7, params={"temperature": 3.0}), LossTermConfig(name="ce", weight=0.3)]
+    # Noise augmentation: the resumed run must continue the augmentation stream too.
+    augment = make_augment(AugmentConfig(noise_std=0.1), tuple(x.shape[1:]))
+
+    def run(**kw: object) -> training.TrainResult:
+        return training.distill(_model(), teacher, build_objective(terms), x, y, xv, yv, CFG, augment=augment, **kw)
+
+    full = run()
     with pytest.raises(Crash):
-        training.distill(_model(), logits, x, y, xv, yv, CFG, on_epoch=_crash_at(2), checkpoint_dir=tmp_path, **args)
-    resumed = training.distill(_model(), logits, x, y, xv, yv, CFG, checkpoint_dir=tmp_path, **args)
+        run(on_epoch=_crash_at(2), checkpoint_dir=tmp_path)
+    resumed = run(checkpoint_dir=tmp_path)
     assert _same(full.model.state_dict(), resumed.model.state_dict())
 
 

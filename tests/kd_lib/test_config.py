@@ -38,16 +38,40 @@ def test_every_error_is_reported_not_only_the_first(tmp_path: Path) -> None:
 
 
 def test_dotted_overrides_are_parsed_as_yaml_and_validated(tmp_path: Path) -> None:
-    path = _write(tmp_path, "distill:\n  temperature: 2\n")
-    cfg = load_config(path, ["distill.temperature=4", "student.model.params={width: 8, depth: 1}"])
-    assert cfg.distill.temperature == 4.0
+    path = _write(tmp_path, "distill:\n  train: {epochs: 3}\n  losses:\n    - {name: kd, weight: 0.9, params: {temperature: 2}}\n    - {name: ce, weight: 0.1}\n")
+    cfg = load_config(path, ["distill.train.epochs=4", "student.model.params={width: 8, depth: 1}",
+                             "distill.losses.0.params.temperature=6", "distill.losses.1.weight=0.5"])  # fmt: skip
+    assert cfg.distill.train.epochs == 4
     assert cfg.student.model.params == {"width": 8, "depth": 1}
-    with pytest.raises(ConfigError, match="distill.alpha"):
-        load_config(path, ["distill.alpha=3"])
+    assert cfg.distill.losses[0].params == {"temperature": 6} and cfg.distill.losses[1].weight == 0.5
+    with pytest.raises(ConfigError, match="distill.train.epochs"):
+        load_config(path, ["distill.train.epochs=0"])
     with pytest.raises(ConfigError, match="expected dotted.path=value"):
-        load_config(path, ["distill.alpha"])
+        load_config(path, ["distill.train.epochs"])
     with pytest.raises(ConfigError, match="is a value, not a section"):
-        load_config(path, ["distill.temperature.x=1"])
+        load_config(path, ["distill.train.epochs.x=1"])
+    with pytest.raises(ConfigError, match="distill.losses has 2 item"):
+        load_config(path, ["distill.losses.5.weight=1"])
+
+
+def test_loss_terms_are_validated() -> None:
+    with pytest.raises(ConfigError, match="distill.losses: .*at least 1"):
+        parse_config({"distill": {"losses": []}})
+    with pytest.raises(ConfigError, match="every weight is 0"):
+        parse_config({"distill": {"losses": [{"name": "kd", "weight": 0}]}})
+    with pytest.raises(ConfigError, match=r"distill.losses.0.weight"):
+        parse_config({"distill": {"losses": [{"name": "kd", "weight": -1}]}})
+    assert not parse_config({"distill": {"losses": [{"name": "ce"}]}}).distill.uses_teacher
+
+
+def test_teacher_source_needs_a_matching_uri() -> None:
+    with pytest.raises(ConfigError, match="source 'mlflow' needs uri: models:/"):
+        parse_config({"teacher": {"source": "mlflow", "uri": "runs:/abc/model"}})
+    with pytest.raises(ConfigError, match="source 'checkpoint' needs uri"):
+        parse_config({"teacher": {"source": "checkpoint"}})
+    with pytest.raises(ConfigError, match="uri is only read when source"):
+        parse_config({"teacher": {"uri": "models:/t@champion"}})
+    assert parse_config({"teacher": {"source": "mlflow", "uri": "models:/t@champion"}}).teacher.uri == "models:/t@champion"
 
 
 def test_unreadable_files_name_the_file(tmp_path: Path) -> None:
@@ -65,18 +89,20 @@ def test_splits_must_leave_training_data() -> None:
 
 
 def test_json_round_trip_and_hash() -> None:
-    cfg = parse_config({"distill": {"temperature": 3}})
+    cfg = parse_config({"distill": {"train": {"epochs": 3}}})
     again = config_from_json(cfg.to_json())
     assert again == cfg
     assert again.config_hash() == cfg.config_hash()
     # Where results are tracked is not part of the recipe; how the model is made is.
-    moved = parse_config({"distill": {"temperature": 3}, "tracking": {"experiment": "elsewhere"}})
+    moved = parse_config({"distill": {"train": {"epochs": 3}}, "tracking": {"experiment": "elsewhere"}})
     assert moved.config_hash() == cfg.config_hash()
-    assert parse_config({"distill": {"temperature": 5}}).config_hash() != cfg.config_hash()
+    assert parse_config({"distill": {"train": {"epochs": 5}}}).config_hash() != cfg.config_hash()
 
 
 def test_flat_params_use_dotted_keys() -> None:
     flat = PipelineConfig().flat()
-    assert flat["distill.temperature"] == 4.0
+    assert flat["distill.losses"] == [
+        {"name": "kd", "weight": 0.9, "params": {"temperature": 4.0}}, {"name": "ce", "weight": 0.1, "params": {}}
+    ]
     assert flat["teacher.model.params.width"] == 256
     assert flat["evaluate.batch_sizes"] == [1, 64]

@@ -53,7 +53,7 @@ def test_steps_nest_under_one_parent_run(tmp_path: Path) -> None:
     assert client.get_run(children["prepare_data"]).info.status == "FINISHED"
     assert client.get_run(children["train_teacher"]).info.status == "FAILED"
     parent = client.get_run(a.parent_run_id)
-    assert parent.data.params["distill.temperature"] == "4.0"
+    assert parent.data.params["distill.train.epochs"] == "8"
     assert parent.data.tags["kdflow.config_hash"] == cfg.config_hash()
     assert tracking.finish_pipeline_run(cfg, "pipe-1", "FAILED", "task x failed") == a.parent_run_id
     parent = client.get_run(a.parent_run_id)

@@ -6,9 +6,12 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from kd_lib.config import ConfigError, TrainConfig
+from kd_lib.augment import make_augment
+from kd_lib.config import AugmentConfig, ConfigError, LossTermConfig, TrainConfig
+from kd_lib.losses import build_objective
 from kd_lib.models import mlp
 from kd_lib.training import _fit, compute_logits, distill, resolve_device, train_supervised
+from tests.helpers import TableTeacher
 
 Data = tuple[Tensor, Tensor, Tensor, Tensor]
 
@@ -80,20 +83,58 @@ def test_training_is_deterministic(blobs: Data, fast_cfg: TrainConfig) -> None:
     assert not _same_weights(runs[0], other_seed)
 
 
-def test_distill_with_alpha_zero_is_supervised_training(blobs: Data, fast_cfg: TrainConfig) -> None:
+def _kd(temperature: float = 2.0, ce_weight: float = 0.0):
+    terms = [LossTermConfig(name="kd", weight=1.0, params={"temperature": temperature})]
+    if ce_weight:
+        terms.append(LossTermConfig(name="ce", weight=ce_weight))
+    return build_objective(terms)
+
+
+def test_distill_with_ce_only_is_supervised_training(blobs: Data, fast_cfg: TrainConfig) -> None:
     x_train, y_train, x_val, y_val = blobs
     cfg = fast_cfg.model_copy(update={"epochs": 3})
     supervised = train_supervised(_student(), x_train, y_train, x_val, y_val, cfg).model
-    baseline = distill(_student(), None, x_train, y_train, x_val, y_val, cfg, temperature=4.0, alpha=0.0).model
+    ce_only = build_objective([LossTermConfig(name="ce")])
+    baseline = distill(_student(), None, ce_only, x_train, y_train, x_val, y_val, cfg).model
     assert _same_weights(supervised, baseline)
 
 
 def test_distill_learns_from_teacher_logits_alone(blobs: Data, fast_cfg: TrainConfig) -> None:
     x_train, y_train, x_val, y_val = blobs
-    teacher = nn.functional.one_hot(y_train, 3).float() * 10
-    useless_labels = torch.zeros_like(y_train)  # alpha=1: the labels must not matter
-    result = distill(_student(), teacher, x_train, useless_labels, x_val, y_val, fast_cfg, temperature=2.0, alpha=1.0)
+    teacher = TableTeacher(x_train, nn.functional.one_hot(y_train, 3).float() * 10)
+    useless_labels = torch.zeros_like(y_train)  # kd alone: the labels must not matter
+    result = distill(_student(), teacher, _kd(), x_train, useless_labels, x_val, y_val, fast_cfg)
     assert result.best_val_accuracy > 0.9
+    assert teacher.calls == 1  # cached: one batched pass (compute_logits, batch 512) for all 240 samples
+
+
+def test_the_cache_changes_nothing_but_the_teacher_calls(blobs: Data, fast_cfg: TrainConfig) -> None:
+    x_train, y_train, x_val, y_val = blobs
+    cfg = fast_cfg.model_copy(update={"epochs": 2})
+    teacher = TableTeacher(x_train, torch.randn(len(x_train), 3, generator=torch.Generator().manual_seed(1)))
+    cached = distill(_student(), teacher, _kd(ce_weight=0.5), x_train, y_train, x_val, y_val, cfg)
+    calls_cached, teacher.calls = teacher.calls, 0
+    live = distill(_student(), teacher, _kd(ce_weight=0.5), x_train, y_train, x_val, y_val, cfg, cache_teacher_logits=False)
+    assert calls_cached == 1 and teacher.calls == 2 * 8  # 240 samples / 32 per batch, 2 epochs
+    assert torch.allclose(cached.model[1].weight, live.model[1].weight, atol=1e-5)
+
+
+def test_augmentation_runs_the_teacher_on_each_augmented_batch(blobs: Data, fast_cfg: TrainConfig) -> None:
+    x_train, y_train, x_val, y_val = blobs
+    cfg = fast_cfg.model_copy(update={"epochs": 1})
+    seen: list[Tensor] = []
+
+    class Recorder(nn.Module):
+        def forward(self, batch: Tensor) -> Tensor:
+            seen.append(batch.clone())
+            return torch.zeros(len(batch), 3)
+
+    augment = make_augment(AugmentConfig(noise_std=0.5), (8,))
+    distill(_student(), Recorder(), _kd(ce_weight=0.5), x_train, y_train, x_val, y_val, cfg, augment=augment)
+    assert len(seen) == 8  # live: one teacher call per batch, no cache pass
+    # Each teacher batch is noisy (not a row of x_train): the teacher saw what the student saw.
+    rows = {tuple(r.tolist()) for r in x_train}
+    assert not any(tuple(r.tolist()) in rows for r in seen[0])
 
 
 def test_teacher_logits_are_matched_by_sample_index(blobs: Data, fast_cfg: TrainConfig) -> None:
@@ -101,9 +142,10 @@ def test_teacher_logits_are_matched_by_sample_index(blobs: Data, fast_cfg: Train
     perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(7))
 
     def run(x: Tensor, teacher_labels: Tensor, val_labels: Tensor) -> float:
-        teacher = nn.functional.one_hot(teacher_labels, 3).float() * 10
+        # The cache is computed once in x's order; batches are shuffled and look rows up by index.
+        teacher = TableTeacher(x, nn.functional.one_hot(teacher_labels, 3).float() * 10)
         no_labels = torch.zeros(len(x), dtype=torch.int64)
-        result = distill(_student(), teacher, x, no_labels, x_val, val_labels, fast_cfg, temperature=2.0, alpha=1.0)
+        result = distill(_student(), teacher, _kd(), x, no_labels, x_val, val_labels, fast_cfg)
         return result.best_val_accuracy
 
     # Reordering samples and teacher rows together keeps each sample's target: still learns.
@@ -130,9 +172,9 @@ def test_fit_hands_the_loss_the_indices_of_the_batch_it_ran() -> None:
                 seen_inputs.append(batch.clone())
             return self.linear(batch)
 
-    def loss_fn(logits: Tensor, idx: Tensor) -> Tensor:
+    def loss_fn(model: nn.Module, batch: Tensor, idx: Tensor) -> Tensor:
         seen_indices.append(idx.clone())
-        return logits.pow(2).mean()
+        return model(batch).pow(2).mean()
 
     cfg = TrainConfig(epochs=2, batch_size=6, patience=5, seed=0)
     _fit(Spy(), x, x[:4], torch.zeros(4, dtype=torch.int64), cfg, loss_fn, torch.device("cpu"), None)
@@ -160,10 +202,8 @@ def test_lr_schedules(blobs: Data) -> None:
 
 def test_mismatched_inputs_raise(blobs: Data, fast_cfg: TrainConfig) -> None:
     x_train, y_train, x_val, y_val = blobs
-    with pytest.raises(ValueError, match="teacher_logits_train must be"):
-        distill(_student(), torch.zeros(10, 3), x_train, y_train, x_val, y_val, fast_cfg, temperature=4.0, alpha=0.5)
-    with pytest.raises(ValueError, match="needs teacher_logits_train"):
-        distill(_student(), None, x_train, y_train, x_val, y_val, fast_cfg, temperature=4.0, alpha=0.5)
+    with pytest.raises(ValueError, match="needs a teacher"):
+        distill(_student(), None, _kd(), x_train, y_train, x_val, y_val, fast_cfg)
     with pytest.raises(ValueError, match="x_train has 240 samples but y_train has 239"):
         train_supervised(_student(), x_train, y_train[:-1], x_val, y_val, fast_cfg)
 

@@ -18,10 +18,10 @@ def kdflow(*args: str, cwd: Path | None = None, env: dict | None = None) -> subp
 
 
 def test_validate_prints_the_resolved_config_with_overrides() -> None:
-    proc = kdflow("validate", str(DEMO), "--set", "distill.temperature=2.5")
+    proc = kdflow("validate", str(DEMO), "--set", "distill.losses.0.params.temperature=2.5")
     assert proc.returncode == 0, proc.stderr
     resolved = yaml.safe_load(proc.stdout)
-    assert resolved["distill"]["temperature"] == 2.5
+    assert resolved["distill"]["losses"][0]["params"]["temperature"] == 2.5
     assert resolved["teacher"]["train"]["optimizer"] == "adam"  # defaults filled in
 
 

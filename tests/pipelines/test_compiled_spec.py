@@ -17,6 +17,8 @@ from kd_lib.config import STEP_NAMES, PipelineConfig, load_config
 from pipelines.compile import compile_pipeline
 
 REPO = Path(__file__).resolve().parents[2]
+# The DAG of a config whose teacher is trained in the run: every step but import_teacher.
+DAG_STEPS = tuple(step for step in STEP_NAMES if step != "import_teacher")
 DEMO = REPO / "configs" / "demo.yaml"
 
 GPU_AND_SECRETS = [
@@ -96,8 +98,8 @@ def test_tasks_dependencies_and_the_gate_condition(compiled: Compiled, gpu_cfg: 
 
 
 def test_every_step_runs_the_configured_image_with_nothing_installed_at_start(compiled: Compiled) -> None:
-    assert len(compiled.deployment.executors) == len(STEP_NAMES)
-    for step in STEP_NAMES:
+    assert len(compiled.deployment.executors) == len(DAG_STEPS)
+    for step in DAG_STEPS:
         container = compiled.container(step)
         assert container.image == "registry.example.com/ml/kdflow:1.2.3", step
         script = " ".join(container.command)
@@ -108,7 +110,7 @@ def test_every_step_runs_the_configured_image_with_nothing_installed_at_start(co
 
 
 def test_resources_per_step(compiled: Compiled, gpu_cfg: PipelineConfig) -> None:
-    for step in STEP_NAMES:
+    for step in DAG_STEPS:
         res = compiled.container(step).resources
         want = gpu_cfg.cluster.resources_for(step)
         got = (res.resource_cpu_request, res.resource_cpu_limit, res.resource_memory_request, res.resource_memory_limit)
@@ -120,7 +122,7 @@ def test_resources_per_step(compiled: Compiled, gpu_cfg: PipelineConfig) -> None
 
 
 def test_gpu_node_selector_and_tolerations_only_on_training_steps(compiled: Compiled) -> None:
-    for step in STEP_NAMES:
+    for step in DAG_STEPS:
         acc = compiled.container(step).resources.accelerator
         k8s = compiled.k8s(step)
         if step in ("train_teacher", "distill"):
@@ -134,7 +136,7 @@ def test_gpu_node_selector_and_tolerations_only_on_training_steps(compiled: Comp
 
 
 def test_secrets_become_env_and_pods_carry_the_network_policy_label(compiled: Compiled) -> None:
-    for step in STEP_NAMES:
+    for step in DAG_STEPS:
         k8s = compiled.k8s(step)
         mapped = {
             (s.secret_name, m.secret_key, m.env_var, s.optional) for s in k8s.secret_as_env for m in s.key_to_env
@@ -155,7 +157,7 @@ def test_defaults_image_from_package_version_and_no_gpu(tmp_path: Path) -> None:
     cfg = load_config(DEMO)
     assert cfg.image == f"kdflow:{kd_lib.__version__}" == DEFAULT_IMAGE
     c = Compiled(compile_pipeline(cfg, tmp_path / "p.yaml"))
-    for step in STEP_NAMES:
+    for step in DAG_STEPS:
         assert c.container(step).image == f"kdflow:{kd_lib.__version__}"
         assert not c.container(step).resources.accelerator.resource_type
         assert c.container(step).resources.resource_memory_limit == "4Gi"
@@ -183,3 +185,12 @@ def test_invalid_cluster_settings_name_the_field(overrides: list[str], message: 
 
     with pytest.raises(ConfigError, match=message):
         load_config(DEMO, overrides)
+
+
+def test_an_imported_teacher_replaces_the_training_step(tmp_path: Path) -> None:
+    cfg = load_config(DEMO, ["teacher.source=mlflow", "teacher.uri=models:/teacher@champion"])
+    c = Compiled(compile_pipeline(cfg, tmp_path / "p.yaml"))
+    names = set(c.deployment.executors)
+    assert "exec-import-teacher" in names and "exec-train-teacher" not in names
+    assert len(names) == len(DAG_STEPS)
+    assert c.container("import_teacher").image == cfg.image
