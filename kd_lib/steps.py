@@ -20,7 +20,7 @@ from kd_lib import data as data_lib
 from kd_lib import evaluation, gates, losses, quantization, report, storage, training
 from kd_lib.augment import make_augment
 from kd_lib.config import ConfigError, PipelineConfig
-from kd_lib.model_registry import ModelRegistry, gate_tags, log_pyfunc, pip_requirements, registry_errors
+from kd_lib.model_registry import ModelRegistry, RegistryError, gate_tags, log_pyfunc, pip_requirements, registry_errors
 from kd_lib.models import build_model, count_parameters, for_data
 from kd_lib.progress import EpochProgress
 from kd_lib.tracking import StepRun, client_for, find_parent_run, finish_pipeline_run, fluent_run, pipeline_record, step_run
@@ -188,12 +188,11 @@ def import_teacher(
         with tempfile.TemporaryDirectory() as tmp:
             if cfg.teacher.source == "mlflow":
                 name, alias, version = _parse_models_uri(uri)
-                registry = ModelRegistry(run.client, name)
-                with registry_errors(f"reading {uri}"):
-                    version = version or registry.alias_version(alias)  # type: ignore[arg-type]
-                    if version is None:
-                        raise StepError(f"teacher.uri {uri}: model {name!r} has no alias {alias!r}; check the name and alias in the registry")
-                    model_dir = registry.download_version(version, tmp)
+                with registry_errors(run.client.tracking_uri, name, action="read", permission="READ"):
+                    try:
+                        version, model_dir = ModelRegistry(run.client, name).download_ref(tmp, alias, version)
+                    except RegistryError as err:
+                        raise StepError(f"teacher.uri: {err}") from None
                 model, spec = quantization.load_model(model_dir)
                 spec = dict(spec, role="teacher", mlflow_run_id=run.run_id, imported_from=f"models:/{name}/{version}")
                 run.set_tags({"kdflow.teacher_source": f"models:/{name}/{version}"}, on_parent=True)
