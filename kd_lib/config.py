@@ -131,6 +131,12 @@ class DistillConfig(_Strict):
         "{name: ce, weight: 0.1}]; [{name: ce}] alone trains the student without a teacher (the baseline).",
     )
     train: TrainConfig = Field(default_factory=TrainConfig)
+    baseline: bool = Field(
+        False,
+        description="Also train the same student without the teacher (losses [ce]; same architecture, initial "
+        "weights, epochs, schedule, batch order and augmentation) and report KD's gain on the test split. "
+        "Doubles the distill step's time; the baseline is never quantized or registered.",
+    )
 
     @model_validator(mode="after")
     def _some_weight(self) -> "DistillConfig":
