@@ -154,8 +154,9 @@ def _table_labels(column: pd.Series, name: str, origin: str) -> tuple[np.ndarray
         return column.to_numpy().astype(np.int64), []
     if pd.api.types.is_numeric_dtype(column):
         values = column.to_numpy()
-        if not np.all(values == np.round(values)):
-            bad = values[values != np.round(values)][:3].tolist()
+        whole = np.isfinite(values) & (values == np.round(values))
+        if not whole.all():
+            bad = values[~whole][:3].tolist()
             raise DataError(
                 f"{origin}: label column {name!r} holds non-integer numbers (e.g. {bad}); "
                 "use class ids 0..num_classes-1 or class names"
@@ -203,10 +204,9 @@ def _load_table(path: Path, kind: str, cfg: DataConfig, origin: str) -> Labeled:
     def absent(wanted: list[str], role: str) -> None:
         missing = [c for c in wanted if c not in columns]
         if missing:
-            raise DataError(
-                f"{origin}: no {role} column(s) {missing}; the file has columns {columns}. "
-                f"Set data.{role}_column{'s' if role == 'feature' else ''} to the right name"
-            )
+            what = f"{role} column {missing[0]!r}" if len(wanted) == 1 else f"{role} column(s) {missing}"
+            field_name = f"data.{role}_columns" if role == "feature" else f"data.{role}_column"
+            raise DataError(f"{origin}: no {what}; the file has columns {columns}. Set {field_name} to the right name")
 
     absent([cfg.label_column], "label")
     y, names = _table_labels(df[cfg.label_column], cfg.label_column, origin)
