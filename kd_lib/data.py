@@ -87,14 +87,14 @@ def _load_digits() -> tuple[np.ndarray, np.ndarray]:
     return x, bunch.target.astype(np.int64)
 
 
-def _reshape(x: np.ndarray, image_shape: list[int] | None, origin: str, what: str = "features") -> np.ndarray:
+def _reshape(x: np.ndarray, image_shape: list[int] | None, origin: str) -> np.ndarray:
     """``[N, F]`` -> ``[N, *image_shape]`` when an image shape is declared."""
     if image_shape is None or x.ndim < 2:
         return x
     per_sample = int(np.prod(x.shape[1:]))
     if per_sample != int(np.prod(image_shape)):
         raise DataError(
-            f"{origin}: samples have {per_sample} {what} but data.image_shape {image_shape} needs "
+            f"{origin}: samples have {per_sample} features but data.image_shape {image_shape} needs "
             f"{int(np.prod(image_shape))}; fix image_shape (C, H, W) or the data"
         )
     return x.reshape(x.shape[0], *image_shape)
@@ -475,8 +475,6 @@ def prepare(cfg: DataConfig, retry: RetryConfig | None = None) -> Splits:
             test = read_source(cfg.test_source, cfg, Path(scratch) / "test_source", retry)
     x, y = train.x, train.y
     num_classes = validate(x, y, cfg.num_classes, origin=cfg.source)
-    if train.class_names and cfg.num_classes is None:
-        num_classes = len(train.class_names)
     present = np.unique(y)
     if present.size < num_classes:
         missing = sorted(set(range(num_classes)) - {int(c) for c in present})

@@ -379,3 +379,27 @@ def test_folder_layout_errors(tmp_path: Path) -> None:
 def test_incompatible_options_are_config_errors(fields: dict, message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         DataConfig(**fields)
+
+
+def test_prepare_data_step_fetches_from_s3_and_logs_class_names(s3: S3, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    from kd_lib import steps
+    from tests.helpers import tiny_config
+
+    x, y = _images(channels=3)
+    storage.put(_folder(tmp_path / "imgs", x, y), s3.uri("imgs"))
+    cfg = tiny_config(tmp_path, data={"source": s3.uri("imgs/"), "image_mode": "RGB"},
+                      tracking={"retry": {"max_attempts": 2, "timeout_s": 5.0}})  # fmt: skip
+    meta = steps.prepare_data(cfg, "pipe-s3", tmp_path / "dataset")
+    assert meta["class_names"] == CLASSES and meta["input_shape"] == [3, 4, 5]
+    assert steps.class_names(data.load_splits(tmp_path / "dataset").meta) == CLASSES
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    run = client.search_runs(
+        [client.get_experiment_by_name(cfg.tracking.experiment).experiment_id],
+        filter_string="tags.`kdflow.step` = 'prepare_data'",
+    )[0]
+    assert run.data.params["class_names"] == "cat,dog,fish"
+    assert run.data.params["source"] == s3.uri("imgs/")
+    logged = client.download_artifacts(run.info.run_id, "dataset_meta.json", str(tmp_path / "art"))
+    assert '"class_names"' in Path(logged).read_text()
