@@ -51,9 +51,9 @@ class KdflowPyfunc(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
         import torch
 
-        x = np.asarray(model_input, dtype=np.float32)
-        norm = self.spec.get("normalization") or {}
-        x = (x - norm.get("mean", 0.0)) / norm.get("std", 1.0)
+        from kd_lib.data import normalize  # the very transform prepare_data applied (scalar or per channel)
+
+        x = normalize(np.asarray(model_input, dtype=np.float32), self.spec.get("normalization") or {})
         with torch.no_grad():
             logits = self.model(torch.from_numpy(x))
         return logits.argmax(dim=1).numpy().astype(np.int64)

@@ -90,12 +90,21 @@ def _write_json(path: str | Path, obj: Any) -> None:
 
 
 def prepare_data(cfg: PipelineConfig, pipeline_run_id: str, dataset_dir: str | Path) -> dict[str, Any]:
-    """Load, validate, split and fingerprint the data; write it to ``dataset_dir``."""
+    """Load, validate, split and fingerprint the data; write it to ``dataset_dir``.
+
+    ``s3://`` sources are fetched with ``tracking.retry``'s attempts and timeouts.
+    """
     with step_run(cfg, pipeline_run_id, "prepare_data") as run:
-        splits = data_lib.prepare(cfg.data)
+        splits = data_lib.prepare(cfg.data, retry=cfg.tracking.retry)
         data_lib.save_splits(splits, dataset_dir)
         meta = splits.meta
-        run.log_params({"source": meta.source, "fingerprint": meta.fingerprint, "input_shape": meta.input_shape})
+        params: dict[str, Any] = {"source": meta.source, "fingerprint": meta.fingerprint, "input_shape": meta.input_shape}
+        if meta.test_source:
+            params["test_source"] = meta.test_source
+        if meta.class_names:
+            # A param for search and display (MLflow caps its length); the full list is in dataset_meta.json.
+            params["class_names"] = ",".join(meta.class_names)[:500]
+        run.log_params(params)
         run.log_metrics({f"n_{k}": v for k, v in meta.sizes.items()} | {"num_classes": meta.num_classes})
         run.set_tags({"kdflow.dataset_fingerprint": meta.fingerprint}, on_parent=True)
         run.log_dict(meta.__dict__, "dataset_meta.json")

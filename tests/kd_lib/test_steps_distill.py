@@ -15,6 +15,7 @@ from kd_lib import quantization, steps
 from kd_lib.config import ConfigError
 from kd_lib.data import load_splits
 from kd_lib.model_registry import ModelRegistry, log_pyfunc, pip_requirements
+from kd_lib.storage import StorageError
 from tests.helpers import tiny_config
 
 CNN_TEACHER = {"model": {"arch": "cnn", "params": {"channels": 8, "depth": 2, "hidden": 32}}, "train": {"epochs": 3}}
@@ -107,6 +108,18 @@ def test_import_from_a_checkpoint_reproduces_the_teacher(prepared: dict, tmp_pat
     cfg.teacher.model.params = {"channels": 4, "depth": 2, "hidden": 32}
     with pytest.raises(steps.StepError, match=r"teacher.pt: not a state_dict of teacher.model cnn"):
         steps.import_teacher(cfg, "ckpt-bad", prepared["dataset"], tmp_path / "bad")
+
+
+def test_import_from_an_s3_checkpoint(prepared: dict, tmp_path: Path, s3) -> None:  # noqa: ANN001
+    model, _ = quantization.load_model(prepared["teacher"])
+    torch.save(model.state_dict(), tmp_path / "teacher.pt")
+    s3.client().upload_file(str(tmp_path / "teacher.pt"), s3.bucket, "teachers/v1/teacher.pt")
+    cfg = _with_teacher(prepared["cfg"], "checkpoint", s3.uri("teachers/v1/teacher.pt"))
+    steps.import_teacher(cfg, "s3", prepared["dataset"], tmp_path / "imported")
+    assert torch.equal(_predict(tmp_path / "imported", prepared["dataset"]), _predict(prepared["teacher"], prepared["dataset"]))
+    missing = _with_teacher(prepared["cfg"], "checkpoint", s3.uri("teachers/v2/teacher.pt"))
+    with pytest.raises(StorageError, match="teachers/v2/teacher.pt"):
+        steps.import_teacher(missing, "s3-missing", prepared["dataset"], tmp_path / "missing")
 
 
 def test_a_pickled_checkpoint_is_refused(prepared: dict, tmp_path: Path) -> None:
