@@ -135,6 +135,32 @@ def test_pass_then_fail_on_a_fresh_sqlite_store(tmp_path: Path, monkeypatch: pyt
     assert "REJECTED" in second.report_path.read_text()
 
 
+def test_a_registered_model_as_the_teacher_and_the_no_kd_baseline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """teacher.source=mlflow: no training step in the DAG; distill.baseline: the gain is reported."""
+    cfg = tiny_config(tmp_path)
+    first = _run(cfg, tmp_path, monkeypatch)
+    assert first.succeeded, first.error
+    teacher_ref = f"models:/{cfg.registry.model_name}@champion"
+    tree = json.loads(cfg.to_json())
+    tree["teacher"] |= {"source": "mlflow", "uri": teacher_ref}
+    tree["distill"]["baseline"] = True
+    tree["registry"]["model_name"] += "-from-registry"
+    second_cfg = PipelineConfig.model_validate(tree)
+    second = _run(second_cfg, tmp_path, monkeypatch)
+    assert second.succeeded, second.error
+    tasks = [s["task"] for s in second.steps]
+    assert "import-teacher" in tasks and "train-teacher" not in tasks
+    version = first.summary["registered"]["version"]
+    assert second.summary["tags"]["kdflow.teacher_source"] == f"models:/{cfg.registry.model_name}/{version}"
+    evaluation = second.summary["evaluation"]
+    # The imported teacher is the first run's registered model: same test predictions.
+    assert evaluation["teacher"]["predictions"] == first.summary["evaluation"]["quantized"]["predictions"]
+    assert set(evaluation) == {"teacher", "student", "quantized", "baseline"}
+    gain = evaluation["student"]["kd_gain_points"]
+    assert gain == pytest.approx(100 * (evaluation["student"]["accuracy"] - evaluation["baseline"]["accuracy"]))
+    assert "KD gain" in second.report_path.read_text()
+
+
 FAKE_SECRETS = {
     "AWS_ACCESS_KEY_ID": "AKIAKDFLOWFAKE7EXAMPLE",
     "AWS_SECRET_ACCESS_KEY": "kdflow/Fake+Secret/Key/9f8e7d6c5b4a",
