@@ -19,6 +19,7 @@ JSON. Not part of ``make test``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -59,14 +60,16 @@ METHODS: dict[str, list[dict[str, Any]]] = {
 SETUPS: dict[str, dict[str, Any]] = {
     "mnist5k": {
         "teacher": ("cnn", {"channels": 32, "depth": 3, "hidden": 128, "dropout": 0.3}),
+        "teacher_epochs": 30,
+        "teacher_crop": 2,
         "student": ("cnn", {"channels": 4, "depth": 2, "hidden": 24}),
-        "teacher_epochs": 20,
         "student_epochs": 30,
     },
     "digits": {
         "teacher": ("cnn", {"channels": 32, "depth": 2, "hidden": 128, "dropout": 0.3}),
-        "student": ("cnn", {"channels": 2, "depth": 2, "hidden": 8}),
         "teacher_epochs": 40,
+        "teacher_crop": 1,
+        "student": ("cnn", {"channels": 2, "depth": 2, "hidden": 8}),
         "student_epochs": 60,
     },
 }
@@ -98,11 +101,22 @@ def run_dataset(name: str, source: str, args: argparse.Namespace) -> dict[str, A
     torch.manual_seed(0)
     teacher = build_model(t_arch, t_params, shape, classes)
     t_cfg = TrainConfig(epochs=setup["teacher_epochs"], batch_size=64, lr=2e-3, patience=100, seed=0)
+    # The teacher is trained once per recipe and kept (weights only): reruns compare students.
+    recipe = json.dumps([name, splits.meta.fingerprint, t_arch, t_params, t_cfg.model_dump(), setup["teacher_crop"]], sort_keys=True)
+    cached = Path(args.teacher_cache) / f"{name}-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}.pt"
     start = time.perf_counter()
-    teacher = training.train_supervised(teacher, x["train"], y["train"], x["val"], y["val"], t_cfg).model
+    if cached.is_file():
+        teacher.load_state_dict(torch.load(cached, weights_only=True))
+        teacher.eval()
+    else:
+        t_augment = make_augment(AugmentConfig(random_crop_padding=setup["teacher_crop"]), shape) if setup["teacher_crop"] else None
+        teacher = training.train_supervised(teacher, x["train"], y["train"], x["val"], y["val"], t_cfg, augment=t_augment).model
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(teacher.state_dict(), cached)
     teacher_acc = _accuracy(teacher, x["test"], y["test"])
     print(f"[{name}] teacher {t_arch} {t_params}: {count_parameters(teacher)} params, test {teacher_acc:.4f} "
-          f"({time.perf_counter() - start:.0f}s)", flush=True)  # fmt: skip
+          f"({'loaded ' + str(cached) if cached.is_file() and time.perf_counter() - start < 5 else 'trained'}, "
+          f"{time.perf_counter() - start:.0f}s)", flush=True)  # fmt: skip
 
     s_arch, s_params = setup["student"]
     s_cfg = TrainConfig(epochs=setup["student_epochs"], batch_size=64, lr=args.lr, patience=100, seed=0)
@@ -201,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-fraction", type=float, default=0.2)
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 0))
     parser.add_argument("--out", default="bench/results/kd_quality.json")
+    parser.add_argument("--teacher-cache", default="bench/results/teachers", help="trained teachers are kept here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
