@@ -306,7 +306,7 @@ class _Reader:
             elif zps_code in ("i8", "i16", "i32", "i64"):
                 zps = self._take(_DTYPES[zps_code], channels, key + " zero points").long()
             else:
-                raise _Corrupt(f"entry {key!r}: per-channel zero points {zps_code!r} are neither a number nor an int dtype")
+                raise _Corrupt(f"entry {key!r}: per-channel zero points {zps_code!r} are not a number or int dtype")
             return torch._make_per_channel_quantized_tensor(ints, scales, zps, axis)
         scale, zp = node.get("scale"), node.get("zp")
         if type(scale) not in (int, float) or type(zp) is not int:

@@ -179,7 +179,7 @@ def _forge(header: Any, data: bytes = b"", raw_header: bytes | None = None) -> b
         ({"state": [["w", {"q": "qint8", "s": [2], "axis": 0, "scales": "i8", "zps": 0}]]}, b"\0" * 4,
          "scales stored as 'i8'"),
         ({"state": [["w", {"q": "qint8", "s": [2], "axis": 0, "scales": "f32", "zps": "f32"}]]}, b"\0" * 12,
-         "zero points 'f32'"),
+         "zero points .f32. are not"),
         ({"state": [["w", {"q": "qint4", "s": [2]}]]}, b"\0" * 2, "unknown quantized dtype"),
         ({"state": [["w", {"q": "qint8", "s": [2], "scale": "x", "zp": 0}]]}, b"\0" * 2, "scale/zero point"),
         ({"state": [["w", {"t": "bool", "s": [2]}]]}, b"\x01\x07", "bytes other than 0 and 1"),
