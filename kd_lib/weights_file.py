@@ -127,10 +127,10 @@ class _Writer:
     def __init__(self) -> None:
         self.chunks: list[bytes] = []
 
-    def _raw(self, t: Tensor, narrow: bool = True) -> dict[str, Any]:
+    def _raw(self, t: Tensor) -> dict[str, Any]:
         if t.dtype not in _CODES:
             raise ValueError(f"cannot store a {t.dtype} tensor; supported dtypes: {', '.join(map(str, _CODES))}")
-        stored = _narrowest(t) if narrow else t
+        stored = _narrowest(t)
         # reshape(-1) first: view(uint8) needs at least one dimension.
         self.chunks.append(stored.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         node: dict[str, Any] = {"t": _CODES[t.dtype]}
@@ -148,10 +148,10 @@ class _Writer:
         qscheme = t.qscheme()
         if qscheme == torch.per_tensor_affine:
             node |= {"scale": float(t.q_scale()), "zp": int(t.q_zero_point())}
-            self._raw(t.int_repr(), narrow=False)
+            self._raw(t.int_repr())
         elif qscheme == torch.per_channel_affine:
             node["axis"] = int(t.q_per_channel_axis())
-            self._raw(t.int_repr(), narrow=False)  # integers, scales, zero points: the reader's order
+            self._raw(t.int_repr())  # integers, scales, zero points: the order the reader expects
             scales = self._raw(t.q_per_channel_scales())
             node["scales"] = scales.get("as", scales["t"])
             zps = t.q_per_channel_zero_points()
@@ -172,7 +172,13 @@ class _Writer:
             if type(value) not in (Tensor, torch.nn.Parameter) and hasattr(value, "__tensor_flatten__"):
                 names, _ctx = value.__tensor_flatten__()  # ctx is rebuilt from the loader's model
                 cls = type(value)
-                inner = [[n, self.node(getattr(value, n), f"{key}.{n}")] for n in names]
+                inner = []
+                for name in names:
+                    t = getattr(value, name)
+                    if type(t) is not Tensor or t.is_quantized:
+                        raise ValueError(f"state dict entry {key!r}: {cls.__name__}.{name} is not a plain tensor; "
+                                         "nested tensor subclasses cannot be stored")  # fmt: skip
+                    inner.append([name, self._raw(t)])
                 return {"sub": f"{cls.__module__}.{cls.__qualname__}", "s": list(value.shape), "inner": inner}
             return self._raw(value)
         if isinstance(value, torch.dtype):
