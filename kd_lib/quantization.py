@@ -273,9 +273,10 @@ class CastModel(nn.Module):
 class HalfPrecision:
     """``fp16`` / ``bf16``: every parameter and buffer cast to a 16-bit float (2x smaller).
 
-    Every layer type is covered. On this CPU (AVX512-BF16 + AMX) bf16 matmuls are fast: the
+    Every layer type is covered. On a CPU with AVX512-BF16 + AMX bf16 matmuls are fast: the
     wide MLP at batch 64 ran 0.71 ms vs 2.29 ms fp32 (1 thread), while fp16 ran at fp32 speed
-    (2.13 ms); convolutions gain nothing (CNN student bf16 2.14 ms, fp16 2.97, fp32 2.12).
+    (2.13 ms); convolutions gain nothing (CNN student bf16 2.14 ms, fp16 2.97, fp32 2.12). On an
+    AVX2-only CPU both are emulated and 6-12x slower than fp32 at batch 64: size only.
     """
 
     covers: tuple[type[nn.Module], ...] = (nn.Module,)
@@ -380,6 +381,15 @@ class EagerInt8:
     torch.compile with freezing (a compile in every serving process), failed to compile both
     CNNs, and its converted program keeps fp32 weights (12 MB vs 2.4 MB). So: eager torch.ao,
     x86 engine by default, onednn selectable.
+
+    Those numbers came from an AVX512-VNNI/AMX CPU. On an AVX2-only CPU (2-core EPYC, no VNNI;
+    ``bench/quantization.py --profile``) the picture splits: the x86 engine stays best for
+    Linear layers (wide MLP batch 64: 1.9x fp32, onednn 1.5x) but its int8 convolutions are
+    slower than fp32 (CNN student batch 64: quantized conv 7.9 vs fp32 1.7 ms per pass, most of
+    it the 1-channel input conv), while onednn's are faster (1.0 ms: the CNN runs about 2x fp32
+    at batch 64). At batch 1 every int8 CNN is slower than fp32 there (x86 0.28 vs 0.14 ms):
+    the int8 conv kernels cost twice the fp32 ones, and quantize/dequantize is only ~3-7%.
+    For a CNN served in batches on such a CPU, choose ``quantize.backend`` onednn.
     """
 
     # BatchNorm counts as covered: it is folded into the Conv before it (a BatchNorm anywhere
