@@ -58,9 +58,10 @@ lock:
 image:
 	docker build -t $(IMAGE) .
 
-# Not part of `make test`: trains on mnist5k and times every quantization scheme (~1 min).
+# Not part of `make test`: trains on mnist5k, times every quantization scheme and profiles the
+# CNNs at batch 1 and 64 (a few minutes on 2 cores). Results: bench/results/quantization.json.
 bench: $(STAMP)
-	$(PY) bench/quantization.py --data $(or $(DATA),../shared/datasets/mnist5k.npz)
+	$(PY) bench/quantization.py --data $(or $(DATA),../shared/datasets/mnist5k.npz) --profile
 
 clean:
 	rm -rf .kdflow mlflow.db mlruns build

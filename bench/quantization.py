@@ -5,10 +5,14 @@ Trains a CNN teacher, distills an MLP student, a CNN student and a wide Linear-h
 kd_lib.quantization (plus torch.compile'd torchao and PT2E candidates that have no artifact
 format of their own): artifact bytes and ratio to fp32, test accuracy and its drop, and CPU
 latency p50/p95 at batch 1 and 64 with a fixed thread count. Every artifact-backed row is
-measured on the model loaded back from its artifact (weights_only=True). Prints a table and
-writes JSON. Not part of `make test`; `make bench` runs it.
+measured on the model loaded back from its artifact (kdflow's pickle-free weights file).
+Prints a table and writes JSON. Not part of `make test`; `make bench` runs it.
 
-    python bench/quantization.py --data /work/shared/datasets/mnist5k.npz --threads 1
+With ``--profile``, torch.profiler also runs on each CNN (fp32 and its int8 artifacts) at
+batch 1 and 64: self CPU time per operator and per kind of operator (conv, linear, pooling,
+quantize/dequantize, tensor bookkeeping), to show where int8 gains or loses time.
+
+    python bench/quantization.py --data /work/shared/datasets/mnist5k.npz --threads 1 --profile
 """
 
 from __future__ import annotations
@@ -111,19 +115,72 @@ def _pt2e_x86(model: nn.Module, calibration: list[torch.Tensor]) -> tuple[nn.Mod
     return torch.compile(converted), size
 
 
-def _profile(model: nn.Module, x: torch.Tensor, threads: int) -> list[dict[str, Any]]:
-    """Top operators by self CPU time over 20 batch-64 passes."""
+# Which (scheme, backend) artifacts of a CNN --profile looks into, next to fp32.
+PROFILED = (
+    ("static_int8", "torch.ao.quantization.eager[x86]"),
+    ("static_int8", "torch.ao.quantization.eager[onednn]"),
+    ("dynamic_int8", "torch.ao.quantization.quantize_dynamic"),
+)
+# Operator name fragments -> kind, first match wins. quantize/dequantize comes first and names
+# only the conversion ops ("quantized::conv2d" is a conv, not a conversion).
+_OP_KINDS = (
+    ("quantize/dequantize", ("quantize_per_tensor", "dequantize", "choose_qparams")),
+    ("conv", ("conv",)),
+    ("linear", ("linear", "addmm", "matmul", "aten::mm")),
+    ("pool", ("pool",)),
+    ("relu", ("relu", "clamp", "threshold")),
+)
+BOOKKEEPING = "tensor bookkeeping"  # allocation, copies, views, reading scales: everything else
+
+
+def _op_kind(op: str) -> str:
+    return next((kind for kind, parts in _OP_KINDS if any(p in op for p in parts)), BOOKKEEPING)
+
+
+def _profile(model: nn.Module, x1: torch.Tensor, batch_size: int, threads: int, passes: int) -> dict[str, Any]:
+    """Self CPU time per operator and per kind of operator, averaged over ``passes`` forward passes.
+
+    Self times include the profiler's own per-op cost, so their sum exceeds the unprofiled
+    latency; compare shares and kinds between models, not the totals with the latency table.
+    """
     from torch.profiler import ProfilerActivity, profile
 
+    batch = x1.expand(batch_size, *x1.shape[1:]).contiguous()
+    previous = torch.get_num_threads()
     torch.set_num_threads(threads)
-    with torch.inference_mode():
-        for _ in range(3):
-            model(x)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(20):
-                model(x)
-    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:6]
-    return [{"op": e.key, "self_cpu_ms_per_pass": e.self_cpu_time_total / 1000 / 20} for e in rows]
+    try:
+        with torch.inference_mode():
+            for _ in range(10):
+                model(batch)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(passes):
+                    model(batch)
+    finally:
+        torch.set_num_threads(previous)
+    ops = [
+        {"op": e.key, "kind": _op_kind(e.key), "self_cpu_ms_per_pass": e.self_cpu_time_total / 1000 / passes,
+         "calls_per_pass": e.count / passes}
+        for e in prof.key_averages()
+    ]  # fmt: skip
+    ops.sort(key=lambda o: o["self_cpu_ms_per_pass"], reverse=True)
+    by_kind: dict[str, float] = {kind: 0.0 for kind, _ in _OP_KINDS} | {BOOKKEEPING: 0.0}
+    for o in ops:
+        by_kind[o["kind"]] += o["self_cpu_ms_per_pass"]
+    return {
+        "batch_size": batch_size,
+        "passes": passes,
+        "self_cpu_ms_per_pass": sum(by_kind.values()),
+        "by_kind_ms_per_pass": by_kind,
+        "top_ops": ops[:10],
+    }
+
+
+def _profile_cnn(candidates: dict[str, nn.Module], x1: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
+    """``_profile`` of every candidate (fp32 and int8 artifacts of one CNN) at batch 1 and 64."""
+    return {
+        label: {f"b{bs}": _profile(model, x1, bs, args.threads, passes) for bs, passes in ((1, 200), (64, 20))}
+        for label, model in candidates.items()
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -152,6 +209,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 training.kd_finetune(prepared, teacher_logits, x_train, y_train, qat_cfg, 4.0, 0.9)
 
             context = quantization.QuantizeContext(calibration=calibration, finetune=finetune)
+            to_profile: dict[str, nn.Module] = {"fp32": fp32}
             for scheme in quantization.SCHEMES:
                 if scheme == "qat_int8" and model_name == "teacher_cnn":
                     continue  # QAT distills from the teacher; the teacher has none
@@ -169,10 +227,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     except Exception as err:  # a backend that fails here is a result, not a crash
                         rows.append(row | {"error": f"{type(err).__name__}: {str(err)[:200]}"})
                         continue
+                    # bytes: the whole directory, what the gate counts; weights_bytes: without spec.json.
                     row["bytes"] = evaluation.artifact_size_bytes(directory)
+                    row["weights_bytes"] = evaluation.artifact_size_bytes(directory, exclude=(quantization.SPEC_FILE,))
                     row["fp32_layers"] = quantization.fp32_layers(fp32, scheme, backend)
                     rows.append(row | _measure(loaded, x_test, y_test, x1, fp32_acc, args))
                     print(_line(rows[-1]), flush=True)
+                    if (scheme, backend) in PROFILED:
+                        to_profile[f"{scheme}[{backend}]"] = loaded
                     if backend.startswith("torchao"):
                         compiled = _Callable(torch.compile(loaded))
                         rows.append(
@@ -194,12 +256,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     inductor_config.freezing = False
                 rows.append(row)
                 print(_line(row), flush=True)
-            if arch == "cnn":
-                x64 = x1.expand(64, *x1.shape[1:]).contiguous()
-                profiles[model_name] = {
-                    "fp32": _profile(fp32, x64, args.threads),
-                    "static_int8": _profile(quantization.quantize(fp32, "static_int8", context), x64, args.threads),
-                }
+            if args.profile and arch == "cnn":
+                profiles[model_name] = _profile_cnn(to_profile, x1, args)
     return {
         "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
                     "load_average": os.getloadavg()},  # fmt: skip
@@ -237,6 +295,7 @@ def _line(r: dict[str, Any]) -> str:
     size = f"{r['bytes'] / 1e3:>8.1f}" if "bytes" in r else f"{'-':>8}"
     return (
         f"{r['model']:<12} {r['scheme']:<16} {r['backend']:<48} {size} {r.get('ratio', float('nan')):>6.3f} "
+        f"{r.get('weights_ratio', float('nan')):>6.3f} "
         f"{r['accuracy'] * 100:>6.2f} {r['drop_points']:>6.2f} "
         f"{r['b1_p50_ms']:>7.3f} {r['b1_p95_ms']:>7.3f} {r['b64_p50_ms']:>8.3f} {r['b64_p95_ms']:>8.3f} "
         f"{r.get('speedup_b64', float('nan')):>6.2f}"
@@ -244,9 +303,30 @@ def _line(r: dict[str, Any]) -> str:
 
 
 HEADER = (
-    f"{'model':<12} {'scheme':<16} {'backend':<48} {'kB':>8} {'ratio':>6} {'acc%':>6} {'drop':>6} "
+    f"{'model':<12} {'scheme':<16} {'backend':<48} {'kB':>8} {'ratio':>6} {'w.rat':>6} {'acc%':>6} {'drop':>6} "
     f"{'b1 p50':>7} {'b1 p95':>7} {'b64 p50':>8} {'b64 p95':>8} {'x b64':>6}"
 )
+
+
+def _print_profile(model_name: str, per_model: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """Per-kind self CPU time of each profiled variant side by side, the top operators, and
+    which scheme is fastest at batch 1 for this model."""
+    labels = list(per_model)
+    for batch in ("b1", "b64"):
+        print(f"\nprofile {model_name} batch {batch[1:]}: self CPU ms per pass (profiler overhead included)")
+        print(f"{'kind':<22}" + "".join(f"{label[:30]:>32}" for label in labels))
+        for kind in next(iter(per_model.values()))[batch]["by_kind_ms_per_pass"]:
+            print(f"{kind:<22}" + "".join(f"{per_model[lab][batch]['by_kind_ms_per_pass'][kind]:>32.4f}" for lab in labels))
+        print(f"{'total':<22}" + "".join(f"{per_model[lab][batch]['self_cpu_ms_per_pass']:>32.4f}" for lab in labels))
+        for label in labels:
+            top = ", ".join(f"{o['op']} {o['self_cpu_ms_per_pass']:.4f} (x{o['calls_per_pass']:g})"
+                            for o in per_model[label][batch]["top_ops"][:6])  # fmt: skip
+            print(f"  top ops {label}: {top}")
+    timed = [r for r in rows if r["model"] == model_name and "error" not in r and "b1_p50_ms" in r]
+    if timed:
+        best = min(timed, key=lambda r: r["b1_p50_ms"])
+        print(f"{model_name} fastest at batch 1: {best['scheme']} [{best['backend']}] {best['b1_p50_ms']:.3f} ms, "
+              f"{best.get('speedup_b1', float('nan')):.2f}x fp32")  # fmt: skip
 
 
 def _finish(result: dict[str, Any]) -> None:
@@ -258,6 +338,8 @@ def _finish(result: dict[str, Any]) -> None:
             continue
         if "bytes" in r:
             r["ratio"] = r["bytes"] / b["bytes"]
+        if "weights_bytes" in r:
+            r["weights_ratio"] = r["weights_bytes"] / b["weights_bytes"]
         r["speedup_b64"] = b["b64_p50_ms"] / r["b64_p50_ms"]
         r["speedup_b1"] = b["b1_p50_ms"] / r["b1_p50_ms"]
 
@@ -271,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=100, help="timed passes at batch 1 (half at batch 64)")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--no-pt2e", action="store_true", help="skip the PT2E + torch.compile candidate")
+    parser.add_argument("--profile", action="store_true",
+                        help="torch.profiler on each CNN's fp32 and int8 artifacts at batch 1 and 64")  # fmt: skip
     args = parser.parse_args(argv)
     if not args.data.is_file():
         parser.error(f"--data {args.data}: no such file; pass the mnist5k .npz (x uint8 [N,1,28,28], y int64)")
@@ -281,14 +365,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CPU {result['machine']['cpu']}, {result['machine']['cores']} cores, {args.threads} thread(s) while "
           f"timing; load average at the end {result['machine']['load_average']}; torch {torch.__version__}; "
           f"test split {result['test_samples']} samples; latency in ms")  # fmt: skip
+    print("ratio: artifact directory bytes / the fp32 artifact's (spec.json included: what the gate counts); "
+          "w.rat: the same for the weights file alone; x b64: batch-64 p50 speedup over fp32")
     print(HEADER)
     print("-" * len(HEADER))
     for r in result["rows"]:
         print(_line(r))
-    for name, prof in result["profiles"].items():
-        for kind, ops in prof.items():
-            top = ", ".join(f"{o['op']} {o['self_cpu_ms_per_pass']:.2f}" for o in ops[:4])
-            print(f"profile {name} {kind} b64 (self CPU ms/pass): {top}")
+    for name, per_model in result["profiles"].items():
+        _print_profile(name, per_model, result["rows"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"\nwrote {args.out} ({result['seconds']:.0f}s)")

@@ -1,7 +1,7 @@
 """MLflow Model Registry: the pyfunc wrapper, version registration and the champion alias.
 
 The registered model is an MLflow *models-from-code* pyfunc: its artifacts are a weights file
-(``torch.save(state_dict)``, read back with ``weights_only=True``) and ``spec.json``; loading
+(``weights.bin``, kdflow's pickle-free format, see ``kd_lib.weights_file``) and ``spec.json``; loading
 executes ``kd_lib/pyfunc_model.py`` from the model's own code directory, never unpickles an
 object. So ``models:/NAME@champion`` loads with ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``.
 """

@@ -22,11 +22,14 @@ A layer type a scheme cannot quantize is never skipped silently: ``fp32_layers``
 ``apply`` warns (or raises ``QuantizationError`` when ``allow_fp32_layers`` is False), and the
 quantize step records the list in the model's spec.
 
-A saved model is a directory with ``weights.pt`` (``torch.save(state_dict)``, loaded with
-``weights_only=True``) and ``spec.json`` (architecture, params, input shape, classes, scheme,
-backend and library versions). Loading rebuilds the fp32 architecture from the spec, turns it
-into the quantized structure with the recorded backend's ``prepare_for_load``, then loads the
-weights: no pickled code, and the same predictions as before saving.
+A saved model is a directory with ``weights.bin`` (the state dict in kdflow's pickle-free
+format: raw tensor bytes plus a JSON index, int8 weights as their integers with per-channel
+scales; see ``kd_lib.weights_file``) and ``spec.json`` (architecture, params, input shape,
+classes, scheme, backend and library versions). Every scheme, fp32 included, uses the same
+format, so size ratios compare like with like. Loading rebuilds the fp32 architecture from the
+spec, turns it into the quantized structure with the recorded backend's ``prepare_for_load``,
+then loads the weights: no pickled code, and the same predictions as before saving. Artifacts
+from before this format (``weights.pt``, ``torch.save``) still load, with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -44,10 +47,14 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import torch
 from torch import Tensor, nn
 
+from kd_lib import weights_file
 from kd_lib.models import build_model
 from kd_lib.registry import Registry
+from kd_lib.weights_file import ArtifactError
 
-WEIGHTS_FILE = "weights.pt"
+WEIGHTS_FILE = "weights.bin"
+# Written by kdflow before weights.bin (torch.save of the state dict); still read, never written.
+LEGACY_WEIGHTS_FILE = "weights.pt"
 SPEC_FILE = "spec.json"
 REQUIRED_SPEC_KEYS = ("arch", "params", "input_shape", "num_classes", "quantization")
 
@@ -57,10 +64,6 @@ REQUIRED_SPEC_KEYS = ("arch", "params", "input_shape", "num_classes", "quantizat
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _WEIGHT_LAYERS = (nn.Linear, *_CONV)
-
-
-class ArtifactError(ValueError):
-    """A saved model directory is missing a file, or a file is corrupt or does not match its spec."""
 
 
 class QuantizationError(ValueError):
@@ -270,9 +273,10 @@ class CastModel(nn.Module):
 class HalfPrecision:
     """``fp16`` / ``bf16``: every parameter and buffer cast to a 16-bit float (2x smaller).
 
-    Every layer type is covered. On this CPU (AVX512-BF16 + AMX) bf16 matmuls are fast: the
+    Every layer type is covered. On a CPU with AVX512-BF16 + AMX bf16 matmuls are fast: the
     wide MLP at batch 64 ran 0.71 ms vs 2.29 ms fp32 (1 thread), while fp16 ran at fp32 speed
-    (2.13 ms); convolutions gain nothing (CNN student bf16 2.14 ms, fp16 2.97, fp32 2.12).
+    (2.13 ms); convolutions gain nothing (CNN student bf16 2.14 ms, fp16 2.97, fp32 2.12). On an
+    AVX2-only CPU both are emulated and 6-12x slower than fp32 at batch 64: size only.
     """
 
     covers: tuple[type[nn.Module], ...] = (nn.Module,)
@@ -377,6 +381,15 @@ class EagerInt8:
     torch.compile with freezing (a compile in every serving process), failed to compile both
     CNNs, and its converted program keeps fp32 weights (12 MB vs 2.4 MB). So: eager torch.ao,
     x86 engine by default, onednn selectable.
+
+    Those numbers came from an AVX512-VNNI/AMX CPU. On an AVX2-only CPU (2-core EPYC, no VNNI;
+    ``bench/quantization.py --profile``) the picture splits: the x86 engine stays best for
+    Linear layers (wide MLP batch 64: 1.9x fp32, onednn 1.5x) but its int8 convolutions are
+    slower than fp32 (CNN student batch 64: quantized conv 7.9 vs fp32 1.7 ms per pass, most of
+    it the 1-channel input conv), while onednn's are faster (1.0 ms: the CNN runs about 2x fp32
+    at batch 64). At batch 1 every int8 CNN is slower than fp32 there (x86 0.28 vs 0.14 ms):
+    the int8 conv kernels cost twice the fp32 ones, and quantize/dequantize is only ~3-7%.
+    For a CNN served in batches on such a CPU, choose ``quantize.backend`` onednn.
     """
 
     # BatchNorm counts as covered: it is folded into the Conv before it (a BatchNorm anywhere
@@ -399,11 +412,16 @@ class EagerInt8:
         # BatchNorm that did not follow a Conv (fused away above) would receive int8 tensors.
         self._refuse_uncovered(model, _WEIGHT_LAYERS)
         wrapper = tq.QuantWrapper(model)
+        # The observers of the x86 engine for every engine: activations in 7 bits
+        # (reduce_range), weights per-channel symmetric int8. onednn's own default uses all 8
+        # activation bits, which its u8*s8 kernels saturate on CPUs without VNNI (this AVX2
+        # machine: logits off by 0.048 on the test MLP, vs 0.007), so the same artifact would
+        # give different numbers on different CPUs. The engine still picks the kernels.
         if train:
-            wrapper.qconfig = tq.get_default_qat_qconfig(self.engine)
+            wrapper.qconfig = tq.get_default_qat_qconfig("x86")
             tq.prepare_qat(wrapper, inplace=True)
         else:
-            wrapper.qconfig = tq.get_default_qconfig(self.engine)
+            wrapper.qconfig = tq.get_default_qconfig("x86")
             tq.prepare(wrapper, inplace=True)
         return wrapper
 
@@ -655,7 +673,11 @@ def quantize(
 
 
 def save_model(model: nn.Module, spec: dict[str, Any], directory: str | Path) -> Path:
-    """Write a model as ``weights.pt`` + ``spec.json``, loadable without pickle by ``load_model``.
+    """Write a model as ``weights.bin`` + ``spec.json``, loadable without pickle by ``load_model``.
+
+    ``weights.bin`` is kdflow's weights file (``kd_lib.weights_file``): the state dict's raw
+    tensor bytes behind a JSON index; quantized tensors as their integers plus scales and zero
+    points. The same format for every scheme, so artifact sizes compare like with like.
 
     Args:
         model: The (possibly quantized) module; its state dict is saved.
@@ -669,7 +691,8 @@ def save_model(model: nn.Module, spec: dict[str, Any], directory: str | Path) ->
         The directory.
 
     Raises:
-        ValueError: a required spec key is missing or the spec is not JSON-able.
+        ValueError: a required spec key is missing, the spec is not JSON-able, or the state
+            dict holds something the weights file cannot store exactly (named).
         UnknownNameError: ``spec["quantization"]`` is not a registered scheme.
         QuantizationError: ``spec["backend"]`` is not a backend of that scheme.
     """
@@ -690,10 +713,13 @@ def save_model(model: nn.Module, spec: dict[str, Any], directory: str | Path) ->
         spec_text = json.dumps(written, indent=2, sort_keys=True)
     except TypeError as err:
         raise ValueError(f"model spec is not JSON-serializable: {err}") from None
+    with _quiet_torch_ao():
+        blob = weights_file.encode_state_dict(model.state_dict())  # before touching the directory
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    with _quiet_torch_ao():
-        torch.save(model.state_dict(), out / WEIGHTS_FILE)
+    (out / WEIGHTS_FILE).write_bytes(blob)
+    # A directory rewritten in place must not keep an older format's weights next to the new ones.
+    (out / LEGACY_WEIGHTS_FILE).unlink(missing_ok=True)
     (out / SPEC_FILE).write_text(spec_text + "\n")
     return out
 
@@ -702,7 +728,8 @@ def load_model(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Load a model written by ``save_model``; never unpickles code.
 
     Args:
-        directory: Holds ``spec.json`` and ``weights.pt``.
+        directory: Holds ``spec.json`` and ``weights.bin`` (or, written by an older kdflow,
+            ``weights.pt``, read with ``torch.load(weights_only=True)``).
 
     Returns:
         ``(model, spec)``: the module in eval mode on CPU, mapping ``[B, *input_shape]`` to
@@ -727,7 +754,13 @@ def load_model(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     missing = [k for k in REQUIRED_SPEC_KEYS if k not in spec]
     if missing:
         raise ArtifactError(f"{spec_path}: missing key(s) {', '.join(missing)}")
-    if not weights_path.is_file():
+    legacy_path = root / LEGACY_WEIGHTS_FILE
+    if weights_path.is_file() and legacy_path.is_file():
+        raise ArtifactError(
+            f"{root}: holds both {WEIGHTS_FILE} and {LEGACY_WEIGHTS_FILE}; one is stale. Save the model again "
+            f"(save_model writes {WEIGHTS_FILE} and removes {LEGACY_WEIGHTS_FILE}) or delete the stale file"
+        )
+    if not weights_path.is_file() and not legacy_path.is_file():
         raise ArtifactError(f"{weights_path}: missing; a saved model directory holds {SPEC_FILE} and {WEIGHTS_FILE}")
     try:
         quantizer = get_quantizer(spec["quantization"], spec.get("backend"))
@@ -737,14 +770,25 @@ def load_model(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     model = build_model(spec["arch"], spec["params"], tuple(spec["input_shape"]), spec["num_classes"])
     model = quantizer.prepare_for_load(model)
     with _quiet_torch_ao():
+        if weights_path.is_file():
+            # The template gives torchao tensor subclasses their class and attributes: the file
+            # supplies only tensor bytes, never which code to run.
+            state = weights_file.read_state_dict(weights_path, template=model.state_dict())
+        else:
+            weights_path = legacy_path
+            try:
+                state = torch.load(weights_path, weights_only=True, map_location="cpu")
+            except Exception as err:  # torch raises several types for a bad file; all mean "corrupt"
+                raise ArtifactError(f"{weights_path}: not a loadable weights-only state dict ({err})") from None
+        # Quantized modules repack their int8 weights while loading, for the engine current at
+        # that moment: it must be the one that produced them, or an onednn model comes back
+        # packed for x86 and its logits differ (by 0.02 on the test CNN).
+        engine = getattr(quantizer, "engine", None)
         try:
-            state = torch.load(weights_path, weights_only=True, map_location="cpu")
-        except Exception as err:  # torch raises several types for a bad file; all mean "corrupt"
-            raise ArtifactError(f"{weights_path}: not a loadable weights-only state dict ({err})") from None
-        try:
-            # assign=True: torchao's int8 tensor subclasses cannot be copied into the freshly
-            # quantized parameters, only put in their place; for plain tensors it is the same.
-            model.load_state_dict(state, strict=True, assign=True)
+            with _engine(engine) if engine else contextlib.nullcontext():
+                # assign=True: torchao's int8 tensor subclasses cannot be copied into the freshly
+                # quantized parameters, only put in their place; for plain tensors it is the same.
+                model.load_state_dict(state, strict=True, assign=True)
         except (RuntimeError, TypeError, AttributeError, ValueError) as err:
             raise ArtifactError(f"{weights_path}: does not match the architecture in {spec_path} ({err})") from None
     return model.eval(), spec

@@ -199,7 +199,7 @@ def test_against_a_real_mlflow_server_leaking_no_credential(
     result = _run(cfg, tmp_path, monkeypatch)
     _assert_registered_champion(result, cfg, mlflow_server.url, tmp_path)
     # The model's files went through the server's artifact proxy, not a path we share with it.
-    assert any(mlflow_server.artifacts.rglob("weights.pt"))
+    assert any(mlflow_server.artifacts.rglob("weights.bin"))
 
     client = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
     recorded = _recorded_text(client, cfg, result, tmp_path)

@@ -79,6 +79,9 @@ def test_artifact_size_counts_every_file(tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b.bin").write_bytes(b"y" * 23)
     assert artifact_size_bytes(tmp_path) == 123
+    (tmp_path / "spec.json").write_text("{}")
+    assert artifact_size_bytes(tmp_path) == 125
+    assert artifact_size_bytes(tmp_path, exclude=("spec.json",)) == 123
     with pytest.raises(FileNotFoundError, match="nope"):
         artifact_size_bytes(tmp_path / "nope")
 
@@ -87,12 +90,12 @@ def test_evaluate_model_keys(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = mlp((8,), 3, width=8, depth=1).eval()
     x, y = torch.randn(20, 8), torch.randint(0, 3, (20,))
-    (tmp_path / "weights.pt").write_bytes(b"z" * 50)
+    (tmp_path / "weights.bin").write_bytes(b"z" * 50)
     metrics = evaluate_model(model, x, y, 3, tmp_path, num_params=123, batch_sizes=(1, 4), warmup=1, iters=3)
-    expected = {"accuracy", "macro_f1", "size_bytes", "num_params", "predictions", "confusion_matrix"}
+    expected = {"accuracy", "macro_f1", "size_bytes", "weights_bytes", "num_params", "predictions", "confusion_matrix"}
     expected |= {f"latency_b{bs}_{p}_ms" for bs in (1, 4) for p in ("p50", "p95")}
     assert set(metrics) == expected
-    assert metrics["size_bytes"] == 50 and metrics["num_params"] == 123
+    assert metrics["size_bytes"] == metrics["weights_bytes"] == 50 and metrics["num_params"] == 123
     assert metrics["predictions"] == predict(model, x).tolist()
     assert metrics["accuracy"] == accuracy(predict(model, x), y)
     assert sum(map(sum, metrics["confusion_matrix"])) == 20

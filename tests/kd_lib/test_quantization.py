@@ -76,7 +76,7 @@ def test_int8_artifact_is_smaller_and_spec_records_backend(tmp_path: Path) -> No
     model = _mlp()
     fp32_dir = save_model(quantize(model, "none"), {**SPEC, "quantization": "none"}, tmp_path / "fp32")
     int8_dir = save_model(quantize(model, "dynamic_int8"), {**SPEC, "quantization": "dynamic_int8"}, tmp_path / "int8")
-    assert sorted(p.name for p in int8_dir.iterdir()) == ["spec.json", "weights.pt"]
+    assert sorted(p.name for p in int8_dir.iterdir()) == ["spec.json", "weights.bin"]
     # Linear weights go from 4 bytes to 1: expect well over 2x even with the per-file overhead.
     assert artifact_size_bytes(fp32_dir) > 2.5 * artifact_size_bytes(int8_dir)
     spec = json.loads((int8_dir / "spec.json").read_text())
@@ -162,11 +162,11 @@ def test_missing_and_corrupt_files_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match="spec.json: missing"):
         load_model(tmp_path)
     save_model(quantize(_mlp(), "dynamic_int8"), {**SPEC, "quantization": "dynamic_int8"}, tmp_path)
-    (tmp_path / "weights.pt").write_bytes(b"not a zip file")
-    with pytest.raises(ArtifactError, match="weights.pt: not a loadable"):
+    (tmp_path / "weights.bin").write_bytes(b"not a weights file")
+    with pytest.raises(ArtifactError, match="weights.bin: corrupt weights file: not a kdflow weights file"):
         load_model(tmp_path)
-    (tmp_path / "weights.pt").unlink()
-    with pytest.raises(ArtifactError, match="weights.pt: missing"):
+    (tmp_path / "weights.bin").unlink()
+    with pytest.raises(ArtifactError, match="weights.bin: missing"):
         load_model(tmp_path)
     (tmp_path / "spec.json").write_text("{not json")
     with pytest.raises(ArtifactError, match="spec.json: unreadable or not JSON"):
@@ -188,6 +188,26 @@ def test_weights_that_do_not_fit_the_spec_are_rejected(tmp_path: Path) -> None:
 
 def test_pickled_objects_are_refused(tmp_path: Path) -> None:
     save_model(_mlp(), {**SPEC, "quantization": "none"}, tmp_path)
+    (tmp_path / "weights.bin").unlink()  # an artifact of the older format: weights.pt only
     torch.save({"evil": object()}, tmp_path / "weights.pt")  # needs pickle to load
     with pytest.raises(ArtifactError, match="weights.pt: not a loadable weights-only"):
+        load_model(tmp_path)
+
+
+def test_artifacts_of_the_older_torch_save_format_still_load(tmp_path: Path) -> None:
+    quantized = quantize(_mlp(), "dynamic_int8")
+    save_model(quantized, {**SPEC, "quantization": "dynamic_int8"}, tmp_path)
+    (tmp_path / "weights.bin").unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.save of packed int8 weights warns (TypedStorage)
+        torch.save(quantized.state_dict(), tmp_path / "weights.pt")  # what kdflow wrote before weights.bin
+    loaded, _ = load_model(tmp_path)
+    x = torch.randn(8, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), quantized(x))
+    # Saving again converts the directory: the stale weights.pt goes, so nothing is ambiguous.
+    save_model(loaded, {**SPEC, "quantization": "dynamic_int8"}, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.json", "weights.bin"]
+    torch.save(quantized.state_dict(), tmp_path / "weights.pt")
+    with pytest.raises(ArtifactError, match="holds both weights.bin and weights.pt"):
         load_model(tmp_path)

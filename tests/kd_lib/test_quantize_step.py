@@ -163,7 +163,7 @@ def test_onnx_export_is_checked_with_onnxruntime_on_the_test_split(trained, tmp_
         "onnx_check.json", "student_fp32.onnx", "student_quantized.onnx"
     ]  # fmt: skip
     # The ONNX files are not part of the quantized artifact (its size is what the gate measures).
-    assert sorted(p.name for p in out.iterdir()) == ["spec.json", "weights.pt"]
+    assert sorted(p.name for p in out.iterdir()) == ["spec.json", "weights.bin"]
 
 
 LOAD_PYFUNC = textwrap.dedent(

@@ -31,7 +31,8 @@ def _evil_file(path: Path, marker: Path) -> None:
     torch.save({"weight": Payload(marker)}, path)
 
 
-def test_malicious_weights_file_is_rejected_and_never_executed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", [quantization.WEIGHTS_FILE, quantization.LEGACY_WEIGHTS_FILE])
+def test_malicious_weights_file_is_rejected_and_never_executed(tmp_path: Path, name: str) -> None:
     marker = tmp_path / "pwned"
     model_dir = quantization.save_model(
         build_model("mlp", {"width": 4, "depth": 1}, (1, 2, 2), 2),
@@ -39,8 +40,10 @@ def test_malicious_weights_file_is_rejected_and_never_executed(tmp_path: Path) -
          "quantization": "none"},
         tmp_path / "m",
     )  # fmt: skip
-    _evil_file(model_dir / quantization.WEIGHTS_FILE, marker)
-    with pytest.raises(quantization.ArtifactError, match="weights.pt"):
+    # A pickle where the weights file goes, or (older artifacts) as weights.pt with no weights.bin.
+    (model_dir / quantization.WEIGHTS_FILE).unlink()
+    _evil_file(model_dir / name, marker)
+    with pytest.raises(quantization.ArtifactError, match=name):
         quantization.load_model(model_dir)
     assert not marker.exists()
 
