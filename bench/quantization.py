@@ -36,8 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kd_lib import data as data_lib  # noqa: E402
 from kd_lib import evaluation, quantization, training  # noqa: E402
-from kd_lib.config import DataConfig, TrainConfig  # noqa: E402
+from kd_lib.config import DataConfig, LossTermConfig, TrainConfig  # noqa: E402
+from kd_lib.losses import build_objective  # noqa: E402
 from kd_lib.models import build_model  # noqa: E402
+
+# Hinton KD, as the pipeline's default distill.losses.
+KD_LOSSES = [LossTermConfig(name="kd", weight=0.9, params={"temperature": 4.0}), LossTermConfig(name="ce", weight=0.1)]
 
 MODELS = {
     "teacher_cnn": ("cnn", {"channels": 16, "depth": 2, "hidden": 128}),
@@ -59,15 +63,14 @@ def _train(args: argparse.Namespace, splits: data_lib.Splits) -> dict[str, nn.Mo
         build_model(arch, params, shape, classes), t["train"], y["train"], t["val"], y["val"], cfg
     ).model
     print(f"trained teacher_cnn in {time.perf_counter() - start:.0f}s", flush=True)
-    teacher_logits = training.compute_logits(teacher, t["train"])
     models = {"teacher_cnn": teacher}
     for name in ("student_mlp", "student_cnn", "wide_mlp"):
         arch, params = MODELS[name]
         torch.manual_seed(0)
         start = time.perf_counter()
         models[name] = training.distill(
-            build_model(arch, params, shape, classes), teacher_logits, t["train"], y["train"], t["val"], y["val"],
-            cfg, temperature=4.0, alpha=0.9,
+            build_model(arch, params, shape, classes), teacher, build_objective(KD_LOSSES), t["train"], y["train"],
+            t["val"], y["val"], cfg,
         ).model  # fmt: skip
         print(f"distilled {name} in {time.perf_counter() - start:.0f}s", flush=True)
     return models
@@ -190,7 +193,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     x_test, y_test = torch.from_numpy(splits.x["test"]), torch.from_numpy(splits.y["test"])
     x_train, y_train = torch.from_numpy(splits.x["train"]), torch.from_numpy(splits.y["train"])
     models = _train(args, splits)
-    teacher_logits = training.compute_logits(models["teacher_cnn"], x_train)
     gen = torch.Generator().manual_seed(0)
     order = torch.randperm(len(x_train), generator=gen)[: 8 * 64]
     calibration = [x_train[order[i : i + 64]] for i in range(0, len(order), 64)]
@@ -206,7 +208,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
             def finetune(prepared: nn.Module) -> None:
                 qat_cfg = TrainConfig(epochs=1, batch_size=64, lr=1e-4, seed=0)
-                training.kd_finetune(prepared, teacher_logits, x_train, y_train, qat_cfg, 4.0, 0.9)
+                training.kd_finetune(prepared, models["teacher_cnn"], build_objective(KD_LOSSES), x_train, y_train, qat_cfg)
 
             context = quantization.QuantizeContext(calibration=calibration, finetune=finetune)
             to_profile: dict[str, nn.Module] = {"fp32": fp32}
