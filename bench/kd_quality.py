@@ -136,6 +136,7 @@ def run_dataset(name: str, source: str, args: argparse.Namespace) -> dict[str, A
             seconds = time.perf_counter() - start
             row = {
                 "dataset": name, "seed": seed, "method": method, "objective": describe(losses),
+                "val_accuracy": result.best_val_accuracy,
                 "test_accuracy": _accuracy(result.model, x["test"], y["test"]),
                 "int8_accuracy": _quantized_accuracy(result.model, args.scheme, x, y, seed),
                 "best_epoch": result.best_epoch, "seconds": seconds,

@@ -38,9 +38,10 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> dict:
     )  # fmt: skip
     out["student"] = _art(dsl.Model, tmp, "student")
     out["student_history"] = _art(dsl.Artifact, tmp, "student_history")
+    out["baseline"] = _art(dsl.Model, tmp, "baseline")
     out["student_acc"] = components.distill.python_func(
         config_json=cj, pipeline_run_id=rid, dataset=out["dataset"], teacher=out["teacher"], student=out["student"],
-        history=out["student_history"],
+        history=out["student_history"], baseline=out["baseline"],
     )  # fmt: skip
     out["quantized"] = _art(dsl.Model, tmp, "quantized")
     out["onnx"] = _art(dsl.Model, tmp, "onnx")
@@ -55,7 +56,8 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out["summary"] = _art(dsl.Markdown, tmp, "summary")
     components.evaluate.python_func(
         config_json=cj, pipeline_run_id=rid, dataset=out["dataset"], teacher=out["teacher"],
-        student=out["student"], quantized=out["quantized"], teacher_history=out["teacher_history"],
+        student=out["student"], quantized=out["quantized"], baseline=out["baseline"],
+        teacher_history=out["teacher_history"],
         student_history=out["student_history"], evaluation=out["evaluation"], metrics=out["metrics"],
         confusion=out["confusion"], report=out["report"], summary=out["summary"],
     )  # fmt: skip

@@ -4,9 +4,9 @@ from the registry and from a checkpoint, every KD method through the step, confi
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 
-import mlflow
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -16,6 +16,7 @@ from kd_lib.config import ConfigError
 from kd_lib.data import load_splits
 from kd_lib.model_registry import ModelRegistry, log_pyfunc, pip_requirements
 from kd_lib.storage import StorageError
+from kd_lib.tracking import fluent_run
 from tests.helpers import tiny_config
 
 CNN_TEACHER = {"model": {"arch": "cnn", "params": {"channels": 8, "depth": 2, "hidden": 32}}, "train": {"epochs": 3}}
@@ -138,11 +139,11 @@ def test_import_from_the_registry_by_alias_and_version(prepared: dict, tmp_path:
     cfg = prepared["cfg"].model_copy(deep=True)
     name = f"{cfg.registry.model_name}-teacher"
     client = MlflowClient(cfg.tracking.tracking_uri, cfg.tracking.tracking_uri)
-    mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
-    mlflow.set_experiment("teachers")
     _, spec = quantization.load_model(prepared["teacher"])
-    with mlflow.start_run() as run:
+    run = client.create_run(client.create_experiment(f"teachers-{uuid.uuid4().hex[:8]}"))
+    with fluent_run(client, run.info.run_id):  # leaves no global MLflow state behind
         uri, model_id = log_pyfunc(prepared["teacher"], spec, pip_requirements())
+    client.set_terminated(run.info.run_id)
     registry = ModelRegistry(client, name)
     version = registry.register(uri, run.info.run_id, {}, model_id=model_id)
     client.set_registered_model_alias(name, "champion", version)
