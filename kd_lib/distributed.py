@@ -183,6 +183,11 @@ def init(cfg: DistributedConfig, device_name: str) -> Iterator[Ranks]:
     _current = Ranks(rank, world, local_rank, device)
     try:
         yield _current
+    except BaseException as err:
+        # Record before leaving the group: closing it is what the other ranks see fail next,
+        # and the launcher names the rank whose error was written first.
+        _write_error(err)
+        raise
     finally:
         _current = None
         with contextlib.suppress(Exception):  # the group may already be broken by a failed peer
@@ -207,15 +212,16 @@ def recording_errors() -> Iterator[None]:
     try:
         yield
     except BaseException as err:
-        if not (isinstance(err, SystemExit) and err.code in (0, None)):
-            _write_error(err)
+        _write_error(err)
         raise
 
 
 def _write_error(err: BaseException) -> None:
     where = os.environ.get(ERROR_DIR_ENV)
-    if not where:
+    if not where or getattr(err, "_kdflow_recorded", False) or (isinstance(err, SystemExit) and err.code in (0, None)):
         return
+    with contextlib.suppress(AttributeError):
+        err._kdflow_recorded = True  # type: ignore[attr-defined]
     rank = os.environ.get("RANK", "?")
     record = {
         "rank": rank,
@@ -317,6 +323,11 @@ def launch(
         cause = first_error(error_dir)
         if cause is None:
             cause = "no rank recorded an error; torchrun's last lines:\n" + "\n".join("  | " + t for t in tail)
+        elif "timed out" in cause.lower() or "timeout" in cause.lower():
+            cause += (
+                f"\n  (a rank waited longer than train.distributed.timeout_s = {cfg.timeout_s:g} s for the others: "
+                "one of them hangs or is far slower; its log shows where it was)"
+            )
         raise DistributedError(f"distributed training with {cfg.nproc_per_node} processes failed (exit code {code}): {cause}")
 
 

@@ -54,9 +54,13 @@ def run_case(case: str, **kw: Any) -> training.TrainResult:
     return training.distill(_model(3, 16), teacher, objective, x, y, xv, yv, CFG, **kw)
 
 
+def distributed_config(mode: str) -> DistributedConfig:
+    """What the launcher and the ranks both read: 2 processes, a short timeout to test it."""
+    return DistributedConfig(nproc_per_node=2, timeout_s=4.0 if mode == "hang" else 60.0, threads_per_process=1)
+
+
 def main(out: Path, mode: str) -> None:
-    dcfg = DistributedConfig(nproc_per_node=2, timeout_s=4.0 if mode == "hang" else 60.0, threads_per_process=1)
-    with distributed.recording_errors(), distributed.init(dcfg, "cpu") as ranks:
+    with distributed.recording_errors(), distributed.init(distributed_config(mode), "cpu") as ranks:
         if mode == "fail":
             if ranks.rank == 1:
                 raise ValueError("rank 1 cannot read its shard")

@@ -1,0 +1,110 @@
+"""Two CPU processes (torchrun, gloo) train like one process on the same global batch.
+
+Real processes, a real process group, no mocks: ``kd_lib.distributed.launch`` starts torchrun
+with the ranks of ``tests/kd_lib/ddp_cases.py`` (or, for the step, ``kd_lib.dist_worker``),
+and the result is compared with the single-process loop run here on the same problem.
+Equal up to float reduction order: the gradient of a global batch is summed over two halves
+instead of one batch, so the weights may differ in the last bits, not more.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from kd_lib import distributed, quantization, steps
+from kd_lib.config import DistributedConfig
+from tests.helpers import tiny_config
+from tests.kd_lib import ddp_cases
+
+REPO = Path(__file__).resolve().parents[2]
+# Max |weight difference| allowed between 1 and 2 processes after 6 epochs of Adam; measured
+# differences are below 1e-7 (float32 rounding of a differently ordered gradient sum).
+ATOL = 1e-5
+TWO = DistributedConfig(nproc_per_node=2, threads_per_process=1)
+
+
+def _launch(out: Path, mode: str) -> None:
+    # The ranks import tests.kd_lib.ddp_cases: the repository must be on their path.
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    cfg = ddp_cases.distributed_config(mode)
+    distributed.launch("tests.kd_lib.ddp_cases", [str(out), mode], cfg, out / "errors", env=env)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ddp")
+    _launch(out, "train")
+    return out
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize("case", ddp_cases.CASES)
+def test_two_processes_end_with_the_weights_of_one(two_ranks: Path, case: str) -> None:
+    history: list[dict] = []
+    single = ddp_cases.run_case(case, on_epoch=history.append)
+    distributed_weights = torch.load(two_ranks / f"{case}.pt", weights_only=True)
+    assert _max_diff(single.model.state_dict(), distributed_weights) < ATOL
+    # The history rank 0 reported is the whole run's: losses summed over both ranks, the
+    # validation accuracy an exact count over both shards of the validation set.
+    reported = json.loads((two_ranks / f"{case}-history.json").read_text())
+    assert [r["epoch"] for r in reported] == [r["epoch"] for r in history] == list(range(1, ddp_cases.CFG.epochs + 1))
+    for one, two in zip(history, reported):
+        assert two["val_accuracy"] == one["val_accuracy"]
+        assert set(two) == set(one)
+        for key in set(one) - {"epoch", "seconds", "val_accuracy"}:
+            assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
+
+
+def test_only_rank_0_writes_checkpoints_and_reports_epochs(two_ranks: Path) -> None:
+    epochs = ddp_cases.CFG.epochs * len(ddp_cases.CASES)
+    assert json.loads((two_ranks / "rank-0.json").read_text()) == {"checkpoints": epochs, "epochs": epochs}
+    assert json.loads((two_ranks / "rank-1.json").read_text()) == {"checkpoints": 0, "epochs": 0}
+    assert not (two_ranks / "errors").exists()
+
+
+def test_a_failing_rank_fails_the_launch_with_its_own_error(tmp_path: Path) -> None:
+    start = time.monotonic()
+    with pytest.raises(distributed.DistributedError, match="rank 1 of 2 .* ValueError: rank 1 cannot read its shard"):
+        _launch(tmp_path, "fail")
+    assert time.monotonic() - start < 60  # torchrun stops rank 0, which waits on the dead rank 1
+
+
+def test_a_rank_that_stops_answering_times_the_others_out(tmp_path: Path) -> None:
+    with pytest.raises(distributed.DistributedError, match=r"rank 0 of 2 .*(?s:.*)train.distributed.timeout_s = 4 s"):
+        _launch(tmp_path, "hang")  # rank 1 sleeps; rank 0 gives up after 4 s
+
+
+def test_train_teacher_step_on_two_processes_records_once_like_one_process(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, teacher={"train": {"epochs": 3, "batch_size": 64, "lr": 0.003, "patience": 3}})
+    steps.prepare_data(cfg, "ddp-setup", tmp_path / "dataset")
+    steps.train_teacher(cfg, "one-process", tmp_path / "dataset", tmp_path / "teacher-1")
+    two = cfg.model_copy(deep=True)
+    two.teacher.train.distributed = TWO
+    summary = steps.train_teacher(two, "two-processes", tmp_path / "dataset", tmp_path / "teacher-2", tmp_path / "history.json")
+
+    one_model, _ = quantization.load_model(tmp_path / "teacher-1")
+    two_model, spec = quantization.load_model(tmp_path / "teacher-2")
+    assert _max_diff(one_model.state_dict(), two_model.state_dict()) < ATOL
+    assert not (tmp_path / "teacher-2.checkpoint").exists()  # rank 0 cleans up after itself
+    assert len(json.loads((tmp_path / "history.json").read_text())) == summary["epochs_run"] == 3
+    # One MLflow run for the step (rank 0's), with every epoch logged once.
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    runs = client.search_runs(
+        [client.get_experiment_by_name(cfg.tracking.experiment).experiment_id],
+        "tags.`kdflow.pipeline_run_id` = 'two-processes'",
+    )
+    (teacher_run,) = [r for r in runs if r.info.run_name == "train_teacher"]
+    assert teacher_run.info.run_id == summary["run_id"] == spec["mlflow_run_id"]
+    assert teacher_run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(teacher_run.info.run_id, "val_accuracy")] == [1, 2, 3]
