@@ -315,8 +315,8 @@ def wait(api: Any, namespace: str, name: str, timeout_s: float, poll_s: float, l
         if job is None:
             raise PyTorchJobError(f"PyTorchJob {namespace}/{name} disappeared while running (deleted by someone?)")
         phase, message = state(job)
-        pods = {role: {k: v for k, v in s.items() if k in ("active", "succeeded", "failed") and v}
-                for role, s in ((job.get("status") or {}).get("replicaStatuses") or {}).items()}  # fmt: skip
+        pods = {role: counts for role, s in ((job.get("status") or {}).get("replicaStatuses") or {}).items()
+                if (counts := {k: v for k, v in s.items() if k in ("active", "succeeded", "failed") and v})}  # fmt: skip
         if (phase, message, pods) != last:
             log(f"PyTorchJob {namespace}/{name}: {phase}" + (f" ({message})" if message else "") + (f" pods {pods}" if pods else ""))
             last = (phase, message, pods)
