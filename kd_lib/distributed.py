@@ -270,26 +270,31 @@ def _last_frames(tb: str, lines: int = 6) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def torchrun_command(module: str, args: list[str], nproc_per_node: int) -> list[str]:
-    """``python -m torch.distributed.run --standalone ...``: one node, a rendezvous on a free port."""
+def torchrun_command(target: str, args: list[str], nproc_per_node: int) -> list[str]:
+    """``python -m torch.distributed.run --standalone ...``: one node, a rendezvous on a free port.
+
+    ``target`` is a module (``kd_lib.dist_worker``) or a script path ending in ``.py``.
+    """
+    program = [target] if target.endswith(".py") else ["-m", target]
     return [
         sys.executable, "-m", "torch.distributed.run",
         "--standalone", f"--nproc-per-node={nproc_per_node}",
         # A failed rank fails the step: restarting the group would only repeat the error (a
         # preempted step is retried by KFP and resumes from its checkpoint instead).
         "--max-restarts=0", "--monitor-interval=0.5",
-        "-m", module, *args,
+        *program, *args,
     ]  # fmt: skip
 
 
 def launch(
-    module: str,
+    target: str,
     args: list[str],
     cfg: DistributedConfig,
     error_dir: str | Path,
     env: dict[str, str] | None = None,
 ) -> None:
-    """Run ``module`` on ``cfg.nproc_per_node`` ranks under torchrun and wait for all of them.
+    """Run ``target`` (a module, or a ``.py`` script) on ``cfg.nproc_per_node`` ranks under
+    torchrun and wait for all of them.
 
     Rank output goes straight to this process's stdout (progress lines stay live); torchrun's
     own stderr is echoed and its tail kept for errors no rank could record (an import error,
@@ -302,7 +307,7 @@ def launch(
     child_env = dict(os.environ) | {ERROR_DIR_ENV: str(error_dir), "OMP_NUM_THREADS": str(threads)} | (env or {})
     tail: deque[str] = deque(maxlen=40)
     proc = subprocess.Popen(
-        torchrun_command(module, args, cfg.nproc_per_node), env=child_env, stderr=subprocess.PIPE, text=True
+        torchrun_command(target, args, cfg.nproc_per_node), env=child_env, stderr=subprocess.PIPE, text=True
     )
 
     def echo() -> None:
