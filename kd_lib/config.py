@@ -512,6 +512,16 @@ class PipelineConfig(_Strict):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _pytorchjob_gpu_is_a_resource(self) -> "PipelineConfig":
+        pj, gpu = self.cluster.pytorchjob, self.cluster.gpu
+        if pj is not None and gpu is not None and set(pj.steps) & set(gpu.steps) and "/" not in gpu.accelerator:
+            raise ValueError(
+                f"cluster.gpu.accelerator {gpu.accelerator!r} is a KFP accelerator type, but the pods of cluster.pytorchjob "
+                "request a Kubernetes resource: use its name, e.g. nvidia.com/gpu"
+            )
+        return self
+
     def to_json(self) -> str:
         """Canonical JSON (sorted keys): what crosses the KFP boundary and what is hashed."""
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))

@@ -2,8 +2,9 @@
 
 Imported by the test (single-process reference runs) and started by it under torchrun as
 ``python -m tests.kd_lib.ddp_cases OUT_DIR MODE``, so both sides train exactly the same
-problem. Modes: ``train`` (both cases), ``fail`` (rank 1 raises while rank 0 waits in a
-collective), ``hang`` (rank 1 never reaches the collective rank 0 waits in).
+problem. Modes: ``train`` (both cases, then the supervised one preempted and resumed),
+``fail`` (rank 1 raises while rank 0 waits in a collective), ``hang`` (rank 1 never reaches
+the collective rank 0 waits in).
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from kd_lib import distributed, training
-from kd_lib.augment import make_augment
+from kd_lib.augment import Augment, make_augment
 from kd_lib.config import AugmentConfig, DistributedConfig, LossTermConfig, TrainConfig
 from kd_lib.losses import build_objective
 from kd_lib.models import build_model
@@ -26,6 +27,8 @@ from kd_lib.models import build_model
 N_TRAIN, N_VAL, SHAPE, CLASSES = 225, 91, (1, 4, 4), 3
 CFG = TrainConfig(epochs=6, batch_size=32, lr=0.01, patience=100, seed=5, scheduler="cosine")
 CASES = ("supervised", "distill")
+BATCHES = -(-N_TRAIN // CFG.batch_size)  # per epoch
+RESUME_EPOCH = 3
 
 
 def data() -> tuple[torch.Tensor, ...]:
@@ -40,12 +43,35 @@ def _model(seed: int, width: int) -> torch.nn.Module:
     return build_model("mlp", {"width": width, "depth": 1}, SHAPE, CLASSES)
 
 
-def run_case(case: str, **kw: Any) -> training.TrainResult:
+class Crash(RuntimeError):
+    pass
+
+
+def crash_at(batch: int) -> Callable[[Augment], Augment]:
+    """Wrap the augmentation to raise at the given global batch: on every rank at once, outside
+    any collective (a preempted job, in effect)."""
+
+    def wrap(augment: Augment) -> Augment:
+        calls = [0]
+
+        def crashing(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+            calls[0] += 1
+            if calls[0] == batch:
+                raise Crash(f"crash at batch {batch}")
+            return augment(x, generator)
+
+        return crashing
+
+    return wrap
+
+
+def run_case(case: str, wrap_augment: Callable[[Augment], Augment] | None = None, **kw: Any) -> training.TrainResult:
     """Train one case; ``kw`` goes to the training function (on_epoch, checkpoint_dir)."""
     x, y, xv, yv = data()
     if case == "supervised":
         # Noise augmentation: the ranks must reproduce one process's augmentation stream.
         augment = make_augment(AugmentConfig(noise_std=0.2), SHAPE)
+        augment = wrap_augment(augment) if wrap_augment is not None else augment
         return training.train_supervised(_model(1, 24), x, y, xv, yv, CFG, augment=augment, **kw)
     teacher = _model(2, 64)  # any fixed function will do as the teacher
     objective = build_objective(
@@ -89,6 +115,15 @@ def main(out: Path, mode: str) -> None:
             if ranks.is_main:
                 torch.save(result.model.state_dict(), out / f"{case}.pt")
                 (out / f"{case}-history.json").write_text(json.dumps(history))
+        # Preempted after RESUME_EPOCH epochs, then restarted: rank 0 reads its checkpoint and
+        # every rank resumes from it.
+        try:
+            run_case("supervised", wrap_augment=crash_at(RESUME_EPOCH * BATCHES + 1), checkpoint_dir=out / "resume-checkpoint")
+        except Crash:
+            pass
+        resumed = run_case("supervised", checkpoint_dir=out / "resume-checkpoint")
+        if ranks.is_main:
+            torch.save(resumed.model.state_dict(), out / "resumed.pt")
         (out / f"rank-{ranks.rank}.json").write_text(json.dumps(written))
 
 

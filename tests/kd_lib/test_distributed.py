@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,16 @@ REPO = Path(__file__).resolve().parents[2]
 # differences are below 1e-7 (float32 rounding of a differently ordered gradient sum).
 ATOL = 1e-5
 TWO = DistributedConfig(nproc_per_node=2, threads_per_process=1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    # The reference runs here use one thread like each rank: on 2 busy cores a second
+    # intra-op thread only waits for a core (tiny models run many times slower).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _launch(out: Path, mode: str) -> None:
@@ -68,9 +79,18 @@ def test_two_processes_end_with_the_weights_of_one(two_ranks: Path, case: str) -
 
 def test_only_rank_0_writes_checkpoints_and_reports_epochs(two_ranks: Path) -> None:
     epochs = ddp_cases.CFG.epochs * len(ddp_cases.CASES)
-    assert json.loads((two_ranks / "rank-0.json").read_text()) == {"checkpoints": epochs, "epochs": epochs}
+    # + the preempted and the resumed run: one checkpoint per epoch between them.
+    assert json.loads((two_ranks / "rank-0.json").read_text()) == {"checkpoints": epochs + ddp_cases.CFG.epochs, "epochs": epochs}
     assert json.loads((two_ranks / "rank-1.json").read_text()) == {"checkpoints": 0, "epochs": 0}
     assert not (two_ranks / "errors").exists()
+
+
+def test_a_preempted_distributed_run_resumes_to_the_same_weights(two_ranks: Path) -> None:
+    uninterrupted = torch.load(two_ranks / "supervised.pt", weights_only=True)
+    resumed = torch.load(two_ranks / "resumed.pt", weights_only=True)
+    assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
+    state = torch.load(two_ranks / "resume-checkpoint" / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == ddp_cases.CFG.epochs and len(state["torch_rng_ranks"]) == 2
 
 
 def test_a_failing_rank_fails_the_launch_with_its_own_error(tmp_path: Path) -> None:

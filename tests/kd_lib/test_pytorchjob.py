@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from kd_lib import pytorchjob, quantization, steps
-from kd_lib.config import ConfigError, PipelineConfig
+from kd_lib.config import ConfigError, GpuConfig, PipelineConfig, parse_config
 from tests.helpers import tiny_config
 from tests.kd_lib.fake_k8s_api import FakeKubernetesApi
 
@@ -164,10 +164,13 @@ def test_api_refusals_say_what_to_fix(tmp_path: Path, status: int, reason: str, 
             pytorchjob.run_step(cfg, "distill", RUN, _inputs(tmp_path), _outputs(tmp_path), api=k8s.api(), log=lambda _: None)
 
 
-def test_render_refuses_a_gpu_named_by_a_kfp_accelerator_type(tmp_path: Path) -> None:
+def test_a_gpu_named_by_a_kfp_accelerator_type_is_refused(tmp_path: Path) -> None:
+    gpu = {"distill": {"train": {"device": "cuda"}}, "cluster": {"pytorchjob": {}, "gpu": {"accelerator": "NVIDIA_TESLA_T4"}}}
+    with pytest.raises(ConfigError, match="cluster.gpu.accelerator 'NVIDIA_TESLA_T4' is a KFP accelerator type"):
+        parse_config(gpu | {"teacher": {"train": {"device": "cuda"}}})  # at config load, before anything runs
     cfg = _cfg(tmp_path)
     cfg.distill.train.device = "cuda"
-    cfg.cluster.gpu = {"accelerator": "NVIDIA_TESLA_T4", "steps": ["distill"]}  # type: ignore[assignment]
+    cfg.cluster.gpu = GpuConfig(accelerator="NVIDIA_TESLA_T4", steps=["distill"])  # assignment is not re-validated above
     with pytest.raises(ConfigError, match="cluster.gpu.accelerator 'NVIDIA_TESLA_T4' is a KFP accelerator type"):
         pytorchjob.render(cfg, "distill", "kdflow-distill-x", NS, "/mnt/r.json", "/mnt/e")
     with pytest.raises(ConfigError, match="cluster.pytorchjob is not set"):
