@@ -12,6 +12,7 @@ def evaluate(
     teacher: Input[Model],
     student: Input[Model],
     quantized: Input[Model],
+    baseline: Input[Model],
     teacher_history: Input[Artifact],
     student_history: Input[Artifact],
     evaluation: Output[Artifact],
@@ -20,13 +21,13 @@ def evaluate(
     report: Output[HTML],
     summary: Output[Markdown],
 ):
-    """Test-split metrics of all three models, shown in the KFP UI as scalars, a confusion
+    """Test-split metrics of all three models (and the no-KD baseline when trained), shown in the KFP UI as scalars, a confusion
     matrix, an HTML compression report and a Markdown summary."""
     from kd_lib import steps
     from kd_lib.config import config_from_json
 
     cfg = config_from_json(config_json)
-    models = {"teacher": teacher.path, "student": student.path, "quantized": quantized.path}
+    models = {"teacher": teacher.path, "student": student.path, "quantized": quantized.path, "baseline": baseline.path}
     results = steps.evaluate(cfg, pipeline_run_id, dataset.path, models, evaluation.path)
     for role, row in results.items():
         for key in ("accuracy", "macro_f1", "size_bytes", "num_params", "latency_b1_p50_ms"):

@@ -37,15 +37,17 @@ def distill(
     teacher: Input[Model],
     student: Output[Model],
     history: Output[Artifact],
+    baseline: Output[Model],
 ) -> float:
-    """Distill the student as a PyTorchJob; returns its best val accuracy."""
+    """Distill the student as a PyTorchJob (and with distill.baseline the no-teacher baseline);
+    returns its best val accuracy."""
     from kd_lib import pytorchjob
     from kd_lib.config import config_from_json
 
     cfg = config_from_json(config_json)
     summary = pytorchjob.run_step(
         cfg, "distill", pipeline_run_id, {"dataset_dir": dataset.path, "teacher_dir": teacher.path},
-        {"student_dir": student.path, "history_path": history.path},
+        {"student_dir": student.path, "history_path": history.path, "baseline_dir": baseline.path},
     )  # fmt: skip
     student.metadata.update({"mlflow_run_id": summary["run_id"], "best_epoch": summary["best_epoch"]})
     history.metadata.update({"epochs_run": summary["epochs_run"], "stopped_early": summary["stopped_early"]})

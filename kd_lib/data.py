@@ -1,25 +1,41 @@
 """Load, validate, split and fingerprint a classification dataset.
 
+Sources (``data.source``, and optionally ``data.test_source``), each a local path or an
+``s3://`` URI fetched through ``kd_lib.storage``:
+
+- ``digits``: scikit-learn's builtin 8x8 digits;
+- ``.npz`` with arrays ``x`` ``[N, ...]`` and ``y`` ``[N]``;
+- ``.csv`` / ``.parquet``: a label column (class ids or class names) plus numeric feature
+  columns, or one column of flattened pixels reshaped by ``data.image_shape``;
+- a directory (or s3 prefix) with one sub-folder of PNG/JPEG images per class.
+
 Arrays on disk and between steps are numpy; ``x`` is float32 ``[N, *input_shape]`` (images
 as ``[N, C, H, W]``), ``y`` is int64 ``[N]``. Nothing here is pickled: npz files are read with
-``allow_pickle=False``.
+``allow_pickle=False``. pandas, pyarrow, Pillow and boto3 are imported only by the loaders
+that need them, so the served model (which imports ``normalize`` from here) needs none of them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kd_lib.config import DataConfig
+from kd_lib.config import DataConfig, RetryConfig, source_kind
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 SPLITS_FILE = "splits.npz"
 META_FILE = "meta.json"
 SPLIT_NAMES = ("train", "val", "test")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 class DataError(ValueError):
@@ -36,7 +52,21 @@ class DatasetMeta:
     input_shape: list[int]
     sizes: dict[str, int]
     class_counts: dict[str, list[int]]
-    normalization: dict[str, float] = field(default_factory=dict)
+    # {"mean": m, "std": s} of the train split: floats, or one per channel for colour images.
+    normalization: dict[str, float | list[float]] = field(default_factory=dict)
+    # Index -> name (image sub-folders, or label names in a table); empty when labels are ids.
+    class_names: list[str] = field(default_factory=list)
+    test_source: str | None = None
+
+
+@dataclass
+class Labeled:
+    """One source read into arrays: ``x`` float32 ``[N, ...]``, ``y`` int64 ``[N]``, and the
+    class names ``y`` indexes (empty when the labels were integer class ids already)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    class_names: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -57,40 +87,263 @@ def _load_digits() -> tuple[np.ndarray, np.ndarray]:
     return x, bunch.target.astype(np.int64)
 
 
-def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _reshape(x: np.ndarray, image_shape: list[int] | None, origin: str) -> np.ndarray:
+    """``[N, F]`` -> ``[N, *image_shape]`` when an image shape is declared."""
+    if image_shape is None or x.ndim < 2:
+        return x
+    per_sample = int(np.prod(x.shape[1:]))
+    if per_sample != int(np.prod(image_shape)):
+        raise DataError(
+            f"{origin}: samples have {per_sample} features but data.image_shape {image_shape} needs "
+            f"{int(np.prod(image_shape))}; fix image_shape (C, H, W) or the data"
+        )
+    return x.reshape(x.shape[0], *image_shape)
+
+
+def _load_npz(path: Path, origin: str) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_file():
-        raise DataError(f"{path}: no such file; set data.source to an existing .npz file or 'digits'")
+        raise DataError(f"{origin}: no such file; set data.source to an existing .npz file or 'digits'")
     try:
         with np.load(path, allow_pickle=False) as npz:
             missing = [k for k in ("x", "y") if k not in npz.files]
             if missing:
                 raise DataError(
-                    f"{path}: missing array(s) {missing}; found {sorted(npz.files)}. "
+                    f"{origin}: missing array(s) {missing}; found {sorted(npz.files)}. "
                     "Save features as 'x' and labels as 'y' (np.savez(path, x=..., y=...))"
                 )
             x, y = npz["x"], npz["y"]
     except DataError:
         raise
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
-        raise DataError(f"{path}: not a readable .npz file ({err}); re-export it with np.savez") from None
+        raise DataError(f"{origin}: not a readable .npz file ({err}); re-export it with np.savez") from None
     if not np.issubdtype(y.dtype, np.integer):
         if np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
             y = y.astype(np.int64)
         else:
-            raise DataError(f"{path}: labels 'y' have dtype {y.dtype}; expected integer class ids 0..num_classes-1")
-    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
-        raise DataError(f"{path}: features 'x' have dtype {x.dtype}; expected numbers")
+            raise DataError(f"{origin}: labels 'y' have dtype {y.dtype}; expected integer class ids 0..num_classes-1")
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_) or np.iscomplexobj(x):
+        raise DataError(f"{origin}: features 'x' have dtype {x.dtype}; expected real numbers")
     return x.astype(np.float32), y.astype(np.int64)
 
 
-def load_source(source: str) -> tuple[np.ndarray, np.ndarray]:
-    """Read ``data.source`` into ``(x [N, ...] float32, y [N] int64)`` without validating."""
-    if source == "digits":
-        return _load_digits()
-    path = Path(source).expanduser()
-    if path.suffix == ".npz":
-        return _load_npz(path)
-    raise DataError(f"data.source={source!r}: unsupported source; use 'digits' or a path ending in .npz")
+def _read_table(path: Path, kind: str, origin: str) -> pd.DataFrame:
+    import pandas as pd
+    import pyarrow
+
+    if not path.is_file():
+        raise DataError(f"{origin}: no such file; set data.source (or data.test_source) to an existing .{kind} file")
+    try:
+        return pd.read_csv(path) if kind == "csv" else pd.read_parquet(path, engine="pyarrow")
+    except (ValueError, OSError, pyarrow.ArrowException) as err:
+        # pandas' and pyarrow's parse errors are ValueErrors (UnicodeDecodeError included).
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"{origin}: not a readable {kind} file ({first}); re-export it as {kind}") from None
+
+
+def _table_labels(column: pd.Series, name: str, origin: str) -> tuple[np.ndarray, list[str]]:
+    """A label column -> (``y`` [N] int64, class names): integer ids as they are, names sorted."""
+    import pandas as pd
+
+    missing = column.isna().to_numpy()
+    if missing.any():
+        raise DataError(
+            f"{origin}: label column {name!r} is empty in {int(missing.sum())} row(s) (first: data row "
+            f"{int(np.flatnonzero(missing)[0])}); fill in or drop those rows"
+        )
+    if pd.api.types.is_bool_dtype(column):
+        return column.to_numpy().astype(np.int64), []
+    if pd.api.types.is_numeric_dtype(column):
+        values = column.to_numpy()
+        whole = np.isfinite(values) & (values == np.round(values))
+        if not whole.all():
+            bad = values[~whole][:3].tolist()
+            raise DataError(
+                f"{origin}: label column {name!r} holds non-integer numbers (e.g. {bad}); "
+                "use class ids 0..num_classes-1 or class names"
+            )
+        return values.astype(np.int64), []
+    # Class names ("cat", "dog"): ids in sorted order, so the same names give the same ids.
+    text = column.astype(str).to_numpy()
+    names = sorted(set(text.tolist()))
+    lookup = {n: i for i, n in enumerate(names)}
+    return np.array([lookup[t] for t in text], dtype=np.int64), names
+
+
+def _pixel_column(column: pd.Series, name: str, image_shape: list[int], origin: str) -> np.ndarray:
+    """Each cell one sample's flattened pixels -> ``[N, *image_shape]`` float32."""
+    need = int(np.prod(image_shape))
+    out = np.empty((len(column), need), dtype=np.float32)
+    for i, cell in enumerate(column.to_numpy()):
+        try:
+            if isinstance(cell, str):  # CSV: "0 12 255 ..."
+                values = np.array(cell.split(), dtype=np.float32)
+            else:  # parquet: a list (read back as an array)
+                values = np.asarray(cell, dtype=np.float32).reshape(-1)
+        except (ValueError, TypeError):
+            raise DataError(
+                f"{origin}: pixel column {name!r}, data row {i}: not a list of numbers ({str(cell)[:40]!r}); "
+                "write each row's pixels as space-separated numbers (CSV) or a list of numbers (parquet)"
+            ) from None
+        if values.size != need:
+            raise DataError(
+                f"{origin}: pixel column {name!r} has {values.size} values in data row {i} but data.image_shape "
+                f"{image_shape} needs {need}; fix image_shape (C, H, W) or the data"
+            )
+        out[i] = values
+    return out.reshape(len(column), *image_shape)
+
+
+def _load_table(path: Path, kind: str, cfg: DataConfig, origin: str) -> Labeled:
+    """A CSV/parquet table: ``cfg.label_column`` plus feature columns (or one pixel column)."""
+    import pandas as pd
+
+    df = _read_table(path, kind, origin)
+    columns = [str(c) for c in df.columns]
+    df.columns = columns
+
+    def absent(wanted: list[str], role: str) -> None:
+        missing = [c for c in wanted if c not in columns]
+        if missing:
+            what = f"{role} column {missing[0]!r}" if len(wanted) == 1 else f"{role} column(s) {missing}"
+            field_name = f"data.{role}_columns" if role == "feature" else f"data.{role}_column"
+            raise DataError(f"{origin}: no {what}; the file has columns {columns}. Set {field_name} to the right name")
+
+    absent([cfg.label_column], "label")
+    y, names = _table_labels(df[cfg.label_column], cfg.label_column, origin)
+    if cfg.pixel_column is not None:
+        absent([cfg.pixel_column], "pixel")
+        assert cfg.image_shape is not None  # DataConfig requires it with pixel_column
+        x = _pixel_column(df[cfg.pixel_column], cfg.pixel_column, cfg.image_shape, origin)
+        return Labeled(x, y, names)
+    features = cfg.feature_columns or [c for c in columns if c != cfg.label_column]
+    absent(features, "feature")
+    if not features:
+        raise DataError(f"{origin}: no feature columns besides the label column {cfg.label_column!r}")
+    for c in features:
+        if not pd.api.types.is_numeric_dtype(df[c]):
+            example = df[c].dropna().iloc[0] if df[c].notna().any() else None
+            raise DataError(
+                f"{origin}: feature column {c!r} is not numeric (dtype {df[c].dtype}, e.g. {example!r}); "
+                "convert it to numbers, or leave it out by listing the numeric columns in data.feature_columns"
+            )
+    empty = [c for c in features if df[c].isna().any()]
+    if empty:
+        raise DataError(f"{origin}: feature column(s) {empty[:5]} have empty cells; fill in or drop those rows")
+    x = df[features].to_numpy(dtype=np.float32)
+    return Labeled(_reshape(x, cfg.image_shape, origin), y, names)
+
+
+def _read_image(path: Path, shown: str, mode: str, size: list[int] | None) -> np.ndarray:
+    """One image file -> ``[C, H, W]`` float32 (0..255); C is 1 for mode L, 3 for RGB."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert(mode)  # decodes: truncated or corrupt data fails here
+            if size is not None:
+                img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+            arr = np.asarray(img, dtype=np.float32)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        # SyntaxError is how some Pillow plugins report a file that is not what its header says.
+        raise DataError(f"{shown}: not a readable image ({err}); re-export it as PNG or JPEG, or remove it") from None
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def _load_image_folder(root: Path, cfg: DataConfig, origin: str) -> Labeled:
+    """``root/<class>/<image>`` -> images ``[N, C, H, W]`` float32, labels by sorted class name."""
+    shown_root = origin.rstrip("/")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise DataError(f"{origin}: no class sub-folders; lay the images out as {shown_root}/<class name>/<image>.png")
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    first = ""
+    for label, class_dir in enumerate(class_dirs):
+        # Other files (README, .DS_Store) are not samples: only image suffixes are read.
+        files = sorted(p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError(
+                f"{shown_root}/{class_dir.name}: class folder has no PNG/JPEG images; add some or remove the folder"
+            )
+        for path in files:
+            shown = f"{shown_root}/{path.relative_to(root).as_posix()}"
+            arr = _read_image(path, shown, cfg.image_mode, cfg.image_size)
+            if images and arr.shape != images[0].shape:
+                raise DataError(
+                    f"{shown}: image is {arr.shape[1]}x{arr.shape[2]} (HxW) but {first} is "
+                    f"{images[0].shape[1]}x{images[0].shape[2]}; set data.image_size: [H, W] to resize every "
+                    "image, or fix this one"
+                )
+            first = first or shown
+            images.append(arr)
+            labels.append(label)
+    return Labeled(np.stack(images), np.array(labels, dtype=np.int64), [d.name for d in class_dirs])
+
+
+def read_source(source: str, cfg: DataConfig, scratch: str | Path, retry: RetryConfig | None = None) -> Labeled:
+    """Read one source (``cfg.source`` or ``cfg.test_source``) into arrays, without validating.
+
+    Args:
+        source: ``'digits'``, a local path, or an ``s3://`` URI (fetched into ``scratch``).
+        cfg: how to read it (label/feature/pixel columns, image shape, size and mode).
+        scratch: a directory for downloads; the caller removes it.
+        retry: attempts and timeouts of the S3 requests (``tracking.retry``).
+
+    Raises:
+        DataError: the file is missing, unreadable, or not laid out as ``cfg`` says (naming it).
+        kd_lib.storage.StorageError: an ``s3://`` source cannot be fetched.
+    """
+    kind = source_kind(source)
+    if kind == "digits":
+        return Labeled(*_load_digits())
+    from kd_lib import storage  # boto3 only for s3:// sources
+
+    local = storage.fetch(source, scratch, retry) if storage.is_remote(source) else Path(source).expanduser()
+    if local.is_dir() and kind in ("folder", "unknown"):
+        return _load_image_folder(local, cfg, source)
+    if kind == "npz":
+        x, y = _load_npz(local, source)
+        return Labeled(_reshape(x, cfg.image_shape, source), y)
+    if kind in ("csv", "parquet"):
+        return _load_table(local, kind, cfg, source)
+    if kind == "folder":
+        raise DataError(f"{source}: no such directory; set data.source to a folder with one sub-folder per class")
+    raise DataError(
+        f"data.source={source!r}: unsupported source; use 'digits', a .npz, .csv or .parquet file, "
+        "or a directory of class sub-folders of images"
+    )
+
+
+def load_source(source: str, cfg: DataConfig | None = None, retry: RetryConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read ``source`` into ``(x [N, ...] float32, y [N] int64)`` without validating."""
+    with tempfile.TemporaryDirectory(prefix="kdflow-data-") as scratch:
+        got = read_source(source, cfg or DataConfig(), scratch, retry)
+    return got.x, got.y
+
+
+def _align_test(train: Labeled, test: Labeled, source: str, test_source: str) -> Labeled:
+    """Express the test labels in the train set's class ids; a class train lacks is an error."""
+    if train.class_names or test.class_names:
+        if not (train.class_names and test.class_names):
+            raise DataError(
+                f"{test_source} and {source}: one labels classes by name, the other by integer id; use one kind in both"
+            )
+        ids = {n: i for i, n in enumerate(train.class_names)}
+        unknown = sorted(set(test.class_names) - set(ids))
+        if unknown:
+            raise DataError(
+                f"{test_source}: class(es) {unknown[:10]} are in the test set but not in the train set {source}; "
+                "add training samples for them or remove them from the test set"
+            )
+        remap = np.array([ids[n] for n in test.class_names], dtype=np.int64)
+        return Labeled(test.x, remap[test.y], list(train.class_names))
+    unknown = sorted({int(c) for c in np.unique(test.y)} - {int(c) for c in np.unique(train.y)})
+    if unknown:
+        raise DataError(
+            f"{test_source}: class(es) {unknown[:10]} are in the test set but not in the train set {source}; "
+            "add training samples for them or remove them from the test set"
+        )
+    return test
 
 
 def validate(x: np.ndarray, y: np.ndarray, num_classes: int | None, origin: str) -> int:
@@ -143,16 +396,19 @@ def stratified_split(
     """Seeded per-class split into train/val/test index arrays (each sorted).
 
     Every class keeps its proportion in each split; a class too small to appear in all
-    three splits is an error rather than a silently missing class.
+    splits is an error rather than a silently missing class. ``test_fraction=0`` (the test
+    set comes from elsewhere) leaves the test indices empty.
     """
     rng = np.random.default_rng(seed)
     parts: dict[str, list[np.ndarray]] = {name: [] for name in SPLIT_NAMES}
+    need = 3 if test_fraction > 0 else 2
     for cls in np.unique(y):
         idx = np.flatnonzero(y == cls)
-        if idx.size < 3:
-            raise DataError(f"class {int(cls)} has {idx.size} sample(s); at least 3 are needed to split train/val/test")
+        if idx.size < need:
+            splits = "train/val/test" if need == 3 else "train/val"
+            raise DataError(f"class {int(cls)} has {idx.size} sample(s); at least {need} are needed to split {splits}")
         idx = rng.permutation(idx)
-        n_test = max(1, int(round(idx.size * test_fraction)))
+        n_test = max(1, int(round(idx.size * test_fraction))) if test_fraction > 0 else 0
         n_val = max(1, int(round(idx.size * val_fraction)))
         parts["test"].append(idx[:n_test])
         parts["val"].append(idx[n_test : n_test + n_val])
@@ -161,32 +417,99 @@ def stratified_split(
     return train, val, test
 
 
-def prepare(cfg: DataConfig) -> Splits:
-    """Load, validate, split and normalize ``cfg.source``.
+def normalization_stats(x_train: np.ndarray) -> dict[str, float | list[float]]:
+    """Mean and std of the training samples ``x_train`` ``[N, ...]``.
 
-    Normalization is one mean and std computed on the train split only (no test leakage);
-    they travel in the metadata so the registered model applies the same transform.
+    One scalar pair for features and grayscale images; one value per channel for images with
+    several channels (``[N, C, H, W]``, C > 1), where channels have different scales (RGB).
+    A zero std (a constant input) becomes 1.0 so normalizing never divides by zero.
     """
-    x, y = load_source(cfg.source)
+    if x_train.ndim == 4 and x_train.shape[1] > 1:
+        mean = x_train.mean(axis=(0, 2, 3), dtype=np.float64)
+        std = x_train.std(axis=(0, 2, 3), dtype=np.float64)
+        return {"mean": [float(m) for m in mean], "std": [float(s) or 1.0 for s in std]}
+    return {"mean": float(x_train.mean()), "std": float(x_train.std()) or 1.0}
+
+
+def _stat(value: float | list[float], ndim: int) -> np.ndarray:
+    # A per-channel list becomes [C, 1, 1] so it broadcasts over [N, C, H, W].
+    arr = np.asarray(value, dtype=np.float32)
+    return arr.reshape(-1, *([1] * (ndim - 2))) if arr.ndim == 1 else arr
+
+
+def normalize(x: np.ndarray, norm: dict[str, Any]) -> np.ndarray:
+    """``(x - mean) / std`` with ``norm`` from ``normalization_stats`` (scalar or per channel);
+    an empty ``norm`` is the identity. ``x``: ``[N, *input_shape]``; returns float32."""
+    x = np.asarray(x, dtype=np.float32)
+    mean, std = _stat(norm.get("mean", 0.0), x.ndim), _stat(norm.get("std", 1.0), x.ndim)
+    return ((x - mean) / std).astype(np.float32)
+
+
+def denormalize(x: np.ndarray, norm: dict[str, Any]) -> np.ndarray:
+    """Inverse of ``normalize``: back to the values of the source data."""
+    x = np.asarray(x, dtype=np.float32)
+    mean, std = _stat(norm.get("mean", 0.0), x.ndim), _stat(norm.get("std", 1.0), x.ndim)
+    return (x * std + mean).astype(np.float32)
+
+
+def prepare(cfg: DataConfig, retry: RetryConfig | None = None) -> Splits:
+    """Load, validate, split and normalize ``cfg.source`` (and ``cfg.test_source``).
+
+    Without ``test_source``, one seeded stratified split gives train/val/test; with it, the
+    test split is that whole file and train/val are split from ``source``. Normalization
+    statistics come from the train split only (no test leakage); they travel in the metadata
+    so the registered model applies the same transform.
+
+    Args:
+        cfg: the ``data`` section of the pipeline config.
+        retry: attempts and timeouts of S3 requests for ``s3://`` sources (``tracking.retry``).
+
+    Raises:
+        DataError: the data is missing, unreadable, mislabeled or inconsistent (naming the file).
+        kd_lib.storage.StorageError: an ``s3://`` source cannot be fetched.
+    """
+    with tempfile.TemporaryDirectory(prefix="kdflow-data-") as scratch:
+        train = read_source(cfg.source, cfg, Path(scratch) / "source", retry)
+        test = None
+        if cfg.test_source is not None:
+            test = read_source(cfg.test_source, cfg, Path(scratch) / "test_source", retry)
+    x, y = train.x, train.y
     num_classes = validate(x, y, cfg.num_classes, origin=cfg.source)
     present = np.unique(y)
     if present.size < num_classes:
         missing = sorted(set(range(num_classes)) - {int(c) for c in present})
         raise DataError(f"{cfg.source}: class(es) {missing} have no samples; fix the data or data.num_classes")
     fp = fingerprint(x, y)
-    idx = dict(zip(SPLIT_NAMES, stratified_split(y, cfg.val_fraction, cfg.test_fraction, cfg.seed)))
-    mean = float(x[idx["train"]].mean())
-    std = float(x[idx["train"]].std()) or 1.0
-    xs = {name: ((x[i] - mean) / std).astype(np.float32) for name, i in idx.items()}
-    ys = {name: y[i] for name, i in idx.items()}
+    if test is None:
+        idx = dict(zip(SPLIT_NAMES, stratified_split(y, cfg.val_fraction, cfg.test_fraction, cfg.seed)))
+        xs = {name: x[i] for name, i in idx.items()}
+        ys = {name: y[i] for name, i in idx.items()}
+    else:
+        assert cfg.test_source is not None
+        test = _align_test(train, test, cfg.source, cfg.test_source)
+        validate(test.x, test.y, num_classes, origin=cfg.test_source)
+        if test.x.shape[1:] != x.shape[1:]:
+            raise DataError(
+                f"{cfg.test_source}: samples have shape {list(test.x.shape[1:])} but those of {cfg.source} "
+                f"{list(x.shape[1:])}; both files must hold the same kind of sample"
+            )
+        train_idx, val_idx, _ = stratified_split(y, cfg.val_fraction, 0.0, cfg.seed)
+        xs = {"train": x[train_idx], "val": x[val_idx], "test": test.x}
+        ys = {"train": y[train_idx], "val": y[val_idx], "test": test.y}
+        # Which file is test is part of what the data is: two sha256s in one.
+        fp = hashlib.sha256(f"{fp}:{fingerprint(test.x, test.y)}".encode()).hexdigest()
+    norm = normalization_stats(xs["train"])
+    xs = {name: normalize(v, norm) for name, v in xs.items()}
     meta = DatasetMeta(
         source=cfg.source,
         fingerprint=fp,
         num_classes=num_classes,
         input_shape=list(x.shape[1:]),
-        sizes={name: int(i.size) for name, i in idx.items()},
+        sizes={name: int(ys[name].size) for name in SPLIT_NAMES},
         class_counts={name: np.bincount(ys[name], minlength=num_classes).tolist() for name in SPLIT_NAMES},
-        normalization={"mean": mean, "std": std},
+        normalization=norm,
+        class_names=list(train.class_names),
+        test_source=cfg.test_source,
     )
     return Splits(x=xs, y=ys, meta=meta)
 

@@ -4,12 +4,15 @@ Started by ``kd_lib.distributed.launch_step`` (one machine) or by the pods of a 
 (``kd_lib.pytorchjob``). The request names the step and its arguments (JSON)::
 
     {"step": "distill", "config_json": "...", "pipeline_run_id": "...",
-     "paths": {"dataset_dir": ..., "teacher_dir": ..., "student_dir": ..., "history_path": ...},
+     "paths": {"dataset_dir": ..., "teacher_dir": ..., "student_dir": ..., "history_path": ...,
+               "baseline_dir": ...},
      "summary_path": "..."}
 
 Rank 0 runs the step function itself (``kd_lib.steps``): its MLflow run, its checkpoints, its
 output model and history, then the summary at ``summary_path``. The other ranks set up the
-same training inputs and run the same loop, writing nothing. Under torchrun the loop in
+same training inputs and run the same loops (for ``distill`` with ``distill.baseline``, the
+no-teacher baseline too: every training run is a sequence of collectives all ranks must join),
+writing nothing. Under torchrun the loop in
 ``kd_lib.training`` finds the process group and trains data-parallel.
 """
 
@@ -25,7 +28,7 @@ import torch
 from kd_lib import data as data_lib
 from kd_lib import distributed, losses, quantization, training
 from kd_lib.augment import make_augment
-from kd_lib.config import PipelineConfig, TrainConfig, config_from_json
+from kd_lib.config import LossTermConfig, PipelineConfig, TrainConfig, config_from_json
 from kd_lib.models import build_model, for_data
 
 STEPS = ("train_teacher", "distill")
@@ -58,7 +61,9 @@ def _replica_train_teacher(cfg: PipelineConfig, dataset_dir: str, **_outputs: An
     training.train_supervised(model, *_tensors(splits, "train"), *_tensors(splits, "val"), cfg.teacher.train, augment=augment)
 
 
-def _replica_distill(cfg: PipelineConfig, dataset_dir: str, teacher_dir: str, **_outputs: Any) -> None:
+def _replica_distill(
+    cfg: PipelineConfig, dataset_dir: str, teacher_dir: str, baseline_dir: str | None = None, **_outputs: Any
+) -> None:
     splits = data_lib.load_splits(dataset_dir)
     meta = splits.meta
     shape = tuple(meta.input_shape)
@@ -67,17 +72,19 @@ def _replica_distill(cfg: PipelineConfig, dataset_dir: str, teacher_dir: str, **
     if objective.needs_teacher:
         model, spec = quantization.load_model(teacher_dir)
         teacher = for_data(model, spec.get("normalization"), meta.normalization)
-    torch.manual_seed(cfg.distill.train.seed)
-    student = build_model(cfg.student.model.arch, cfg.student.model.params, shape, meta.num_classes)
-    training.distill(
-        student,
-        teacher,
-        objective,
-        *_tensors(splits, "train"),
-        *_tensors(splits, "val"),
-        cfg.distill.train,
-        augment=make_augment(cfg.data.augment, shape),
-    )
+    augment = make_augment(cfg.data.augment, shape)
+
+    def train_student(teacher: torch.nn.Module | None, objective: losses.Objective) -> None:
+        torch.manual_seed(cfg.distill.train.seed)
+        student = build_model(cfg.student.model.arch, cfg.student.model.params, shape, meta.num_classes)
+        training.distill(
+            student, teacher, objective, *_tensors(splits, "train"), *_tensors(splits, "val"), cfg.distill.train, augment=augment
+        )
+
+    train_student(teacher, objective)
+    # steps.distill then trains the no-teacher baseline on rank 0 under the same condition.
+    if baseline_dir is not None and cfg.distill.baseline:
+        train_student(None, losses.build_objective([LossTermConfig(name="ce")]))
 
 
 REPLICAS: dict[str, Callable[..., None]] = {"train_teacher": _replica_train_teacher, "distill": _replica_distill}

@@ -51,9 +51,9 @@ class KdflowPyfunc(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
         import torch
 
-        x = np.asarray(model_input, dtype=np.float32)
-        norm = self.spec.get("normalization") or {}
-        x = (x - norm.get("mean", 0.0)) / norm.get("std", 1.0)
+        from kd_lib.data import normalize  # the very transform prepare_data applied (scalar or per channel)
+
+        x = normalize(np.asarray(model_input, dtype=np.float32), self.spec.get("normalization") or {})
         with torch.no_grad():
             logits = self.model(torch.from_numpy(x))
         return logits.argmax(dim=1).numpy().astype(np.int64)
@@ -222,6 +222,23 @@ class ModelRegistry:
         ]
         return sorted(rows, key=lambda r: int(r["version"]), reverse=True)
 
+    def download_ref(self, dst: str | Path, alias: str | None = None, version: str | None = None) -> tuple[str, Path]:
+        """Resolve ``@alias`` or a version number and download it: ``(version, model dir)``.
+
+        Raises:
+            RegistryError: the model, alias or version does not exist (named, with the fix).
+        """
+        ref = f"models:/{self.name}@{alias}" if alias else f"models:/{self.name}/{version}"
+        try:
+            resolved = version or self.alias_version(alias or "")
+            if resolved is None:
+                raise RegistryError(f"{ref}: model {self.name!r} has no alias {alias!r}; check the name and alias in the registry")
+            return resolved, self.download_version(resolved, dst)
+        except MlflowException as err:
+            if err.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(err).lower():
+                raise RegistryError(f"{ref}: no such registered model or version in {self.client.tracking_uri}") from None
+            raise
+
     def download_version(self, version: str, dst: str | Path) -> Path:
         """Download a version's kdflow model directory (weights + spec) and return its path."""
         # The concrete artifact location, not models:/..., which MLflow resolves through its
@@ -257,7 +274,7 @@ def rank_key(tags: dict[str, str], version: int, ranking: str) -> tuple[float, .
 
 
 @contextmanager
-def registry_errors(uri: str, name: str) -> Iterator[None]:
+def registry_errors(uri: str, name: str, action: str = "register", permission: str = "EDIT") -> Iterator[None]:
     """Turn MLflow's 403 into a RegistryError saying who lacks which permission, and the fix."""
     try:
         yield
@@ -266,8 +283,8 @@ def registry_errors(uri: str, name: str) -> Iterator[None]:
             raise
         user = os.environ.get("MLFLOW_TRACKING_USERNAME", "<anonymous>")
         raise RegistryError(
-            f"MLflow at {uri} denied user {user!r} permission to register {name!r} ({err.error_code}); ask an "
-            f"MLflow admin to grant EDIT on registered model {name!r}, or use credentials that have it"
+            f"MLflow at {uri} denied user {user!r} permission to {action} {name!r} ({err.error_code}); ask an "
+            f"MLflow admin to grant {permission} on registered model {name!r}, or use credentials that have it"
         ) from None
 
 

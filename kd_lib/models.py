@@ -14,6 +14,7 @@ import inspect
 import math
 from typing import Any, Callable, Mapping
 
+import torch
 from torch import Tensor, nn
 
 from kd_lib.config import ConfigError
@@ -234,22 +235,30 @@ class Renormalized(nn.Module):
 
     Feeds inputs normalized with this run's train-split statistics to a model trained on
     data normalized with other statistics (an imported teacher, the current champion):
-    undo one normalization, apply the other. ``model`` stays a child named ``model``.
+    undo one normalization, apply the other. Statistics are scalars or per-channel lists
+    (``kd_lib.data.normalization_stats``). ``model`` stays a child named ``model``.
     """
 
-    def __init__(self, model: nn.Module, data_norm: dict[str, float], model_norm: dict[str, float]) -> None:
+    def __init__(self, model: nn.Module, data_norm: dict[str, Any], model_norm: dict[str, Any]) -> None:
         super().__init__()
         self.model = model
-        self.scale = float(data_norm["std"]) / float(model_norm["std"])
-        self.shift = (float(data_norm["mean"]) - float(model_norm["mean"])) / float(model_norm["std"])
+
+        def stat(norm: dict[str, Any], key: str, default: float) -> Tensor:
+            t = torch.as_tensor(norm.get(key, default), dtype=torch.float32)
+            return t.reshape(-1, 1, 1) if t.ndim == 1 else t  # per channel: broadcast over [B, C, H, W]
+
+        scale = stat(data_norm, "std", 1.0) / stat(model_norm, "std", 1.0)
+        shift = (stat(data_norm, "mean", 0.0) - stat(model_norm, "mean", 0.0)) / stat(model_norm, "std", 1.0)
+        # Buffers follow .to(device); not persistent: the wrapper is never saved, only its model.
+        self.register_buffer("scale", scale, persistent=False)
+        self.register_buffer("shift", shift, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x * self.scale + self.shift)
 
 
-def for_data(model: nn.Module, model_norm: dict[str, float] | None, data_norm: dict[str, float]) -> nn.Module:
+def for_data(model: nn.Module, model_norm: dict[str, Any] | None, data_norm: dict[str, Any]) -> nn.Module:
     """``model`` itself when it expects this normalization, else wrapped in ``Renormalized``."""
-    own = model_norm or {"mean": 0.0, "std": 1.0}
-    if float(own["mean"]) == float(data_norm["mean"]) and float(own["std"]) == float(data_norm["std"]):
-        return model
-    return Renormalized(model, data_norm, own)
+    own = model_norm or {}
+    same = all(own.get(k, d) == data_norm.get(k, d) for k, d in (("mean", 0.0), ("std", 1.0)))
+    return model if same else Renormalized(model, data_norm, own)

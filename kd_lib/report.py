@@ -33,8 +33,11 @@ STAGE_FINAL = "final"
 # Section ids, in page order; tests and anchors rely on them.
 SECTIONS = ("decision", "models", "training", "confusion", "tradeoff", "gate", "config")
 
-ROLE_LABELS = {"teacher": "teacher", "student": "student (fp32)", "quantized": "student (quantized)"}
-ROLE_COLORS = {"teacher": "#1f77b4", "student": "#ff7f0e", "quantized": "#2ca02c"}
+ROLE_LABELS = {
+    "teacher": "teacher", "student": "student (fp32)", "quantized": "student (quantized)",
+    "baseline": "student without KD (fp32)",
+}  # fmt: skip
+ROLE_COLORS = {"teacher": "#1f77b4", "student": "#ff7f0e", "quantized": "#2ca02c", "baseline": "#7f7f7f"}
 
 OPS = {">=": "≥", "<=": "≤"}
 CHECK_MEANINGS = {
@@ -543,6 +546,18 @@ def _decision_html(data: ReportData) -> str:
     return _section("decision", "Decision", f'{badge}<ul class="stats">{lines}</ul>')
 
 
+def kd_gain_line(evaluation: dict[str, Any]) -> str | None:
+    """One sentence on what the teacher bought, when the run trained the no-KD baseline."""
+    gain = (evaluation.get("student") or {}).get("kd_gain_points")
+    if not isinstance(gain, (int, float)) or "baseline" not in evaluation:
+        return None
+    return (
+        f"KD gain: {gain:+.2f} points of test accuracy for the student trained with the teacher over the same "
+        f"student trained without it ({_pct(evaluation['student'].get('accuracy'))} vs "
+        f"{_pct(evaluation['baseline'].get('accuracy'))}; same architecture, initial weights, epochs and schedule)"
+    )
+
+
 def _models_html(data: ReportData) -> str:
     roles = _roles(data)
     if not roles:
@@ -577,6 +592,9 @@ def _models_html(data: ReportData) -> str:
         '<p class="note">Test split. Size is the bytes of the saved artifact; compression is teacher bytes / '
         "model bytes; parameters are counted on the fp32 architecture; latency is one CPU forward pass.</p>"
     )
+    gain = kd_gain_line(data.evaluation)
+    if gain:
+        note = f'<ul class="stats"><li>{_esc(gain)}</li></ul>' + note
     return _section("models", "Models", _table(headers, rows) + note)
 
 
@@ -719,6 +737,9 @@ def render_markdown(data: ReportData) -> str:
         headers = ["model", "accuracy", "macro-F1", "size", "compression", "parameters", "latency b1 p50 (ms)"]
         out += _md_table(headers, rows)
         out.append("")
+        gain = kd_gain_line(data.evaluation)
+        if gain:
+            out += [f"- {_md(gain)}", ""]
     if data.gate:
         rows = [
             [c["name"], f"{float(c['value']):.4g} {c.get('unit', '')}", OPS.get(c["op"], c["op"]),

@@ -19,8 +19,8 @@ import torch
 from kd_lib import data as data_lib
 from kd_lib import distributed, evaluation, gates, losses, quantization, report, storage, training
 from kd_lib.augment import make_augment
-from kd_lib.config import ConfigError, PipelineConfig
-from kd_lib.model_registry import ModelRegistry, gate_tags, log_pyfunc, pip_requirements, registry_errors
+from kd_lib.config import ConfigError, LossTermConfig, PipelineConfig
+from kd_lib.model_registry import ModelRegistry, RegistryError, gate_tags, log_pyfunc, pip_requirements, registry_errors
 from kd_lib.models import build_model, count_parameters, for_data
 from kd_lib.progress import EpochProgress
 from kd_lib.tracking import StepRun, client_for, find_parent_run, finish_pipeline_run, fluent_run, pipeline_record, step_run
@@ -106,12 +106,21 @@ def _write_json(path: str | Path, obj: Any) -> None:
 
 
 def prepare_data(cfg: PipelineConfig, pipeline_run_id: str, dataset_dir: str | Path) -> dict[str, Any]:
-    """Load, validate, split and fingerprint the data; write it to ``dataset_dir``."""
+    """Load, validate, split and fingerprint the data; write it to ``dataset_dir``.
+
+    ``s3://`` sources are fetched with ``tracking.retry``'s attempts and timeouts.
+    """
     with step_run(cfg, pipeline_run_id, "prepare_data") as run:
-        splits = data_lib.prepare(cfg.data)
+        splits = data_lib.prepare(cfg.data, retry=cfg.tracking.retry)
         data_lib.save_splits(splits, dataset_dir)
         meta = splits.meta
-        run.log_params({"source": meta.source, "fingerprint": meta.fingerprint, "input_shape": meta.input_shape})
+        params: dict[str, Any] = {"source": meta.source, "fingerprint": meta.fingerprint, "input_shape": meta.input_shape}
+        if meta.test_source:
+            params["test_source"] = meta.test_source
+        if meta.class_names:
+            # A param for search and display (MLflow caps its length); the full list is in dataset_meta.json.
+            params["class_names"] = ",".join(meta.class_names)[:500]
+        run.log_params(params)
         run.log_metrics({f"n_{k}": v for k, v in meta.sizes.items()} | {"num_classes": meta.num_classes})
         run.set_tags({"kdflow.dataset_fingerprint": meta.fingerprint}, on_parent=True)
         run.log_dict(meta.__dict__, "dataset_meta.json")
@@ -207,12 +216,11 @@ def import_teacher(
         with tempfile.TemporaryDirectory() as tmp:
             if cfg.teacher.source == "mlflow":
                 name, alias, version = _parse_models_uri(uri)
-                registry = ModelRegistry(run.client, name)
-                with registry_errors(f"reading {uri}"):
-                    version = version or registry.alias_version(alias)  # type: ignore[arg-type]
-                    if version is None:
-                        raise StepError(f"teacher.uri {uri}: model {name!r} has no alias {alias!r}; check the name and alias in the registry")
-                    model_dir = registry.download_version(version, tmp)
+                with registry_errors(run.client.tracking_uri, name, action="read", permission="READ"):
+                    try:
+                        version, model_dir = ModelRegistry(run.client, name).download_ref(tmp, alias, version)
+                    except RegistryError as err:
+                        raise StepError(f"teacher.uri: {err}") from None
                 model, spec = quantization.load_model(model_dir)
                 spec = dict(spec, role="teacher", mlflow_run_id=run.run_id, imported_from=f"models:/{name}/{version}")
                 run.set_tags({"kdflow.teacher_source": f"models:/{name}/{version}"}, on_parent=True)
@@ -249,6 +257,9 @@ def _load_teacher(teacher_dir: str | Path, meta: data_lib.DatasetMeta) -> torch.
     return for_data(model, spec.get("normalization"), meta.normalization)
 
 
+BASELINE_ABSENT = "NOT_TRAINED"
+
+
 def distill(
     cfg: PipelineConfig,
     pipeline_run_id: str,
@@ -256,18 +267,22 @@ def distill(
     teacher_dir: str | Path,
     student_dir: str | Path,
     history_path: str | Path | None = None,
+    baseline_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Distill the student from the teacher with ``distill.losses``.
 
     The teacher's logits are cached (computed once, indexed by sample) unless augmentation or
     a feature loss needs it live. The per-epoch history (with each loss term) goes to the
-    MLflow run and, when given, to ``history_path`` (JSON). With
-    ``distill.train.distributed.nproc_per_node > 1`` it trains on that many processes.
+    MLflow run and, when given, to ``history_path`` (JSON). With ``distill.baseline`` the same
+    student is also trained without the teacher into ``baseline_dir`` (otherwise that
+    directory only gets a ``NOT_TRAINED`` marker, so a KFP artifact always exists). With
+    ``distill.train.distributed.nproc_per_node > 1`` both train on that many processes.
     """
     if distributed.should_launch(cfg.distill.train.distributed):
         return _launch_ranks(
-            cfg, "distill", pipeline_run_id, dataset_dir=dataset_dir, teacher_dir=teacher_dir, student_dir=student_dir, history_path=history_path
-        )
+            cfg, "distill", pipeline_run_id, dataset_dir=dataset_dir, teacher_dir=teacher_dir, student_dir=student_dir,
+            history_path=history_path, baseline_dir=baseline_dir,
+        )  # fmt: skip
     with (
         step_run(cfg, pipeline_run_id, "distill") as run,
         EpochProgress("distill", cfg.distill.train.epochs) as progress,
@@ -276,31 +291,65 @@ def distill(
         meta = splits.meta
         objective = losses.build_objective(cfg.distill.losses)
         teacher = _load_teacher(teacher_dir, meta) if objective.needs_teacher else None
-        torch.manual_seed(cfg.distill.train.seed)
-        student = build_model(cfg.student.model.arch, cfg.student.model.params, tuple(meta.input_shape), meta.num_classes)
         augment = _augment(cfg, meta)
         run.log_params(
-            {"num_params": count_parameters(student), "teacher_logit_cache": augment is None and not objective.needs_features}
+            {"teacher_logit_cache": augment is None and not objective.needs_features, "baseline": cfg.distill.baseline}
             | losses.as_params(cfg.distill.losses)
         )
-        try:
-            result = training.distill(
-                student,
-                teacher,
-                objective,
-                *_tensors(splits, "train"),
-                *_tensors(splits, "val"),
-                cfg.distill.train,
-                augment=augment,
-                on_epoch=_epoch_logger(run, progress),
-                checkpoint_dir=_checkpoint_dir(student_dir),
-            )
-        except ValueError as err:
-            # A feature loss on layers that do not fit (an MLP under `at`, mismatched maps).
-            raise ConfigError(f"distill.losses ({losses.describe(cfg.distill.losses)}): {err}") from None
+        result = _train_student(cfg, splits, teacher, objective, augment, student_dir, _epoch_logger(run, progress))
         quantization.save_model(result.model, _spec(cfg.student.model, meta, "student", run), student_dir)
-        shutil.rmtree(_checkpoint_dir(student_dir), ignore_errors=True)
-        return _log_result(run, result, progress, history_path) | {"run_id": run.run_id}
+        run.log_params({"num_params": count_parameters(result.model)})
+        summary = _log_result(run, result, progress, history_path) | {"run_id": run.run_id}
+        if baseline_dir is not None:
+            Path(baseline_dir).mkdir(parents=True, exist_ok=True)
+            if cfg.distill.baseline:
+                ce_only = losses.build_objective([LossTermConfig(name="ce")])
+                base = _train_student(cfg, splits, None, ce_only, augment, baseline_dir, _baseline_logger(run))
+                quantization.save_model(base.model, _spec(cfg.student.model, meta, "baseline", run), baseline_dir)
+                run.log_metrics({"baseline.best_val_accuracy": base.best_val_accuracy})
+                summary["baseline_best_val_accuracy"] = base.best_val_accuracy
+            else:
+                (Path(baseline_dir) / BASELINE_ABSENT).write_text("distill.baseline is false\n")
+        return summary
+
+
+def _train_student(
+    cfg: PipelineConfig,
+    splits: data_lib.Splits,
+    teacher: torch.nn.Module | None,
+    objective: losses.Objective,
+    augment: Any,
+    output_dir: str | Path,
+    on_epoch: Any,
+) -> training.TrainResult:
+    """One student training run: same seed, hence same initial weights, for KD and baseline."""
+    torch.manual_seed(cfg.distill.train.seed)
+    meta = splits.meta
+    student = build_model(cfg.student.model.arch, cfg.student.model.params, tuple(meta.input_shape), meta.num_classes)
+    try:
+        result = training.distill(
+            student,
+            teacher,
+            objective,
+            *_tensors(splits, "train"),
+            *_tensors(splits, "val"),
+            cfg.distill.train,
+            augment=augment,
+            on_epoch=on_epoch,
+            checkpoint_dir=_checkpoint_dir(output_dir),
+        )
+    except ValueError as err:
+        # A feature loss on layers that do not fit (an MLP under `at`, mismatched maps).
+        raise ConfigError(f"distill.losses ({losses.describe(cfg.distill.losses)}): {err}") from None
+    shutil.rmtree(_checkpoint_dir(output_dir), ignore_errors=True)
+    return result
+
+
+def _baseline_logger(run: StepRun):
+    def log(row: dict[str, Any]) -> None:
+        run.log_metrics({f"baseline.{k}": v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+
+    return log
 
 
 def _calibration_batches(splits: data_lib.Splits, cfg: PipelineConfig) -> list[torch.Tensor]:
@@ -526,6 +575,10 @@ def _export_onnx(
 MODEL_ROLES = ("teacher", "student", "quantized")
 
 
+def _has_model(directory: str | Path | None) -> bool:
+    return directory is not None and (Path(directory) / quantization.SPEC_FILE).is_file()
+
+
 def evaluate(
     cfg: PipelineConfig,
     pipeline_run_id: str,
@@ -544,7 +597,9 @@ def evaluate(
         meta = splits.meta
         x_test, y_test = _tensors(splits, "test")
         results: dict[str, dict[str, Any]] = {}
-        for role in MODEL_ROLES:
+        # The no-KD baseline is optional: evaluated when distill trained one.
+        roles = [*MODEL_ROLES, *(["baseline"] if _has_model(model_dirs.get("baseline")) else [])]
+        for role in roles:
             model, spec = quantization.load_model(model_dirs[role])
             model = for_data(model, spec.get("normalization"), meta.normalization)  # an imported teacher's own
             # Dynamic int8 packs Linear weights out of .parameters(): count on the fp32 architecture.
@@ -572,6 +627,11 @@ def evaluate(
             run.log_metrics({f"{role}.{k}": v for k, v in scalars.items()})
         # Where each student departs from its teacher (same accuracy can hide different mistakes).
         teacher_pred = torch.tensor(results["teacher"]["predictions"])
+        if "baseline" in results:
+            # What the teacher bought: same student, same everything, with and without KD.
+            gain = 100.0 * (results["student"]["accuracy"] - results["baseline"]["accuracy"])
+            results["student"]["kd_gain_points"] = gain
+            run.log_metrics({"kd_gain_points": gain})
         for role in ("student", "quantized"):
             vs = evaluation.agreement(teacher_pred, torch.tensor(results[role]["predictions"]), y_test, meta.num_classes)
             results[role]["vs_teacher"] = vs

@@ -236,6 +236,11 @@ def format_summary(summary: dict[str, Any]) -> str:
         lat = sorted(k for k in next(iter(evaluation.values())) if k.startswith("latency_"))
         rows = [[role] + [row.get(c, "") for c in cols + lat] for role, row in evaluation.items()]
         out += ["Models (test split)", _table(["model"] + cols + [k.replace("latency_", "") for k in lat], rows), ""]
+        from kd_lib.report import kd_gain_line
+
+        gain = kd_gain_line(evaluation)
+        if gain:
+            out += [gain, ""]
     gate = summary.get("gate")
     if gate:
         rows = [

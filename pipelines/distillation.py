@@ -65,6 +65,7 @@ def build_pipeline(cfg: PipelineConfig | None = None, for_cluster: bool = True) 
                 teacher=teacher_task.outputs["teacher"],
                 student=distill_task.outputs["student"],
                 quantized=quantize_task.outputs["quantized"],
+                baseline=distill_task.outputs["baseline"],
                 teacher_history=teacher_task.outputs["history"],
                 student_history=distill_task.outputs["history"],
             )

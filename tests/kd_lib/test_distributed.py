@@ -105,26 +105,39 @@ def test_a_rank_that_stops_answering_times_the_others_out(tmp_path: Path) -> Non
         _launch(tmp_path, "hang")  # rank 1 sleeps; rank 0 gives up after 4 s
 
 
-def test_train_teacher_step_on_two_processes_records_once_like_one_process(tmp_path: Path) -> None:
-    cfg = tiny_config(tmp_path, teacher={"train": {"epochs": 3, "batch_size": 64, "lr": 0.003, "patience": 3}})
+def test_distill_step_on_two_processes_records_once_like_one_process(tmp_path: Path) -> None:
+    """The step path: steps.distill starts torchrun; rank 0 runs the step (MLflow, outputs), the
+    other rank mirrors its training runs, the no-teacher baseline included."""
+    cfg = tiny_config(
+        tmp_path,
+        teacher={"train": {"epochs": 2}},
+        distill={"train": {"epochs": 3, "batch_size": 64, "lr": 0.005, "patience": 3}, "baseline": True},
+    )
     steps.prepare_data(cfg, "ddp-setup", tmp_path / "dataset")
-    steps.train_teacher(cfg, "one-process", tmp_path / "dataset", tmp_path / "teacher-1")
-    two = cfg.model_copy(deep=True)
-    two.teacher.train.distributed = TWO
-    summary = steps.train_teacher(two, "two-processes", tmp_path / "dataset", tmp_path / "teacher-2", tmp_path / "history.json")
+    steps.train_teacher(cfg, "ddp-setup", tmp_path / "dataset", tmp_path / "teacher")
+    outputs = {}
+    for name, distributed_cfg in (("one", DistributedConfig()), ("two", TWO)):
+        run_cfg = cfg.model_copy(deep=True)
+        run_cfg.distill.train.distributed = distributed_cfg
+        out = {k: tmp_path / f"{name}-{k}" for k in ("student", "baseline")}
+        summary = steps.distill(run_cfg, f"{name}-process", tmp_path / "dataset", tmp_path / "teacher", out["student"],
+                                tmp_path / f"{name}-history.json", out["baseline"])  # fmt: skip
+        outputs[name] = (summary, {k: quantization.load_model(v) for k, v in out.items()})
 
-    one_model, _ = quantization.load_model(tmp_path / "teacher-1")
-    two_model, spec = quantization.load_model(tmp_path / "teacher-2")
-    assert _max_diff(one_model.state_dict(), two_model.state_dict()) < ATOL
-    assert not (tmp_path / "teacher-2.checkpoint").exists()  # rank 0 cleans up after itself
-    assert len(json.loads((tmp_path / "history.json").read_text())) == summary["epochs_run"] == 3
+    summary, models = outputs["two"]
+    for role in ("student", "baseline"):
+        assert _max_diff(outputs["one"][1][role][0].state_dict(), models[role][0].state_dict()) < ATOL, role
+        assert not (tmp_path / f"two-{role}.checkpoint").exists()  # rank 0 cleans up after itself
+    assert summary["baseline_best_val_accuracy"] == outputs["one"][0]["baseline_best_val_accuracy"]
+    assert len(json.loads((tmp_path / "two-history.json").read_text())) == summary["epochs_run"] == 3
     # One MLflow run for the step (rank 0's), with every epoch logged once.
     client = MlflowClient(cfg.tracking.tracking_uri)
     runs = client.search_runs(
         [client.get_experiment_by_name(cfg.tracking.experiment).experiment_id],
-        "tags.`kdflow.pipeline_run_id` = 'two-processes'",
+        "tags.`kdflow.pipeline_run_id` = 'two-process'",
     )
-    (teacher_run,) = [r for r in runs if r.info.run_name == "train_teacher"]
-    assert teacher_run.info.run_id == summary["run_id"] == spec["mlflow_run_id"]
-    assert teacher_run.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(teacher_run.info.run_id, "val_accuracy")] == [1, 2, 3]
+    (distill_run,) = [r for r in runs if r.info.run_name == "distill"]
+    assert distill_run.info.run_id == summary["run_id"] == models["student"][1]["mlflow_run_id"]
+    assert distill_run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(distill_run.info.run_id, "val_accuracy")] == [1, 2, 3]
+    assert [m.step for m in client.get_metric_history(distill_run.info.run_id, "baseline.val_accuracy")] == [1, 2, 3]

@@ -79,3 +79,58 @@ def test_random_datasets_prepare_or_raise_data_error(arrays: tuple[np.ndarray, n
     assert all(np.isfinite(splits.x[s]).all() for s in data.SPLIT_NAMES)
     assert all(splits.meta.sizes[s] > 0 for s in data.SPLIT_NAMES)
     assert np.isfinite(list(splits.meta.normalization.values())).all()
+
+
+cells = st.one_of(
+    st.integers(-3, 12), st.floats(allow_nan=True, allow_infinity=True), st.sampled_from(["", "cat", "1e3", " ", "NaN", "1 2"]),
+    st.none(),
+)  # fmt: skip
+
+
+@st.composite
+def csv_tables(draw) -> tuple[dict[str, list], list[str] | None]:
+    """A small table as columns (a label + up to 3 features), numeric or not, with holes."""
+    n = draw(st.integers(0, 24))
+    # Usually a label column (its absence is one error among many), mostly with usable values.
+    label = draw(st.sampled_from(["label", "label", "label", "target"]))
+    names = [label] + draw(st.lists(st.sampled_from(["a", "b", "c", "pixels"]), max_size=3, unique=True))
+    table = {}
+    for name in names:
+        kind = draw(st.sampled_from(["int", "int", "float", "any"]))
+        values = {"int": st.integers(0, 3), "float": st.floats(-5, 5), "any": cells}[kind]
+        table[name] = draw(st.lists(values, min_size=n, max_size=n))
+    features = draw(st.one_of(st.none(), st.lists(st.sampled_from(["a", "b", "c", "d"]), min_size=1, max_size=2, unique=True)))
+    return table, features
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(csv_tables(), st.booleans())
+def test_random_csv_prepare_or_raise_data_error(table: tuple[dict[str, list], list[str] | None], as_parquet: bool) -> None:
+    import pandas as pd
+    from pydantic import ValidationError
+
+    columns, features = table
+    try:
+        cfg_fields = {"feature_columns": features} if features and "label" not in features else {}
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / ("d.parquet" if as_parquet else "d.csv")
+            df = pd.DataFrame(columns)
+            if as_parquet:
+                try:
+                    df.to_parquet(path, index=False)
+                except Exception:  # noqa: BLE001 - a column pyarrow cannot type: not a parquet we can get
+                    event("unwritable parquet")
+                    return
+            else:
+                df.to_csv(path, index=False)
+            splits = data.prepare(DataConfig(source=str(path), **cfg_fields))
+    except data.DataError as err:
+        assert "d.csv" in str(err) or "d.parquet" in str(err) or "class" in str(err)
+        event("rejected: " + re.sub(r"\d+", "N", str(err).split(": ", 1)[-1])[:32])
+        return
+    except ValidationError:
+        event("config rejected")
+        return
+    event("accepted")
+    assert all(np.isfinite(splits.x[s]).all() for s in data.SPLIT_NAMES)
+    assert sum(splits.meta.sizes.values()) == len(next(iter(columns.values())))

@@ -121,3 +121,31 @@ def test_user_model_bad_param_and_bad_paths(user_package: str) -> None:
         build_model(f"{user_package}:nope", {}, (6,), 4)
     with pytest.raises(ConfigError, match="cannot import module 'kdtest_missing_pkg.nets'"):
         build_model("kdtest_missing_pkg.nets:linear", {}, (6,), 4)
+
+
+def test_for_data_renormalizes_only_when_the_statistics_differ() -> None:
+    from kd_lib.models import Renormalized, for_data
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    raw = torch.randn(4, 3) * 5 + 2
+    theirs, ours = {"mean": 2.0, "std": 5.0}, {"mean": 1.0, "std": 3.0}
+    assert for_data(model, ours, ours) is model
+    wrapped = for_data(model, theirs, ours)
+    assert isinstance(wrapped, Renormalized)
+    # Fed our normalization of the raw data, it computes what the model gives on its own.
+    with torch.no_grad():
+        assert torch.allclose(wrapped((raw - 1.0) / 3.0), model((raw - 2.0) / 5.0), atol=1e-5)
+
+
+def test_renormalized_handles_per_channel_statistics() -> None:
+    from kd_lib.models import for_data
+
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(3, 1, 1)
+    raw = torch.rand(2, 3, 4, 4) * 255
+    theirs = {"mean": [120.0, 110.0, 100.0], "std": [60.0, 50.0, 40.0]}
+    ours = {"mean": 115.0, "std": 55.0}
+    t_mean, t_std = torch.tensor(theirs["mean"]).view(3, 1, 1), torch.tensor(theirs["std"]).view(3, 1, 1)
+    with torch.no_grad():
+        assert torch.allclose(for_data(model, theirs, ours)((raw - 115.0) / 55.0), model((raw - t_mean) / t_std), atol=1e-4)
