@@ -402,10 +402,12 @@ def run_step(
     # A retried task starts clean, but keeps out/ (rank 0's checkpoint lets the job resume).
     shutil.rmtree(errors, ignore_errors=True)
     summary.unlink(missing_ok=True)
-    paths: dict[str, str] = {}
-    for key, src in inputs.items():
-        _copy(Path(src), root / "in" / key)
-        paths[key] = str(root / "in" / key)
+    paths = {key: str(root / "in" / key) for key in inputs}
+    staged = root / "in" / ".staged"
+    if not staged.is_file():  # a retried task may follow a job that is reading these right now
+        for key, src in inputs.items():
+            _copy(Path(src), root / "in" / key)
+        staged.touch()
     for key in outputs:
         paths[key] = str(root / "out" / key)
     (root / "out").mkdir(parents=True, exist_ok=True)

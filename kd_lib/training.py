@@ -9,6 +9,9 @@ misalign them.
 Teacher logits are cached (computed once per training set, reused every epoch) when nothing
 changes the teacher's input or needs more than its logits; with augmentation, or a
 feature-based loss, the teacher runs live on every batch.
+
+Under torchrun (``kd_lib.distributed``) the same loop runs on every rank, data-parallel, with
+the global batches of a single process: see ``_fit``.
 """
 
 from __future__ import annotations
@@ -171,6 +174,11 @@ def _fit(
     ``x_train`` of the samples in the batch, runs the forward pass and looks up whatever
     targets it needs (labels, cached teacher logits) by those indices. ``objective``'s own
     parameters (FitNets' regressor) are optimized and checkpointed with the model's.
+
+    Inside a rank of a multi-process step (``kd_lib.distributed.current()`` is set) every rank
+    calls this with the same arguments: each computes its slice of every global batch under
+    DistributedDataParallel (``_ddp_step``), the epoch's numbers are all-reduced
+    (``_reduce_epoch``), and only rank 0 calls ``on_epoch`` and writes the checkpoint.
     """
     # Seeds dropout and anything else drawing from the global RNG during training. The model's
     # initial weights were drawn by the caller when it built the model, so seeding before
