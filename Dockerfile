@@ -31,6 +31,8 @@ RUN groupadd --system --gid "${UID}" kdflow \
     && useradd --system --uid "${UID}" --gid kdflow --home-dir /home/kdflow --create-home --shell /usr/sbin/nologin kdflow
 COPY --from=build /opt/venv /opt/venv
 COPY configs/ /app/configs/
+# The PyTorchJob template a training step's launcher renders (cluster.pytorchjob).
+COPY k8s/training/pytorchjob.yaml /app/k8s/training/pytorchjob.yaml
 # KFP starts each step as `sh -c "... python3 -m kfp.dsl.executor_main ..."`: python3 must be
 # the venv's. Writable paths (HOME, /tmp) are volumes on Kubernetes where the root filesystem
 # is read-only.
@@ -38,7 +40,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     MPLCONFIGDIR=/tmp/matplotlib \
-    HOME=/home/kdflow
+    HOME=/home/kdflow \
+    KDFLOW_K8S_DIR=/app/k8s
 WORKDIR /app
 USER ${UID}:${UID}
 # A batch image: Kubernetes probes (k8s/) watch the long-running MLflow server; steps and

@@ -13,7 +13,7 @@ CHECKS_STAMP := $(CHECKS)/.kdflow-installed
 IMAGE  ?= kdflow:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 LOCK   := requirements/image.txt
 
-.PHONY: demo test test-fast bench install checks-tools lock image clean
+.PHONY: demo test test-fast bench bench-distributed install checks-tools lock image clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,10 @@ image:
 # CNNs at batch 1 and 64 (a few minutes on 2 cores). Results: bench/results/quantization.json.
 bench: $(STAMP)
 	$(PY) bench/quantization.py --data $(or $(DATA),../shared/datasets/mnist5k.npz) --profile
+
+# Not part of `make test`: samples/s of training with 1 vs 2 processes (torchrun, gloo) on mnist5k.
+bench-distributed: $(STAMP)
+	$(PY) bench/distributed.py --data $(or $(DATA),../shared/datasets/mnist5k.npz)
 
 clean:
 	rm -rf .kdflow mlflow.db mlruns build

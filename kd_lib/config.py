@@ -172,6 +172,34 @@ class ModelConfig(_Strict):
     params: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the builder.")
 
 
+class DistributedConfig(_Strict):
+    """Data-parallel training over several processes: torchrun + DistributedDataParallel.
+
+    Each epoch's shuffled order and every global batch of ``batch_size`` samples are those of
+    a single process; each process takes its slice of every batch and DDP averages the
+    gradients, so the weights match single-process training up to float reduction order.
+    """
+
+    nproc_per_node: int = Field(
+        1,
+        ge=1,
+        description="Processes on this machine (on a cluster: per pod). 1 trains in the step's own process; "
+        "more launches torchrun with that many ranks (typically one per GPU, or a few CPU processes).",
+    )
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="Collective backend; auto: nccl when the device is cuda, gloo on cpu."
+    )
+    timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="Longest a rank waits for the others in one collective (start-up included) before it fails "
+        "the step, e.g. when another rank died or hangs. Covers rank 0's per-epoch MLflow logging.",
+    )
+    threads_per_process: int | None = Field(
+        None, ge=1, description="torch CPU threads of each process; None = the machine's cores / nproc_per_node."
+    )
+
+
 class TrainConfig(_Strict):
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -182,6 +210,15 @@ class TrainConfig(_Strict):
     patience: int = Field(5, ge=1, description="Early stopping: epochs without a better validation accuracy.")
     seed: int = 0
     device: str = Field("cpu", description="'cpu', 'cuda' or 'auto' (cuda when available).")
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig, description="Multi-process data-parallel training (nproc_per_node > 1)."
+    )
+
+    @model_validator(mode="after")
+    def _backend_fits_device(self) -> "TrainConfig":
+        if self.distributed.backend == "nccl" and self.device == "cpu":
+            raise ValueError("distributed.backend 'nccl' needs a GPU but device is 'cpu': use backend gloo (or auto), or device cuda")
+        return self
 
 
 class TeacherConfig(_Strict):
@@ -435,6 +472,42 @@ class GpuConfig(_Strict):
     )
 
 
+class PyTorchJobConfig(_Strict):
+    """Run training steps as Kubeflow Training Operator PyTorchJobs: one Master and ``workers``
+    Worker pods, each running torchrun with ``<step>.train.distributed.nproc_per_node`` ranks.
+
+    The pipeline's own task for the step then only launches the job and waits for it. Inputs
+    and outputs pass through a volume both sides mount (KFP artifacts live in the pipeline's
+    object store, which the training pods cannot reach).
+    """
+
+    steps: list[Literal["train_teacher", "distill"]] = Field(
+        default_factory=lambda: ["train_teacher", "distill"], min_length=1, description="Steps that become a PyTorchJob."
+    )
+    workers: int = Field(1, ge=0, description="Worker pods besides the Master; world size = (1 + workers) * nproc_per_node.")
+    volume_claim: str = Field(
+        "kdflow-training-staging",
+        pattern=_K8S_NAME_PATTERN,
+        description="A ReadWriteMany PersistentVolumeClaim in the pipeline namespace (k8s/training/staging-pvc.yaml): "
+        "the launcher stages the inputs there, rank 0 writes the model and checkpoints there.",
+    )
+    mount_path: str = Field("/mnt/kdflow", pattern=r"^/[^\s]*$", description="Where every pod mounts the volume.")
+    namespace: str | None = Field(
+        None, pattern=_K8S_NAME_PATTERN, description="Namespace of the job; None = the launcher pod's own."
+    )
+    master_port: int = Field(23456, ge=1024, le=65535, description="Rendezvous port on the Master pod.")
+    timeout_s: float = Field(
+        86400.0, gt=0, description="Longest the launcher waits for the job to finish; then it deletes the job and fails."
+    )
+    poll_s: float = Field(10.0, gt=0, description="Seconds between two status reads of the job.")
+    backoff_limit: int = Field(
+        0, ge=0, description="Restarts of a failed job by the operator (it resumes from rank 0's last epoch checkpoint)."
+    )
+    ttl_seconds_after_finished: int = Field(
+        86400, ge=0, description="The operator deletes a finished job (and its pods' logs) after this long."
+    )
+
+
 class SecretEnvConfig(_Strict):
     """A Kubernetes Secret whose keys become environment variables of every step."""
 
@@ -486,6 +559,11 @@ class ClusterConfig(_Strict):
     )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     image_pull_secrets: list[str] = Field(default_factory=list, description="Secrets to pull the image from a private registry.")
+    pytorchjob: PyTorchJobConfig | None = Field(
+        None,
+        description="Run the training steps as Training Operator PyTorchJobs (multi-pod data parallel); none when omitted: "
+        "a step with nproc_per_node > 1 then runs torchrun inside its own pod.",
+    )
 
     def resources_for(self, step: str) -> ResourcesConfig:
         """The step's resources: its override where set, else the default."""
@@ -546,6 +624,16 @@ class PipelineConfig(_Strict):
                 raise ValueError(
                     f"cluster.gpu gives {step} a GPU but {field} is 'cpu': set it to 'cuda' or 'auto'"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _pytorchjob_gpu_is_a_resource(self) -> "PipelineConfig":
+        pj, gpu = self.cluster.pytorchjob, self.cluster.gpu
+        if pj is not None and gpu is not None and set(pj.steps) & set(gpu.steps) and "/" not in gpu.accelerator:
+            raise ValueError(
+                f"cluster.gpu.accelerator {gpu.accelerator!r} is a KFP accelerator type, but the pods of cluster.pytorchjob "
+                "request a Kubernetes resource: use its name, e.g. nvidia.com/gpu"
+            )
         return self
 
     def to_json(self) -> str:

@@ -19,9 +19,10 @@ calls the objective; the terms never see the models or the data pipeline.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -490,6 +491,24 @@ class Objective(nn.Module):
         means = {k: float(v) / self._count for k, v in self._sums.items()} if self._count else {}
         self._sums, self._count = {}, 0
         return means
+
+    def epoch_sums(self) -> tuple[dict[str, float], int]:
+        """(sum of each term over the samples since the last call, number of samples); resets.
+
+        What ranks of a multi-process run add up before dividing, instead of ``epoch_means``.
+        """
+        sums, count = {k: float(v) for k, v in self._sums.items()}, self._count
+        self._sums, self._count = {}, 0
+        return sums, count
+
+    @contextlib.contextmanager
+    def untracked(self) -> Iterator[None]:
+        """Forward passes inside are left out of the epoch's sums (a zero-weighted stand-in batch)."""
+        sums, count = dict(self._sums), self._count
+        try:
+            yield
+        finally:
+            self._sums, self._count = sums, count
 
 
 def capture_features(model: nn.Module, layers: set[str], x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from kd_lib import data as data_lib
-from kd_lib import evaluation, gates, losses, quantization, report, storage, training
+from kd_lib import distributed, evaluation, gates, losses, quantization, report, storage, training
 from kd_lib.augment import make_augment
 from kd_lib.config import ConfigError, LossTermConfig, PipelineConfig
 from kd_lib.model_registry import ModelRegistry, RegistryError, gate_tags, log_pyfunc, pip_requirements, registry_errors
@@ -84,6 +84,22 @@ def _log_result(
     return summary
 
 
+def _launch_ranks(cfg: PipelineConfig, step: str, pipeline_run_id: str, **paths: str | Path | None) -> dict[str, Any]:
+    """Run ``step`` on ``<step>.train.distributed.nproc_per_node`` processes under torchrun.
+
+    Each rank runs ``kd_lib.dist_worker``; rank 0 calls this same step function (so its MLflow
+    run, checkpoints and outputs are the ones a single process makes) and its summary is
+    returned here.
+    """
+    request = {
+        "config_json": cfg.to_json(),
+        "pipeline_run_id": pipeline_run_id,
+        "paths": {k: str(Path(v).absolute()) if v is not None else None for k, v in paths.items()},
+    }
+    train_cfg = cfg.teacher.train if step == "train_teacher" else cfg.distill.train
+    return distributed.launch_step(step, request, train_cfg.distributed)
+
+
 def _write_json(path: str | Path, obj: Any) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(obj))
@@ -128,8 +144,11 @@ def train_teacher(
     """Cross-entropy training of the teacher with early stopping; the best epoch is saved.
 
     The per-epoch history goes to the MLflow run and, when given, to ``history_path`` (JSON)
-    for the report.
+    for the report. With ``teacher.train.distributed.nproc_per_node > 1`` it trains on that
+    many processes (torchrun, DDP); rank 0 records, as described in ``kd_lib.distributed``.
     """
+    if distributed.should_launch(cfg.teacher.train.distributed):
+        return _launch_ranks(cfg, "train_teacher", pipeline_run_id, dataset_dir=dataset_dir, teacher_dir=teacher_dir, history_path=history_path)
     with (
         step_run(cfg, pipeline_run_id, "train_teacher") as run,
         EpochProgress("train_teacher", cfg.teacher.train.epochs) as progress,
@@ -256,8 +275,14 @@ def distill(
     a feature loss needs it live. The per-epoch history (with each loss term) goes to the
     MLflow run and, when given, to ``history_path`` (JSON). With ``distill.baseline`` the same
     student is also trained without the teacher into ``baseline_dir`` (otherwise that
-    directory only gets a ``NOT_TRAINED`` marker, so a KFP artifact always exists).
+    directory only gets a ``NOT_TRAINED`` marker, so a KFP artifact always exists). With
+    ``distill.train.distributed.nproc_per_node > 1`` both train on that many processes.
     """
+    if distributed.should_launch(cfg.distill.train.distributed):
+        return _launch_ranks(
+            cfg, "distill", pipeline_run_id, dataset_dir=dataset_dir, teacher_dir=teacher_dir, student_dir=student_dir,
+            history_path=history_path, baseline_dir=baseline_dir,
+        )  # fmt: skip
     with (
         step_run(cfg, pipeline_run_id, "distill") as run,
         EpochProgress("distill", cfg.distill.train.epochs) as progress,

@@ -9,10 +9,14 @@ misalign them.
 Teacher logits are cached (computed once per training set, reused every epoch) when nothing
 changes the teacher's input or needs more than its logits; with augmentation, or a
 feature-based loss, the teacher runs live on every batch.
+
+Under torchrun (``kd_lib.distributed``) the same loop runs on every rank, data-parallel, with
+the global batches of a single process: see ``_fit``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import os
@@ -25,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kd_lib import distributed
 from kd_lib.augment import Augment
 from kd_lib.config import ConfigError, TrainConfig
 from kd_lib.losses import LossInputs, Objective, capture_features
@@ -169,26 +174,41 @@ def _fit(
     ``x_train`` of the samples in the batch, runs the forward pass and looks up whatever
     targets it needs (labels, cached teacher logits) by those indices. ``objective``'s own
     parameters (FitNets' regressor) are optimized and checkpointed with the model's.
+
+    Inside a rank of a multi-process step (``kd_lib.distributed.current()`` is set) every rank
+    calls this with the same arguments: each computes its slice of every global batch under
+    DistributedDataParallel (``_ddp_step``), the epoch's numbers are all-reduced
+    (``_reduce_epoch``), and only rank 0 calls ``on_epoch`` and writes the checkpoint.
     """
     # Seeds dropout and anything else drawing from the global RNG during training. The model's
     # initial weights were drawn by the caller when it built the model, so seeding before
     # build_model is the caller's job.
-    torch.manual_seed(cfg.seed)
-    # Private generators make the batch order and the augmentation depend on cfg.seed alone.
+    ranks = distributed.current()  # None: one process, the loop exactly as it always was
+    torch.manual_seed(cfg.seed if ranks is None else ranks.seed(cfg.seed))
+    # Private generators make the batch order and the augmentation depend on cfg.seed alone
+    # (the same on every rank: each draws the global order and augments the global batch).
     generator = torch.Generator().manual_seed(cfg.seed)
     augment_generator = torch.Generator().manual_seed(cfg.seed + 1)
     model.to(device)
     params = list(model.parameters()) + (list(objective.parameters()) if objective is not None else [])
     optimizer = _optimizer(params, cfg)
     scheduler = _scheduler(optimizer, cfg)
+    if ranks is not None:
+        _check_world(ranks, len(x_train), len(x_val), cfg)
+        # DDP wraps model and objective together so the objective's learnable parts (FitNets'
+        # regressor) get averaged gradients too; it starts every rank from rank 0's weights.
+        ddp_loss = _ddp(_BatchLoss(model, objective, loss_fn), ranks)
 
     history: list[dict[str, Any]] = []
     best_state = copy.deepcopy(model.state_dict())
     best_epoch, best_acc, since_best, stopped_early = 0, -1.0, 0, False
     first_epoch = 1
     ckpt = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
-    if ckpt is not None and ckpt.is_file():
-        state = load_checkpoint(ckpt)
+    state = load_checkpoint(ckpt) if ckpt is not None and ckpt.is_file() and (ranks is None or ranks.is_main) else None
+    if ranks is not None:
+        # Rank 0 reads, every rank resumes: the other ranks may not see rank 0's disk (other pods).
+        state = ranks.broadcast(state)
+    if state is not None:
         model.load_state_dict(state["model"])
         if objective is not None:
             objective.load_state_dict(state["objective"])
@@ -197,7 +217,8 @@ def _fit(
             scheduler.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
         augment_generator.set_state(state["augment_generator"])
-        torch.set_rng_state(state["torch_rng"])
+        rng_per_rank = state.get("torch_rng_ranks") or [state["torch_rng"]]
+        torch.set_rng_state(rng_per_rank[ranks.rank] if ranks is not None and ranks.rank < len(rng_per_rank) else state["torch_rng"])
         best_state, best_epoch, best_acc = state["best_state"], state["best_epoch"], state["best_acc"]
         since_best, history = state["since_best"], state["history"]
         first_epoch = state["epoch"] + 1
@@ -213,6 +234,9 @@ def _fit(
         loss_sum = 0.0
         for i in range(0, n, cfg.batch_size):
             idx = order[i : i + cfg.batch_size]
+            if ranks is not None:
+                loss_sum += _ddp_step(ddp_loss, ranks, x_train, idx, augment, augment_generator, optimizer, objective, device)
+                continue
             xb = x_train[idx].to(device)
             if augment is not None:
                 xb = augment(xb, augment_generator)
@@ -224,9 +248,13 @@ def _fit(
         if scheduler is not None:
             scheduler.step()
 
-        val_logits = compute_logits(model, x_val, device=device)
-        val_loss = F.cross_entropy(val_logits, y_val).item()
-        val_acc = (val_logits.argmax(dim=1) == y_val).float().mean().item()
+        if ranks is None:
+            val_logits = compute_logits(model, x_val, device=device)
+            val_loss = F.cross_entropy(val_logits, y_val).item()
+            val_acc = (val_logits.argmax(dim=1) == y_val).float().mean().item()
+            term_means = objective.epoch_means() if objective is not None else {}
+        else:
+            loss_sum, val_loss, val_acc, term_means = _reduce_epoch(ranks, model, x_val, y_val, device, loss_sum, objective)
         record = {
             "epoch": epoch,
             "train_loss": loss_sum / n,
@@ -235,10 +263,9 @@ def _fit(
             "lr": lr,
             "seconds": time.perf_counter() - start,
         }
-        if objective is not None:
-            record |= objective.epoch_means()
+        record |= term_means
         history.append(record)
-        if on_epoch is not None:
+        if on_epoch is not None and (ranks is None or ranks.is_main):
             on_epoch(dict(record))
 
         # Strictly better only: on ties keep the earlier (less trained) weights.
@@ -248,7 +275,9 @@ def _fit(
         else:
             since_best += 1
             stopped_early = since_best >= cfg.patience and epoch < cfg.epochs
-        if ckpt is not None:
+        # Every rank's dropout stream, so a resumed run continues each (a collective: all ranks).
+        rng_per_rank = ranks.all_gather_bytes(torch.get_rng_state()) if ranks is not None else None
+        if ckpt is not None and (ranks is None or ranks.is_main):
             save_checkpoint(ckpt, {
                 "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -257,7 +286,7 @@ def _fit(
                 "objective": objective.state_dict() if objective is not None else None,
                 "best_state": best_state, "best_epoch": best_epoch, "best_acc": best_acc,
                 "since_best": since_best, "history": history, "stopped_early": stopped_early,
-            })  # fmt: skip
+            } | ({"torch_rng_ranks": rng_per_rank} if rng_per_rank is not None else {}))  # fmt: skip
         if stopped_early:
             break
 
@@ -270,6 +299,111 @@ def _fit(
         best_val_accuracy=best_acc,
         stopped_early=stopped_early,
     )
+
+
+class _BatchLoss(nn.Module):
+    """The model and the objective behind one forward that returns the batch loss.
+
+    DistributedDataParallel synchronizes the gradients of the module it wraps, so the
+    objective's learnable parts must sit in it beside the model.
+    """
+
+    def __init__(self, model: nn.Module, objective: Objective | None, loss_fn: BatchLoss) -> None:
+        super().__init__()
+        self.model = model
+        self.objective = objective
+        self.loss_fn = loss_fn
+
+    def forward(self, xb: Tensor, idx: Tensor) -> Tensor:
+        return self.loss_fn(self.model, xb, idx)
+
+
+def _ddp(module: nn.Module, ranks: distributed.Ranks) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [ranks.device.index] if ranks.device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=device_ids)
+
+
+def _check_world(ranks: distributed.Ranks, n_train: int, n_val: int, cfg: TrainConfig) -> None:
+    if cfg.batch_size < ranks.world_size:
+        raise ConfigError(
+            f"train.batch_size {cfg.batch_size} is smaller than the {ranks.world_size} processes of train.distributed: "
+            "every process needs a sample of each batch; raise batch_size or lower nproc_per_node"
+        )
+    if min(n_train, n_val) < ranks.world_size:
+        raise ValueError(f"{n_train} training / {n_val} validation samples cannot be split over {ranks.world_size} processes")
+
+
+def _ddp_step(
+    ddp_loss: nn.Module,
+    ranks: distributed.Ranks,
+    x_train: Tensor,
+    idx: Tensor,
+    augment: Augment | None,
+    augment_generator: torch.Generator,
+    optimizer: torch.optim.Optimizer,
+    objective: Objective | None,
+    device: torch.device,
+) -> float:
+    """One optimizer step on the global batch ``idx`` [B], this rank computing its slice.
+
+    The loss of every term is a mean over the batch, and DDP averages gradients over the W
+    ranks; scaling this rank's mean loss by ``b_r * W / B`` (b_r: its samples) makes that
+    average the gradient of the mean over the whole global batch, also when B is not a
+    multiple of W. A rank left without samples (a last batch smaller than W) still joins the
+    all-reduce, with one sample weighted 0.
+
+    Returns:
+        This rank's sum of per-sample losses (for the epoch's train_loss).
+    """
+    lo, hi = ranks.bounds(len(idx))
+    if augment is not None:
+        # Augment the whole global batch with the shared generator: the random stream and the
+        # augmented samples are a single process's, whatever the slice.
+        xb = augment(x_train[idx].to(device), augment_generator)
+        mine = xb[lo:hi] if hi > lo else xb[:1]
+    else:
+        mine = x_train[idx[lo:hi] if hi > lo else idx[:1]].to(device)
+    mine_idx = idx[lo:hi] if hi > lo else idx[:1]
+    count = hi - lo
+    untracked = objective.untracked() if objective is not None and count == 0 else contextlib.nullcontext()
+    with untracked:
+        loss = ddp_loss(mine, mine_idx.to(device))
+    optimizer.zero_grad(set_to_none=True)
+    (loss * (count * ranks.world_size / len(idx))).backward()
+    optimizer.step()
+    return loss.item() * count
+
+
+def _reduce_epoch(
+    ranks: distributed.Ranks,
+    model: nn.Module,
+    x_val: Tensor,
+    y_val: Tensor,
+    device: torch.device,
+    loss_sum: float,
+    objective: Objective | None,
+) -> tuple[float, float, float, dict[str, float]]:
+    """The epoch's numbers over all ranks: (train loss sum, val loss, val accuracy, term means).
+
+    Each rank validates its shard of the validation set; the sums are all-reduced, so every
+    rank gets the same accuracy (an exact count) and takes the same early-stopping decision.
+    """
+    lo, hi = ranks.bounds(len(x_val))
+    logits = compute_logits(model, x_val[lo:hi], device=device)
+    ce_sum = F.cross_entropy(logits, y_val[lo:hi], reduction="sum").item()
+    correct = (logits.argmax(dim=1) == y_val[lo:hi]).sum().item()
+    # Per-term sums over this rank's samples (the zero-weighted stand-in samples are not counted).
+    terms, count = objective.epoch_sums() if objective is not None else ({}, 0)
+    keys = sorted(terms)  # the same on every rank: each computed every active term
+    totals = ranks.all_reduce_sum([loss_sum, ce_sum, float(correct), float(count)] + [terms[k] for k in keys])
+    loss_sum, ce_sum, correct, count = totals[:4]
+    m = len(x_val)
+    # As one process computes it (a float32 mean of 0/1), so the logged value is the same.
+    val_acc = (torch.tensor(correct, dtype=torch.float32) / m).item()
+    means = {k: v / count for k, v in zip(keys, totals[4:])} if count else {}
+    return loss_sum, ce_sum / m, val_acc, means
 
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -365,7 +499,7 @@ def _distill_loss(
     s_layers, t_layers = objective.feature_layers()
     uses_teacher = objective.needs_teacher
     live = uses_teacher and (live_teacher or objective.needs_features)
-    cache = compute_logits(teacher, x_train, device=device).to(device) if uses_teacher and not live else None  # type: ignore[arg-type]
+    cache = _teacher_cache(teacher, x_train, device) if uses_teacher and not live else None  # type: ignore[arg-type]
 
     def loss_fn(net: nn.Module, xb: Tensor, idx: Tensor) -> Tensor:
         if s_layers:
@@ -381,6 +515,20 @@ def _distill_loss(
         return objective(LossInputs(logits, targets[idx], t_logits, s_feats, t_feats))
 
     return loss_fn
+
+
+def _teacher_cache(teacher: nn.Module, x_train: Tensor, device: torch.device) -> Tensor:
+    """The teacher's logits for every training sample, ``[N, C]`` on ``device``.
+
+    Under several processes each rank runs the teacher over its contiguous shard of the
+    training set only, and the shards are all-gathered: every rank ends with the full table,
+    because the global batches it slices index the whole set.
+    """
+    ranks = distributed.current()
+    if ranks is None:
+        return compute_logits(teacher, x_train, device=device).to(device)
+    lo, hi = ranks.bounds(len(x_train))
+    return ranks.all_gather_rows(compute_logits(teacher, x_train[lo:hi], device=device).to(device), len(x_train))
 
 
 def distill(

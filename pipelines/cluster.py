@@ -13,20 +13,37 @@ from kfp.dsl import PipelineTask
 from kd_lib.config import PipelineConfig
 
 
-def configure_task(task: PipelineTask, step: str, cfg: PipelineConfig) -> None:
-    """Give one task the image, requests/limits, GPU, Secrets-as-env and labels of its step."""
+def pytorchjob_steps(cfg: PipelineConfig | None) -> frozenset[str]:
+    """The training steps that run as PyTorchJobs on the cluster: ``cluster.pytorchjob.steps``
+    when ``cluster.pytorchjob`` is set (and the teacher is trained, for ``train_teacher``)."""
+    if cfg is None or cfg.cluster.pytorchjob is None:
+        return frozenset()
+    steps = set(cfg.cluster.pytorchjob.steps)
+    if cfg.teacher.source != "train":
+        steps.discard("train_teacher")
+    return frozenset(steps)
+
+
+def configure_task(task: PipelineTask, step: str, cfg: PipelineConfig, launches_pytorchjob: bool = False) -> None:
+    """Give one task the image, requests/limits, GPU, Secrets-as-env and labels of its step.
+
+    A task that ``launches_pytorchjob`` only waits for the job: it gets the default
+    resources and no GPU (the job's pods get the step's), and the staging volume.
+    """
     cluster = cfg.cluster
     task.set_container_image(cfg.image)
     kubernetes.set_image_pull_policy(task, cluster.image_pull_policy)
     if cluster.image_pull_secrets:
         kubernetes.set_image_pull_secrets(task, list(cluster.image_pull_secrets))
 
-    res = cluster.resources_for(step)
+    res = cluster.resources if launches_pytorchjob else cluster.resources_for(step)
     task.set_cpu_request(res.cpu_request).set_cpu_limit(res.cpu_limit)
     task.set_memory_request(res.memory_request).set_memory_limit(res.memory_limit)
+    if launches_pytorchjob and cluster.pytorchjob is not None:
+        kubernetes.mount_pvc(task, pvc_name=cluster.pytorchjob.volume_claim, mount_path=cluster.pytorchjob.mount_path)
 
     gpu = cluster.gpu
-    if gpu is not None and step in gpu.steps:
+    if gpu is not None and step in gpu.steps and not launches_pytorchjob:
         task.set_accelerator_type(gpu.accelerator).set_accelerator_limit(gpu.limit)
         for label, value in gpu.node_selector.items():
             kubernetes.add_node_selector(task, label_key=label, label_value=value)

@@ -8,9 +8,9 @@ whatever happens.
 from kfp import dsl
 from kfp.dsl.graph_component import GraphComponent
 
-from components import distill, evaluate, finalize, gate, import_teacher, prepare_data, quantize, register, train_teacher
+from components import distill, evaluate, finalize, gate, import_teacher, prepare_data, pytorchjob, quantize, register, train_teacher
 from kd_lib.config import PipelineConfig
-from pipelines.cluster import configure_task
+from pipelines.cluster import configure_task, pytorchjob_steps
 
 # Unique per pipeline run on the cluster and locally; the MLflow parent run is keyed by it.
 RUN_ID = dsl.PIPELINE_JOB_NAME_PLACEHOLDER
@@ -24,10 +24,18 @@ def build_pipeline(cfg: PipelineConfig | None = None, for_cluster: bool = True) 
     ``import_teacher`` task where ``train_teacher`` would be (no training step at all).
     With ``for_cluster``, every task also gets the cluster settings of its step (image,
     requests and limits, GPU, Secrets as environment, pod labels), which KFP only accepts
-    while the pipeline function runs; the local runner builds it without them.
+    while the pipeline function runs; the local runner builds it without them. With
+    ``cluster.pytorchjob`` the cluster build's training steps launch Training Operator
+    PyTorchJobs (same inputs and outputs); locally they run in-process, or under torchrun
+    when ``nproc_per_node > 1``.
     """
     importing = cfg is not None and cfg.teacher.source != "train"
     teacher_step, teacher_step_name = (import_teacher, "import_teacher") if importing else (train_teacher, "train_teacher")
+    # cluster.pytorchjob: on the cluster these training steps launch a PyTorchJob and wait for it.
+    on_pytorchjob = pytorchjob_steps(cfg) if for_cluster else frozenset()
+    if "train_teacher" in on_pytorchjob:
+        teacher_step = pytorchjob.train_teacher
+    distill_step = pytorchjob.distill if "distill" in on_pytorchjob else distill
 
     @dsl.pipeline(name=PIPELINE_NAME, description="Distill, quantize, evaluate, gate and register a student model.")
     def distillation_pipeline(config_json: str):
@@ -37,7 +45,7 @@ def build_pipeline(cfg: PipelineConfig | None = None, for_cluster: bool = True) 
             teacher_task = teacher_step(
                 config_json=config_json, pipeline_run_id=RUN_ID, dataset=prepare_data_task.outputs["dataset"]
             )
-            distill_task = distill(
+            distill_task = distill_step(
                 config_json=config_json,
                 pipeline_run_id=RUN_ID,
                 dataset=prepare_data_task.outputs["dataset"],
@@ -87,7 +95,7 @@ def build_pipeline(cfg: PipelineConfig | None = None, for_cluster: bool = True) 
             # Every step writes a fresh MLflow run: a cache hit would leave the run without its record.
             task.set_caching_options(False)
             if cfg is not None and for_cluster:
-                configure_task(task, step, cfg)
+                configure_task(task, step, cfg, launches_pytorchjob=step in on_pytorchjob)
 
     return distillation_pipeline
 

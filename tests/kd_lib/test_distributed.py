@@ -1,0 +1,143 @@
+"""Two CPU processes (torchrun, gloo) train like one process on the same global batch.
+
+Real processes, a real process group, no mocks: ``kd_lib.distributed.launch`` starts torchrun
+with the ranks of ``tests/kd_lib/ddp_cases.py`` (or, for the step, ``kd_lib.dist_worker``),
+and the result is compared with the single-process loop run here on the same problem.
+Equal up to float reduction order: the gradient of a global batch is summed over two halves
+instead of one batch, so the weights may differ in the last bits, not more.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from kd_lib import distributed, quantization, steps
+from kd_lib.config import DistributedConfig
+from tests.helpers import tiny_config
+from tests.kd_lib import ddp_cases
+
+REPO = Path(__file__).resolve().parents[2]
+# Max |weight difference| allowed between 1 and 2 processes after 6 epochs of Adam; measured
+# differences are below 1e-7 (float32 rounding of a differently ordered gradient sum).
+ATOL = 1e-5
+TWO = DistributedConfig(nproc_per_node=2, threads_per_process=1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    # The reference runs here use one thread like each rank: on 2 busy cores a second
+    # intra-op thread only waits for a core (tiny models run many times slower).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _launch(out: Path, mode: str) -> None:
+    # The ranks import tests.kd_lib.ddp_cases: the repository must be on their path.
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    cfg = ddp_cases.distributed_config(mode)
+    distributed.launch("tests.kd_lib.ddp_cases", [str(out), mode], cfg, out / "errors", env=env)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ddp")
+    _launch(out, "train")
+    return out
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize("case", ddp_cases.CASES)
+def test_two_processes_end_with_the_weights_of_one(two_ranks: Path, case: str) -> None:
+    history: list[dict] = []
+    single = ddp_cases.run_case(case, on_epoch=history.append)
+    distributed_weights = torch.load(two_ranks / f"{case}.pt", weights_only=True)
+    assert _max_diff(single.model.state_dict(), distributed_weights) < ATOL
+    # The history rank 0 reported is the whole run's: losses summed over both ranks, the
+    # validation accuracy an exact count over both shards of the validation set.
+    reported = json.loads((two_ranks / f"{case}-history.json").read_text())
+    assert [r["epoch"] for r in reported] == [r["epoch"] for r in history] == list(range(1, ddp_cases.CFG.epochs + 1))
+    for one, two in zip(history, reported):
+        assert two["val_accuracy"] == one["val_accuracy"]
+        assert set(two) == set(one)
+        for key in set(one) - {"epoch", "seconds", "val_accuracy"}:
+            assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
+
+
+def test_only_rank_0_writes_checkpoints_and_reports_epochs(two_ranks: Path) -> None:
+    epochs = ddp_cases.CFG.epochs * len(ddp_cases.CASES)
+    # + the preempted and the resumed run: one checkpoint per epoch between them.
+    assert json.loads((two_ranks / "rank-0.json").read_text()) == {"checkpoints": epochs + ddp_cases.CFG.epochs, "epochs": epochs}
+    assert json.loads((two_ranks / "rank-1.json").read_text()) == {"checkpoints": 0, "epochs": 0}
+    assert not (two_ranks / "errors").exists()
+
+
+def test_a_preempted_distributed_run_resumes_to_the_same_weights(two_ranks: Path) -> None:
+    uninterrupted = torch.load(two_ranks / "supervised.pt", weights_only=True)
+    resumed = torch.load(two_ranks / "resumed.pt", weights_only=True)
+    assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
+    state = torch.load(two_ranks / "resume-checkpoint" / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == ddp_cases.CFG.epochs and len(state["torch_rng_ranks"]) == 2
+
+
+def test_a_failing_rank_fails_the_launch_with_its_own_error(tmp_path: Path) -> None:
+    start = time.monotonic()
+    with pytest.raises(distributed.DistributedError, match="rank 1 of 2 .* ValueError: rank 1 cannot read its shard"):
+        _launch(tmp_path, "fail")
+    assert time.monotonic() - start < 60  # torchrun stops rank 0, which waits on the dead rank 1
+
+
+def test_a_rank_that_stops_answering_times_the_others_out(tmp_path: Path) -> None:
+    with pytest.raises(distributed.DistributedError, match=r"rank 0 of 2 .*(?s:.*)train.distributed.timeout_s = 4 s"):
+        _launch(tmp_path, "hang")  # rank 1 sleeps; rank 0 gives up after 4 s
+
+
+def test_distill_step_on_two_processes_records_once_like_one_process(tmp_path: Path) -> None:
+    """The step path: steps.distill starts torchrun; rank 0 runs the step (MLflow, outputs), the
+    other rank mirrors its training runs, the no-teacher baseline included."""
+    cfg = tiny_config(
+        tmp_path,
+        teacher={"train": {"epochs": 2}},
+        distill={"train": {"epochs": 3, "batch_size": 64, "lr": 0.005, "patience": 3}, "baseline": True},
+    )
+    steps.prepare_data(cfg, "ddp-setup", tmp_path / "dataset")
+    steps.train_teacher(cfg, "ddp-setup", tmp_path / "dataset", tmp_path / "teacher")
+    outputs = {}
+    for name, distributed_cfg in (("one", DistributedConfig()), ("two", TWO)):
+        run_cfg = cfg.model_copy(deep=True)
+        run_cfg.distill.train.distributed = distributed_cfg
+        out = {k: tmp_path / f"{name}-{k}" for k in ("student", "baseline")}
+        summary = steps.distill(run_cfg, f"{name}-process", tmp_path / "dataset", tmp_path / "teacher", out["student"],
+                                tmp_path / f"{name}-history.json", out["baseline"])  # fmt: skip
+        outputs[name] = (summary, {k: quantization.load_model(v) for k, v in out.items()})
+
+    summary, models = outputs["two"]
+    for role in ("student", "baseline"):
+        assert _max_diff(outputs["one"][1][role][0].state_dict(), models[role][0].state_dict()) < ATOL, role
+        assert not (tmp_path / f"two-{role}.checkpoint").exists()  # rank 0 cleans up after itself
+    assert summary["baseline_best_val_accuracy"] == outputs["one"][0]["baseline_best_val_accuracy"]
+    assert len(json.loads((tmp_path / "two-history.json").read_text())) == summary["epochs_run"] == 3
+    # One MLflow run for the step (rank 0's), with every epoch logged once.
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    runs = client.search_runs(
+        [client.get_experiment_by_name(cfg.tracking.experiment).experiment_id],
+        "tags.`kdflow.pipeline_run_id` = 'two-process'",
+    )
+    (distill_run,) = [r for r in runs if r.info.run_name == "distill"]
+    assert distill_run.info.run_id == summary["run_id"] == models["student"][1]["mlflow_run_id"]
+    assert distill_run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(distill_run.info.run_id, "val_accuracy")] == [1, 2, 3]
+    assert [m.step for m in client.get_metric_history(distill_run.info.run_id, "baseline.val_accuracy")] == [1, 2, 3]
