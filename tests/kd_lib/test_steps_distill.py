@@ -143,9 +143,9 @@ def test_import_from_the_registry_by_alias_and_version(prepared: dict, tmp_path:
     run = client.create_run(client.create_experiment(f"teachers-{uuid.uuid4().hex[:8]}"))
     with fluent_run(client, run.info.run_id):  # leaves no global MLflow state behind
         uri, model_id = log_pyfunc(prepared["teacher"], spec, pip_requirements())
+        # models:/m-... sources resolve through the global tracking URI: register inside.
+        version = ModelRegistry(client, name).register(uri, run.info.run_id, {}, model_id=model_id)
     client.set_terminated(run.info.run_id)
-    registry = ModelRegistry(client, name)
-    version = registry.register(uri, run.info.run_id, {}, model_id=model_id)
     client.set_registered_model_alias(name, "champion", version)
 
     for ref in (f"models:/{name}@champion", f"models:/{name}/{version}"):
