@@ -12,6 +12,7 @@ from components.import_teacher import import_teacher
 from components.prepare_data import prepare_data
 from components.quantize import quantize
 from components.register import register
+from components.select import select
 from components.train_teacher import train_teacher
 
-__all__ = ["distill", "evaluate", "finalize", "gate", "import_teacher", "prepare_data", "quantize", "register", "train_teacher"]
+__all__ = ["distill", "evaluate", "finalize", "gate", "import_teacher", "prepare_data", "quantize", "register", "select", "train_teacher"]

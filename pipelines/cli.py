@@ -228,8 +228,13 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    """The end-of-run table: the three models, each gate check, the decision, the registration."""
+    """The end-of-run table: the three models, each gate check, the decision, the registration;
+    for a sweep, first every candidate with its front membership and failed checks."""
     out: list[str] = []
+    if summary.get("sweep"):
+        from kd_lib.sweep import table_text
+
+        out += ["Sweep candidates (quantized students, test split; * = chosen)", table_text(summary["sweep"]), ""]
     evaluation = summary.get("evaluation") or {}
     if evaluation:
         cols = ["accuracy", "macro_f1", "size_bytes", "num_params"]

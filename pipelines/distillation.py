@@ -24,8 +24,13 @@ def build_pipeline(cfg: PipelineConfig | None = None, for_cluster: bool = True) 
     ``import_teacher`` task where ``train_teacher`` would be (no training step at all).
     With ``for_cluster``, every task also gets the cluster settings of its step (image,
     requests and limits, GPU, Secrets as environment, pod labels), which KFP only accepts
-    while the pipeline function runs; the local runner builds it without them.
+    while the pipeline function runs; the local runner builds it without them. A config
+    with a ``sweep`` section gets the sweep DAG (pipelines/sweep.py) instead.
     """
+    if cfg is not None and cfg.sweep is not None:
+        from pipelines.sweep import build_sweep_pipeline  # imported here: it builds on this module
+
+        return build_sweep_pipeline(cfg, for_cluster)
     importing = cfg is not None and cfg.teacher.source != "train"
     teacher_step, teacher_step_name = (import_teacher, "import_teacher") if importing else (train_teacher, "train_teacher")
 
