@@ -2,7 +2,8 @@
 
 prepare_data -> train_teacher (or import_teacher) -> ParallelFor(candidates) { distill ->
 quantize -> evaluate -> gate } -> select (Collected) -[a candidate passed]-> register, inside
-the exit handler that closes the MLflow parent run.
+the exit handler that closes the MLflow parent run. A trivial run_id task hands the loop the
+pipeline run id (see components/run_id.py).
 
 The candidates' configs are computed here, when the pipeline is built (kd_lib.sweep.expand),
 and become the ParallelFor's items: each candidate's tasks get its own full config JSON, so
@@ -13,7 +14,19 @@ the existing components run unchanged. They are fixed in the compiled YAML; a di
 from kfp import dsl
 from kfp.dsl.graph_component import GraphComponent
 
-from components import distill, evaluate, finalize, gate, import_teacher, prepare_data, quantize, register, select, train_teacher
+from components import (
+    distill,
+    evaluate,
+    finalize,
+    gate,
+    import_teacher,
+    prepare_data,
+    quantize,
+    register,
+    run_id,
+    select,
+    train_teacher,
+)
 from kd_lib import sweep
 from kd_lib.config import PipelineConfig
 from pipelines.cluster import configure_task
@@ -42,23 +55,25 @@ def build_sweep_pipeline(cfg: PipelineConfig, for_cluster: bool = True) -> Graph
             teacher_task = teacher_step(
                 config_json=config_json, pipeline_run_id=RUN_ID, dataset=prepare_data_task.outputs["dataset"]
             )
+            # The run id, resolved out here: inside the loop kfp.local would give each iteration its own.
+            run_id_task = run_id(pipeline_run_id=RUN_ID)
             with dsl.ParallelFor(candidates, parallelism=cfg.sweep.parallelism, name="candidates") as candidate_json:
                 distill_task = distill(
                     config_json=candidate_json,
-                    pipeline_run_id=RUN_ID,
+                    pipeline_run_id=run_id_task.output,
                     dataset=prepare_data_task.outputs["dataset"],
                     teacher=teacher_task.outputs["teacher"],
                 )
                 quantize_task = quantize(
                     config_json=candidate_json,
-                    pipeline_run_id=RUN_ID,
+                    pipeline_run_id=run_id_task.output,
                     dataset=prepare_data_task.outputs["dataset"],
                     teacher=teacher_task.outputs["teacher"],
                     student=distill_task.outputs["student"],
                 )
                 evaluate_task = evaluate(
                     config_json=candidate_json,
-                    pipeline_run_id=RUN_ID,
+                    pipeline_run_id=run_id_task.output,
                     dataset=prepare_data_task.outputs["dataset"],
                     teacher=teacher_task.outputs["teacher"],
                     student=distill_task.outputs["student"],
@@ -68,7 +83,7 @@ def build_sweep_pipeline(cfg: PipelineConfig, for_cluster: bool = True) -> Graph
                 )
                 gate_task = gate(
                     config_json=candidate_json,
-                    pipeline_run_id=RUN_ID,
+                    pipeline_run_id=run_id_task.output,
                     dataset=prepare_data_task.outputs["dataset"],
                     evaluation=evaluate_task.outputs["evaluation"],
                 )
@@ -93,8 +108,8 @@ def build_sweep_pipeline(cfg: PipelineConfig, for_cluster: bool = True) -> Graph
 
         tasks = {
             "finalize": finalize_task, "prepare_data": prepare_data_task, teacher_step_name: teacher_task,
-            "distill": distill_task, "quantize": quantize_task, "evaluate": evaluate_task, "gate": gate_task,
-            "select": select_task, "register": register_task,
+            "run_id": run_id_task, "distill": distill_task, "quantize": quantize_task, "evaluate": evaluate_task,
+            "gate": gate_task, "select": select_task, "register": register_task,
         }  # fmt: skip
         for step, task in tasks.items():
             # Every step writes a fresh MLflow run: a cache hit would leave the run without its record.
