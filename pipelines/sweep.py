@@ -2,13 +2,12 @@
 
 prepare_data -> train_teacher (or import_teacher) -> ParallelFor(candidates) { distill ->
 quantize -> evaluate -> gate } -> select (Collected) -[a candidate passed]-> register, inside
-the exit handler that closes the MLflow parent run. A trivial run_id task hands the loop the
-pipeline run id (see components/run_id.py).
+the exit handler that closes the MLflow parent run.
 
 The candidates' configs are computed here, when the pipeline is built (kd_lib.sweep.expand),
-and become the ParallelFor's items: each candidate's tasks get its own full config JSON, so
-the existing components run unchanged. They are fixed in the compiled YAML; a different
-``config_json`` at submit time changes the shared steps, not the candidates.
+and (through sweep_items) become the ParallelFor's items: each candidate's tasks get its own
+full config JSON, so the existing components run unchanged. They are fixed in the compiled
+YAML; a different ``config_json`` at submit time changes the shared steps, not the candidates.
 """
 
 from kfp import dsl
@@ -23,8 +22,8 @@ from components import (
     prepare_data,
     quantize,
     register,
-    run_id,
     select,
+    sweep_items,
     train_teacher,
 )
 from kd_lib import sweep
@@ -55,25 +54,25 @@ def build_sweep_pipeline(cfg: PipelineConfig, for_cluster: bool = True) -> Graph
             teacher_task = teacher_step(
                 config_json=config_json, pipeline_run_id=RUN_ID, dataset=prepare_data_task.outputs["dataset"]
             )
-            # The run id, resolved out here: inside the loop kfp.local would give each iteration its own.
-            run_id_task = run_id(pipeline_run_id=RUN_ID)
-            with dsl.ParallelFor(candidates, parallelism=cfg.sweep.parallelism, name="candidates") as candidate_json:
+            # Each item: a candidate's config JSON and the run id (see components/sweep_items.py).
+            sweep_items_task = sweep_items(candidate_configs=candidates, pipeline_run_id=RUN_ID)
+            with dsl.ParallelFor(sweep_items_task.output, parallelism=cfg.sweep.parallelism, name="candidates") as item:
                 distill_task = distill(
-                    config_json=candidate_json,
-                    pipeline_run_id=run_id_task.output,
+                    config_json=item.config_json,
+                    pipeline_run_id=item.pipeline_run_id,
                     dataset=prepare_data_task.outputs["dataset"],
                     teacher=teacher_task.outputs["teacher"],
                 )
                 quantize_task = quantize(
-                    config_json=candidate_json,
-                    pipeline_run_id=run_id_task.output,
+                    config_json=item.config_json,
+                    pipeline_run_id=item.pipeline_run_id,
                     dataset=prepare_data_task.outputs["dataset"],
                     teacher=teacher_task.outputs["teacher"],
                     student=distill_task.outputs["student"],
                 )
                 evaluate_task = evaluate(
-                    config_json=candidate_json,
-                    pipeline_run_id=run_id_task.output,
+                    config_json=item.config_json,
+                    pipeline_run_id=item.pipeline_run_id,
                     dataset=prepare_data_task.outputs["dataset"],
                     teacher=teacher_task.outputs["teacher"],
                     student=distill_task.outputs["student"],
@@ -82,8 +81,8 @@ def build_sweep_pipeline(cfg: PipelineConfig, for_cluster: bool = True) -> Graph
                     student_history=distill_task.outputs["history"],
                 )
                 gate_task = gate(
-                    config_json=candidate_json,
-                    pipeline_run_id=run_id_task.output,
+                    config_json=item.config_json,
+                    pipeline_run_id=item.pipeline_run_id,
                     dataset=prepare_data_task.outputs["dataset"],
                     evaluation=evaluate_task.outputs["evaluation"],
                 )
@@ -108,7 +107,7 @@ def build_sweep_pipeline(cfg: PipelineConfig, for_cluster: bool = True) -> Graph
 
         tasks = {
             "finalize": finalize_task, "prepare_data": prepare_data_task, teacher_step_name: teacher_task,
-            "run_id": run_id_task, "distill": distill_task, "quantize": quantize_task, "evaluate": evaluate_task,
+            "sweep_items": sweep_items_task, "distill": distill_task, "quantize": quantize_task, "evaluate": evaluate_task,
             "gate": gate_task, "select": select_task, "register": register_task,
         }  # fmt: skip
         for step, task in tasks.items():

@@ -46,11 +46,16 @@ def test_the_candidates_fan_out_in_a_parallel_for_with_the_configured_parallelis
     name, loop = _loop(compiled)
     assert loop.task_info.name == "candidates"
     assert loop.iterator_policy.parallelism_limit == 3
-    # One item per candidate: its full config JSON, computed when the pipeline was built.
-    items = json.loads(loop.parameter_iterator.items.raw)
+    # One item per candidate, from sweep-items: its full config JSON, computed when the
+    # pipeline was built, with the run id.
+    assert loop.parameter_iterator.items.input_parameter == "pipelinechannel--sweep-items-Output"
+    assert set(loop.dependent_tasks) == {"prepare-data", "train-teacher", "sweep-items"}
+    items_task = compiled.dag("comp-exit-handler-1")["sweep-items"]
+    constant = items_task.inputs.parameters["candidate_configs"].runtime_value.constant
+    items = [v.string_value for v in constant.list_value.values]
     assert items == sweep.candidate_configs(cfg) and len(items) == 6
     assert [json.loads(i)["candidate"] for i in items] == [c.name for c in sweep.expand(cfg)]
-    assert set(loop.dependent_tasks) == {"prepare-data", "train-teacher", "run-id"}
+    assert items_task.inputs.parameters["pipeline_run_id"].runtime_value.constant.string_value == "{{$.pipeline_job_name}}"
 
     body = compiled.dag(loop.component_ref.name)
     assert {n: set(t.dependent_tasks) for n, t in body.items()} == {
@@ -62,9 +67,10 @@ def test_the_candidates_fan_out_in_a_parallel_for_with_the_configured_parallelis
     item = loop.parameter_iterator.item_input
     for step, task in body.items():
         params = task.inputs.parameters
-        # Each candidate's tasks run on its own config, nested under the one run id (from run-id).
+        # Each candidate's tasks run on its own config, nested under the one run id.
         assert params["config_json"].component_input_parameter == item, step
-        assert params["pipeline_run_id"].component_input_parameter == "pipelinechannel--run-id-Output", step
+        assert params["config_json"].parameter_expression_selector == 'parseJson(string_value)["config_json"]', step
+        assert params["pipeline_run_id"].parameter_expression_selector == 'parseJson(string_value)["pipeline_run_id"]'
         assert not task.caching_options.enable_cache
 
 
@@ -101,7 +107,7 @@ def test_select_collects_every_candidate_and_register_takes_the_chosen_one(compi
 
 
 def test_every_task_gets_the_cluster_settings(compiled: Compiled) -> None:
-    steps = ["prepare_data", "train_teacher", "run_id", *sorted(CANDIDATE_STEPS), "select", "register", "finalize"]
+    steps = ["prepare_data", "train_teacher", "sweep_items", *sorted(CANDIDATE_STEPS), "select", "register", "finalize"]
     assert len(compiled.deployment.executors) == len(steps)
     for step in steps:
         assert compiled.container(step).image == "registry.example.com/ml/kdflow:1.2.3", step
