@@ -307,6 +307,11 @@ def format_versions(name: str, versions: list[dict[str, Any]]) -> str:
 def _cmd_validate(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
     print(f"# config OK (hash {cfg.config_hash()[:12]})", file=sys.stderr)
+    if cfg.sweep is not None:
+        from kd_lib.sweep import expand
+
+        names = [c.name for c in expand(cfg)]
+        print(f"# sweep: {len(names)} candidates: {', '.join(names)}", file=sys.stderr)
     return 0
 
 
