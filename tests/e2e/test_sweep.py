@@ -1,6 +1,7 @@
-"""A sweep on kfp.local against a fresh sqlite MLflow store: four candidates fanned out by
-ParallelFor, the one the Pareto rule picks registered, checked against what MLflow recorded;
-then a sweep where no candidate passes leaves the registry and the champion alone."""
+"""Sweeps on kfp.local against a fresh sqlite MLflow store: four candidates fanned out by
+ParallelFor with the one the Pareto rule picks registered, checked against what MLflow
+recorded; and a sweep where no candidate passes, which leaves the registry and the champion
+alone and says why."""
 
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ def _parent_text(client: MlflowClient, parent: str, path: str) -> str:
         return Path(client.download_artifacts(parent, path, tmp)).read_text()
 
 
-def test_a_sweep_registers_the_pareto_pick_and_a_sweep_where_none_passes_changes_nothing(
+def test_a_sweep_registers_exactly_the_candidate_the_pareto_rule_picks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cfg = _sweep_config(tmp_path, [6, 24], ["dynamic_int8", "fp16"])
@@ -105,7 +106,7 @@ def test_a_sweep_registers_the_pareto_pick_and_a_sweep_where_none_passes_changes
     assert champion.tags["kdflow.config_hash"] == recipe.config_hash()
 
     summary = result.summary
-    assert summary["registered"]["version"] == champion.version
+    assert summary["registered"]["version"] == str(champion.version)
     assert summary["sweep"]["chosen"] == expected
     assert summary["steps"]["register"] == summary["steps"][f"register[{expected}]"]
     assert summary["evaluation"]["quantized"]["size_bytes"] == quantized["quantized.size_bytes"]
@@ -117,13 +118,35 @@ def test_a_sweep_registers_the_pareto_pick_and_a_sweep_where_none_passes_changes
     assert tasks[-3:] == ["select", "register", "finalize"]
     assert result.report_path is not None and "PROMOTED" in result.report_path.read_text()
 
-    # No candidate can pass: the run succeeds, nothing is registered, the champion stays.
+
+def _champion_in_process(cfg: PipelineConfig, tmp_path: Path) -> str:
+    """Register a champion by calling the steps of a single run directly (no subprocesses)."""
+    from kd_lib import steps
+
+    rid, d = "champion-run", tmp_path / "champion"
+    steps.prepare_data(cfg, rid, d / "dataset")
+    steps.train_teacher(cfg, rid, d / "dataset", d / "teacher")
+    steps.distill(cfg, rid, d / "dataset", d / "teacher", d / "student")
+    steps.quantize(cfg, rid, d / "dataset", d / "student", d / "quantized", teacher_dir=d / "teacher")
+    models = {"teacher": d / "teacher", "student": d / "student", "quantized": d / "quantized"}
+    steps.evaluate(cfg, rid, d / "dataset", models, d / "evaluation.json")
+    decision, _ = steps.gate(cfg, rid, d / "dataset", d / "evaluation.json", d / "decision.json")
+    assert decision.passed, decision.table()
+    return steps.register(cfg, rid, d / "dataset", d / "quantized", d / "evaluation.json", d / "decision.json")["version"]
+
+
+def test_a_sweep_where_no_candidate_passes_registers_nothing_and_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     strict = _sweep_config(tmp_path, [6], ["dynamic_int8", "fp16"], gate={"min_accuracy": 1.0})
-    strict.registry.model_name = cfg.registry.model_name
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", strict.tracking.tracking_uri or "")
+    champion = _champion_in_process(strict.model_copy(update={"sweep": None, "gate": tiny_config(tmp_path).gate}), tmp_path)
+    client = MlflowClient(tracking_uri=strict.tracking.tracking_uri, registry_uri=strict.tracking.tracking_uri)
+
     second = _run(strict, tmp_path, monkeypatch)
     assert second.succeeded, second.error
-    assert [v.version for v in client.search_model_versions(f"name = '{cfg.registry.model_name}'")] == [champion.version]
-    assert client.get_model_version_by_alias(cfg.registry.model_name, "champion").version == champion.version
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{strict.registry.model_name}'")] == [champion]
+    assert str(client.get_model_version_by_alias(strict.registry.model_name, "champion").version) == champion
     assert "register" not in [s["task"] for s in second.steps]
     assert "registered" not in second.summary and second.summary["sweep"]["chosen"] is None
     tags = second.summary["tags"]
