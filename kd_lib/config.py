@@ -577,11 +577,11 @@ class PipelineConfig(_Strict):
 
     def flat(self) -> dict[str, Any]:
         """Dotted key -> leaf value, for MLflow params."""
-        return flatten(self.model_dump(mode="json", exclude=self._unset_extensions()))
+        return flatten(self.model_dump(mode="json"))
 
     def _unset_extensions(self) -> set[str]:
-        """The optional sections left unset (``sweep``, ``candidate``): kept out of the hash and
-        the MLflow params, so a run without them records exactly what it did before they existed."""
+        """The optional sections left unset (``sweep``, ``candidate``): kept out of the hash, so
+        a config without them hashes as it did before they existed."""
         return {name for name in ("sweep", "candidate") if getattr(self, name) is None}
 
 
