@@ -346,8 +346,10 @@ def table_markdown(summary: Mapping[str, Any], plot_png_b64: str | None = None) 
     """Markdown of ``Selection.to_dict()`` (for the KFP UI and MLflow), the plot inlined when given."""
     out = ["# Sweep", ""]
     chosen = summary.get("chosen")
-    out.append(f"**Chosen: {_md(chosen)}** ({summary['action']}): {_md(summary.get('rule', RULE))}." if chosen
-               else "**No candidate passed every gate**: nothing is registered; each candidate's failed checks are below.")  # fmt: skip
+    if chosen:
+        out.append(f"**Chosen: {_md(chosen)}** ({summary['action']}): {_md(summary.get('rule', RULE))}.")
+    else:
+        out.append("**No candidate passed every gate**: nothing is registered; each candidate's failed checks are below.")
     out += ["", "| " + " | ".join(_HEADERS) + " |", "|" + "---|" * len(_HEADERS)]
     for row in summary["candidates"]:
         cells = _cells(row)
