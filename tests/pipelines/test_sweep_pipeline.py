@@ -150,3 +150,24 @@ def test_tasks_running_side_by_side_each_get_their_line() -> None:
     # A progress line cannot be attributed while tasks overlap: no detail on their lines.
     assert "val_acc" not in "".join(line for line in shown if "distill" in line)
     assert "interleaved with the tasks that ran beside it" in err.getvalue()
+
+
+def test_local_candidate_tasks_share_the_cores_and_cluster_tasks_set_no_env(
+    cfg: PipelineConfig, compiled: Compiled, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from google.protobuf import json_format
+
+    from pipelines import sweep as sweep_pipeline
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(sweep_pipeline.os, "cpu_count", lambda: 8)
+    assert sweep_pipeline.local_threads(3) == 4  # kfp.local runs 2 at a time: 8 cores / 2
+    assert sweep_pipeline.local_threads(1) == 8
+    executors = json_format.MessageToDict(build_pipeline(cfg, for_cluster=False).pipeline_spec.deployment_spec)["executors"]
+    env = {name: {e["name"]: e["value"] for e in ex["container"].get("env", [])} for name, ex in executors.items()}
+    assert {n for n, e in env.items() if e} == {f"exec-{step}" for step in CANDIDATE_STEPS}
+    assert env["exec-distill"] == {"OMP_NUM_THREADS": "4"}
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert sweep_pipeline.local_threads(2) is None  # the user's choice stands
+    for step in CANDIDATE_STEPS:
+        assert not compiled.container(step).env, step
