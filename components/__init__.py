@@ -12,6 +12,8 @@ from components.import_teacher import import_teacher
 from components.prepare_data import prepare_data
 from components.quantize import quantize
 from components.register import register
+from components.select import select
+from components.sweep_items import sweep_items
 from components.train_teacher import train_teacher
 
-__all__ = ["distill", "evaluate", "finalize", "gate", "import_teacher", "prepare_data", "quantize", "register", "train_teacher"]
+__all__ = ["distill", "evaluate", "finalize", "gate", "import_teacher", "prepare_data", "quantize", "register", "select", "sweep_items", "train_teacher"]

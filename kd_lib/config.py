@@ -587,6 +587,111 @@ class ClusterConfig(_Strict):
         return self
 
 
+# ---------------------------------------------------------------------------------------------
+# A sweep: several candidate students/schemes fanned out by KFP (dsl.ParallelFor), one chosen.
+# ---------------------------------------------------------------------------------------------
+
+# The loss terms whose softmax temperature sweep.temperatures sets.
+TEMPERATURE_LOSSES = ("kd", "dkd")
+# A candidate's name goes into MLflow run names and tags; keep it to characters safe everywhere.
+_CANDIDATE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
+
+
+def _duplicates(items: list[Any]) -> list[Any]:
+    seen: list[Any] = []
+    dups: list[Any] = []
+    for item in items:
+        if item in seen and item not in dups:
+            dups.append(item)
+        seen.append(item)
+    return dups
+
+
+class SweepConfig(_Strict):
+    """Candidates to distill, quantize, evaluate and gate side by side; one is registered.
+
+    The candidates are the product students x schemes (x temperatures). Each is the base
+    config with ``student.model``, ``quantize.scheme`` (and the ``temperature`` of every
+    kd/dkd term of ``distill.losses``) replaced; the teacher is trained (or imported) once.
+    The chosen one is the smallest candidate that passes every gate, ties by batch-1 latency.
+    """
+
+    students: list[ModelConfig] = Field(
+        ..., min_length=1, description="Candidate student architectures, e.g. [{arch: mlp, params: {width: 16, depth: 1}}]."
+    )
+    schemes: list[str] = Field(
+        ..., min_length=1, description="Candidate quantization schemes (names of quantize.scheme), e.g. [dynamic_int8, static_int8]."
+    )
+    temperatures: list[float] | None = Field(
+        None,
+        min_length=1,
+        description="Candidate softmax temperatures of the kd/dkd terms of distill.losses; omit to keep the base ones.",
+    )
+    parallelism: int = Field(
+        2, ge=1, description="Candidates running at once (dsl.ParallelFor parallelism); kfp.local caps it at 2."
+    )
+    max_candidates: int = Field(
+        16, ge=1, description="Guard against a product that is larger than intended: more candidates is an error."
+    )
+
+    @field_validator("schemes")
+    @classmethod
+    def _known_schemes(cls, schemes: list[str]) -> list[str]:
+        # Imported here: the registry lives with the (torch) quantizers, and only sweeps need it.
+        from kd_lib.quantization import QUANTIZERS
+
+        known = [*QUANTIZERS.names(), "auto"]
+        unknown = [s for s in schemes if s not in known]
+        if unknown:
+            raise ValueError(f"unknown scheme(s) {unknown}; use names of quantize.scheme: {', '.join(known)}")
+        if dups := _duplicates(schemes):
+            raise ValueError(f"scheme(s) {dups} listed more than once; list each once")
+        return schemes
+
+    @field_validator("students")
+    @classmethod
+    def _distinct_students(cls, students: list[ModelConfig]) -> list[ModelConfig]:
+        from kd_lib.models import MODELS
+
+        for i, student in enumerate(students):
+            if ":" not in student.arch and student.arch not in MODELS:
+                raise ValueError(
+                    f"students.{i}.arch {student.arch!r} is not a model; use one of {', '.join(MODELS.names())} "
+                    "or 'pkg.module:fn'"
+                )
+        dumps = [s.model_dump() for s in students]
+        if dups := _duplicates(dumps):
+            raise ValueError(f"student(s) {dups} listed more than once; list each once")
+        return students
+
+    @field_validator("temperatures")
+    @classmethod
+    def _positive_distinct_temperatures(cls, temperatures: list[float] | None) -> list[float] | None:
+        if temperatures is None:
+            return None
+        if bad := [t for t in temperatures if t <= 0]:
+            raise ValueError(f"temperature(s) {bad} are not > 0; a softmax temperature must be positive")
+        if dups := _duplicates(temperatures):
+            raise ValueError(f"temperature(s) {dups} listed more than once; list each once")
+        return temperatures
+
+    @property
+    def size(self) -> int:
+        """Number of candidates: the product of the lists' lengths."""
+        return len(self.students) * len(self.schemes) * len(self.temperatures or [None])
+
+    @model_validator(mode="after")
+    def _within_max_candidates(self) -> "SweepConfig":
+        if self.size > self.max_candidates:
+            lengths = f"{len(self.students)} students x {len(self.schemes)} schemes"
+            lengths += f" x {len(self.temperatures)} temperatures" if self.temperatures else ""
+            raise ValueError(
+                f"{lengths} = {self.size} candidates, above max_candidates={self.max_candidates}; "
+                "shorten a list or raise sweep.max_candidates"
+            )
+        return self
+
+
 class PipelineConfig(_Strict):
     name: str = Field("kdflow-distillation", min_length=1)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -604,6 +709,28 @@ class PipelineConfig(_Strict):
         description="Container image every step runs in on a cluster, e.g. registry.example.com/kdflow:0.1.0.",
     )
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    sweep: SweepConfig | None = Field(
+        None, description="Candidate students and schemes run side by side, the best registered; none when omitted."
+    )
+    candidate: str | None = Field(
+        None,
+        pattern=_CANDIDATE_PATTERN,
+        description="Set by the sweep on each candidate's own config (its name, e.g. c2-mlp-d1w32-static_int8-T4): "
+        "names and tags that candidate's MLflow runs. Not part of config_hash; leave it unset.",
+    )
+
+    @model_validator(mode="after")
+    def _sweep_fits_the_config(self) -> "PipelineConfig":
+        if self.sweep is None:
+            return self
+        if self.candidate is not None:
+            raise ValueError("candidate is set by the sweep on each candidate's config; remove candidate or sweep")
+        if self.sweep.temperatures and not any(t.name in TEMPERATURE_LOSSES for t in self.distill.losses):
+            raise ValueError(
+                f"sweep.temperatures sets the temperature of {'/'.join(TEMPERATURE_LOSSES)} terms, and distill.losses "
+                "has none; add a kd term to distill.losses or remove sweep.temperatures"
+            )
+        return self
 
     @model_validator(mode="after")
     def _splits_leave_training_data(self) -> "PipelineConfig":
@@ -644,12 +771,20 @@ class PipelineConfig(_Strict):
         """sha256 of the recipe (canonical JSON minus ``tracking``, ``image`` and ``cluster``,
         which say where results go and where steps run, not how the model was made); a
         lineage tag on every registered version, equal for a local and a cluster run."""
-        recipe = self.model_dump(mode="json", exclude={"tracking", "image", "cluster"})
+        # A candidate's name is a label, not part of its recipe; an absent sweep leaves the
+        # hash of a config as it was before sweeps existed.
+        exclude = {"tracking", "image", "cluster", "candidate"} | self._unset_extensions()
+        recipe = self.model_dump(mode="json", exclude=exclude)
         return hashlib.sha256(json.dumps(recipe, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     def flat(self) -> dict[str, Any]:
         """Dotted key -> leaf value, for MLflow params."""
         return flatten(self.model_dump(mode="json"))
+
+    def _unset_extensions(self) -> set[str]:
+        """The optional sections left unset (``sweep``, ``candidate``): kept out of the hash, so
+        a config without them hashes as it did before they existed."""
+        return {name for name in ("sweep", "candidate") if getattr(self, name) is None}
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -160,6 +160,9 @@ def from_pipeline_record(record: Mapping[str, Any], state: str | None = None, er
         },
         config=config,
         class_names=meta.get("class_names"),
+        # A sweep's candidates, drawn with their front on the accuracy-versus-size plot.
+        pareto=[{"label": r["candidate"], "accuracy": r["accuracy"], "size_bytes": r["size_bytes"]}
+                for r in (record.get("sweep") or {}).get("candidates", [])] or None,  # fmt: skip
     )
 
 

@@ -8,6 +8,7 @@ given. Nothing is passed through globals or shared paths.
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import tempfile
@@ -17,13 +18,22 @@ from typing import Any
 import torch
 
 from kd_lib import data as data_lib
-from kd_lib import distributed, evaluation, gates, losses, quantization, report, storage, training
+from kd_lib import distributed, evaluation, gates, losses, quantization, report, storage, sweep, training
 from kd_lib.augment import make_augment
-from kd_lib.config import ConfigError, LossTermConfig, PipelineConfig
+from kd_lib.config import ConfigError, LossTermConfig, PipelineConfig, config_from_json
 from kd_lib.model_registry import ModelRegistry, RegistryError, gate_tags, log_pyfunc, pip_requirements, registry_errors
 from kd_lib.models import build_model, count_parameters, for_data
 from kd_lib.progress import EpochProgress
-from kd_lib.tracking import StepRun, client_for, find_parent_run, finish_pipeline_run, fluent_run, pipeline_record, step_run
+from kd_lib.tracking import (
+    SELECTED_TAG,
+    StepRun,
+    client_for,
+    find_parent_run,
+    finish_pipeline_run,
+    fluent_run,
+    pipeline_record,
+    step_run,
+)
 
 
 class StepError(RuntimeError):
@@ -98,6 +108,15 @@ def _launch_ranks(cfg: PipelineConfig, step: str, pipeline_run_id: str, **paths:
     }
     train_cfg = cfg.teacher.train if step == "train_teacher" else cfg.distill.train
     return distributed.launch_step(step, request, train_cfg.distributed)
+
+
+def _owns_parent(cfg: PipelineConfig) -> bool:
+    """Whether this step may write the parent run's record (gate table, tags).
+
+    Not a sweep candidate's step: the candidates run side by side under one parent, and the
+    select step writes the chosen one's record there.
+    """
+    return cfg.candidate is None
 
 
 def _write_json(path: str | Path, obj: Any) -> None:
@@ -473,12 +492,12 @@ def quantize(
                     f"({'; '.join(_try_summary(t) for t in tries)}); the fp32 student was kept"
                 )
                 extra["quantization_auto"] = {"found": False, "chosen": None, "reason": reason, "tries": tries}
-                run.set_tags({"kdflow.quantize_auto": "none passed"}, on_parent=True)
+                run.set_tags({"kdflow.quantize_auto": "none passed"}, on_parent=_owns_parent(cfg))
                 chosen = ("none", quantization.quantize(student, "none"))
             else:
                 reason = f"quantize.scheme auto: chose {chosen[0]} ({_try_summary(tries[-1])})"
                 extra["quantization_auto"] = {"found": True, "chosen": chosen[0], "reason": reason, "tries": tries}
-                run.set_tags({"kdflow.quantize_auto": chosen[0]}, on_parent=True)
+                run.set_tags({"kdflow.quantize_auto": chosen[0]}, on_parent=_owns_parent(cfg))
             run.log_dict(tries, "auto_tries.json")
         scheme, quantized = chosen
         used_backend = backend if scheme == qcfg.scheme else None
@@ -733,7 +752,9 @@ def gate(
     """Apply the thresholds (and the champion comparison) to the quantized student.
 
     Returns the decision and the action the DAG takes: ``promote``, ``challenger`` or
-    ``reject``. The table goes to MLflow either way.
+    ``reject``. The table goes to MLflow either way (to the parent run too, unless this is a
+    sweep candidate: then the decision file also names the candidate and its quantize run,
+    which is how the select step pairs it with the candidate's other outputs).
     """
     with step_run(cfg, pipeline_run_id, "gate") as run:
         results = json.loads(Path(evaluation_path).read_text())
@@ -746,18 +767,153 @@ def gate(
         decision = _gate_decision(cfg, results, champion)
         action = decision.action(cfg.registry.keep_rejected)
         Path(decision_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(decision_path).write_text(json.dumps(decision.to_dict() | {"action": action}))
-        table = decision.table()
-        for on_parent in (False, True):
-            run.log_text(table, "gate.txt", on_parent=on_parent)
-            run.log_dict(decision.to_dict(), "gate.json", on_parent=on_parent)
+        record = decision.to_dict() | {"action": action}
+        if cfg.candidate:
+            record |= {"candidate": cfg.candidate, "quantized_run_id": results["quantized"].get("mlflow_run_id", "")}
+        Path(decision_path).write_text(json.dumps(record))
         run.log_metrics({f"gate.{c.name}": c.value for c in decision.checks} | {"gate.passed": float(decision.passed)})
-        parent_tags = {"kdflow.gate_status": "passed" if decision.passed else "failed", "kdflow.gate_action": action}
-        if not decision.passed:
-            parent_tags["kdflow.gate_failed_checks"] = ",".join(c.name for c in decision.failed())
-            parent_tags |= {k: v for k, v in gate_tags(decision).items() if k.startswith("gate.")}
-        run.set_tags(parent_tags, on_parent=True)
+        _log_gate(run, decision, action, decision.table(), on_parent=_owns_parent(cfg))
         return decision, action
+
+
+def _log_gate(run: StepRun, decision: gates.GateDecision, action: str, table: str, on_parent: bool) -> None:
+    """The gate's table and JSON on the step's run and, with ``on_parent``, its record on the
+    parent run (tags and failed checks included)."""
+    for parent in (False, True) if on_parent else (False,):
+        run.log_text(table, "gate.txt", on_parent=parent)
+        run.log_dict(decision.to_dict(), "gate.json", on_parent=parent)
+    parent_tags = {"kdflow.gate_status": "passed" if decision.passed else "failed", "kdflow.gate_action": action}
+    if not decision.passed:
+        parent_tags["kdflow.gate_failed_checks"] = ",".join(c.name for c in decision.failed())
+        parent_tags |= {k: v for k, v in gate_tags(decision).items() if k.startswith("gate.")}
+    run.set_tags(parent_tags, on_parent=on_parent)
+
+
+def _candidate_outputs(
+    evaluation_paths: list[str | Path], decision_paths: list[str | Path], quantized_dirs: list[str | Path]
+) -> dict[str, dict[str, Any]]:
+    """Candidate name -> its evaluation, decision and quantized model directory.
+
+    The three lists come from ``dsl.Collected`` and nothing promises they share an order, so
+    they are paired by content: the gate's decision names its candidate and the quantize run
+    whose model it judged; the evaluation and the model's spec carry that run id too.
+    """
+    evaluations = {}
+    for path in evaluation_paths:
+        results = json.loads(Path(path).read_text())
+        evaluations[results["quantized"]["mlflow_run_id"]] = (results, Path(path))
+    models = {json.loads((Path(d) / "spec.json").read_text())["mlflow_run_id"]: Path(d) for d in quantized_dirs}
+    out: dict[str, dict[str, Any]] = {}
+    for path in decision_paths:
+        decision = json.loads(Path(path).read_text())
+        name, run_id = decision.get("candidate"), decision.get("quantized_run_id")
+        if not name or run_id not in evaluations or run_id not in models:
+            raise StepError(
+                f"decision {path} does not name a candidate whose evaluation and quantized model were collected "
+                f"(candidate {name!r}, quantize run {run_id!r}); the select step takes the outputs of one sweep's candidates"
+            )
+        results, evaluation_path = evaluations[run_id]
+        out[name] = {"decision": decision, "decision_path": Path(path), "evaluation": results,
+                     "evaluation_path": evaluation_path, "quantized_dir": models[run_id]}  # fmt: skip
+    return out
+
+
+def select(
+    cfg: PipelineConfig,
+    pipeline_run_id: str,
+    candidate_configs: list[str],
+    evaluation_paths: list[str | Path],
+    decision_paths: list[str | Path],
+    quantized_dirs: list[str | Path],
+    quantized_dir: str | Path,
+    evaluation_path: str | Path,
+    decision_path: str | Path,
+    summary_path: str | Path | None = None,
+) -> tuple[sweep.Selection, str]:
+    """Gather a sweep's candidates, choose the one to register, and hand it on.
+
+    The rule is ``kd_lib.sweep.select``: the smallest candidate that passes every gate, ties
+    by accuracy then batch-1 latency, the Pareto front reported. The chosen candidate's
+    quantized model, evaluation and decision are copied to ``quantized_dir``,
+    ``evaluation_path`` and ``decision_path`` (what register takes); when none passes, those
+    hold placeholders and the decision (one failed check per candidate) says why.
+
+    Logged to this step's run and to the parent run: ``sweep.json`` (every candidate with its
+    front membership and failed checks), ``sweep.md``, ``sweep.txt`` and ``sweep_front.png``;
+    the parent also gets the chosen candidate's gate record (``gate.json``, status tags) and
+    the tag ``kdflow.sweep_selected`` (the name, or ``none``).
+
+    Args:
+        cfg: The base config (with its ``sweep`` section).
+        candidate_configs: The candidates' config JSONs, in sweep order (what the DAG fanned out).
+        evaluation_paths, decision_paths, quantized_dirs: Every candidate's evaluate, gate and
+            quantize outputs, in any order.
+        summary_path: Where to write the Markdown table (with the plot inlined), if given.
+
+    Returns:
+        The selection, and the config JSON of the chosen candidate (the base config's when
+        none was chosen).
+
+    Raises:
+        StepError: the outputs do not match the candidates.
+    """
+    configs = {c.candidate: c for c in map(config_from_json, candidate_configs)}
+    with step_run(cfg, pipeline_run_id, "select") as run:
+        outputs = _candidate_outputs(evaluation_paths, decision_paths, quantized_dirs)
+        if set(outputs) != set(configs):
+            raise StepError(
+                f"the sweep has candidates {sorted(configs, key=str)} but results for {sorted(outputs)}; "
+                "every candidate must run distill, quantize, evaluate and gate"
+            )
+        results = []
+        for index, (name, candidate) in enumerate(configs.items()):
+            info = {"student": f"{candidate.student.model.arch} {candidate.student.model.params}",
+                    "scheme": candidate.quantize.scheme,
+                    "temperature": next((t.params.get("temperature") for t in candidate.distill.losses
+                                         if t.name in sweep.TEMPERATURE_LOSSES), None)}  # fmt: skip
+            out = outputs[name]
+            results.append(sweep.result_from(str(name), index, out["evaluation"], out["decision"], info))
+        selection = sweep.select(results)
+        summary = selection.to_dict()
+        table = sweep.table_text(summary)
+        print(table, flush=True)  # the task's log: the why, right where the run ends
+        png = sweep.plot_front(summary)
+        markdown = sweep.table_markdown(summary, base64.b64encode(png).decode("ascii"))
+
+        decision = selection.decision()
+        chosen = selection.chosen
+        Path(decision_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(evaluation_path).parent.mkdir(parents=True, exist_ok=True)
+        if chosen is not None:
+            picked = outputs[chosen.name]
+            shutil.copytree(picked["quantized_dir"], quantized_dir, dirs_exist_ok=True)
+            shutil.copyfile(picked["evaluation_path"], evaluation_path)
+            shutil.copyfile(picked["decision_path"], decision_path)
+        else:
+            # KFP uploads every declared output: leave files that say why they are empty.
+            Path(quantized_dir).mkdir(parents=True, exist_ok=True)
+            (Path(quantized_dir) / "NO_CANDIDATE.txt").write_text(selection.headline() + "\n")
+            _write_json(evaluation_path, {})
+            _write_json(decision_path, decision.to_dict() | {"action": selection.action})
+        if summary_path is not None:
+            Path(summary_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(summary_path).write_text(markdown)
+
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "sweep.json").write_text(json.dumps(summary, indent=2))
+            (Path(tmp) / "sweep.md").write_text(markdown)
+            (Path(tmp) / "sweep.txt").write_text(table + "\n")
+            (Path(tmp) / "sweep_front.png").write_bytes(png)
+            run.log_artifacts(tmp)
+            run.client.log_artifacts(run.parent_run_id, tmp)
+        passed = sum(r.decision.passed for r in results)
+        run.log_metrics({"sweep.candidates": len(results), "sweep.passed": passed, "sweep.on_front": len(selection.front)})
+        run.log_params({"chosen": chosen.name if chosen else "none", "action": selection.action, "rule": sweep.RULE})
+        gate_table = table if chosen is None else decision.table()
+        _log_gate(run, decision, selection.action, gate_table, on_parent=True)
+        run.set_tags({SELECTED_TAG: chosen.name if chosen else "none"}, on_parent=True)
+        chosen_config = configs[chosen.name].to_json() if chosen is not None else cfg.to_json()
+        return selection, chosen_config
 
 
 def register(
@@ -799,6 +955,8 @@ def register(
             "kdflow.test_accuracy": f"{quantized['accuracy']:.6f}",
             "kdflow.size_bytes": str(quantized["size_bytes"]),
         }
+        if cfg.candidate:
+            tags["kdflow.candidate"] = cfg.candidate
         with registry_errors(client.tracking_uri, cfg.registry.model_name):
             version = registry.find_by_tag("kdflow.pipeline_run_id", pipeline_run_id)
             reused = version is not None

@@ -36,6 +36,9 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 PIPELINE_RUN_TAG = "kdflow.pipeline_run_id"
 STEP_TAG = "kdflow.step"
+# A sweep candidate's steps carry its name; the parent run names the one the sweep chose.
+CANDIDATE_TAG = "kdflow.candidate"
+SELECTED_TAG = "kdflow.sweep_selected"
 PARENT_TAG = "mlflow.parentRunId"
 # MLflow caps a param value at 6000 characters; long values are truncated, never dropped.
 _MAX_PARAM_LEN = 6000
@@ -215,15 +218,22 @@ class StepRun:
 
 @contextmanager
 def step_run(cfg: PipelineConfig, pipeline_run_id: str, step: str) -> Iterator[StepRun]:
-    """Open a nested MLflow run for one DAG step; FINISHED on success, FAILED on exception."""
+    """Open a nested MLflow run for one DAG step; FINISHED on success, FAILED on exception.
+
+    A sweep candidate's step (``cfg.candidate`` set) is named ``step[candidate]`` and tagged
+    ``kdflow.candidate``, so the candidates' runs under the one parent tell apart.
+    """
     client = client_for(cfg)
+    tags = {PIPELINE_RUN_TAG: pipeline_run_id, STEP_TAG: step}
+    if cfg.candidate:
+        tags[CANDIDATE_TAG] = cfg.candidate
     try:
         parent = ensure_parent_run(client, cfg, pipeline_run_id)
         exp_id = _experiment_id(client, cfg.tracking.experiment)
         run = client.create_run(
             exp_id,
-            run_name=step,
-            tags={PARENT_TAG: parent, PIPELINE_RUN_TAG: pipeline_run_id, STEP_TAG: step},
+            run_name=f"{step}[{cfg.candidate}]" if cfg.candidate else step,
+            tags={PARENT_TAG: parent, **tags},
         )
     except MlflowException as err:
         raise TrackingError(f"MLflow at {resolve_tracking_uri(cfg)} refused to start the {step} run: {err}") from None
@@ -337,11 +347,16 @@ def _json_artifact(client: MlflowClient, run_id: str, path: str) -> Any:
 
 
 def _latest_steps(runs: list[Any]) -> dict[str, str]:
-    """Step name -> run id; when a step ran more than once (retries), the newest finished run."""
+    """Step name -> run id; when a step ran more than once (retries), the newest finished run.
+
+    A sweep candidate's steps are keyed ``step[candidate]``.
+    """
     steps: dict[str, str] = {}
     ranked = sorted(runs, key=lambda r: (r.info.status == "FINISHED", r.info.start_time or 0))
     for r in ranked:  # later (better) entries overwrite earlier ones
-        steps[r.data.tags.get(STEP_TAG, r.info.run_name)] = r.info.run_id
+        step = r.data.tags.get(STEP_TAG, r.info.run_name)
+        candidate = r.data.tags.get(CANDIDATE_TAG)
+        steps[f"{step}[{candidate}]" if candidate else step] = r.info.run_id
     return steps
 
 
@@ -349,14 +364,21 @@ def pipeline_record(client: MlflowClient, parent_run_id: str) -> dict[str, Any]:
     """Everything a pipeline run recorded, as plain dicts: what a report is rebuilt from.
 
     Keys: ``parent_run_id``, ``status``, ``params``, ``tags``, ``steps`` (step -> run id),
-    ``evaluation``, ``gate``, ``dataset_meta`` (None when that step did not log it) and
-    ``histories`` (``teacher``/``student`` -> per-epoch rows, for the steps that trained).
+    ``evaluation``, ``gate``, ``dataset_meta`` (None when that step did not log it),
+    ``histories`` (``teacher``/``student`` -> per-epoch rows, for the steps that trained) and
+    ``sweep`` (the select step's ``sweep.json``, None without a sweep). In a sweep the
+    chosen candidate's steps are also under their plain names (``evaluate`` ->
+    ``evaluate[<chosen>]``), so evaluation and histories are the chosen candidate's.
     """
     parent = client.get_run(parent_run_id)
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'", max_results=1000
     )
     steps = _latest_steps(children)
+    selected = parent.data.tags.get(SELECTED_TAG)
+    if selected:
+        suffix = f"[{selected}]"
+        steps |= {key[: -len(suffix)]: run for key, run in list(steps.items()) if key.endswith(suffix)}
     histories = {}
     for role, step in (("teacher", "train_teacher"), ("student", "distill")):
         rows = _json_artifact(client, steps[step], "history.json") if step in steps else None
@@ -374,6 +396,7 @@ def pipeline_record(client: MlflowClient, parent_run_id: str) -> dict[str, Any]:
             _json_artifact(client, steps["prepare_data"], "dataset_meta.json") if "prepare_data" in steps else None
         ),
         "histories": histories,
+        "sweep": _json_artifact(client, parent_run_id, "sweep.json") if selected else None,
     }
 
 

@@ -228,8 +228,13 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    """The end-of-run table: the three models, each gate check, the decision, the registration."""
+    """The end-of-run table: the three models, each gate check, the decision, the registration;
+    for a sweep, first every candidate with its front membership and failed checks."""
     out: list[str] = []
+    if summary.get("sweep"):
+        from kd_lib.sweep import table_text
+
+        out += ["Sweep candidates (quantized students, test split; * = chosen)", table_text(summary["sweep"]), ""]
     evaluation = summary.get("evaluation") or {}
     if evaluation:
         cols = ["accuracy", "macro_f1", "size_bytes", "num_params"]
@@ -307,6 +312,11 @@ def format_versions(name: str, versions: list[dict[str, Any]]) -> str:
 def _cmd_validate(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
     print(f"# config OK (hash {cfg.config_hash()[:12]})", file=sys.stderr)
+    if cfg.sweep is not None:
+        from kd_lib.sweep import expand
+
+        names = [c.name for c in expand(cfg)]
+        print(f"# sweep: {len(names)} candidates: {', '.join(names)}", file=sys.stderr)
     return 0
 
 

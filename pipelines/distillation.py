@@ -27,8 +27,13 @@ def build_pipeline(cfg: PipelineConfig | None = None, for_cluster: bool = True) 
     while the pipeline function runs; the local runner builds it without them. With
     ``cluster.pytorchjob`` the cluster build's training steps launch Training Operator
     PyTorchJobs (same inputs and outputs); locally they run in-process, or under torchrun
-    when ``nproc_per_node > 1``.
+    when ``nproc_per_node > 1``. A config with a ``sweep`` section gets the sweep DAG
+    (pipelines/sweep.py) instead.
     """
+    if cfg is not None and cfg.sweep is not None:
+        from pipelines.sweep import build_sweep_pipeline  # imported here: it builds on this module
+
+        return build_sweep_pipeline(cfg, for_cluster)
     importing = cfg is not None and cfg.teacher.source != "train"
     teacher_step, teacher_step_name = (import_teacher, "import_teacher") if importing else (train_teacher, "train_teacher")
     # cluster.pytorchjob: on the cluster these training steps launch a PyTorchJob and wait for it.

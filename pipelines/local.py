@@ -6,6 +6,7 @@ import contextlib
 import os
 import re
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -52,6 +53,11 @@ class StepDisplay:
     artifact. This keeps all of it in a log file, and shows the person at the terminal only
     which task is running (with its epoch progress, live, on a terminal), how long each took,
     and, when one fails, that task's own log.
+
+    A sweep's ParallelFor runs tasks side by side (kfp.local: 2 threads writing here at
+    once): writes are serialized, each finish is matched to the earliest running task of
+    that name, and while tasks overlap their output cannot be told apart, so no live
+    progress is drawn and a failed task's log may hold lines of its neighbour.
     """
 
     def __init__(self, out: TextIO, err: TextIO, log: TextIO, live: bool | None = None) -> None:
@@ -67,13 +73,16 @@ class StepDisplay:
         self._task_log: list[str] = []
         self._detail = ""
         self._in_executor_input: str | None = None
+        self._running: list[list[Any]] = []  # [task, start, overlapped], in start order
+        self._lock = threading.Lock()
 
     # file-like interface
     def write(self, text: str) -> int:
-        self._partial += text
-        *lines, self._partial = self._partial.split("\n")
-        for line in lines:
-            self._line(_ANSI.sub("", line))
+        with self._lock:
+            self._partial += text
+            *lines, self._partial = self._partial.split("\n")
+            for line in lines:
+                self._line(_ANSI.sub("", line))
         return len(text)
 
     def flush(self) -> None:
@@ -114,31 +123,47 @@ class StepDisplay:
         self._task_log.append(line)
         if m := _EPOCH.match(line):
             self._detail = f"epoch {m.group(1)}/{m.group(2)}  val_acc {m.group(3)}"
-            if self.live:
+            if self.live and len(self._running) == 1 and not self._running[0][2]:
                 elapsed = time.monotonic() - self._started
                 self._show(f"\r\x1b[K  {self.marks['run']} {self._task:<16} {elapsed:6.1f} s  {self._detail}")
         elif m := _DONE.match(line):
             self._detail = m.group(1)
 
     def _begin(self, task: str) -> None:
-        self._task, self._started, self._task_log, self._detail = task, time.monotonic(), [], ""
-        self._in_executor_input = None
-        self._show(f"  {self.marks['run']} {task:<16} running" + ("" if self.live else "\n"))
+        overlapped = bool(self._running)
+        for entry in self._running:
+            entry[2] = True
+        self._running.append([task, time.monotonic(), overlapped])
+        self._task, self._started = task, time.monotonic()
+        if not overlapped:
+            self._task_log, self._detail = [], ""
+            self._in_executor_input = None
+        # A live line cannot be redrawn for two tasks at once: plain lines while they overlap.
+        live = self.live and not overlapped
+        prefix = "\n" if self.live and overlapped and len(self._running) == 2 else ""
+        self._show(f"{prefix}  {self.marks['run']} {task:<16} running" + ("" if live else "\n"))
 
     def _end(self, task: str, status: str) -> None:
-        seconds = time.monotonic() - self._started
+        entry = next((e for e in self._running if e[0] == task), None)
+        if entry is None:  # a finish without a start: time it from the last start
+            entry = [task, self._started, bool(self._running)]
+        else:
+            self._running.remove(entry)
+        seconds = time.monotonic() - entry[1]
         ok = status == "SUCCESS"
         self.steps.append({"task": task, "status": status, "seconds": seconds})
         mark = self.marks["ok" if ok else "fail"]
-        detail = f"  {self._detail}" if ok and self._detail else ""
-        prefix = "\r\x1b[K" if self.live else ""
+        # The last progress line is this task's only if nothing ran beside it.
+        detail = f"  {self._detail}" if ok and self._detail and not entry[2] else ""
+        prefix = "\r\x1b[K" if self.live and not entry[2] else ""
         self._show(f"{prefix}  {mark} {task:<16} {seconds:6.1f} s{detail}" + ("" if ok else "  FAILED") + "\n")
         if not ok:
             tail = [line for line in self._task_log if line.strip()][-60:]
-            self.err.write(f"--- log of the failed task {task} (last {len(tail)} lines) ---\n")
+            mixed = " (interleaved with the tasks that ran beside it)" if entry[2] else ""
+            self.err.write(f"--- log of the failed task {task} (last {len(tail)} lines){mixed} ---\n")
             self.err.write("\n".join(tail) + "\n---\n")
             self.err.flush()
-        self._task = None
+        self._task = self._running[-1][0] if self._running else None
 
     def _show(self, text: str) -> None:
         self.out.write(text)

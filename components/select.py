@@ -1,0 +1,37 @@
+from typing import List
+
+from kfp import dsl
+from kfp.dsl import Artifact, Input, Markdown, Model, Output, OutputPath
+
+from components.image import COMPONENT_OPTIONS
+
+
+@dsl.component(**COMPONENT_OPTIONS)
+def select(
+    config_json: str,
+    pipeline_run_id: str,
+    candidate_configs: List[str],
+    evaluations: Input[List[Artifact]],
+    decisions: Input[List[Artifact]],
+    quantized_models: Input[List[Model]],
+    quantized: Output[Model],
+    evaluation: Output[Artifact],
+    decision: Output[Artifact],
+    summary: Output[Markdown],
+    selected_config: OutputPath(str),
+) -> str:
+    """Choose among a sweep's candidates (smallest that passes every gate, Pareto front logged);
+    outputs the chosen one's model, evaluation, decision and config; returns the action."""
+    from pathlib import Path
+
+    from kd_lib import steps
+    from kd_lib.config import config_from_json
+
+    selection, chosen_config = steps.select(
+        config_from_json(config_json), pipeline_run_id, candidate_configs,
+        [a.path for a in evaluations], [a.path for a in decisions], [m.path for m in quantized_models],
+        quantized.path, evaluation.path, decision.path, summary.path,
+    )  # fmt: skip
+    Path(selected_config).write_text(chosen_config)
+    decision.metadata.update({"candidate": selection.chosen.name if selection.chosen else "", "action": selection.action})
+    return selection.action

@@ -1,0 +1,141 @@
+"""The sweep DAG: one teacher, many candidate students fanned out, one chosen and registered.
+
+prepare_data -> train_teacher (or import_teacher) -> ParallelFor(candidates) { distill ->
+quantize -> evaluate -> gate } -> select (Collected) -[a candidate passed]-> register, inside
+the exit handler that closes the MLflow parent run.
+
+The candidates' configs are computed here, when the pipeline is built (kd_lib.sweep.expand),
+and (through sweep_items) become the ParallelFor's items: each candidate's tasks get its own
+full config JSON, so the existing components run unchanged. They are fixed in the compiled
+YAML; a different ``config_json`` at submit time changes the shared steps, not the candidates.
+"""
+
+import os
+
+from kfp import dsl
+from kfp.dsl.graph_component import GraphComponent
+
+from components import (
+    distill,
+    evaluate,
+    finalize,
+    gate,
+    import_teacher,
+    prepare_data,
+    quantize,
+    register,
+    select,
+    sweep_items,
+    train_teacher,
+)
+from kd_lib import sweep
+from kd_lib.config import PipelineConfig
+from pipelines.cluster import configure_task
+from pipelines.distillation import RUN_ID
+
+PIPELINE_NAME = "kdflow-sweep"
+CANDIDATE_STEPS = ("distill", "quantize", "evaluate", "gate")
+# kfp.local runs at most this many ParallelFor iterations at once, whatever the parallelism.
+KFP_LOCAL_MAX_PARALLELISM = 2
+
+
+def local_threads(parallelism: int) -> int | None:
+    """Torch (OpenMP) threads for each candidate task on this machine, or None to leave the
+    default: the cores shared among the tasks kfp.local runs at once.
+
+    Each task would otherwise start one thread per core, and two of them spin against each
+    other: on 2 cores two concurrent distill steps took 29 s each with 2 threads, 5.5 s with 1.
+    A user's own OMP_NUM_THREADS is left alone.
+    """
+    if "OMP_NUM_THREADS" in os.environ:
+        return None
+    return max(1, (os.cpu_count() or 1) // min(parallelism, KFP_LOCAL_MAX_PARALLELISM))
+
+
+def build_sweep_pipeline(cfg: PipelineConfig, for_cluster: bool = True) -> GraphComponent:
+    """The sweep DAG for ``cfg`` (which must have a ``sweep`` section) as a KFP pipeline.
+
+    ``teacher.source`` picks train_teacher or import_teacher, and ``for_cluster`` applies the
+    cluster settings, exactly as in ``build_pipeline``.
+    """
+    if cfg.sweep is None:
+        raise ValueError("build_sweep_pipeline needs a config with a sweep section; use build_pipeline otherwise")
+    candidates = sweep.candidate_configs(cfg)
+    importing = cfg.teacher.source != "train"
+    teacher_step, teacher_step_name = (import_teacher, "import_teacher") if importing else (train_teacher, "train_teacher")
+
+    @dsl.pipeline(name=PIPELINE_NAME, description="Distill, quantize, evaluate and gate candidate students; register the best.")
+    def sweep_pipeline(config_json: str):
+        finalize_task = finalize(config_json=config_json, pipeline_run_id=RUN_ID).set_display_name("finalize")
+        with dsl.ExitHandler(finalize_task, name="kdflow"):
+            prepare_data_task = prepare_data(config_json=config_json, pipeline_run_id=RUN_ID)
+            teacher_task = teacher_step(
+                config_json=config_json, pipeline_run_id=RUN_ID, dataset=prepare_data_task.outputs["dataset"]
+            )
+            # Each item: a candidate's config JSON and the run id (see components/sweep_items.py).
+            sweep_items_task = sweep_items(candidate_configs=candidates, pipeline_run_id=RUN_ID)
+            with dsl.ParallelFor(sweep_items_task.output, parallelism=cfg.sweep.parallelism, name="candidates") as item:
+                distill_task = distill(
+                    config_json=item.config_json,
+                    pipeline_run_id=item.pipeline_run_id,
+                    dataset=prepare_data_task.outputs["dataset"],
+                    teacher=teacher_task.outputs["teacher"],
+                )
+                quantize_task = quantize(
+                    config_json=item.config_json,
+                    pipeline_run_id=item.pipeline_run_id,
+                    dataset=prepare_data_task.outputs["dataset"],
+                    teacher=teacher_task.outputs["teacher"],
+                    student=distill_task.outputs["student"],
+                )
+                evaluate_task = evaluate(
+                    config_json=item.config_json,
+                    pipeline_run_id=item.pipeline_run_id,
+                    dataset=prepare_data_task.outputs["dataset"],
+                    teacher=teacher_task.outputs["teacher"],
+                    student=distill_task.outputs["student"],
+                    quantized=quantize_task.outputs["quantized"],
+                    baseline=distill_task.outputs["baseline"],
+                    teacher_history=teacher_task.outputs["history"],
+                    student_history=distill_task.outputs["history"],
+                )
+                gate_task = gate(
+                    config_json=item.config_json,
+                    pipeline_run_id=item.pipeline_run_id,
+                    dataset=prepare_data_task.outputs["dataset"],
+                    evaluation=evaluate_task.outputs["evaluation"],
+                )
+            select_task = select(
+                config_json=config_json,
+                pipeline_run_id=RUN_ID,
+                candidate_configs=candidates,
+                evaluations=dsl.Collected(evaluate_task.outputs["evaluation"]),
+                decisions=dsl.Collected(gate_task.outputs["decision"]),
+                quantized_models=dsl.Collected(quantize_task.outputs["quantized"]),
+            )
+            # The chosen candidate only, with its own config: promote -> champion; challenger -> never.
+            with dsl.If(select_task.outputs["Output"] != "reject", name="candidate-passed"):
+                register_task = register(
+                    config_json=select_task.outputs["selected_config"],
+                    pipeline_run_id=RUN_ID,
+                    dataset=prepare_data_task.outputs["dataset"],
+                    quantized=select_task.outputs["quantized"],
+                    evaluation=select_task.outputs["evaluation"],
+                    decision=select_task.outputs["decision"],
+                )
+
+        tasks = {
+            "finalize": finalize_task, "prepare_data": prepare_data_task, teacher_step_name: teacher_task,
+            "sweep_items": sweep_items_task, "distill": distill_task, "quantize": quantize_task, "evaluate": evaluate_task,
+            "gate": gate_task, "select": select_task, "register": register_task,
+        }  # fmt: skip
+        threads = None if for_cluster else local_threads(cfg.sweep.parallelism)
+        for step, task in tasks.items():
+            # Every step writes a fresh MLflow run: a cache hit would leave the run without its record.
+            task.set_caching_options(False)
+            if for_cluster:
+                configure_task(task, step, cfg)
+            elif threads is not None and step in CANDIDATE_STEPS:
+                task.set_env_variable("OMP_NUM_THREADS", str(threads))
+
+    return sweep_pipeline
