@@ -5,6 +5,8 @@ prepare_data -> train_teacher (or import_teacher) -> distill -> quantize -> eval
 whatever happens.
 """
 
+from typing import Any
+
 from kfp import dsl
 from kfp.dsl.graph_component import GraphComponent
 
@@ -15,6 +17,18 @@ from pipelines.cluster import configure_task, pytorchjob_steps
 # Unique per pipeline run on the cluster and locally; the MLflow parent run is keyed by it.
 RUN_ID = dsl.PIPELINE_JOB_NAME_PLACEHOLDER
 PIPELINE_NAME = "kdflow-distillation"
+
+
+def training_steps(cfg: PipelineConfig | None, for_cluster: bool) -> tuple[Any, str, Any]:
+    """The components of the teacher and distill tasks: ``(teacher component, its step name,
+    distill component)``. An imported teacher replaces training; with ``cluster.pytorchjob``
+    the cluster build's training steps launch a PyTorchJob and wait for it."""
+    importing = cfg is not None and cfg.teacher.source != "train"
+    teacher_step, teacher_step_name = (import_teacher, "import_teacher") if importing else (train_teacher, "train_teacher")
+    on_pytorchjob = pytorchjob_steps(cfg) if for_cluster else frozenset()
+    if "train_teacher" in on_pytorchjob:
+        teacher_step = pytorchjob.train_teacher
+    return teacher_step, teacher_step_name, pytorchjob.distill if "distill" in on_pytorchjob else distill
 
 
 def build_pipeline(cfg: PipelineConfig | None = None, for_cluster: bool = True) -> GraphComponent:
@@ -34,13 +48,7 @@ def build_pipeline(cfg: PipelineConfig | None = None, for_cluster: bool = True) 
         from pipelines.sweep import build_sweep_pipeline  # imported here: it builds on this module
 
         return build_sweep_pipeline(cfg, for_cluster)
-    importing = cfg is not None and cfg.teacher.source != "train"
-    teacher_step, teacher_step_name = (import_teacher, "import_teacher") if importing else (train_teacher, "train_teacher")
-    # cluster.pytorchjob: on the cluster these training steps launch a PyTorchJob and wait for it.
-    on_pytorchjob = pytorchjob_steps(cfg) if for_cluster else frozenset()
-    if "train_teacher" in on_pytorchjob:
-        teacher_step = pytorchjob.train_teacher
-    distill_step = pytorchjob.distill if "distill" in on_pytorchjob else distill
+    teacher_step, teacher_step_name, distill_step = training_steps(cfg, for_cluster)
 
     @dsl.pipeline(name=PIPELINE_NAME, description="Distill, quantize, evaluate, gate and register a student model.")
     def distillation_pipeline(config_json: str):
@@ -100,7 +108,7 @@ def build_pipeline(cfg: PipelineConfig | None = None, for_cluster: bool = True) 
             # Every step writes a fresh MLflow run: a cache hit would leave the run without its record.
             task.set_caching_options(False)
             if cfg is not None and for_cluster:
-                configure_task(task, step, cfg, launches_pytorchjob=step in on_pytorchjob)
+                configure_task(task, step, cfg, launches_pytorchjob=step in pytorchjob_steps(cfg))
 
     return distillation_pipeline
 

@@ -15,23 +15,11 @@ import os
 from kfp import dsl
 from kfp.dsl.graph_component import GraphComponent
 
-from components import (
-    distill,
-    evaluate,
-    finalize,
-    gate,
-    import_teacher,
-    prepare_data,
-    quantize,
-    register,
-    select,
-    sweep_items,
-    train_teacher,
-)
+from components import evaluate, finalize, gate, prepare_data, quantize, register, select, sweep_items
 from kd_lib import sweep
 from kd_lib.config import PipelineConfig
-from pipelines.cluster import configure_task
-from pipelines.distillation import RUN_ID
+from pipelines.cluster import configure_task, pytorchjob_steps
+from pipelines.distillation import RUN_ID, training_steps
 
 PIPELINE_NAME = "kdflow-sweep"
 CANDIDATE_STEPS = ("distill", "quantize", "evaluate", "gate")
@@ -55,14 +43,14 @@ def local_threads(parallelism: int) -> int | None:
 def build_sweep_pipeline(cfg: PipelineConfig, for_cluster: bool = True) -> GraphComponent:
     """The sweep DAG for ``cfg`` (which must have a ``sweep`` section) as a KFP pipeline.
 
-    ``teacher.source`` picks train_teacher or import_teacher, and ``for_cluster`` applies the
-    cluster settings, exactly as in ``build_pipeline``.
+    ``teacher.source`` picks train_teacher or import_teacher, ``cluster.pytorchjob`` the
+    PyTorchJob launchers, and ``for_cluster`` applies the cluster settings, exactly as in
+    ``build_pipeline``.
     """
     if cfg.sweep is None:
         raise ValueError("build_sweep_pipeline needs a config with a sweep section; use build_pipeline otherwise")
     candidates = sweep.candidate_configs(cfg)
-    importing = cfg.teacher.source != "train"
-    teacher_step, teacher_step_name = (import_teacher, "import_teacher") if importing else (train_teacher, "train_teacher")
+    teacher_step, teacher_step_name, distill_step = training_steps(cfg, for_cluster)
 
     @dsl.pipeline(name=PIPELINE_NAME, description="Distill, quantize, evaluate and gate candidate students; register the best.")
     def sweep_pipeline(config_json: str):
@@ -75,7 +63,7 @@ def build_sweep_pipeline(cfg: PipelineConfig, for_cluster: bool = True) -> Graph
             # Each item: a candidate's config JSON and the run id (see components/sweep_items.py).
             sweep_items_task = sweep_items(candidate_configs=candidates, pipeline_run_id=RUN_ID)
             with dsl.ParallelFor(sweep_items_task.output, parallelism=cfg.sweep.parallelism, name="candidates") as item:
-                distill_task = distill(
+                distill_task = distill_step(
                     config_json=item.config_json,
                     pipeline_run_id=item.pipeline_run_id,
                     dataset=prepare_data_task.outputs["dataset"],
@@ -134,7 +122,7 @@ def build_sweep_pipeline(cfg: PipelineConfig, for_cluster: bool = True) -> Graph
             # Every step writes a fresh MLflow run: a cache hit would leave the run without its record.
             task.set_caching_options(False)
             if for_cluster:
-                configure_task(task, step, cfg)
+                configure_task(task, step, cfg, launches_pytorchjob=step in pytorchjob_steps(cfg))
             elif threads is not None and step in CANDIDATE_STEPS:
                 task.set_env_variable("OMP_NUM_THREADS", str(threads))
 
