@@ -328,8 +328,9 @@ class FitNetsTerm(LossTerm):
 
     Params: ``student_layer`` / ``teacher_layer`` (module names as in ``named_modules()``;
     default: each model's last feature map, the input of its ``Flatten``). The regressor is a
-    1x1 convolution for ``[C, H, W]`` features (spatial sizes must match) and a linear layer
-    for flat ones; it is trained with the student and discarded afterwards.
+    1x1 convolution for ``[C, H, W]`` features and a linear layer for flat ones; it is trained
+    with the student and discarded afterwards. Maps of different resolution are compared after
+    average-pooling the larger one to the smaller one's size.
     """
 
     needs_features = True
@@ -341,11 +342,6 @@ class FitNetsTerm(LossTerm):
 
     def bind(self, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]) -> None:
         if len(student_shape) == 3 and len(teacher_shape) == 3:
-            if student_shape[1:] != teacher_shape[1:]:
-                raise ValueError(
-                    f"fitnets needs feature maps of equal spatial size; student layer gives {student_shape}, "
-                    f"teacher layer gives {teacher_shape}: pick layers at the same resolution"
-                )
             self.regressor = nn.Conv2d(student_shape[0], teacher_shape[0], kernel_size=1)
         elif len(student_shape) == 1 and len(teacher_shape) == 1:
             self.regressor = nn.Linear(student_shape[0], teacher_shape[0])
@@ -357,9 +353,13 @@ class FitNetsTerm(LossTerm):
     def forward(self, inputs: LossInputs) -> Tensor:
         if self.regressor is None:
             raise RuntimeError("FitNetsTerm.bind must run before the first batch (Objective.bind does it)")
-        student = inputs.student_features[self.student_layer]  # type: ignore[index]
+        student = self.regressor(inputs.student_features[self.student_layer])  # type: ignore[index]
         teacher = inputs.teacher_features[self.teacher_layer]  # type: ignore[index]
-        return hint_loss(self.regressor(student), teacher)
+        if student.dim() == 4 and student.shape[-2:] != teacher.shape[-2:]:
+            # Maps of different resolution: average-pool the larger to the smaller (as `at` does).
+            size = (min(student.shape[-2], teacher.shape[-2]), min(student.shape[-1], teacher.shape[-1]))
+            student, teacher = F.adaptive_avg_pool2d(student, size), F.adaptive_avg_pool2d(teacher, size)
+        return hint_loss(student, teacher)
 
 
 @LOSSES.register("at")

@@ -220,3 +220,18 @@ def test_gradient_reaches_the_student_logits() -> None:
     student = STUDENT.clone().requires_grad_(True)
     kd(student, TEACHER, 4.0).backward()
     assert student.grad is not None and student.grad.abs().sum() > 0
+
+
+def test_fitnets_compares_maps_of_different_resolution_after_pooling() -> None:
+    student = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Flatten(), nn.Linear(2 * 8 * 8, 3))  # 8x8 maps
+    teacher = _cnn(6)  # 4x4 maps
+    objective = build_objective([LossTermConfig(name="fitnets")])
+    x = torch.randn(3, 1, 8, 8)
+    objective.bind(student, teacher, x)
+    logits, s_feats = capture_features(student, {"0"}, x)
+    with torch.no_grad():
+        t_logits, t_feats = capture_features(teacher, {"2"}, x)
+    term = objective.terms[0]
+    pooled = F.adaptive_avg_pool2d(term.regressor(s_feats["0"]), (4, 4))
+    expected = hint_loss(pooled, t_feats["2"])
+    assert objective(LossInputs(logits, torch.zeros(3, dtype=torch.long), t_logits, s_feats, t_feats)).item() == pytest.approx(expected.item())
