@@ -13,7 +13,7 @@ CHECKS_STAMP := $(CHECKS)/.kdflow-installed
 IMAGE  ?= kdflow:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 LOCK   := requirements/image.txt
 
-.PHONY: demo test test-fast bench bench-distributed install checks-tools lock image clean
+.PHONY: demo test test-slow test-fast bench bench-distributed install checks-tools lock image clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -39,10 +39,14 @@ demo: $(STAMP)
 
 # Every test, the cluster-side checks included (they fail, not skip, when their tools are missing).
 test: $(STAMP) $(CHECKS_STAMP)
-	KDFLOW_REQUIRE_CLUSTER_CHECKS=1 $(PY) -m pytest -q
+	KDFLOW_REQUIRE_CLUSTER_CHECKS=1 $(PY) -m pytest -q -m "not slow"
+
+# The cases `make test` leaves out (marker slow): more failure paths and a second sweep.
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not e2e"
+	$(PY) -m pytest -q -m "not e2e and not slow"
 
 # Re-resolve the image's pinned packages from pyproject.toml in a scratch venv.
 lock:

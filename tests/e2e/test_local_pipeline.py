@@ -107,7 +107,7 @@ def _assert_evaluate_outputs(result: LocalRunResult) -> None:
     assert "quantized_accuracy" in outputs["metrics"]["artifacts"][0]["metadata"]
 
 
-def test_pass_then_fail_on_a_fresh_sqlite_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pass_then_fail_then_distill_from_the_champion_on_a_fresh_sqlite_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = tiny_config(tmp_path)
     uri = cfg.tracking.tracking_uri
     first = _run(cfg, tmp_path, monkeypatch)
@@ -134,31 +134,24 @@ def test_pass_then_fail_on_a_fresh_sqlite_store(tmp_path: Path, monkeypatch: pyt
     assert "register" not in [s["task"] for s in second.steps]
     assert "REJECTED" in second.report_path.read_text()
 
-
-def test_a_registered_model_as_the_teacher_and_the_no_kd_baseline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """teacher.source=mlflow: no training step in the DAG; distill.baseline: the gain is reported."""
-    cfg = tiny_config(tmp_path)
-    first = _run(cfg, tmp_path, monkeypatch)
-    assert first.succeeded, first.error
-    teacher_ref = f"models:/{cfg.registry.model_name}@champion"
+    # The registered champion as the teacher of a new run (teacher.source=mlflow: no training
+    # task in the DAG), with the no-KD baseline trained beside the student.
     tree = json.loads(cfg.to_json())
-    tree["teacher"] |= {"source": "mlflow", "uri": teacher_ref}
+    tree["teacher"] |= {"source": "mlflow", "uri": f"models:/{cfg.registry.model_name}@champion"}
     tree["distill"]["baseline"] = True
     tree["registry"]["model_name"] += "-from-registry"
-    second_cfg = PipelineConfig.model_validate(tree)
-    second = _run(second_cfg, tmp_path, monkeypatch)
-    assert second.succeeded, second.error
-    tasks = [s["task"] for s in second.steps]
+    third = _run(PipelineConfig.model_validate(tree), tmp_path, monkeypatch)
+    assert third.succeeded, third.error
+    tasks = [s["task"] for s in third.steps]
     assert "import-teacher" in tasks and "train-teacher" not in tasks
-    version = first.summary["registered"]["version"]
-    assert second.summary["tags"]["kdflow.teacher_source"] == f"models:/{cfg.registry.model_name}/{version}"
-    evaluation = second.summary["evaluation"]
-    # The imported teacher is the first run's registered model: same test predictions.
+    assert third.summary["tags"]["kdflow.teacher_source"] == f"models:/{cfg.registry.model_name}/{version}"
+    evaluation = third.summary["evaluation"]
+    # The imported teacher is the first run's registered model: the same test predictions.
     assert evaluation["teacher"]["predictions"] == first.summary["evaluation"]["quantized"]["predictions"]
     assert set(evaluation) == {"teacher", "student", "quantized", "baseline"}
     gain = evaluation["student"]["kd_gain_points"]
     assert gain == pytest.approx(100 * (evaluation["student"]["accuracy"] - evaluation["baseline"]["accuracy"]))
-    assert "KD gain" in second.report_path.read_text()
+    assert "KD gain" in third.report_path.read_text()
 
 
 FAKE_SECRETS = {

@@ -85,6 +85,7 @@ def test_only_rank_0_writes_checkpoints_and_reports_epochs(two_ranks: Path) -> N
     assert not (two_ranks / "errors").exists()
 
 
+@pytest.mark.slow
 def test_a_preempted_distributed_run_resumes_to_the_same_weights(two_ranks: Path) -> None:
     uninterrupted = torch.load(two_ranks / "supervised.pt", weights_only=True)
     resumed = torch.load(two_ranks / "resumed.pt", weights_only=True)
@@ -100,6 +101,7 @@ def test_a_failing_rank_fails_the_launch_with_its_own_error(tmp_path: Path) -> N
     assert time.monotonic() - start < 60  # torchrun stops rank 0, which waits on the dead rank 1
 
 
+@pytest.mark.slow
 def test_a_rank_that_stops_answering_times_the_others_out(tmp_path: Path) -> None:
     with pytest.raises(distributed.DistributedError, match=r"rank 0 of 2 .*(?s:.*)train.distributed.timeout_s = 4 s"):
         _launch(tmp_path, "hang")  # rank 1 sleeps; rank 0 gives up after 4 s
