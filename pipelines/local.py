@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import os
 import re
@@ -220,11 +221,15 @@ def run_local(cfg: PipelineConfig, root: str | Path = ".kdflow/runs", verbose: b
             stack.enter_context(warnings.catch_warnings())
             # kfp.local warns per task that our image is not a Python image: it is, with kd_lib.
             warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
+        # kfp.local indents task output by swapping builtins.print per task; two ParallelFor
+        # tasks swapping at once can leave its wrapper installed after the run. Put it back.
+        original_print = builtins.print
         try:
             build_pipeline(cfg, for_cluster=False)(config_json=cfg.to_json())
         except RuntimeError as err:  # kfp.local raises RuntimeError naming the failed task
             error = _ANSI.sub("", str(err))
         finally:
+            builtins.print = original_print
             if display is not None:
                 display.close_partial()
     wall = time.perf_counter() - start

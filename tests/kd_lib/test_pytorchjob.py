@@ -178,6 +178,7 @@ def test_a_gpu_named_by_a_kfp_accelerator_type_is_refused(tmp_path: Path) -> Non
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_the_rendered_master_command_runs_the_step_on_two_ranks(tmp_path: Path) -> None:
     """The fake plays operator and kubelet: it runs the Master pod's command (torchrun with the
     rendered arguments, kdflow's worker, the Secrets as env) as a local process."""

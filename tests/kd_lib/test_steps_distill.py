@@ -4,6 +4,7 @@ from the registry and from a checkpoint, every KD method through the step, confi
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from pathlib import Path
 
@@ -126,7 +127,7 @@ def test_import_from_an_s3_checkpoint(prepared: dict, tmp_path: Path, s3) -> Non
 def test_a_pickled_checkpoint_is_refused(prepared: dict, tmp_path: Path) -> None:
     class Payload:
         def __reduce__(self):
-            return (print, ("pwned",))
+            return (os.getcwd, ())  # any callable: weights_only must refuse to call it
 
     ckpt = tmp_path / "evil.pt"
     torch.save({"weights": Payload()}, ckpt)
