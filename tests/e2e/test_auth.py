@@ -29,6 +29,7 @@ def _admin_post(url: str, path: str, body: dict) -> dict:
         return json.loads(r.read() or b"{}")
 
 
+@pytest.mark.slow
 def test_user_without_edit_gets_a_clear_error_and_nothing_is_registered(
     auth_mlflow_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
 ) -> None:
