@@ -59,3 +59,12 @@ def configure_task(task: PipelineTask, step: str, cfg: PipelineConfig, launches_
 
     for key, value in cluster.pod_labels.items():
         kubernetes.add_pod_label(task, label_key=key, label_value=value)
+
+
+def finish_tasks(tasks: dict[str, PipelineTask], cfg: PipelineConfig | None, for_cluster: bool) -> None:
+    """What every task of a kdflow DAG gets: caching off and, for the cluster, its step's settings."""
+    for step, task in tasks.items():
+        # Every step writes a fresh MLflow run: a cache hit would leave the run without its record.
+        task.set_caching_options(False)
+        if cfg is not None and for_cluster:
+            configure_task(task, step, cfg, launches_pytorchjob=step in pytorchjob_steps(cfg))

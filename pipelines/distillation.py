@@ -12,7 +12,7 @@ from kfp.dsl.graph_component import GraphComponent
 
 from components import distill, evaluate, finalize, gate, import_teacher, prepare_data, pytorchjob, quantize, register, train_teacher
 from kd_lib.config import PipelineConfig
-from pipelines.cluster import configure_task, pytorchjob_steps
+from pipelines.cluster import finish_tasks, pytorchjob_steps
 
 # Unique per pipeline run on the cluster and locally; the MLflow parent run is keyed by it.
 RUN_ID = dsl.PIPELINE_JOB_NAME_PLACEHOLDER
@@ -104,11 +104,7 @@ def build_pipeline(cfg: PipelineConfig | None = None, for_cluster: bool = True) 
             "distill": distill_task, "quantize": quantize_task, "evaluate": evaluate_task, "gate": gate_task,
             "register": register_task,
         }  # fmt: skip
-        for step, task in tasks.items():
-            # Every step writes a fresh MLflow run: a cache hit would leave the run without its record.
-            task.set_caching_options(False)
-            if cfg is not None and for_cluster:
-                configure_task(task, step, cfg, launches_pytorchjob=step in pytorchjob_steps(cfg))
+        finish_tasks(tasks, cfg, for_cluster)
 
     return distillation_pipeline
 

@@ -18,7 +18,7 @@ from kfp.dsl.graph_component import GraphComponent
 from components import evaluate, finalize, gate, prepare_data, quantize, register, select, sweep_items
 from kd_lib import sweep
 from kd_lib.config import PipelineConfig
-from pipelines.cluster import configure_task, pytorchjob_steps
+from pipelines.cluster import finish_tasks
 from pipelines.distillation import RUN_ID, training_steps
 
 PIPELINE_NAME = "kdflow-sweep"
@@ -117,13 +117,10 @@ def build_sweep_pipeline(cfg: PipelineConfig, for_cluster: bool = True) -> Graph
             "sweep_items": sweep_items_task, "distill": distill_task, "quantize": quantize_task, "evaluate": evaluate_task,
             "gate": gate_task, "select": select_task, "register": register_task,
         }  # fmt: skip
+        finish_tasks(tasks, cfg, for_cluster)
         threads = None if for_cluster else local_threads(cfg.sweep.parallelism)
-        for step, task in tasks.items():
-            # Every step writes a fresh MLflow run: a cache hit would leave the run without its record.
-            task.set_caching_options(False)
-            if for_cluster:
-                configure_task(task, step, cfg, launches_pytorchjob=step in pytorchjob_steps(cfg))
-            elif threads is not None and step in CANDIDATE_STEPS:
-                task.set_env_variable("OMP_NUM_THREADS", str(threads))
+        if threads is not None:
+            for step in CANDIDATE_STEPS:
+                tasks[step].set_env_variable("OMP_NUM_THREADS", str(threads))
 
     return sweep_pipeline
