@@ -52,8 +52,9 @@ def gaussian_noise(x: Tensor, std: float, generator: torch.Generator) -> Tensor:
     return x + std * torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
 
 
-def make_augment(cfg: AugmentConfig, input_shape: tuple[int, ...]) -> Augment | None:
+def make_augment(cfg: AugmentConfig, input_shape: tuple[int, ...], where: str = "data.augment") -> Augment | None:
     """The configured augmentation as one function, or None when every transform is off.
+    ``where`` is the config field ``cfg`` came from, named in errors.
 
     Raises:
         ValueError: crop or flip was requested for inputs that are not ``[C, H, W]`` images
@@ -62,8 +63,8 @@ def make_augment(cfg: AugmentConfig, input_shape: tuple[int, ...]) -> Augment | 
     if not cfg.enabled:
         return None
     is_image = len(input_shape) == 3
-    for name, on in (("data.augment.random_crop_padding", cfg.random_crop_padding > 0),
-                     ("data.augment.horizontal_flip", cfg.horizontal_flip)):  # fmt: skip
+    for name, on in ((f"{where}.random_crop_padding", cfg.random_crop_padding > 0),
+                     (f"{where}.horizontal_flip", cfg.horizontal_flip)):  # fmt: skip
         if on and not is_image:
             raise ValueError(f"{name} needs image inputs [C, H, W]; these samples have shape {list(input_shape)}: turn it off")
 

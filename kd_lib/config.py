@@ -213,6 +213,11 @@ class TrainConfig(_Strict):
     distributed: DistributedConfig = Field(
         default_factory=DistributedConfig, description="Multi-process data-parallel training (nproc_per_node > 1)."
     )
+    augment: AugmentConfig | None = Field(
+        None,
+        description="This step's training-batch augmentation, replacing data.augment for it; unset uses data.augment. "
+        "Augmenting the teacher's training only (teacher.train.augment) keeps the student's teacher-logit cache.",
+    )
 
     @model_validator(mode="after")
     def _backend_fits_device(self) -> "TrainConfig":
@@ -775,7 +780,16 @@ class PipelineConfig(_Strict):
         # hash of a config as it was before sweeps existed.
         exclude = {"tracking", "image", "cluster", "candidate"} | self._unset_extensions()
         recipe = self.model_dump(mode="json", exclude=exclude)
+        for step in ("teacher", "distill"):
+            if recipe[step]["train"]["augment"] is None:  # a per-step augment left unset, as above
+                del recipe[step]["train"]["augment"]
         return hashlib.sha256(json.dumps(recipe, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    def augment_of(self, step: Literal["teacher", "distill"]) -> tuple[AugmentConfig, str]:
+        """The augmentation a training step uses and the field it comes from (for messages):
+        ``<step>.train.augment`` when set, else ``data.augment``."""
+        own = (self.teacher if step == "teacher" else self.distill).train.augment
+        return (own, f"{step}.train.augment") if own is not None else (self.data.augment, "data.augment")
 
     def flat(self) -> dict[str, Any]:
         """Dotted key -> leaf value, for MLflow params."""

@@ -57,7 +57,8 @@ def _replica_train_teacher(cfg: PipelineConfig, dataset_dir: str, **_outputs: An
     shape = tuple(splits.meta.input_shape)
     torch.manual_seed(cfg.teacher.train.seed)
     model = build_model(cfg.teacher.model.arch, cfg.teacher.model.params, shape, splits.meta.num_classes)
-    augment = make_augment(cfg.data.augment, shape)
+    augment_cfg, where = cfg.augment_of("teacher")
+    augment = make_augment(augment_cfg, shape, where)
     training.train_supervised(model, *_tensors(splits, "train"), *_tensors(splits, "val"), cfg.teacher.train, augment=augment)
 
 
@@ -72,7 +73,8 @@ def _replica_distill(
     if objective.needs_teacher:
         model, spec = quantization.load_model(teacher_dir)
         teacher = for_data(model, spec.get("normalization"), meta.normalization)
-    augment = make_augment(cfg.data.augment, shape)
+    augment_cfg, where = cfg.augment_of("distill")
+    augment = make_augment(augment_cfg, shape, where)
 
     def train_student(teacher: torch.nn.Module | None, objective: losses.Objective) -> None:
         torch.manual_seed(cfg.distill.train.seed)

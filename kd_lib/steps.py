@@ -13,7 +13,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -146,9 +146,10 @@ def prepare_data(cfg: PipelineConfig, pipeline_run_id: str, dataset_dir: str | P
         return meta.__dict__
 
 
-def _augment(cfg: PipelineConfig, meta: data_lib.DatasetMeta) -> Any:
+def _augment(cfg: PipelineConfig, meta: data_lib.DatasetMeta, step: Literal["teacher", "distill"]) -> Any:
     try:
-        return make_augment(cfg.data.augment, tuple(meta.input_shape))
+        augment, where = cfg.augment_of(step)
+        return make_augment(augment, tuple(meta.input_shape), where)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
@@ -185,7 +186,7 @@ def train_teacher(
             cfg.teacher.train,
             on_epoch=_epoch_logger(run, progress),
             checkpoint_dir=ckpt,
-            augment=_augment(cfg, meta),
+            augment=_augment(cfg, meta, "teacher"),
         )
         quantization.save_model(result.model, _spec(cfg.teacher.model, meta, "teacher", run), teacher_dir)
         shutil.rmtree(ckpt, ignore_errors=True)
@@ -310,7 +311,7 @@ def distill(
         meta = splits.meta
         objective = losses.build_objective(cfg.distill.losses)
         teacher = _load_teacher(teacher_dir, meta) if objective.needs_teacher else None
-        augment = _augment(cfg, meta)
+        augment = _augment(cfg, meta, "distill")
         run.log_params(
             {"teacher_logit_cache": augment is None and not objective.needs_features, "baseline": cfg.distill.baseline}
             | losses.as_params(cfg.distill.losses)
@@ -407,7 +408,7 @@ def _qat_finetune(cfg: PipelineConfig, splits: data_lib.Splits, teacher_dir: str
             x_train,
             y_train,
             train_cfg,
-            augment=_augment(cfg, splits.meta),
+            augment=_augment(cfg, splits.meta, "distill"),
             on_epoch=lambda row: run.log_metrics({"qat.train_loss": row["train_loss"]}, step=int(row["epoch"])),
         )
         run.log_dict(history, "qat_history.json")

@@ -83,6 +83,22 @@ def test_unreadable_files_name_the_file(tmp_path: Path) -> None:
         load_config(_write(tmp_path, "- just\n- a list\n"))
 
 
+def test_a_step_augment_replaces_data_augment_for_that_step_only() -> None:
+    cfg = parse_config({"data": {"augment": {"noise_std": 0.1}}, "teacher": {"train": {"augment": {"random_crop_padding": 2}}}})
+    teacher, where = cfg.augment_of("teacher")
+    assert (teacher.random_crop_padding, teacher.noise_std, where) == (2, 0.0, "teacher.train.augment")
+    student, where = cfg.augment_of("distill")
+    assert (student.noise_std, where) == (0.1, "data.augment")
+    # An empty step augment turns augmentation off for that step (it is set, so it replaces data.augment).
+    off = parse_config({"data": {"augment": {"noise_std": 0.1}}, "distill": {"train": {"augment": {}}}})
+    assert not off.augment_of("distill")[0].enabled
+    # Part of the recipe when set; an unset one does not move the hash of a config that never had it.
+    assert cfg.config_hash() != parse_config({"data": {"augment": {"noise_std": 0.1}}}).config_hash()
+    assert off.config_hash() != parse_config({"data": {"augment": {"noise_std": 0.1}}}).config_hash()
+    with pytest.raises(ConfigError, match="teacher.train.augment.noise_std"):
+        parse_config({"teacher": {"train": {"augment": {"noise_std": -1}}}})
+
+
 def test_splits_must_leave_training_data() -> None:
     with pytest.raises(ConfigError, match="val_fraction \\+ data.test_fraction"):
         parse_config({"data": {"val_fraction": 0.45, "test_fraction": 0.4}})

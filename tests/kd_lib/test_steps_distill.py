@@ -95,6 +95,11 @@ def test_augmentation_on_flat_features_is_a_config_error(prepared: dict, tmp_pat
     steps.prepare_data(cfg, "aug", tmp_path / "flat")
     with pytest.raises(ConfigError, match="data.augment.horizontal_flip needs image inputs"):
         steps.train_teacher(cfg, "aug", tmp_path / "flat", tmp_path / "teacher")
+    # A step's own augment is named as such.
+    cfg.data.augment.horizontal_flip = False
+    cfg.teacher.train.augment = type(cfg.data.augment)(random_crop_padding=1)
+    with pytest.raises(ConfigError, match="teacher.train.augment.random_crop_padding needs image inputs"):
+        steps.train_teacher(cfg, "aug", tmp_path / "flat", tmp_path / "teacher")
 
 
 def test_import_from_a_checkpoint_reproduces_the_teacher(prepared: dict, tmp_path: Path) -> None:
