@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -201,7 +202,7 @@ def _fit(
 
     history: list[dict[str, Any]] = []
     best_state = copy.deepcopy(model.state_dict())
-    best_epoch, best_acc, since_best, stopped_early = 0, -1.0, 0, False
+    best_epoch, best_acc, best_loss, since_best, stopped_early = 0, -1.0, math.inf, 0, False
     first_epoch = 1
     ckpt = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
     state = load_checkpoint(ckpt) if ckpt is not None and ckpt.is_file() and (ranks is None or ranks.is_main) else None
@@ -220,6 +221,7 @@ def _fit(
         rng_per_rank = state.get("torch_rng_ranks") or [state["torch_rng"]]
         torch.set_rng_state(rng_per_rank[ranks.rank] if ranks is not None and ranks.rank < len(rng_per_rank) else state["torch_rng"])
         best_state, best_epoch, best_acc = state["best_state"], state["best_epoch"], state["best_acc"]
+        best_loss = state.get("best_loss", math.inf)  # checkpoints written before the tie-break
         since_best, history = state["since_best"], state["history"]
         first_epoch = state["epoch"] + 1
         stopped_early = state["stopped_early"]
@@ -268,9 +270,11 @@ def _fit(
         if on_epoch is not None and (ranks is None or ranks.is_main):
             on_epoch(dict(record))
 
-        # Strictly better only: on ties keep the earlier (less trained) weights.
-        if val_acc > best_acc:
-            best_epoch, best_acc, since_best = epoch, val_acc, 0
+        # Better = higher validation accuracy, or the same accuracy at a lower validation loss:
+        # a few hundred validation samples move accuracy in coarse steps, so ties are common and
+        # the loss says which of the tied epochs fits the held-out data better.
+        if val_acc > best_acc or (val_acc == best_acc and val_loss < best_loss):
+            best_epoch, best_acc, best_loss, since_best = epoch, val_acc, val_loss, 0
             best_state = copy.deepcopy(model.state_dict())
         else:
             since_best += 1
@@ -284,7 +288,7 @@ def _fit(
                 "generator": generator.get_state(), "augment_generator": augment_generator.get_state(),
                 "torch_rng": torch.get_rng_state(),
                 "objective": objective.state_dict() if objective is not None else None,
-                "best_state": best_state, "best_epoch": best_epoch, "best_acc": best_acc,
+                "best_state": best_state, "best_epoch": best_epoch, "best_acc": best_acc, "best_loss": best_loss,
                 "since_best": since_best, "history": history, "stopped_early": stopped_early,
             } | ({"torch_rng_ranks": rng_per_rank} if rng_per_rank is not None else {}))  # fmt: skip
         if stopped_early:
@@ -440,7 +444,8 @@ def train_supervised(
 
     Minibatches are shuffled by a generator seeded with ``cfg.seed``; the run stops when the
     validation accuracy has not improved for ``cfg.patience`` epochs, and the best epoch's
-    weights are restored. Same seed, same initial weights, same data -> identical weights.
+    weights are restored (best: highest validation accuracy, ties broken by lower validation
+    loss). Same seed, same initial weights, same data -> identical weights.
 
     Args:
         model: Maps ``[B, *input_shape]`` to ``[B, C]``; trained in place and returned.

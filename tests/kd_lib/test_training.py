@@ -45,6 +45,17 @@ def test_learns_a_separable_problem(blobs: Data, fast_cfg: TrainConfig) -> None:
     assert not result.stopped_early
 
 
+def test_tied_validation_accuracy_is_broken_by_the_lower_validation_loss(blobs: Data) -> None:
+    x_train, y_train, x_val, y_val = blobs
+    # Three easy validation samples: accuracy sits at 100% for most epochs while the loss still falls.
+    cfg = TrainConfig(epochs=12, batch_size=32, lr=0.01, patience=100, seed=0)
+    result = train_supervised(_student(), x_train, y_train, x_val[:3], y_val[:3], cfg)
+    perfect = [h for h in result.history if h["val_accuracy"] == 1.0]
+    assert len(perfect) >= 2, "the case needs a tie"
+    assert result.best_epoch == min(perfect, key=lambda h: h["val_loss"])["epoch"]
+    assert result.best_epoch != perfect[0]["epoch"]  # not simply the first epoch to reach the best accuracy
+
+
 def test_early_stopping_stops_and_restores_the_best_epoch(blobs: Data) -> None:
     x_train, y_train, x_val, _ = blobs
     # Random validation labels: accuracy wanders around chance, so it soon stops improving.
@@ -60,7 +71,8 @@ def test_early_stopping_stops_and_restores_the_best_epoch(blobs: Data) -> None:
     accuracies = [h["val_accuracy"] for h in result.history]
     assert result.stopped_early
     assert len(result.history) == result.best_epoch + cfg.patience < cfg.epochs
-    assert result.best_epoch == accuracies.index(max(accuracies)) + 1  # the first best epoch
+    best_record = max(result.history, key=lambda h: (h["val_accuracy"], -h["val_loss"]))
+    assert result.best_epoch == best_record["epoch"]
     assert result.best_val_accuracy == max(accuracies)
     best = snapshots[result.best_epoch]
     assert all(torch.equal(result.model.state_dict()[k], best[k]) for k in best)
