@@ -123,8 +123,8 @@ def run_dataset(name: str, source: str, args: argparse.Namespace) -> dict[str, A
           f"({'loaded ' + str(cached) if cached.is_file() and time.perf_counter() - start < 5 else 'trained'}, "
           f"{time.perf_counter() - start:.0f}s)", flush=True)  # fmt: skip
 
-    s_arch, s_params = setup["student"]
-    s_cfg = TrainConfig(epochs=setup["student_epochs"], batch_size=64, lr=args.lr, patience=100, seed=0)
+    s_arch, s_params = setup["student"] if args.student is None else json.loads(args.student)
+    s_cfg = TrainConfig(epochs=args.epochs or setup["student_epochs"], batch_size=64, lr=args.lr, patience=100, seed=0)
     runs: list[dict[str, Any]] = []
     for seed in args.seeds:
         for method, terms in METHODS.items():
@@ -155,7 +155,7 @@ def run_dataset(name: str, source: str, args: argparse.Namespace) -> dict[str, A
         "sizes": splits.meta.sizes,
         "teacher": {"arch": t_arch, "params": t_params, "num_params": count_parameters(teacher), "test_accuracy": teacher_acc},
         "student": {"arch": s_arch, "params": s_params, "num_params": count_parameters(build_model(s_arch, s_params, shape, classes))},
-        "student_epochs": setup["student_epochs"],
+        "student_epochs": args.epochs or setup["student_epochs"],
         "runs": runs,
         "summary": summarize(runs, teacher_acc),
     }
@@ -215,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--methods", nargs="*", default=None, help=f"subset of {list(METHODS)}")
     parser.add_argument("--lr", type=float, default=3e-3, help="student learning rate, the same for every method")
+    parser.add_argument("--student", default=None, help='student as JSON, e.g. \'["cnn", {"channels": 4, "depth": 2, "hidden": 32}]\' (default: the setup\'s)')
+    parser.add_argument("--epochs", type=int, default=None, help="student epochs, the same for every method (default: the setup's)")
     parser.add_argument("--crop", type=int, default=0, help="random-crop padding for every student (0 = no augmentation)")
     parser.add_argument("--scheme", default="static_int8")
     parser.add_argument("--val-fraction", type=float, default=0.08)
