@@ -207,8 +207,12 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     scheduler: Literal["cosine", "step", "none"] = "cosine"
-    patience: int = Field(5, ge=1, description="Early stopping: epochs without a better validation accuracy "
-        "(or the same accuracy at a lower validation loss); the best epoch's weights are kept.")
+    patience: int = Field(
+        5,
+        ge=1,
+        description="Early stopping: epochs without a better validation accuracy (or the same accuracy at a "
+        "lower validation loss); the best epoch's weights are kept.",
+    )
     seed: int = 0
     device: str = Field("cpu", description="'cpu', 'cuda' or 'auto' (cuda when available).")
     distributed: DistributedConfig = Field(
