@@ -380,6 +380,18 @@ def validate(x: np.ndarray, y: np.ndarray, num_classes: int | None, origin: str)
     return n
 
 
+def _first_missing(present: np.ndarray, num_classes: int, limit: int = 10) -> list[int]:
+    """The first ``limit`` class ids in ``0..num_classes-1`` absent from ``present``, found
+    without building the whole range: one stray label of 3e9 must not allocate 3e9 ids."""
+    have, missing = set(present.tolist()), []
+    for c in range(num_classes):  # stops after at most len(present) + limit ids
+        if c not in have:
+            missing.append(c)
+            if len(missing) == limit:
+                break
+    return missing
+
+
 def fingerprint(x: np.ndarray, y: np.ndarray) -> str:
     """sha256 over dtype, shape and bytes of x and y: changes if any sample or label does."""
     h = hashlib.sha256()
@@ -477,8 +489,12 @@ def prepare(cfg: DataConfig, retry: RetryConfig | None = None) -> Splits:
     num_classes = validate(x, y, cfg.num_classes, origin=cfg.source)
     present = np.unique(y)
     if present.size < num_classes:
-        missing = sorted(set(range(num_classes)) - {int(c) for c in present})
-        raise DataError(f"{cfg.source}: class(es) {missing} have no samples; fix the data or data.num_classes")
+        missing = _first_missing(present, num_classes)
+        more = num_classes - present.size - len(missing)
+        raise DataError(
+            f"{cfg.source}: class(es) {missing}{f' and {more} more' if more else ''} have no samples; "
+            "fix the data or data.num_classes"
+        )
     fp = fingerprint(x, y)
     if test is None:
         idx = dict(zip(SPLIT_NAMES, stratified_split(y, cfg.val_fraction, cfg.test_fraction, cfg.seed)))
