@@ -2,7 +2,8 @@
 
 For each dataset (mnist5k from ``--data`` and the builtin 8x8 digits), with one fixed
 stratified split: train one CNN teacher (on randomly shifted images), then for each seed
-train the same small CNN student (on the plain images unless ``--crop``) once per method: ``scratch`` (cross-entropy only) and each KD objective. Every
+train the same small CNN student (on the plain images unless ``--crop``) once per method:
+``scratch`` (cross-entropy only) and each KD objective. Every
 student run uses exactly the same architecture, initial weights (per seed), epochs,
 schedule, learning rate, batch order and augmentation: only ``distill.losses`` differs, so
 the scratch student is a fair baseline. Each trained student is then quantized

@@ -783,11 +783,8 @@ class PipelineConfig(_Strict):
         lineage tag on every registered version, equal for a local and a cluster run."""
         # A candidate's name is a label, not part of its recipe; an absent sweep leaves the
         # hash of a config as it was before sweeps existed.
-        exclude = {"tracking", "image", "cluster", "candidate"} | self._unset_extensions()
-        recipe = self.model_dump(mode="json", exclude=exclude)
-        for step in ("teacher", "distill"):
-            if recipe[step]["train"]["augment"] is None:  # a per-step augment left unset, as above
-                del recipe[step]["train"]["augment"]
+        exclude: dict[str, Any] = {name: True for name in ("tracking", "image", "cluster", "candidate")}
+        recipe = self.model_dump(mode="json", exclude=exclude | self._unset_extensions())
         return hashlib.sha256(json.dumps(recipe, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     def augment_of(self, step: Literal["teacher", "distill"]) -> tuple[AugmentConfig, str]:
@@ -800,10 +797,15 @@ class PipelineConfig(_Strict):
         """Dotted key -> leaf value, for MLflow params."""
         return flatten(self.model_dump(mode="json"))
 
-    def _unset_extensions(self) -> set[str]:
-        """The optional sections left unset (``sweep``, ``candidate``): kept out of the hash, so
-        a config without them hashes as it did before they existed."""
-        return {name for name in ("sweep", "candidate") if getattr(self, name) is None}
+    def _unset_extensions(self) -> dict[str, Any]:
+        """The optional fields left unset (``sweep``, ``candidate``, a step's ``train.augment``), as a
+        ``model_dump`` exclude: kept out of the hash, so a config without them hashes as it did
+        before they existed."""
+        unset: dict[str, Any] = {name: True for name in ("sweep", "candidate") if getattr(self, name) is None}
+        for step in ("teacher", "distill"):
+            if getattr(self, step).train.augment is None:
+                unset[step] = {"train": {"augment": True}}
+        return unset
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
