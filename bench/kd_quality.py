@@ -2,24 +2,31 @@
 
 For each dataset (mnist5k from ``--data`` and the builtin 8x8 digits), with one fixed
 stratified split: train one CNN teacher (on randomly shifted images), then for each seed
-train the same small CNN student (on the plain images unless ``--crop``) once per method:
-``scratch`` (cross-entropy only) and each KD objective. Every
-student run uses exactly the same architecture, initial weights (per seed), epochs,
-schedule, learning rate, batch order and augmentation: only ``distill.losses`` differs, so
-the scratch student is a fair baseline. Each trained student is then quantized
-(``--scheme``, static int8 by default) and measured again.
+train the same small CNN student (on the plain images unless ``--crop``) once per method and
+per point of the tuning grid: ``scratch`` (cross-entropy only) and each KD objective. Every
+student run uses exactly the same architecture, initial weights (per seed), schedule, learning
+rate, weight decay, batch order and augmentation: only ``distill.losses`` differs, so the
+scratch student is a fair baseline. Each student keeps its last epoch (``train.keep: last``):
+choosing the best of many epochs on 400 validation images selects noise, the same for every
+method but adding spread to every arm.
 
-Reported per method: test accuracy mean and standard deviation over the seeds, the
-difference to scratch (and its standard deviation over paired seeds), "gap recovered" =
-(method - scratch) / (teacher - scratch), and the int8 accuracy. Prints a table, writes
-JSON. Not part of ``make test``.
+Tuning effort is the same for every method: each runs every number of epochs in
+``--grid-epochs`` for every seed, and keeps the one with the best mean VALIDATION accuracy
+over the seeds (ties: fewer epochs). The test split decides nothing. Each kept student is then
+quantized (``--scheme``, static int8 by default) and measured again.
 
-    python bench/kd_quality.py --data ../shared/datasets/mnist5k.npz --seeds 0 1 2
+Reported per method: its chosen epochs, test accuracy mean and standard deviation over the
+seeds, the difference to scratch (and its standard deviation over paired seeds), "gap
+recovered" = (method - scratch) / (teacher - scratch), and the int8 accuracy. Prints a table,
+writes JSON (every run of the grid, and the choice). Not part of ``make test``.
+
+    python bench/kd_quality.py --data ../shared/datasets/mnist5k.npz --seeds 0 1 2 --jobs 2
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -27,6 +34,8 @@ import platform
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +77,7 @@ SETUPS: dict[str, dict[str, Any]] = {
         "teacher_lr": 1e-3,
         "teacher_crop": 2,
         "student": ("cnn", {"channels": 8, "depth": 2, "hidden": 64}),
-        "student_epochs": 60,
+        "student_epochs": [60, 120],
     },
     "digits": {
         "teacher": ("cnn", {"channels": 32, "depth": 2, "hidden": 512, "dropout": 0.5}),
@@ -76,7 +85,7 @@ SETUPS: dict[str, dict[str, Any]] = {
         "teacher_lr": 2e-3,
         "teacher_crop": 1,
         "student": ("cnn", {"channels": 8, "depth": 2, "hidden": 32}),
-        "student_epochs": 60,
+        "student_epochs": [60, 120],
     },
 }
 
@@ -96,22 +105,56 @@ def _quantized_accuracy(model: torch.nn.Module, scheme: str, x: dict, y: dict, s
     return _accuracy(quantized, x["test"], y["test"])
 
 
+@functools.lru_cache(maxsize=4)
+def _load(source: str, val_fraction: float, test_fraction: float) -> tuple[dict, dict, data_lib.DatasetMeta]:
+    """The fixed split (seed 0) as tensors, once per process."""
+    splits = data_lib.prepare(DataConfig(source=source, val_fraction=val_fraction, test_fraction=test_fraction, seed=0))
+    x, y = _tensors(splits)
+    return x, y, splits.meta
+
+
+def _student_run(task: dict[str, Any]) -> dict[str, Any]:
+    """One student: ``task`` names the data, teacher weights, method, seed and epochs. Runs in a
+    worker process (spawned: it loads the split and the cached teacher itself)."""
+    torch.set_num_threads(task["threads"])
+    x, y, meta = _load(task["source"], task["val_fraction"], task["test_fraction"])
+    shape, classes = tuple(meta.input_shape), meta.num_classes
+    teacher = build_model(*task["teacher"], shape, classes)
+    teacher.load_state_dict(torch.load(task["teacher_weights"], weights_only=True))
+    teacher.eval()
+    augment = make_augment(AugmentConfig(random_crop_padding=task["crop"]), shape) if task["crop"] else None
+    losses = [LossTermConfig(**t) for t in METHODS[task["method"]]]
+    cfg = TrainConfig(epochs=task["epochs"], batch_size=64, lr=task["lr"], weight_decay=task["weight_decay"],
+                      optimizer="adamw", keep="last", seed=task["seed"])  # fmt: skip
+    torch.manual_seed(task["seed"])  # same initial student weights for every method of this seed
+    student = build_model(*task["student"], shape, classes)
+    start = time.perf_counter()
+    result = training.distill(student, teacher, build_objective(losses), x["train"], y["train"], x["val"], y["val"], cfg, augment=augment)
+    return {
+        "dataset": task["dataset"], "seed": task["seed"], "method": task["method"], "epochs": task["epochs"],
+        "objective": describe(losses),
+        "val_accuracy": result.best_val_accuracy,
+        "test_accuracy": _accuracy(result.model, x["test"], y["test"]),
+        "int8_accuracy": _quantized_accuracy(result.model, task["scheme"], x, y, task["seed"]),
+        "seconds": time.perf_counter() - start,
+    }  # fmt: skip
+
+
 def run_dataset(name: str, source: str, args: argparse.Namespace) -> dict[str, Any]:
     setup = SETUPS[name]
-    splits = data_lib.prepare(DataConfig(source=source, val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=0))
-    x, y = _tensors(splits)
-    shape, classes = tuple(splits.meta.input_shape), splits.meta.num_classes
-    augment = make_augment(AugmentConfig(random_crop_padding=args.crop), shape) if args.crop else None
+    x, y, meta = _load(source, args.val_fraction, args.test_fraction)
+    shape, classes = tuple(meta.input_shape), meta.num_classes
 
     t_arch, t_params = setup["teacher"]
     torch.manual_seed(0)
     teacher = build_model(t_arch, t_params, shape, classes)
     t_cfg = TrainConfig(epochs=setup["teacher_epochs"], batch_size=64, lr=setup["teacher_lr"], patience=100, seed=0)
     # The teacher is trained once per recipe and kept (weights only): reruns compare students.
-    recipe = json.dumps([name, splits.meta.fingerprint, t_arch, t_params, t_cfg.model_dump(), setup["teacher_crop"]], sort_keys=True)
+    recipe = json.dumps([name, meta.fingerprint, t_arch, t_params, t_cfg.model_dump(), setup["teacher_crop"]], sort_keys=True)
     cached = Path(args.teacher_cache) / f"{name}-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}.pt"
     start = time.perf_counter()
-    if cached.is_file():
+    loaded = cached.is_file()
+    if loaded:
         teacher.load_state_dict(torch.load(cached, weights_only=True))
         teacher.eval()
     else:
@@ -121,49 +164,50 @@ def run_dataset(name: str, source: str, args: argparse.Namespace) -> dict[str, A
         torch.save(teacher.state_dict(), cached)
     teacher_acc = _accuracy(teacher, x["test"], y["test"])
     print(f"[{name}] teacher {t_arch} {t_params}: {count_parameters(teacher)} params, test {teacher_acc:.4f} "
-          f"({'loaded ' + str(cached) if cached.is_file() and time.perf_counter() - start < 5 else 'trained'}, "
-          f"{time.perf_counter() - start:.0f}s)", flush=True)  # fmt: skip
+          f"({'loaded ' + str(cached) if loaded else 'trained'}, {time.perf_counter() - start:.0f}s)", flush=True)  # fmt: skip
 
-    s_arch, s_params = setup["student"] if args.student is None else json.loads(args.student)
-    s_cfg = TrainConfig(epochs=args.epochs or setup["student_epochs"], batch_size=64, lr=args.lr, patience=100, seed=0)
+    student = tuple(setup["student"]) if args.student is None else tuple(json.loads(args.student))
+    grid = args.grid_epochs or setup["student_epochs"]
+    methods = [m for m in METHODS if not args.methods or m in args.methods]
+    tasks = [
+        {"dataset": name, "source": source, "val_fraction": args.val_fraction, "test_fraction": args.test_fraction,
+         "teacher": (t_arch, t_params), "teacher_weights": str(cached), "student": student, "method": method,
+         "seed": seed, "epochs": epochs, "lr": args.lr, "weight_decay": args.weight_decay, "crop": args.crop,
+         "scheme": args.scheme, "threads": max(1, args.threads // args.jobs)}
+        for seed in args.seeds for method in methods for epochs in grid
+    ]  # fmt: skip
     runs: list[dict[str, Any]] = []
-    for seed in args.seeds:
-        for method, terms in METHODS.items():
-            if args.methods and method not in args.methods:
-                continue
-            losses = [LossTermConfig(**t) for t in terms]
-            torch.manual_seed(seed)  # same initial student weights for every method of this seed
-            student = build_model(s_arch, s_params, shape, classes)
-            start = time.perf_counter()
-            result = training.distill(
-                student, teacher, build_objective(losses), x["train"], y["train"], x["val"], y["val"],
-                s_cfg.model_copy(update={"seed": seed}), augment=augment,
-            )  # fmt: skip
-            seconds = time.perf_counter() - start
-            row = {
-                "dataset": name, "seed": seed, "method": method, "objective": describe(losses),
-                "val_accuracy": result.best_val_accuracy,
-                "test_accuracy": _accuracy(result.model, x["test"], y["test"]),
-                "int8_accuracy": _quantized_accuracy(result.model, args.scheme, x, y, seed),
-                "best_epoch": result.best_epoch, "seconds": seconds,
-            }  # fmt: skip
+    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+        for row in pool.map(_student_run, tasks):
             runs.append(row)
-            print(f"[{name}] seed {seed} {method:8s} test {row['test_accuracy']:.4f} int8 {row['int8_accuracy']:.4f} "
-                  f"({seconds:.0f}s)", flush=True)  # fmt: skip
+            print(f"[{name}] seed {row['seed']} {row['method']:8s} {row['epochs']:4d} ep: val {row['val_accuracy']:.4f} "
+                  f"test {row['test_accuracy']:.4f} int8 {row['int8_accuracy']:.4f} ({row['seconds']:.0f}s)", flush=True)  # fmt: skip
+    chosen = choose_epochs(runs)
     return {
         "dataset": name,
         "source": source,
-        "sizes": splits.meta.sizes,
+        "sizes": meta.sizes,
         "teacher": {"arch": t_arch, "params": t_params, "num_params": count_parameters(teacher), "test_accuracy": teacher_acc},
-        "student": {"arch": s_arch, "params": s_params, "num_params": count_parameters(build_model(s_arch, s_params, shape, classes))},
-        "student_epochs": args.epochs or setup["student_epochs"],
+        "student": {"arch": student[0], "params": student[1], "num_params": count_parameters(build_model(*student, shape, classes))},
+        "grid_epochs": grid,
+        "chosen_epochs": chosen,
         "runs": runs,
-        "summary": summarize(runs, teacher_acc),
+        "summary": summarize([r for r in runs if r["epochs"] == chosen[r["method"]]], teacher_acc, chosen),
     }
 
 
-def summarize(runs: list[dict[str, Any]], teacher_acc: float) -> dict[str, dict[str, float]]:
-    """Per method: mean/std of test and int8 accuracy, paired difference to scratch, gap recovered."""
+def choose_epochs(runs: list[dict[str, Any]]) -> dict[str, int]:
+    """Per method, the grid's number of epochs with the best mean validation accuracy over the
+    seeds (ties: fewer epochs). Validation only: the test split decides nothing."""
+    val: dict[str, dict[int, list[float]]] = {}
+    for r in runs:
+        val.setdefault(r["method"], {}).setdefault(r["epochs"], []).append(r["val_accuracy"])
+    return {method: max(sorted(by_epochs), key=lambda e: statistics.fmean(by_epochs[e])) for method, by_epochs in val.items()}
+
+
+def summarize(runs: list[dict[str, Any]], teacher_acc: float, chosen: dict[str, int]) -> dict[str, dict[str, float]]:
+    """Per method (one run per seed): mean/std of test and int8 accuracy, paired difference to
+    scratch, gap recovered; ``chosen`` is each method's number of epochs."""
     by_method: dict[str, dict[int, dict[str, Any]]] = {}
     for r in runs:
         by_method.setdefault(r["method"], {})[r["seed"]] = r
@@ -173,6 +217,7 @@ def summarize(runs: list[dict[str, Any]], teacher_acc: float) -> dict[str, dict[
         acc = [seeds[s]["test_accuracy"] for s in sorted(seeds)]
         int8 = [seeds[s]["int8_accuracy"] for s in sorted(seeds)]
         row = {
+            "epochs": chosen[method],
             "n": len(acc),
             "mean": statistics.fmean(acc),
             "std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
@@ -198,14 +243,15 @@ def print_table(result: dict[str, Any]) -> None:
     print(f"\n{result['dataset']}: split {result['sizes']}; teacher {t['arch']} {t['num_params']} params "
           f"test {t['test_accuracy']:.4f}; student {result['student']['arch']} {result['student']['num_params']} params "
           f"(1/{t['num_params'] / result['student']['num_params']:.0f} of the teacher)")  # fmt: skip
-    header = f"{'method':9s} {'test acc (mean±sd)':>20s} {'vs scratch':>16s} {'gap rec.':>9s} {'>2sd':>5s} {'int8 acc':>16s}"
+    print(f"each method's epochs chosen on validation from {result['grid_epochs']}; last epoch kept")
+    header = f"{'method':9s} {'epochs':>6s} {'test acc (mean±sd)':>20s} {'vs scratch':>16s} {'gap rec.':>9s} {'>2sd':>5s} {'int8 acc':>16s}"
     print(header)
     print("-" * len(header))
     for method, row in result["summary"].items():
         delta = f"{100 * row['delta_vs_scratch']:+.2f}±{100 * row['delta_std']:.2f}pt" if "delta_vs_scratch" in row else ""
         gap = f"{100 * row['gap_recovered']:.0f}%" if "gap_recovered" in row else ""
         beats = ("yes" if row["beats_scratch_2sd"] else "no") if "beats_scratch_2sd" in row else ""
-        print(f"{method:9s} {100 * row['mean']:13.2f}±{100 * row['std']:.2f}% {delta:>16s} {gap:>9s} {beats:>5s} "
+        print(f"{method:9s} {row['epochs']:6d} {100 * row['mean']:13.2f}±{100 * row['std']:.2f}% {delta:>16s} {gap:>9s} {beats:>5s} "
               f"{100 * row['int8_mean']:9.2f}±{100 * row['int8_std']:.2f}%")  # fmt: skip
 
 
@@ -215,9 +261,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datasets", nargs="+", default=["mnist5k", "digits"], choices=sorted(SETUPS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--methods", nargs="*", default=None, help=f"subset of {list(METHODS)}")
-    parser.add_argument("--lr", type=float, default=3e-3, help="student learning rate, the same for every method")
+    parser.add_argument("--lr", type=float, default=3e-3, help="student learning rate (AdamW), the same for every method")
+    parser.add_argument("--weight-decay", type=float, default=0.05, help="student AdamW weight decay, the same for every method")
     parser.add_argument("--student", default=None, help='student as JSON, e.g. \'["cnn", {"channels": 4, "depth": 2, "hidden": 32}]\' (default: the setup\'s)')
-    parser.add_argument("--epochs", type=int, default=None, help="student epochs, the same for every method (default: the setup's)")
+    parser.add_argument("--grid-epochs", nargs="+", type=int, default=None,
+                        help="student epochs tried by every method, chosen on validation (default: the setup's, 60 120)")
+    parser.add_argument("--jobs", type=int, default=2, help="student runs at once (worker processes sharing --threads)")
     parser.add_argument("--crop", type=int, default=0, help="random-crop padding for every student (0 = no augmentation)")
     parser.add_argument("--scheme", default="static_int8")
     parser.add_argument("--val-fraction", type=float, default=0.08)

@@ -211,7 +211,13 @@ class TrainConfig(_Strict):
         5,
         ge=1,
         description="Early stopping: epochs without a better validation accuracy (or the same accuracy at a "
-        "lower validation loss); the best epoch's weights are kept.",
+        "lower validation loss); the best epoch's weights are kept. Only with keep: best.",
+    )
+    keep: Literal["best", "last"] = Field(
+        "best",
+        description="Which epoch's weights the step returns. best: the best validation epoch, with early stopping "
+        "(patience). last: the final epoch's, no early stopping, the usual protocol with a schedule that anneals "
+        "to zero; picking the best of many epochs on a few hundred validation samples selects noise.",
     )
     seed: int = 0
     device: str = Field("cpu", description="'cpu', 'cuda' or 'auto' (cuda when available).")
@@ -228,6 +234,13 @@ class TrainConfig(_Strict):
     def _backend_fits_device(self) -> "TrainConfig":
         if self.distributed.backend == "nccl" and self.device == "cpu":
             raise ValueError("distributed.backend 'nccl' needs a GPU but device is 'cpu': use backend gloo (or auto), or device cuda")
+        return self
+
+    @model_validator(mode="after")
+    def _patience_needs_best(self) -> "TrainConfig":
+        if self.keep == "last" and "patience" in self.model_fields_set:
+            raise ValueError("patience stops early at the best validation epoch, but keep 'last' trains every epoch and "
+                             "keeps the final one: remove patience, or set keep: best")  # fmt: skip
         return self
 
 
@@ -798,13 +811,15 @@ class PipelineConfig(_Strict):
         return flatten(self.model_dump(mode="json"))
 
     def _unset_extensions(self) -> dict[str, Any]:
-        """The optional fields left unset (``sweep``, ``candidate``, a step's ``train.augment``), as a
-        ``model_dump`` exclude: kept out of the hash, so a config without them hashes as it did
-        before they existed."""
+        """The fields added after hashes were in use, where left at their default (``sweep``,
+        ``candidate``, a step's ``train.augment`` and ``train.keep``), as a ``model_dump`` exclude:
+        kept out of the hash, so a config without them hashes as it did before they existed."""
         unset: dict[str, Any] = {name: True for name in ("sweep", "candidate") if getattr(self, name) is None}
         for step in ("teacher", "distill"):
-            if getattr(self, step).train.augment is None:
-                unset[step] = {"train": {"augment": True}}
+            train = getattr(self, step).train
+            defaults = {name: True for name, default in (("augment", None), ("keep", "best")) if getattr(train, name) == default}
+            if defaults:
+                unset[step] = {"train": defaults}
         return unset
 
 

@@ -46,7 +46,8 @@ class TrainResult:
     """What a training run produced.
 
     Attributes:
-        model: The trained module holding the weights of the best epoch, on CPU, in eval mode.
+        model: The trained module holding the weights of the kept epoch (``TrainConfig.keep``: the
+            best validation epoch, or the last), on CPU, in eval mode.
         history: One dict per epoch run: ``epoch`` (1-based), ``train_loss``, ``val_loss``
             (hard-label cross-entropy, so teacher and student curves compare), ``val_accuracy``
             (fraction), ``lr`` (used during that epoch), ``seconds``.
@@ -270,10 +271,13 @@ def _fit(
         if on_epoch is not None and (ranks is None or ranks.is_main):
             on_epoch(dict(record))
 
-        # Better = higher validation accuracy, or the same accuracy at a lower validation loss:
-        # a few hundred validation samples move accuracy in coarse steps, so ties are common and
-        # the loss says which of the tied epochs fits the held-out data better.
-        if val_acc > best_acc or (val_acc == best_acc and val_loss < best_loss):
+        # keep "last": each epoch replaces the one before; the final weights are the result.
+        # keep "best": better = higher validation accuracy, or the same accuracy at a lower
+        # validation loss: a few hundred validation samples move accuracy in coarse steps, so
+        # ties are common and the loss says which of the tied epochs fits the held-out data better.
+        if cfg.keep == "last":
+            best_epoch, best_acc, best_loss = epoch, val_acc, val_loss
+        elif val_acc > best_acc or (val_acc == best_acc and val_loss < best_loss):
             best_epoch, best_acc, best_loss, since_best = epoch, val_acc, val_loss, 0
             best_state = copy.deepcopy(model.state_dict())
         else:
@@ -294,7 +298,8 @@ def _fit(
         if stopped_early:
             break
 
-    model.load_state_dict(best_state)
+    if cfg.keep == "best":
+        model.load_state_dict(best_state)
     model.to("cpu").eval()
     return TrainResult(
         model=model,
@@ -445,7 +450,8 @@ def train_supervised(
     Minibatches are shuffled by a generator seeded with ``cfg.seed``; the run stops when the
     validation accuracy has not improved for ``cfg.patience`` epochs, and the best epoch's
     weights are restored (best: highest validation accuracy, ties broken by lower validation
-    loss). Same seed, same initial weights, same data -> identical weights.
+    loss); with ``cfg.keep`` "last" every epoch runs and the final weights are kept. Same
+    seed, same initial weights, same data -> identical weights.
 
     Args:
         model: Maps ``[B, *input_shape]`` to ``[B, C]``; trained in place and returned.
@@ -462,7 +468,7 @@ def train_supervised(
         augment: Applied to every training batch (``kd_lib.augment.make_augment``).
 
     Returns:
-        TrainResult with the best epoch's weights on CPU in eval mode.
+        TrainResult with the kept epoch's weights (``cfg.keep``) on CPU in eval mode.
 
     Raises:
         ValueError: lengths of inputs and labels differ, or a split is empty.
@@ -574,7 +580,7 @@ def distill(
         checkpoint_dir: Per-epoch checkpoint and resume, as in ``train_supervised``.
 
     Returns:
-        TrainResult with the best epoch's weights on CPU in eval mode.
+        TrainResult with the kept epoch's weights (``cfg.keep``) on CPU in eval mode.
 
     Raises:
         ValueError: lengths differ, or the objective needs a teacher and none was given.

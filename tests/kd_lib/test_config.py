@@ -1,3 +1,5 @@
+import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -97,6 +99,24 @@ def test_a_step_augment_replaces_data_augment_for_that_step_only() -> None:
     assert off.config_hash() != parse_config({"data": {"augment": {"noise_std": 0.1}}}).config_hash()
     with pytest.raises(ConfigError, match="teacher.train.augment.noise_std"):
         parse_config({"teacher": {"train": {"augment": {"noise_std": -1}}}})
+
+
+def test_keep_last_is_part_of_the_recipe_and_refuses_patience() -> None:
+    plain = parse_config({})
+    assert parse_config({"distill": {"train": {"keep": "best"}}}).config_hash() == plain.config_hash()
+    # The default is left out of the hash, so configs written before the field keep theirs.
+    dump = plain.model_dump(mode="json", exclude={"tracking", "image", "cluster", "candidate", "sweep"})
+    assert dump["distill"]["train"].pop("keep") == "best" and dump["teacher"]["train"].pop("keep") == "best"
+    for step in ("teacher", "distill"):
+        del dump[step]["train"]["augment"]
+    legacy = hashlib.sha256(json.dumps(dump, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    assert plain.config_hash() == legacy
+    last = parse_config({"distill": {"train": {"keep": "last"}}})
+    assert last.distill.train.keep == "last" and last.config_hash() != plain.config_hash()
+    with pytest.raises(ConfigError, match="distill.train.*remove patience, or set keep: best"):
+        parse_config({"distill": {"train": {"keep": "last", "patience": 3}}})
+    with pytest.raises(ConfigError, match="teacher.train.keep"):
+        parse_config({"teacher": {"train": {"keep": "final"}}})
 
 
 def test_splits_must_leave_training_data() -> None:

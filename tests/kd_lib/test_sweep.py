@@ -74,8 +74,9 @@ def test_the_candidate_name_is_a_label_not_part_of_the_recipe_hash() -> None:
 def test_a_config_without_a_sweep_hashes_as_it_did_before() -> None:
     cfg = parse_config({})
     dumped = cfg.model_dump(mode="json", exclude={"tracking", "image", "cluster", "sweep", "candidate"})
-    for step in ("teacher", "distill"):  # per-step augment came later still; unset, it is left out too
+    for step in ("teacher", "distill"):  # per-step augment and keep came later still; at their defaults they are left out too
         assert dumped[step]["train"].pop("augment") is None
+        assert dumped[step]["train"].pop("keep") == "best"
     import hashlib
 
     assert cfg.config_hash() == hashlib.sha256(json.dumps(dumped, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

@@ -80,6 +80,28 @@ def test_early_stopping_stops_and_restores_the_best_epoch(blobs: Data) -> None:
     assert not all(torch.equal(result.model.state_dict()[k], last[k]) for k in last)
 
 
+def test_keep_last_trains_every_epoch_and_returns_the_final_weights(blobs: Data) -> None:
+    x_train, y_train, x_val, _ = blobs
+    # Random validation labels, as above: the best validation epoch is an early one, not the last.
+    noisy_val = torch.randint(0, 3, (len(x_val),), generator=torch.Generator().manual_seed(3))
+    cfg = TrainConfig(epochs=12, batch_size=32, lr=0.05, seed=0, scheduler="none", keep="last")
+    model = _student()
+    snapshots: dict[int, dict[str, Tensor]] = {}
+
+    def snapshot(record: dict) -> None:
+        snapshots[record["epoch"]] = copy.deepcopy(model.state_dict())
+
+    result = train_supervised(model, x_train, y_train, x_val, noisy_val, cfg, on_epoch=snapshot)
+    best_record = max(result.history, key=lambda h: (h["val_accuracy"], -h["val_loss"]))
+    assert best_record["epoch"] < cfg.epochs - cfg.patience, "the case needs an early best epoch"
+    assert not result.stopped_early and len(result.history) == cfg.epochs
+    assert result.best_epoch == cfg.epochs
+    assert result.best_val_accuracy == result.history[-1]["val_accuracy"]
+    assert all(torch.equal(result.model.state_dict()[k], v) for k, v in snapshots[cfg.epochs].items())
+    early = snapshots[best_record["epoch"]]
+    assert not all(torch.equal(result.model.state_dict()[k], early[k]) for k in early)
+
+
 def test_training_is_deterministic(blobs: Data, fast_cfg: TrainConfig) -> None:
     x_train, y_train, x_val, y_val = blobs
     cfg = fast_cfg.model_copy(update={"epochs": 4})
