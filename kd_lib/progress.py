@@ -26,8 +26,12 @@ def format_epoch(name: str, total: int, row: dict[str, Any]) -> str:
     )
 
 
-def format_done(name: str, best_epoch: int, epochs_run: int, best_val_accuracy: float, stopped_early: bool) -> str:
-    """The closing line of a training loop."""
+def format_done(
+    name: str, best_epoch: int, epochs_run: int, best_val_accuracy: float, stopped_early: bool, keep: str = "best"
+) -> str:
+    """The closing line of a training loop; ``keep`` is the run's ``TrainConfig.keep``."""
+    if keep == "last":
+        return f"{name} done: kept the last epoch ({best_epoch} of {epochs_run}), val_acc {best_val_accuracy:.4f}"
     early = ", stopped early" if stopped_early else ""
     return f"{name} done: best val_acc {best_val_accuracy:.4f} at epoch {best_epoch} of {epochs_run}{early}"
 
@@ -75,11 +79,13 @@ class EpochProgress:
             )  # fmt: skip
             self._bar.update(1)
 
-    def done(self, best_epoch: int, epochs_run: int, best_val_accuracy: float, stopped_early: bool) -> None:
+    def done(
+        self, best_epoch: int, epochs_run: int, best_val_accuracy: float, stopped_early: bool, keep: str = "best"
+    ) -> None:
         """Close the bar and print the closing line (not in ``off`` mode)."""
         self.close()
         if self.mode != "off":
-            line = format_done(self.name, best_epoch, epochs_run, best_val_accuracy, stopped_early)
+            line = format_done(self.name, best_epoch, epochs_run, best_val_accuracy, stopped_early, keep)
             print(line, file=self.stream, flush=True)
 
     def close(self) -> None:

@@ -86,7 +86,7 @@ def _log_result(
         "epochs_run": len(result.history),
         "stopped_early": result.stopped_early,
     }
-    progress.done(result.best_epoch, len(result.history), result.best_val_accuracy, result.stopped_early)
+    progress.done(result.best_epoch, len(result.history), result.best_val_accuracy, result.stopped_early, result.keep)
     run.log_metrics({k: float(v) for k, v in summary.items()})
     run.log_dict(result.history, "history.json")
     if history_path is not None:

@@ -24,7 +24,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -51,9 +51,10 @@ class TrainResult:
         history: One dict per epoch run: ``epoch`` (1-based), ``train_loss``, ``val_loss``
             (hard-label cross-entropy, so teacher and student curves compare), ``val_accuracy``
             (fraction), ``lr`` (used during that epoch), ``seconds``.
-        best_epoch: 1-based epoch whose weights ``model`` holds.
+        best_epoch: 1-based epoch whose weights ``model`` holds (the last one with ``keep`` "last").
         best_val_accuracy: Validation accuracy of that epoch.
         stopped_early: True when early stopping ended the run before ``cfg.epochs``.
+        keep: ``TrainConfig.keep`` of the run: which epoch ``best_epoch`` is.
     """
 
     model: nn.Module
@@ -61,6 +62,7 @@ class TrainResult:
     best_epoch: int = 0
     best_val_accuracy: float = 0.0
     stopped_early: bool = False
+    keep: Literal["best", "last"] = "best"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -307,6 +309,7 @@ def _fit(
         best_epoch=best_epoch,
         best_val_accuracy=best_acc,
         stopped_early=stopped_early,
+        keep=cfg.keep,
     )
 
 

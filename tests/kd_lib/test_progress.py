@@ -38,6 +38,16 @@ def test_plain_lines_when_not_a_terminal(monkeypatch: pytest.MonkeyPatch) -> Non
     assert "\r" not in out.getvalue()
 
 
+def test_the_closing_line_names_the_kept_epoch_under_keep_last(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KDFLOW_PROGRESS", raising=False)
+    out = io.StringIO()
+    with EpochProgress("distill", 3, stream=out) as progress:
+        for row in ROWS:
+            progress(row)
+        progress.done(best_epoch=3, epochs_run=3, best_val_accuracy=0.95, stopped_early=False, keep="last")
+    assert out.getvalue().splitlines()[-1] == "distill done: kept the last epoch (3 of 3), val_acc 0.9500"
+
+
 def test_a_bar_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("KDFLOW_PROGRESS", raising=False)
     out = FakeTerminal()

@@ -95,7 +95,7 @@ def test_keep_last_trains_every_epoch_and_returns_the_final_weights(blobs: Data)
     best_record = max(result.history, key=lambda h: (h["val_accuracy"], -h["val_loss"]))
     assert best_record["epoch"] < cfg.epochs - cfg.patience, "the case needs an early best epoch"
     assert not result.stopped_early and len(result.history) == cfg.epochs
-    assert result.best_epoch == cfg.epochs
+    assert result.best_epoch == cfg.epochs and result.keep == "last"
     assert result.best_val_accuracy == result.history[-1]["val_accuracy"]
     assert all(torch.equal(result.model.state_dict()[k], v) for k, v in snapshots[cfg.epochs].items())
     early = snapshots[best_record["epoch"]]
