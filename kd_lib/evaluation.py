@@ -6,6 +6,7 @@ gates reason about is a CPU server.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -241,4 +242,59 @@ def agreement(reference: Tensor, other: Tensor, y: Tensor, num_classes: int) -> 
         "reference_right": int((differ & (reference == y)).sum()),
         "both_wrong": int((differ & (reference != y) & (other != y)).sum()),
         "pairs": pairs,
+    }
+
+
+def mcnemar_p_value(b: int, c: int) -> float:
+    """Exact two-sided McNemar test for two classifiers scored on the same samples.
+
+    ``b`` and ``c`` count the samples where only the first, or only the second, model is right
+    (the samples both get right or both get wrong say nothing about which is better). Under
+    the null hypothesis of equal accuracy each of the ``n = b + c`` discordant samples is a fair
+    coin, so ``p = min(1, 2 * P[Binomial(n, 1/2) <= min(b, c)])``
+    (McNemar 1947; the exact binomial form as in Edwards 1948 / Dietterich 1998).
+
+    Args:
+        b: Samples only the first model classifies correctly (>= 0).
+        c: Samples only the second model classifies correctly (>= 0).
+
+    Returns:
+        The two-sided p-value in (0, 1]; 1.0 when the models never disagree in correctness.
+    """
+    if b < 0 or c < 0:
+        raise ValueError(f"counts must be >= 0, got b={b}, c={c}")
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(b, c) + 1))
+    return min(1.0, 2 * tail / 2**n)
+
+
+def paired_gain(with_kd: Tensor, without: Tensor, y: Tensor) -> dict[str, Any]:
+    """What the teacher bought, measured on the same test samples: the accuracy difference of
+    the student trained with KD over the same student trained without it, and whether the
+    test split can tell the two apart (exact McNemar test on the samples where exactly one of
+    them is right).
+
+    Args:
+        with_kd: ``[N]`` int64 predictions of the distilled student.
+        without: ``[N]`` int64 predictions of the no-KD baseline.
+        y: ``[N]`` int64 true labels.
+
+    Returns:
+        ``gain_points`` (100 x accuracy difference), ``n`` (test samples), ``kd_only_right``,
+        ``baseline_only_right``, ``p_value`` (two-sided) and ``significant`` (p < 0.05).
+    """
+    _check_pair(with_kd, y)
+    _check_pair(without, y)
+    kd_right, base_right = with_kd == y, without == y
+    b, c = int((kd_right & ~base_right).sum()), int((base_right & ~kd_right).sum())
+    p = mcnemar_p_value(b, c)
+    return {
+        "gain_points": 100.0 * (b - c) / len(y),
+        "n": len(y),
+        "kd_only_right": b,
+        "baseline_only_right": c,
+        "p_value": p,
+        "significant": p < 0.05,
     }

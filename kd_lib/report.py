@@ -554,11 +554,19 @@ def kd_gain_line(evaluation: dict[str, Any]) -> str | None:
     gain = (evaluation.get("student") or {}).get("kd_gain_points")
     if not isinstance(gain, (int, float)) or "baseline" not in evaluation:
         return None
-    return (
+    line = (
         f"KD gain: {gain:+.2f} points of test accuracy for the student trained with the teacher over the same "
         f"student trained without it ({_pct(evaluation['student'].get('accuracy'))} vs "
         f"{_pct(evaluation['baseline'].get('accuracy'))}; same architecture, initial weights, epochs and schedule)"
     )
+    paired = evaluation["student"].get("kd_gain")
+    if isinstance(paired, dict) and "p_value" in paired:  # absent from evaluations written before it existed
+        verdict = "significant at 5%" if paired["significant"] else "not significant at 5%: this test split cannot tell them apart"
+        line += (
+            f". Of {paired['n']} test samples, only the KD student is right on {paired['kd_only_right']} and only "
+            f"the baseline on {paired['baseline_only_right']}: exact McNemar p = {paired['p_value']:.3g}, {verdict}"
+        )
+    return line
 
 
 def _models_html(data: ReportData) -> str:

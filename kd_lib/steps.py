@@ -648,10 +648,14 @@ def evaluate(
         # Where each student departs from its teacher (same accuracy can hide different mistakes).
         teacher_pred = torch.tensor(results["teacher"]["predictions"])
         if "baseline" in results:
-            # What the teacher bought: same student, same everything, with and without KD.
-            gain = 100.0 * (results["student"]["accuracy"] - results["baseline"]["accuracy"])
-            results["student"]["kd_gain_points"] = gain
-            run.log_metrics({"kd_gain_points": gain})
+            # What the teacher bought: same student, same everything, with and without KD; and
+            # whether this test split is large enough to tell (paired test on the same samples).
+            paired = evaluation.paired_gain(
+                torch.tensor(results["student"]["predictions"]), torch.tensor(results["baseline"]["predictions"]), y_test
+            )
+            results["student"]["kd_gain_points"] = paired["gain_points"]
+            results["student"]["kd_gain"] = paired
+            run.log_metrics({"kd_gain_points": paired["gain_points"], "kd_gain_p_value": paired["p_value"]})
         for role in ("student", "quantized"):
             vs = evaluation.agreement(teacher_pred, torch.tensor(results[role]["predictions"]), y_test, meta.num_classes)
             results[role]["vs_teacher"] = vs

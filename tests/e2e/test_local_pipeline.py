@@ -151,7 +151,10 @@ def test_pass_then_fail_then_distill_from_the_champion_on_a_fresh_sqlite_store(t
     assert set(evaluation) == {"teacher", "student", "quantized", "baseline"}
     gain = evaluation["student"]["kd_gain_points"]
     assert gain == pytest.approx(100 * (evaluation["student"]["accuracy"] - evaluation["baseline"]["accuracy"]))
-    assert "KD gain" in third.report_path.read_text()
+    paired = evaluation["student"]["kd_gain"]
+    assert 100 * (paired["kd_only_right"] - paired["baseline_only_right"]) / paired["n"] == pytest.approx(gain)
+    assert 0.0 < paired["p_value"] <= 1.0
+    assert "KD gain" in third.report_path.read_text() and "exact McNemar p = " in third.report_path.read_text()
 
 
 FAKE_SECRETS = {

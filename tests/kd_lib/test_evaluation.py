@@ -14,6 +14,8 @@ from kd_lib.evaluation import (
     evaluate_model,
     latency_ms,
     macro_f1,
+    mcnemar_p_value,
+    paired_gain,
     predict,
 )
 from kd_lib.models import mlp
@@ -115,3 +117,31 @@ def test_agreement_counts_who_was_right_where_two_models_differ() -> None:
     assert same["agreement"] == 1.0 and same["n_disagree"] == 0 and same["pairs"] == [[0] * 3] * 3
     with pytest.raises(ValueError, match="both be"):
         agreement(teacher, student[:-1], y, 3)
+
+
+def test_mcnemar_exact_p_values_match_hand_computed_binomial_tails() -> None:
+    # n = 6 discordant samples split 5/1: 2 * (C(6,0) + C(6,1)) / 2^6 = 2 * 7 / 64.
+    assert mcnemar_p_value(5, 1) == pytest.approx(14 / 64)
+    assert mcnemar_p_value(1, 5) == pytest.approx(14 / 64)  # two-sided: symmetric
+    # 10 against 0: 2 / 2^10, significant; an even split is as likely as can be (capped at 1).
+    assert mcnemar_p_value(10, 0) == pytest.approx(2 / 1024)
+    assert mcnemar_p_value(3, 3) == 1.0 and mcnemar_p_value(0, 0) == 1.0
+    # Large counts stay exact and finite (a 10,000-sample test split).
+    assert 0.0 < mcnemar_p_value(600, 480) < 0.001
+    with pytest.raises(ValueError, match="counts must be >= 0"):
+        mcnemar_p_value(-1, 2)
+
+
+def test_paired_gain_counts_only_the_samples_where_exactly_one_model_is_right() -> None:
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    kd = torch.tensor([0, 1, 2, 0, 1, 0, 1, 2])  # right on 0-4
+    base = torch.tensor([0, 1, 0, 1, 2, 2, 2, 2])  # right on 0, 1, 5
+    out = paired_gain(kd, base, y)
+    # Only KD right on 2, 3, 4; only the baseline on 5; both wrong on 6 and 7.
+    assert (out["kd_only_right"], out["baseline_only_right"], out["n"]) == (3, 1, 8)
+    assert out["gain_points"] == pytest.approx(100 * (accuracy(kd, y) - accuracy(base, y)))
+    assert out["p_value"] == pytest.approx(2 * (1 + 4) / 16) and out["significant"] is False
+    same = paired_gain(kd, kd, y)
+    assert same["gain_points"] == 0.0 and same["p_value"] == 1.0
+    with pytest.raises(ValueError, match="both be"):
+        paired_gain(kd[:-1], base, y)

@@ -248,3 +248,18 @@ def test_from_dict_rejects_unknown_fields() -> None:
     assert ReportData.from_dict({"name": "x"}).name == "x"
     with pytest.raises(ValueError, match="evalutaion"):
         ReportData.from_dict({"evalutaion": {}})
+
+
+def test_the_kd_gain_line_says_whether_the_test_split_can_tell_the_two_apart() -> None:
+    evaluation = {"student": {"accuracy": 0.9, "kd_gain_points": 2.0}, "baseline": {"accuracy": 0.88}}
+    assert report.kd_gain_line({"student": evaluation["student"]}) is None  # no baseline trained
+    # An evaluation written before the paired test existed keeps its one sentence.
+    assert report.kd_gain_line(evaluation).startswith("KD gain: +2.00 points")
+    assert "McNemar" not in report.kd_gain_line(evaluation)
+    small = {"n": 100, "kd_only_right": 3, "baseline_only_right": 1, "p_value": 0.625, "significant": False}
+    evaluation["student"]["kd_gain"] = small
+    line = report.kd_gain_line(evaluation)
+    assert "only the KD student is right on 3 and only the baseline on 1" in line
+    assert "p = 0.625, not significant at 5%" in line
+    evaluation["student"]["kd_gain"] = small | {"kd_only_right": 12, "baseline_only_right": 0, "p_value": 0.00049, "significant": True}
+    assert report.kd_gain_line(evaluation).endswith("exact McNemar p = 0.00049, significant at 5%")
