@@ -238,7 +238,9 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _patience_needs_best(self) -> "TrainConfig":
-        if self.keep == "last" and "patience" in self.model_fields_set:
+        # On its value, not on whether it was written: the config travels between steps as a
+        # full dump (``to_json``), where every field is written.
+        if self.keep == "last" and self.patience != type(self).model_fields["patience"].default:
             raise ValueError("patience stops early at the best validation epoch, but keep 'last' trains every epoch and "
                              "keeps the final one: remove patience, or set keep: best")  # fmt: skip
         return self

@@ -561,7 +561,9 @@ def kd_gain_line(evaluation: dict[str, Any]) -> str | None:
     )
     paired = evaluation["student"].get("kd_gain")
     if isinstance(paired, dict) and "p_value" in paired:  # absent from evaluations written before it existed
-        verdict = "significant at 5%" if paired["significant"] else "not significant at 5%: this test split cannot tell them apart"
+        verdict = "significant at 5%"
+        if not paired["significant"]:
+            verdict = "not " + verdict + ": this test split cannot tell them apart"
         line += (
             f". Of {paired['n']} test samples, only the KD student is right on {paired['kd_only_right']} and only "
             f"the baseline on {paired['baseline_only_right']}: exact McNemar p = {paired['p_value']:.3g}, {verdict}"

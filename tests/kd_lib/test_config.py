@@ -115,6 +115,8 @@ def test_keep_last_is_part_of_the_recipe_and_refuses_patience() -> None:
     assert last.distill.train.keep == "last" and last.config_hash() != plain.config_hash()
     with pytest.raises(ConfigError, match="distill.train.*remove patience, or set keep: best"):
         parse_config({"distill": {"train": {"keep": "last", "patience": 3}}})
+    # Every step re-reads the config from its full JSON dump, patience included.
+    assert config_from_json(last.to_json()) == last
     with pytest.raises(ConfigError, match="teacher.train.keep"):
         parse_config({"teacher": {"train": {"keep": "final"}}})
 

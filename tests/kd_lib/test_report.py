@@ -261,5 +261,6 @@ def test_the_kd_gain_line_says_whether_the_test_split_can_tell_the_two_apart() -
     line = report.kd_gain_line(evaluation)
     assert "only the KD student is right on 3 and only the baseline on 1" in line
     assert "p = 0.625, not significant at 5%" in line
-    evaluation["student"]["kd_gain"] = small | {"kd_only_right": 12, "baseline_only_right": 0, "p_value": 0.00049, "significant": True}
+    clear = {"kd_only_right": 12, "baseline_only_right": 0, "p_value": 0.00049, "significant": True}
+    evaluation["student"]["kd_gain"] = small | clear
     assert report.kd_gain_line(evaluation).endswith("exact McNemar p = 0.00049, significant at 5%")
