@@ -84,6 +84,9 @@ def test_dockerfile_and_lock_agree_with_what_the_pipeline_is_compiled_with() -> 
     assert pins["torch"].endswith("+cpu")
 
 
+# About 85 s, most of it installing the lock into a fresh venv: in `make test-slow`, to keep
+# `make test` under 10 minutes. The lock-against-kfp check above stays in `make test`.
+@pytest.mark.slow
 def test_the_image_recipe_runs_a_compiled_step(tmp_path: Path) -> None:
     timings: dict[str, float] = {}
 
