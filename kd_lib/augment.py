@@ -7,13 +7,13 @@ seed and a resumed run (the generator state is checkpointed) continues the same 
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kd_lib.config import AugmentConfig
+from kd_lib.config import AugmentConfig, PipelineConfig
 
 # (batch [B, *input_shape] on any device, CPU generator) -> augmented batch, same shape and device
 Augment = Callable[[Tensor, torch.Generator], Tensor]
@@ -78,3 +78,10 @@ def make_augment(cfg: AugmentConfig, input_shape: tuple[int, ...], where: str = 
         return x
 
     return augment
+
+
+def augment_for(cfg: PipelineConfig, step: Literal["teacher", "distill"], input_shape: tuple[int, ...]) -> Augment | None:
+    """The augmentation training ``step`` applies (``<step>.train.augment`` when set, else
+    ``data.augment``); errors name the field it came from. Raises ValueError as ``make_augment``."""
+    augment_cfg, where = cfg.augment_of(step)
+    return make_augment(augment_cfg, input_shape, where)

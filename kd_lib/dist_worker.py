@@ -27,7 +27,7 @@ import torch
 
 from kd_lib import data as data_lib
 from kd_lib import distributed, losses, quantization, training
-from kd_lib.augment import make_augment
+from kd_lib.augment import augment_for
 from kd_lib.config import LossTermConfig, PipelineConfig, TrainConfig, config_from_json
 from kd_lib.models import build_model, for_data
 
@@ -57,8 +57,7 @@ def _replica_train_teacher(cfg: PipelineConfig, dataset_dir: str, **_outputs: An
     shape = tuple(splits.meta.input_shape)
     torch.manual_seed(cfg.teacher.train.seed)
     model = build_model(cfg.teacher.model.arch, cfg.teacher.model.params, shape, splits.meta.num_classes)
-    augment_cfg, where = cfg.augment_of("teacher")
-    augment = make_augment(augment_cfg, shape, where)
+    augment = augment_for(cfg, "teacher", shape)
     training.train_supervised(model, *_tensors(splits, "train"), *_tensors(splits, "val"), cfg.teacher.train, augment=augment)
 
 
@@ -73,8 +72,7 @@ def _replica_distill(
     if objective.needs_teacher:
         model, spec = quantization.load_model(teacher_dir)
         teacher = for_data(model, spec.get("normalization"), meta.normalization)
-    augment_cfg, where = cfg.augment_of("distill")
-    augment = make_augment(augment_cfg, shape, where)
+    augment = augment_for(cfg, "distill", shape)
 
     def train_student(teacher: torch.nn.Module | None, objective: losses.Objective) -> None:
         torch.manual_seed(cfg.distill.train.seed)

@@ -19,7 +19,7 @@ import torch
 
 from kd_lib import data as data_lib
 from kd_lib import distributed, evaluation, gates, losses, quantization, report, storage, sweep, training
-from kd_lib.augment import make_augment
+from kd_lib.augment import augment_for
 from kd_lib.config import ConfigError, LossTermConfig, PipelineConfig, config_from_json
 from kd_lib.model_registry import ModelRegistry, RegistryError, gate_tags, log_pyfunc, pip_requirements, registry_errors
 from kd_lib.models import build_model, count_parameters, for_data
@@ -148,8 +148,7 @@ def prepare_data(cfg: PipelineConfig, pipeline_run_id: str, dataset_dir: str | P
 
 def _augment(cfg: PipelineConfig, meta: data_lib.DatasetMeta, step: Literal["teacher", "distill"]) -> Any:
     try:
-        augment, where = cfg.augment_of(step)
-        return make_augment(augment, tuple(meta.input_shape), where)
+        return augment_for(cfg, step, tuple(meta.input_shape))
     except ValueError as err:
         raise ConfigError(str(err)) from None
 

@@ -159,6 +159,28 @@ def _check_data(x_train: Tensor, y_train: Tensor, x_val: Tensor, y_val: Tensor) 
         raise ValueError(f"training needs samples: got {len(x_train)} train and {len(x_val)} validation")
 
 
+def _step(
+    model: nn.Module,
+    loss_fn: BatchLoss,
+    optimizer: torch.optim.Optimizer,
+    x_train: Tensor,
+    idx: Tensor,
+    device: torch.device,
+    augment: Augment | None,
+    augment_generator: torch.Generator,
+) -> float:
+    """One optimizer step on the samples ``idx`` of ``x_train`` (augmented when ``augment`` is
+    set); returns the batch's summed loss (mean loss times batch size) for the epoch's mean."""
+    xb = x_train[idx].to(device)
+    if augment is not None:
+        xb = augment(xb, augment_generator)
+    loss = loss_fn(model, xb, idx.to(device))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item() * len(idx)
+
+
 def _fit(
     model: nn.Module,
     x_train: Tensor,
@@ -241,15 +263,8 @@ def _fit(
             idx = order[i : i + cfg.batch_size]
             if ranks is not None:
                 loss_sum += _ddp_step(ddp_loss, ranks, x_train, idx, augment, augment_generator, optimizer, objective, device)
-                continue
-            xb = x_train[idx].to(device)
-            if augment is not None:
-                xb = augment(xb, augment_generator)
-            loss = loss_fn(model, xb, idx.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.item() * len(idx)
+            else:
+                loss_sum += _step(model, loss_fn, optimizer, x_train, idx, device, augment, augment_generator)
         if scheduler is not None:
             scheduler.step()
 
@@ -645,14 +660,7 @@ def kd_finetune(
         order = torch.randperm(n, generator=generator)
         for i in range(0, n, cfg.batch_size):
             idx = order[i : i + cfg.batch_size]
-            xb = x_train[idx].to(device)
-            if augment is not None:
-                xb = augment(xb, augment_generator)
-            loss = loss_fn(model, xb, idx.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.item() * len(idx)
+            loss_sum += _step(model, loss_fn, optimizer, x_train, idx, device, augment, augment_generator)
         record = {"epoch": epoch, "train_loss": loss_sum / n, "seconds": time.perf_counter() - start}
         record |= objective.epoch_means()
         history.append(record)
