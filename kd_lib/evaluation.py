@@ -210,6 +210,13 @@ def evaluate_model(
     return metrics
 
 
+def _only_right(first: Tensor, second: Tensor, y: Tensor) -> tuple[int, int]:
+    """The samples only ``first`` predicts correctly, and those only ``second`` does (the
+    discordant pairs: where the two disagree and one of them is right)."""
+    first_right, second_right = first == y, second == y
+    return int((first_right & ~second_right).sum()), int((second_right & ~first_right).sum())
+
+
 def agreement(reference: Tensor, other: Tensor, y: Tensor, num_classes: int) -> dict[str, Any]:
     """Where two models' predictions differ, and which of them was right there.
 
@@ -231,6 +238,7 @@ def agreement(reference: Tensor, other: Tensor, y: Tensor, num_classes: int) -> 
     _check_pair(reference, y)
     _check_pair(other, y)
     differ = reference != other
+    reference_right, other_right = _only_right(reference, other, y)
     pairs = [[0] * num_classes for _ in range(num_classes)]
     if differ.any():
         # confusion_matrix counts m[second][first]: here m[reference][other].
@@ -238,8 +246,8 @@ def agreement(reference: Tensor, other: Tensor, y: Tensor, num_classes: int) -> 
     return {
         "agreement": 1.0 - differ.double().mean().item(),
         "n_disagree": int(differ.sum()),
-        "other_right": int((differ & (other == y)).sum()),
-        "reference_right": int((differ & (reference == y)).sum()),
+        "other_right": other_right,
+        "reference_right": reference_right,
         "both_wrong": int((differ & (reference != y) & (other != y)).sum()),
         "pairs": pairs,
     }
@@ -287,8 +295,7 @@ def paired_gain(with_kd: Tensor, without: Tensor, y: Tensor) -> dict[str, Any]:
     """
     _check_pair(with_kd, y)
     _check_pair(without, y)
-    kd_right, base_right = with_kd == y, without == y
-    b, c = int((kd_right & ~base_right).sum()), int((base_right & ~kd_right).sum())
+    b, c = _only_right(with_kd, without, y)
     p = mcnemar_p_value(b, c)
     return {
         "gain_points": 100.0 * (b - c) / len(y),

@@ -288,12 +288,13 @@ def _fit(
         if on_epoch is not None and (ranks is None or ranks.is_main):
             on_epoch(dict(record))
 
-        # keep "last": each epoch replaces the one before; the final weights are the result.
+        # keep "last": each epoch replaces the one before (the live weights, no copy; the
+        # checkpoint stores them once); the final weights are the result.
         # keep "best": better = higher validation accuracy, or the same accuracy at a lower
         # validation loss: a few hundred validation samples move accuracy in coarse steps, so
         # ties are common and the loss says which of the tied epochs fits the held-out data better.
         if cfg.keep == "last":
-            best_epoch, best_acc, best_loss = epoch, val_acc, val_loss
+            best_epoch, best_acc, best_loss, best_state = epoch, val_acc, val_loss, model.state_dict()
         elif val_acc > best_acc or (val_acc == best_acc and val_loss < best_loss):
             best_epoch, best_acc, best_loss, since_best = epoch, val_acc, val_loss, 0
             best_state = copy.deepcopy(model.state_dict())
@@ -315,8 +316,7 @@ def _fit(
         if stopped_early:
             break
 
-    if cfg.keep == "best":
-        model.load_state_dict(best_state)
+    model.load_state_dict(best_state)
     model.to("cpu").eval()
     return TrainResult(
         model=model,

@@ -66,6 +66,20 @@ def test_supervised_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path: 
     assert resumed.best_epoch == full.best_epoch
 
 
+def test_keep_last_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    cfg = TrainConfig(**(CFG.model_dump() | {"keep": "last", "patience": TrainConfig().patience}))
+    x, y, xv, yv = _data()
+    full = training.train_supervised(_model(), x, y, xv, yv, cfg)
+    with pytest.raises(Crash):
+        training.train_supervised(_model(), x, y, xv, yv, cfg, on_epoch=_crash_at(5), checkpoint_dir=tmp_path)
+    resumed = training.train_supervised(_model(), x, y, xv, yv, cfg, checkpoint_dir=tmp_path)
+    assert _same(full.model.state_dict(), resumed.model.state_dict())
+    assert resumed.best_epoch == full.best_epoch == cfg.epochs
+    # A run resumed from the final epoch's checkpoint (nothing left to train) returns those weights.
+    again = training.train_supervised(_model(), x, y, xv, yv, cfg, checkpoint_dir=tmp_path)
+    assert _same(full.model.state_dict(), again.model.state_dict())
+
+
 def test_distill_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     x, y, xv, yv = _data()
     torch.manual_seed(11)
