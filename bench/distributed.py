@@ -34,11 +34,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kd_lib import data as data_lib  # noqa: E402
-from kd_lib import distributed, training  # noqa: E402
+from kd_lib.data import dataset as data_lib  # noqa: E402
+from kd_lib.train import distributed
+from kd_lib.train import loop as training  # noqa: E402
 from kd_lib.config import DataConfig, DistributedConfig, LossTermConfig, TrainConfig  # noqa: E402
-from kd_lib.losses import build_objective  # noqa: E402
-from kd_lib.models import build_model  # noqa: E402
+from kd_lib.train.losses import build_objective  # noqa: E402
+from kd_lib.models.builders import build_model  # noqa: E402
 
 CASES = {
     # case: (what trains, architecture, params)

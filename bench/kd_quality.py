@@ -43,12 +43,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kd_lib import data as data_lib  # noqa: E402
-from kd_lib import evaluation, quantization, training  # noqa: E402
-from kd_lib.augment import make_augment  # noqa: E402
+from kd_lib.data import dataset as data_lib  # noqa: E402
+from kd_lib.evaluate import metrics as evaluation
+from kd_lib.compress import quantization
+from kd_lib.train import loop as training  # noqa: E402
+from kd_lib.data.augment import make_augment  # noqa: E402
 from kd_lib.config import AugmentConfig, DataConfig, LossTermConfig, TrainConfig  # noqa: E402
-from kd_lib.losses import build_objective, describe  # noqa: E402
-from kd_lib.models import build_model, count_parameters  # noqa: E402
+from kd_lib.train.losses import build_objective, describe  # noqa: E402
+from kd_lib.models.builders import build_model, count_parameters  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mnist5k.npz"
 

@@ -2,7 +2,7 @@
 
 Trains a CNN teacher, distills an MLP student, a CNN student and a wide Linear-heavy MLP
 (784-1200-1200-10) from it, then for each model and each (scheme, backend) registered in
-kd_lib.quantization (plus torch.compile'd torchao and PT2E candidates that have no artifact
+kd_lib.compress.quantization (plus torch.compile'd torchao and PT2E candidates that have no artifact
 format of their own): artifact bytes and ratio to fp32, test accuracy and its drop, and CPU
 latency p50/p95 at batch 1 and 64 with a fixed thread count. Every artifact-backed row is
 measured on the model loaded back from its artifact (kdflow's pickle-free weights file).
@@ -34,11 +34,13 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kd_lib import data as data_lib  # noqa: E402
-from kd_lib import evaluation, quantization, training  # noqa: E402
+from kd_lib.data import dataset as data_lib  # noqa: E402
+from kd_lib.evaluate import metrics as evaluation
+from kd_lib.compress import quantization
+from kd_lib.train import loop as training  # noqa: E402
 from kd_lib.config import DataConfig, LossTermConfig, TrainConfig  # noqa: E402
-from kd_lib.losses import build_objective  # noqa: E402
-from kd_lib.models import build_model  # noqa: E402
+from kd_lib.train.losses import build_objective  # noqa: E402
+from kd_lib.models.builders import build_model  # noqa: E402
 
 # Hinton KD, as the pipeline's default distill.losses.
 KD_LOSSES = [LossTermConfig(name="kd", weight=0.9, params={"temperature": 4.0}), LossTermConfig(name="ce", weight=0.1)]

@@ -26,7 +26,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kd_lib import steps, sweep, tracking  # noqa: E402
+from kd_lib import steps
+from kd_lib.evaluate import sweep
+from kd_lib.adapters import tracking  # noqa: E402
 from kd_lib.config import PipelineConfig, parse_config  # noqa: E402
 
 STUDENTS = [

@@ -7,9 +7,9 @@ Measured side by side, alternating, ``--repeats`` times each (the median is repo
   student forward, ``0.9 * T^2 * KL + 0.1 * CE``, step; one validation pass per epoch (kdflow
   validates every epoch for early stopping, so the plain loop does the same work).
 * ``plain (no val)``: the same loop without the validation pass, for reference.
-* ``kdflow live``: ``kd_lib.training.distill`` with ``cache_teacher_logits=False`` (the
+* ``kdflow live``: ``kd_lib.train.loop.distill`` with ``cache_teacher_logits=False`` (the
   teacher runs on every batch, as in the plain loop).
-* ``kdflow cached``: ``kd_lib.training.distill`` with the teacher-logit cache (teacher run
+* ``kdflow cached``: ``kd_lib.train.loop.distill`` with the teacher-logit cache (teacher run
   once over the training set, its cost included in the time).
 
 Reported: samples/s over the whole call (epochs x N / wall seconds, the cache's one-off
@@ -37,11 +37,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kd_lib import data as data_lib  # noqa: E402
-from kd_lib import training  # noqa: E402
+from kd_lib.data import dataset as data_lib  # noqa: E402
+from kd_lib.train import loop as training  # noqa: E402
 from kd_lib.config import DataConfig, LossTermConfig, TrainConfig  # noqa: E402
-from kd_lib.losses import build_objective  # noqa: E402
-from kd_lib.models import build_model, count_parameters  # noqa: E402
+from kd_lib.train.losses import build_objective  # noqa: E402
+from kd_lib.models.builders import build_model, count_parameters  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mnist5k.npz"
 TEACHER = ("cnn", {"channels": 32, "depth": 3, "hidden": 128})

@@ -2,7 +2,7 @@
 
 Same names, inputs and outputs as components.train_teacher / components.distill, so the DAG
 is wired the same way; the task only launches the job and waits for it
-(``kd_lib.pytorchjob.run_step``), and the training pods do the work.
+(``kd_lib.launch.pytorchjob.run_step``), and the training pods do the work.
 """
 
 from kfp import dsl
@@ -16,7 +16,7 @@ def train_teacher(
     config_json: str, pipeline_run_id: str, dataset: Input[Dataset], teacher: Output[Model], history: Output[Artifact]
 ) -> float:
     """Train the teacher as a PyTorchJob; returns its best val accuracy."""
-    from kd_lib import pytorchjob
+    from kd_lib.launch import pytorchjob
     from kd_lib.config import config_from_json
 
     cfg = config_from_json(config_json)
@@ -41,7 +41,7 @@ def distill(
 ) -> float:
     """Distill the student as a PyTorchJob (and with distill.baseline the no-teacher baseline);
     returns its best val accuracy."""
-    from kd_lib import pytorchjob
+    from kd_lib.launch import pytorchjob
     from kd_lib.config import config_from_json
 
     cfg = config_from_json(config_json)

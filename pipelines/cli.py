@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import yaml
 
+from kd_lib.errors import KdflowError
 from kd_lib.config import ConfigError, PipelineConfig, load_config
 
 EXAMPLES = """examples:
@@ -36,13 +37,8 @@ else sqlite:///mlflow.db in the current directory. `kdflow <command> --help` exp
 """
 
 
-class CliError(Exception):
+class CliError(KdflowError):
     """An error the user can fix: what went wrong, and what to do about it."""
-
-    def __init__(self, cause: str, fix: str) -> None:
-        super().__init__(cause)
-        self.cause = cause
-        self.fix = fix
 
 
 def _sub(sub: Any, name: str, summary: str, description: str, examples: str) -> argparse.ArgumentParser:
@@ -232,7 +228,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     for a sweep, first every candidate with its front membership and failed checks."""
     out: list[str] = []
     if summary.get("sweep"):
-        from kd_lib.sweep import table_text
+        from kd_lib.evaluate.sweep import table_text
 
         out += ["Sweep candidates (quantized students, test split; * = chosen)", table_text(summary["sweep"]), ""]
     evaluation = summary.get("evaluation") or {}
@@ -241,7 +237,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         lat = sorted(k for k in next(iter(evaluation.values())) if k.startswith("latency_"))
         rows = [[role] + [row.get(c, "") for c in cols + lat] for role, row in evaluation.items()]
         out += ["Models (test split)", _table(["model"] + cols + [k.replace("latency_", "") for k in lat], rows), ""]
-        from kd_lib.report import kd_gain_line
+        from kd_lib.report.render import kd_gain_line
 
         gain = kd_gain_line(evaluation)
         if gain:
@@ -313,7 +309,7 @@ def _cmd_validate(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
     print(f"# config OK (hash {cfg.config_hash()[:12]})", file=sys.stderr)
     if cfg.sweep is not None:
-        from kd_lib.sweep import expand
+        from kd_lib.evaluate.sweep import expand
 
         names = [c.name for c in expand(cfg)]
         print(f"# sweep: {len(names)} candidates: {', '.join(names)}", file=sys.stderr)
@@ -321,7 +317,7 @@ def _cmd_validate(cfg: PipelineConfig, args: argparse.Namespace) -> int:
 
 
 def _cmd_run(cfg: PipelineConfig, args: argparse.Namespace) -> int:
-    from kd_lib.tracking import absolute_tracking_uri, resolve_tracking_uri
+    from kd_lib.adapters.tracking import absolute_tracking_uri, resolve_tracking_uri
     from pipelines.local import run_local
 
     print(f"kdflow: running {cfg.name} locally; MLflow at {absolute_tracking_uri(resolve_tracking_uri(cfg))}")
@@ -355,17 +351,17 @@ def _cmd_compile(cfg: PipelineConfig, args: argparse.Namespace) -> int:
 
 
 def _model_registry() -> Any:
-    """Import kd_lib.model_registry without MLflow's import-time warning that predict has no
+    """Import kd_lib.adapters.model_registry without MLflow's import-time warning that predict has no
     type hints (ours has none on purpose; MLflow forces the warning past warning filters)."""
     with contextlib.redirect_stderr(io.StringIO()):
-        from kd_lib import model_registry
+        from kd_lib.adapters import model_registry
     return model_registry
 
 
 def _cmd_models(cfg: None, args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
 
-    from kd_lib.tracking import client_for_uri
+    from kd_lib.adapters.tracking import client_for_uri
 
     ModelRegistry = _model_registry().ModelRegistry
 
@@ -396,8 +392,8 @@ def _cmd_models(cfg: None, args: argparse.Namespace) -> int:
 
 
 def _cmd_report(cfg: None, args: argparse.Namespace) -> int:
-    from kd_lib import report
-    from kd_lib.tracking import client_for_uri, pipeline_record, resolve_parent_run
+    from kd_lib.report import render as report
+    from kd_lib.adapters.tracking import client_for_uri, pipeline_record, resolve_parent_run
 
     client = client_for_uri(args.tracking_uri)
     parent = resolve_parent_run(client, args.run_id)
@@ -457,37 +453,19 @@ COMMANDS: dict[str, Command] = {
 
 
 def _fix_for(err: BaseException) -> str:
-    """The one-line fix for an error of a kind the user can cause."""
-    from kd_lib.data import DataError
-    from kd_lib.tracking import TrackingError
-
-    RegistryError = _model_registry().RegistryError
-
-    if getattr(err, "fix", ""):
-        return str(getattr(err, "fix"))
-    if isinstance(err, ConfigError):
-        return "correct the field(s) named above in the YAML file or in the --set override"
-    if isinstance(err, TrackingError):
-        return (
-            "start the MLflow server, or point --tracking-uri / MLFLOW_TRACKING_URI / tracking.tracking_uri "
-            "at the right one"
-        )
-    if isinstance(err, DataError):
-        return "fix the data named above, or point data.source at another dataset"
-    if isinstance(err, RegistryError):
-        return "check the model's versions with `kdflow models NAME`; nothing was promoted"
+    """The one-line fix: a kdflow error carries its own; anything else gets the traceback hint."""
+    if isinstance(err, KdflowError):
+        return err.fix
     return "re-run with --debug for the traceback"
 
 
 def _cause(err: BaseException) -> str:
-    if getattr(err, "cause", ""):
-        return str(getattr(err, "cause"))
-    text = str(err).strip() or type(err).__name__
     if isinstance(err, ConfigError):
-        return text  # one line per invalid field: the cause is the list
-    first = text.splitlines()[0]
-    known = type(err).__module__.startswith(("kd_lib", "pipelines"))
-    return first if known else f"{type(err).__name__}: {first}"
+        return str(err.cause).strip()  # one line per invalid field: the cause is the list
+    if isinstance(err, KdflowError):
+        return str(err.cause).strip().splitlines()[0] if str(err.cause).strip() else type(err).__name__
+    text = str(err).strip() or type(err).__name__
+    return f"{type(err).__name__}: {text.splitlines()[0]}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -498,12 +476,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nerror: interrupted", file=sys.stderr)
         return 130
-    except CliError as err:
-        if args.debug:
-            raise
-        print(f"error: {err.cause}", file=sys.stderr)
-        print(f"fix: {err.fix}", file=sys.stderr)
-        return 1
     except Exception as err:  # noqa: BLE001 - the CLI's one place that turns errors into two lines
         if args.debug:
             raise

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import urlparse
 
-from kd_lib import tracking
+from kd_lib.adapters import tracking
 from kd_lib.config import PipelineConfig
 
 LOG_FILE = "kfp-local.log"
@@ -41,7 +41,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _START = re.compile(r"Executing task '([^']+)'")
 _FINISH = re.compile(r"Task '([^']+)' finished with status (\w+)")
 _SKIP = re.compile(r"Skipping (?:conditional )?task (\S+)")
-# The plain progress lines of kd_lib.progress, as a task prints them into its log.
+# The plain progress lines of kd_lib.train.progress, as a task prints them into its log.
 _EPOCH = re.compile(r"^\s*\S+ epoch (\d+)/(\d+)\s+.*?val_acc (\S+)")
 _DONE = re.compile(r"^\s*\S+ done: (.*)$")
 

@@ -22,19 +22,20 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
+from kd_lib.errors import KdflowError
 from kd_lib.config import ConfigError, PipelineConfig
-from kd_lib.tracking import connect_error
+from kd_lib.adapters.tracking import connect_error
 
 TOKEN_ENV = "KDFLOW_KFP_TOKEN"
 SA_TOKEN_PATH_ENV = "KF_PIPELINES_SA_TOKEN_PATH"
 _T = TypeVar("_T")
 
 
-class SubmitError(RuntimeError):
+class SubmitError(KdflowError, RuntimeError):
     """The KFP API is unreachable or refused a request; the message names the host and the fix."""
 
 
-class CronError(ValueError):
+class CronError(KdflowError, ValueError):
     """A schedule is not a 6-field KFP cron expression; the message says which field is wrong."""
 
 

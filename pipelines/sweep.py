@@ -4,7 +4,7 @@ prepare_data -> train_teacher (or import_teacher) -> ParallelFor(candidates) { d
 quantize -> evaluate -> gate } -> select (Collected) -[a candidate passed]-> register, inside
 the exit handler that closes the MLflow parent run.
 
-The candidates' configs are computed here, when the pipeline is built (kd_lib.sweep.expand),
+The candidates' configs are computed here, when the pipeline is built (kd_lib.evaluate.sweep.expand),
 and (through sweep_items) become the ParallelFor's items: each candidate's tasks get its own
 full config JSON, so the existing components run unchanged. They are fixed in the compiled
 YAML; a different ``config_json`` at submit time changes the shared steps, not the candidates.
@@ -16,7 +16,7 @@ from kfp import dsl
 from kfp.dsl.graph_component import GraphComponent
 
 from components import evaluate, finalize, gate, prepare_data, quantize, register, select, sweep_items
-from kd_lib import sweep
+from kd_lib.evaluate import sweep
 from kd_lib.config import PipelineConfig
 from pipelines.cluster import finish_tasks
 from pipelines.distillation import RUN_ID, training_steps

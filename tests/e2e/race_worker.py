@@ -16,7 +16,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from kd_lib.model_registry import ModelRegistry
+from kd_lib.adapters.model_registry import ModelRegistry
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ import pytest
 from mlflow import MlflowClient
 
 from kd_lib import steps
-from kd_lib.model_registry import RegistryError
+from kd_lib.adapters.model_registry import RegistryError
 from tests.conftest import ADMIN
 from tests.helpers import tiny_config
 

@@ -27,7 +27,7 @@ LOAD_CHAMPION = textwrap.dedent(
     import mlflow
     import numpy as np
     from kd_lib.config import DataConfig
-    from kd_lib.data import load_source, stratified_split
+    from kd_lib.data.dataset import load_source, stratified_split
 
     uri, name, alias, out = sys.argv[1:5]
     mlflow.set_tracking_uri(uri)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from kd_lib import sweep
+from kd_lib.evaluate import sweep
 from kd_lib.config import PipelineConfig
 from pipelines.cli import format_summary
 from pipelines.local import LocalRunResult, run_local

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from torch.distributed.run import get_args_parser
 
-from kd_lib import pytorchjob
+from kd_lib.launch import pytorchjob
 from kd_lib.config import PipelineConfig, PyTorchJobConfig, load_config
 from tests.k8s.test_manifests import K8S, REPO, _tool_env, tool
 
@@ -163,7 +163,7 @@ def test_the_operator_finds_its_container_and_torchrun_parses_the_command(jobs: 
         assert argv[:3] == ["python", "-m", "torch.distributed.run"]
         args = get_args_parser().parse_args(argv[3:])
         assert (args.nnodes, args.nproc_per_node, args.node_rank, args.max_restarts) == (str(pods), str(train.distributed.nproc_per_node), 1, 0)
-        assert args.module and args.training_script == "kd_lib.dist_worker" and args.training_script_args == [REQUEST]
+        assert args.module and args.training_script == "kd_lib.launch.worker" and args.training_script_args == [REQUEST]
         assert args.master_addr == env["MASTER_ADDR"]
         assert {"name": "KDFLOW_DIST_ERROR_DIR", "value": ERRORS} in c["env"]
         assert c["image"] == cfg.image

@@ -17,11 +17,12 @@ from typing import Any, Callable
 
 import torch
 
-from kd_lib import distributed, training
-from kd_lib.augment import Augment, make_augment
+from kd_lib.train import distributed
+from kd_lib.train import loop as training
+from kd_lib.data.augment import Augment, make_augment
 from kd_lib.config import AugmentConfig, DistributedConfig, LossTermConfig, TrainConfig
-from kd_lib.losses import build_objective
-from kd_lib.models import build_model
+from kd_lib.train.losses import build_objective
+from kd_lib.models.builders import build_model
 
 # 225 = 7 * 32 + 1: the last global batch holds one sample, so one of two ranks has none.
 N_TRAIN, N_VAL, SHAPE, CLASSES = 225, 91, (1, 4, 4), 3

@@ -1,4 +1,4 @@
-"""kd_lib.augment: each transform against what it must do to a known image, reproducibility
+"""kd_lib.data.augment: each transform against what it must do to a known image, reproducibility
 from the generator, and the per-step choice with its error naming the field."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd_lib.augment import augment_for, gaussian_noise, make_augment, random_crop, random_hflip
+from kd_lib.data.augment import augment_for, gaussian_noise, make_augment, random_crop, random_hflip
 from kd_lib.config import AugmentConfig, parse_config
 
 

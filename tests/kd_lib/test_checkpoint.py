@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd_lib import training
-from kd_lib.augment import make_augment
+from kd_lib.train import loop as training
+from kd_lib.data.augment import make_augment
 from kd_lib.config import AugmentConfig, LossTermConfig, TrainConfig
-from kd_lib.losses import build_objective
-from kd_lib.models import build_model
+from kd_lib.train.losses import build_objective
+from kd_lib.models.builders import build_model
 
 CFG = TrainConfig(epochs=8, batch_size=32, lr=0.01, patience=100, seed=3, scheduler="cosine")
 
@@ -110,7 +110,7 @@ CHILD = textwrap.dedent(
     import sys, time, torch
     from pathlib import Path
     from tests.kd_lib.test_checkpoint import CFG, _data, _model
-    from kd_lib import training
+    from kd_lib.train import loop as training
 
     ckpt, marker_dir, out = sys.argv[1:4]
     def on_epoch(row):

@@ -3,7 +3,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kd_lib import data
+from kd_lib.data import dataset as data
 from kd_lib.config import DataConfig
 
 

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from kd_lib import data, storage
+from kd_lib.data import dataset as data
+from kd_lib.adapters import storage
 from kd_lib.config import DataConfig
 from tests.kd_lib.conftest import S3
 
@@ -156,7 +157,7 @@ def test_rgb_folder_is_normalized_per_channel_on_train_only(tmp_path: Path) -> N
 
 
 def test_served_model_applies_per_channel_normalization(tmp_path: Path) -> None:
-    from kd_lib.model_registry import KdflowPyfunc
+    from kd_lib.adapters.model_registry import KdflowPyfunc
 
     x, y = _images(channels=3)
     got = _prepare(source=str(_folder(tmp_path / "rgb", x, y)), image_mode="RGB")

@@ -1,7 +1,7 @@
 """Two CPU processes (torchrun, gloo) train like one process on the same global batch.
 
-Real processes, a real process group, no mocks: ``kd_lib.distributed.launch`` starts torchrun
-with the ranks of ``tests/kd_lib/ddp_cases.py`` (or, for the step, ``kd_lib.dist_worker``),
+Real processes, a real process group, no mocks: ``kd_lib.train.distributed.launch`` starts torchrun
+with the ranks of ``tests/kd_lib/ddp_cases.py`` (or, for the step, ``kd_lib.launch.worker``),
 and the result is compared with the single-process loop run here on the same problem.
 Equal up to float reduction order: the gradient of a global batch is summed over two halves
 instead of one batch, so the weights may differ in the last bits, not more.
@@ -19,7 +19,9 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from kd_lib import distributed, quantization, steps
+from kd_lib import steps
+from kd_lib.train import distributed
+from kd_lib.compress import quantization
 from kd_lib.config import DistributedConfig
 from tests.helpers import tiny_config
 from tests.kd_lib import ddp_cases

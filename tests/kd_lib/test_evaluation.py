@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from kd_lib.evaluation import (
+from kd_lib.evaluate.metrics import (
     accuracy,
     agreement,
     artifact_size_bytes,
@@ -18,7 +18,7 @@ from kd_lib.evaluation import (
     paired_gain,
     predict,
 )
-from kd_lib.models import mlp
+from kd_lib.models.builders import mlp
 
 # Four classes; class 3 never occurs in y or pred, so macro F1 averages classes 0-2 only.
 Y = torch.tensor([0, 0, 0, 1, 1, 2])

@@ -11,7 +11,7 @@ import numpy as np
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from kd_lib import data
+from kd_lib.data import dataset as data
 from kd_lib.config import ConfigError, DataConfig, PipelineConfig, parse_config
 
 SECTIONS = list(PipelineConfig.model_fields)

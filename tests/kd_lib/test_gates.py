@@ -5,7 +5,7 @@ import json
 import pytest
 
 from kd_lib.config import GateConfig
-from kd_lib.gates import GateCheck, GateDecision, decide
+from kd_lib.evaluate.gates import GateCheck, GateDecision, decide
 
 # Thresholds that every check passes easily, so one check at a time can be put on its edge.
 LENIENT = dict(

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from kd_lib.config import ConfigError, LossTermConfig
-from kd_lib.losses import (
+from kd_lib.train.losses import (
     LOSSES,
     LossInputs,
     attention_transfer,

@@ -9,12 +9,12 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from kd_lib import quantization
-from kd_lib.gates import decide
+from kd_lib.compress import quantization
+from kd_lib.evaluate.gates import decide
 from kd_lib.config import GateConfig
-from kd_lib.model_registry import ModelRegistry, RegistryError, gate_tags, log_pyfunc, pip_requirements
-from kd_lib.models import build_model
-from kd_lib.tracking import fluent_run
+from kd_lib.adapters.model_registry import ModelRegistry, RegistryError, gate_tags, log_pyfunc, pip_requirements
+from kd_lib.models.builders import build_model
+from kd_lib.adapters.tracking import fluent_run
 
 
 @pytest.fixture

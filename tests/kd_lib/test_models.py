@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from kd_lib.config import ConfigError
-from kd_lib.models import MODELS, build_model, cnn, count_parameters, mlp
-from kd_lib.registry import UnknownNameError
+from kd_lib.models.builders import MODELS, build_model, cnn, count_parameters, mlp
+from kd_lib.plugins import UnknownNameError
 
 
 def test_registry_has_the_builtin_architectures() -> None:
@@ -124,7 +124,7 @@ def test_user_model_bad_param_and_bad_paths(user_package: str) -> None:
 
 
 def test_for_data_renormalizes_only_when_the_statistics_differ() -> None:
-    from kd_lib.models import Renormalized, for_data
+    from kd_lib.models.builders import Renormalized, for_data
 
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
@@ -139,7 +139,7 @@ def test_for_data_renormalizes_only_when_the_statistics_differ() -> None:
 
 
 def test_renormalized_handles_per_channel_statistics() -> None:
-    from kd_lib.models import for_data
+    from kd_lib.models.builders import for_data
 
     torch.manual_seed(0)
     model = torch.nn.Conv2d(3, 1, 1)

@@ -6,7 +6,7 @@ import io
 
 import pytest
 
-from kd_lib.progress import EpochProgress, format_epoch, resolve_mode
+from kd_lib.train.progress import EpochProgress, format_epoch, resolve_mode
 
 
 class FakeTerminal(io.StringIO):

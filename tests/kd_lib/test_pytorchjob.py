@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from kd_lib import pytorchjob, quantization, steps
+from kd_lib import steps
+from kd_lib.launch import pytorchjob
+from kd_lib.compress import quantization
 from kd_lib.config import ConfigError, GpuConfig, PipelineConfig, parse_config
 from tests.helpers import tiny_config
 from tests.kd_lib.fake_k8s_api import FakeKubernetesApi
@@ -85,7 +87,7 @@ def test_the_job_is_created_followed_and_its_outputs_collected(tmp_path: Path) -
     assert job["spec"]["nprocPerNode"] == "2"
     assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1
     args = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["args"]
-    assert args[-3:] == ["-m", "kd_lib.dist_worker", str(_stage(cfg) / "request.json")]
+    assert args[-3:] == ["-m", "kd_lib.launch.worker", str(_stage(cfg) / "request.json")]
     assert "--nnodes=2" in args and "--nproc-per-node=2" in args
     assert any("world size 4" in line for line in lines)
     states = [line.split(": ", 1)[1].split(" ")[0] for line in lines if line.startswith("PyTorchJob ")]

@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from kd_lib.evaluation import artifact_size_bytes
-from kd_lib.models import build_model
-from kd_lib.quantization import QUANTIZERS, ArtifactError, load_model, quantize, save_model
-from kd_lib.registry import UnknownNameError
+from kd_lib.evaluate.metrics import artifact_size_bytes
+from kd_lib.models.builders import build_model
+from kd_lib.compress.quantization import QUANTIZERS, ArtifactError, load_model, quantize, save_model
+from kd_lib.plugins import UnknownNameError
 
 SPEC = {"arch": "mlp", "params": {"width": 128, "depth": 2}, "input_shape": [64], "num_classes": 10}
 
@@ -107,8 +107,8 @@ def test_round_trip_in_a_fresh_process_without_pickle(scheme: str, tmp_path: Pat
     script = textwrap.dedent(
         """
         import sys, torch
-        import kd_lib.evaluation, kd_lib.gates, kd_lib.losses, kd_lib.training
-        from kd_lib.quantization import load_model
+        import kd_lib.evaluate.metrics, kd_lib.evaluate.gates, kd_lib.train.losses, kd_lib.train.loop
+        from kd_lib.compress.quantization import load_model
         model, spec = load_model(sys.argv[1] + "/model")
         x = torch.load(sys.argv[1] + "/x.pt", weights_only=True)
         with torch.no_grad():

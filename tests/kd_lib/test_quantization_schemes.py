@@ -15,9 +15,9 @@ import pytest
 import torch
 from torch import nn
 
-from kd_lib.evaluation import artifact_size_bytes
-from kd_lib.models import build_model
-from kd_lib.quantization import (
+from kd_lib.evaluate.metrics import artifact_size_bytes
+from kd_lib.models.builders import build_model
+from kd_lib.compress.quantization import (
     QUANTIZERS,
     SCHEMES,
     Int8WeightLayer,
@@ -88,7 +88,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> dict[str
         """
         import sys, torch
         from pathlib import Path
-        from kd_lib.quantization import load_model
+        from kd_lib.compress.quantization import load_model
         root = Path(sys.argv[1])
         x = torch.load(root / "x.pt", weights_only=True)
         outs = {}

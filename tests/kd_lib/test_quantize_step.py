@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kd_lib import gates, steps
+from kd_lib import steps
+from kd_lib.evaluate import gates
 from kd_lib.config import PipelineConfig
-from kd_lib.quantization import QuantizationError, load_model
-from kd_lib.tracking import client_for
+from kd_lib.compress.quantization import QuantizationError, load_model
+from kd_lib.adapters.tracking import client_for
 from tests.helpers import tiny_config
 
 
@@ -182,7 +183,7 @@ LOAD_PYFUNC = textwrap.dedent(
 def test_pyfunc_of_each_kind_of_artifact_loads_without_pickle(trained, tmp_path: Path, repo_root: Path) -> None:
     import mlflow
 
-    from kd_lib.model_registry import KdflowPyfunc, log_pyfunc, pip_requirements
+    from kd_lib.adapters.model_registry import KdflowPyfunc, log_pyfunc, pip_requirements
 
     x = np.random.default_rng(0).uniform(0, 16, size=(20, 1, 8, 8)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)

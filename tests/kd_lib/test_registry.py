@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from kd_lib.registry import Registry, UnknownNameError
+from kd_lib.plugins import Registry, UnknownNameError
 
 
 def test_register_returns_the_object_unchanged_and_get_finds_it() -> None:

@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from kd_lib import report
+from kd_lib.report import render as report
 from kd_lib.config import PipelineConfig
-from kd_lib.gates import decide
-from kd_lib.report import ReportData
-from kd_lib.tracking import _params
+from kd_lib.evaluate.gates import decide
+from kd_lib.report.render import ReportData
+from kd_lib.adapters.tracking import _params
 
 CM_TEACHER = [[9, 1, 0], [0, 10, 0], [0, 1, 9]]
 CM_STUDENT = [[8, 2, 0], [0, 10, 0], [1, 1, 8]]

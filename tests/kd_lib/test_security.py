@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from kd_lib import data, quantization, training
+from kd_lib.data import dataset as data
+from kd_lib.compress import quantization
+from kd_lib.train import loop as training
 from kd_lib.config import DataConfig
-from kd_lib.models import build_model
+from kd_lib.models.builders import build_model
 
 
 class Payload:

@@ -12,12 +12,13 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from kd_lib import quantization, steps
+from kd_lib import steps
+from kd_lib.compress import quantization
 from kd_lib.config import ConfigError
-from kd_lib.data import load_splits
-from kd_lib.model_registry import ModelRegistry, log_pyfunc, pip_requirements
-from kd_lib.storage import StorageError
-from kd_lib.tracking import fluent_run
+from kd_lib.data.dataset import load_splits
+from kd_lib.adapters.model_registry import ModelRegistry, log_pyfunc, pip_requirements
+from kd_lib.adapters.storage import StorageError
+from kd_lib.adapters.tracking import fluent_run
 from tests.helpers import tiny_config
 
 CNN_TEACHER = {"model": {"arch": "cnn", "params": {"channels": 8, "depth": 2, "hidden": 32}}, "train": {"epochs": 3}}

@@ -1,4 +1,4 @@
-"""kd_lib.storage against a real S3-compatible server on loopback (moto's server over HTTP).
+"""kd_lib.adapters.storage against a real S3-compatible server on loopback (moto's server over HTTP).
 
 Nothing is mocked: every request goes through boto3 and botocore to the server's socket, and
 the server enforces credentials (signature and IAM policy) in the tests that switch that on.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kd_lib import storage
+from kd_lib.adapters import storage
 from kd_lib.config import RetryConfig
 from tests.kd_lib.conftest import S3, s3_environment
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from kd_lib import sweep
+from kd_lib.evaluate import sweep
 from kd_lib.config import ConfigError, PipelineConfig, parse_config
-from kd_lib.gates import GateCheck, GateDecision
+from kd_lib.evaluate.gates import GateCheck, GateDecision
 
 STUDENTS = [{"arch": "mlp", "params": {"width": 16, "depth": 1}}, {"arch": "cnn", "params": {"channels": 4, "depth": 1, "hidden": 16}}]
 LOSSES = [

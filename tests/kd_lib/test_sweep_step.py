@@ -10,9 +10,12 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from kd_lib import report, steps, sweep, tracking
+from kd_lib import steps
+from kd_lib.report import render as report
+from kd_lib.evaluate import sweep
+from kd_lib.adapters import tracking
 from kd_lib.config import PipelineConfig
-from kd_lib.gates import GateCheck, GateDecision
+from kd_lib.evaluate.gates import GateCheck, GateDecision
 from tests.helpers import tiny_config
 
 STUDENTS = [{"arch": "mlp", "params": {"width": w, "depth": 1}} for w in (8, 16, 32)]

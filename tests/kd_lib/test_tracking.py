@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from kd_lib import tracking
+from kd_lib.adapters import tracking
 from kd_lib.config import PipelineConfig
 from tests.helpers import tiny_config
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from kd_lib.augment import make_augment
+from kd_lib.data.augment import make_augment
 from kd_lib.config import AugmentConfig, ConfigError, LossTermConfig, TrainConfig
-from kd_lib.losses import build_objective
-from kd_lib.models import mlp
-from kd_lib.training import _fit, compute_logits, distill, resolve_device, train_supervised
+from kd_lib.train.losses import build_objective
+from kd_lib.models.builders import mlp
+from kd_lib.train.loop import _fit, compute_logits, distill, resolve_device, train_supervised
 from tests.helpers import TableTeacher
 
 Data = tuple[Tensor, Tensor, Tensor, Tensor]

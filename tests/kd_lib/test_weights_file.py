@@ -16,11 +16,11 @@ import pytest
 import torch
 from torch import nn
 
-from kd_lib import weights_file
-from kd_lib.evaluation import artifact_size_bytes
-from kd_lib.models import build_model
-from kd_lib.quantization import ArtifactError, QuantizeContext, load_model, quantize, save_model
-from kd_lib.weights_file import encode_state_dict, read_state_dict, write_state_dict
+from kd_lib.artifacts import weights_file
+from kd_lib.evaluate.metrics import artifact_size_bytes
+from kd_lib.models.builders import build_model
+from kd_lib.compress.quantization import ArtifactError, QuantizeContext, load_model, quantize, save_model
+from kd_lib.artifacts.weights_file import encode_state_dict, read_state_dict, write_state_dict
 
 # torch 2.13 deprecates creating quantized tensors, which these tests do to have some.
 pytestmark = pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")

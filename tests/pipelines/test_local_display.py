@@ -9,7 +9,7 @@ import json
 from kfp.local import logging_utils
 from kfp.local.status import Status
 
-from kd_lib.progress import format_done, format_epoch
+from kd_lib.train.progress import format_done, format_epoch
 from pipelines.local import StepDisplay
 
 
@@ -65,7 +65,7 @@ def test_one_line_per_task_with_time_and_result() -> None:
 
 
 def test_a_failed_task_shows_its_own_log_without_the_executor_input() -> None:
-    body = ["Traceback (most recent call last):", '  File "x.py", line 1', "kd_lib.data.DataError: nope.npz: no such file"]
+    body = ["Traceback (most recent call last):", '  File "x.py", line 1', "kd_lib.data.dataset.DataError: nope.npz: no such file"]
     lines = _task_lines("prepare-data", Status.FAILURE, body)
     display, out, err, _ = _run(lines, live=False)
     assert out.splitlines()[-1].split()[:2] == ["✗", "prepare-data"] and out.rstrip().endswith("FAILED")

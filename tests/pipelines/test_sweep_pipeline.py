@@ -12,7 +12,7 @@ from kfp.local import logging_utils
 from kfp.local.status import Status
 from kfp.pipeline_spec import pipeline_spec_pb2 as pb
 
-from kd_lib import sweep
+from kd_lib.evaluate import sweep
 from kd_lib.config import PipelineConfig, load_config
 from pipelines.compile import compile_pipeline
 from pipelines.distillation import build_pipeline

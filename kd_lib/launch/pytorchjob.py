@@ -5,7 +5,7 @@ With ``cluster.pytorchjob`` set, the pipeline's task for ``train_teacher`` / ``d
 
 1. copies the task's input artifacts onto the staging volume (``volume_claim``), the only
    storage both the task's pod and the training pods mount, and writes the request the
-   ranks read (``kd_lib.dist_worker``);
+   ranks read (``kd_lib.launch.worker``);
 2. renders ``k8s/training/pytorchjob.yaml`` for the step: Master + ``workers`` Worker pods
    of the kdflow image, each running torchrun with ``nproc_per_node`` ranks, with the step's
    Secrets-as-env, labels, resources and GPU;
@@ -34,7 +34,8 @@ from typing import Any, Callable, Iterator
 
 import yaml
 
-from kd_lib import distributed
+from kd_lib.errors import KdflowError
+from kd_lib.train import distributed
 from kd_lib.config import ConfigError, PipelineConfig
 
 GROUP, VERSION, PLURAL, KIND = "kubeflow.org", "v1", "pytorchjobs", "PyTorchJob"
@@ -49,14 +50,14 @@ STEPS = ("train_teacher", "distill")
 Log = Callable[[str], None]
 
 
-class PyTorchJobError(RuntimeError):
+class PyTorchJobError(KdflowError, RuntimeError):
     """The job could not be created, failed, or did not finish in time; the message says which and why."""
 
 
 def template_path() -> Path:
     """``k8s/training/pytorchjob.yaml``: under ``$KDFLOW_K8S_DIR`` (the image), else in this checkout."""
     root = os.environ.get(K8S_DIR_ENV)
-    return (Path(root) if root else Path(__file__).resolve().parents[1] / "k8s") / TEMPLATE
+    return (Path(root) if root else Path(__file__).resolve().parents[2] / "k8s") / TEMPLATE
 
 
 def load_template(path: str | Path | None = None) -> dict[str, Any]:

@@ -18,11 +18,14 @@ from urllib.parse import urlparse
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from kd_lib.errors import KdflowError
 from kd_lib import __version__
 
 
-class ConfigError(ValueError):
+class ConfigError(KdflowError, ValueError):
     """A pipeline config is unreadable or invalid; the message lists every bad field."""
+
+    default_fix = "correct the field(s) named above in the YAML file or in the --set override"
 
 
 class _Strict(BaseModel):
@@ -119,7 +122,7 @@ class DataConfig(_Strict):
             raise ValueError(f"{source!r}: only local paths and s3://bucket/key URIs are supported, not {scheme}://")
         if scheme == "s3" and not re.match(r"^s3://[^/]+", source):
             raise ValueError(f"{source!r}: no bucket; write s3://BUCKET/KEY")
-        # Another suffix may still be a directory ("mnist.v2/"): kd_lib.data decides when it looks.
+        # Another suffix may still be a directory ("mnist.v2/"): kd_lib.data.dataset decides when it looks.
         return source
 
     @field_validator("image_shape", "image_size")
@@ -168,7 +171,7 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    arch: str = Field("mlp", description="A name in kd_lib.models.MODELS ('mlp', 'cnn') or 'pkg.module:fn'.")
+    arch: str = Field("mlp", description="A name in kd_lib.models.builders.MODELS ('mlp', 'cnn') or 'pkg.module:fn'.")
     params: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the builder.")
 
 
@@ -281,7 +284,7 @@ class StudentConfig(_Strict):
 class LossTermConfig(_Strict):
     """One weighted term of the distillation objective."""
 
-    name: str = Field(..., min_length=1, description="A name in kd_lib.losses.LOSSES: ce, kd, dkd, fitnets, at.")
+    name: str = Field(..., min_length=1, description="A name in kd_lib.train.losses.LOSSES: ce, kd, dkd, fitnets, at.")
     weight: float = Field(1.0, ge=0, description="Multiplier of this term in the sum.")
     params: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the loss, e.g. {temperature: 4}.")
 
@@ -323,12 +326,12 @@ class DistillConfig(_Strict):
 class QuantizeConfig(_Strict):
     scheme: str = Field(
         "dynamic_int8",
-        description="A name in kd_lib.quantization.QUANTIZERS ('none', 'dynamic_int8', 'static_int8', "
+        description="A name in kd_lib.compress.quantization.QUANTIZERS ('none', 'dynamic_int8', 'static_int8', "
         "'weight_only_int8', 'fp16', 'bf16', 'qat_int8') or 'auto' (the first of auto_order within "
         "gate.max_quantization_drop on the validation split).",
     )
     backend: str | None = Field(
-        None, description="A backend of the scheme (kd_lib.quantization.backends); None = the measured default."
+        None, description="A backend of the scheme (kd_lib.compress.quantization.backends); None = the measured default."
     )
     calibration_batches: int = Field(8, ge=1, description="static_int8: training batches run to calibrate scales.")
     calibration_batch_size: int = Field(64, ge=1, description="static_int8: samples per calibration batch.")
@@ -663,7 +666,7 @@ class SweepConfig(_Strict):
     @classmethod
     def _known_schemes(cls, schemes: list[str]) -> list[str]:
         # Imported here: the registry lives with the (torch) quantizers, and only sweeps need it.
-        from kd_lib.quantization import QUANTIZERS
+        from kd_lib.compress.quantization import QUANTIZERS
 
         known = [*QUANTIZERS.names(), "auto"]
         unknown = [s for s in schemes if s not in known]
@@ -676,7 +679,7 @@ class SweepConfig(_Strict):
     @field_validator("students")
     @classmethod
     def _distinct_students(cls, students: list[ModelConfig]) -> list[ModelConfig]:
-        from kd_lib.models import MODELS
+        from kd_lib.models.builders import MODELS
 
         for i, student in enumerate(students):
             if ":" not in student.arch and student.arch not in MODELS:

@@ -1,8 +1,8 @@
 """MLflow Model Registry: the pyfunc wrapper, version registration and the champion alias.
 
 The registered model is an MLflow *models-from-code* pyfunc: its artifacts are a weights file
-(``weights.bin``, kdflow's pickle-free format, see ``kd_lib.weights_file``) and ``spec.json``; loading
-executes ``kd_lib/pyfunc_model.py`` from the model's own code directory, never unpickles an
+(``weights.bin``, kdflow's pickle-free format, see ``kd_lib.artifacts.weights_file``) and ``spec.json``; loading
+executes ``kd_lib/adapters/pyfunc_model.py`` from the model's own code directory, never unpickles an
 object. So ``models:/NAME@champion`` loads with ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``.
 """
 
@@ -23,15 +23,18 @@ from mlflow.exceptions import MlflowException
 from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import Schema, TensorSpec
 
+from kd_lib.errors import KdflowError
 import kd_lib
-from kd_lib.gates import GateDecision
+from kd_lib.evaluate.gates import GateDecision
 
 _PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 MODEL_ARTIFACT_KEY = "model"
 
 
-class RegistryError(RuntimeError):
+class RegistryError(KdflowError, RuntimeError):
     """Registration or promotion failed; nothing was promoted."""
+
+    default_fix = "check the model's versions with `kdflow models NAME`; nothing was promoted"
 
 
 class KdflowPyfunc(mlflow.pyfunc.PythonModel):
@@ -43,7 +46,7 @@ class KdflowPyfunc(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context: Any) -> None:
-        from kd_lib.quantization import load_model
+        from kd_lib.compress.quantization import load_model
 
         self.model, self.spec = load_model(context.artifacts[MODEL_ARTIFACT_KEY])
 
@@ -51,7 +54,7 @@ class KdflowPyfunc(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
         import torch
 
-        from kd_lib.data import normalize  # the very transform prepare_data applied (scalar or per channel)
+        from kd_lib.data.dataset import normalize  # the very transform prepare_data applied (scalar or per channel)
 
         x = normalize(np.asarray(model_input, dtype=np.float32), self.spec.get("normalization") or {})
         with torch.no_grad():

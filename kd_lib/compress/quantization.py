@@ -24,7 +24,7 @@ quantize step records the list in the model's spec.
 
 A saved model is a directory with ``weights.bin`` (the state dict in kdflow's pickle-free
 format: raw tensor bytes plus a JSON index, int8 weights as their integers with per-channel
-scales; see ``kd_lib.weights_file``) and ``spec.json`` (architecture, params, input shape,
+scales; see ``kd_lib.artifacts.weights_file``) and ``spec.json`` (architecture, params, input shape,
 classes, scheme, backend and library versions). Every scheme, fp32 included, uses the same
 format, so size ratios compare like with like. Loading rebuilds the fp32 architecture from the
 spec, turns it into the quantized structure with the recorded backend's ``prepare_for_load``,
@@ -47,10 +47,11 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import torch
 from torch import Tensor, nn
 
-from kd_lib import weights_file
-from kd_lib.models import build_model
-from kd_lib.registry import Registry
-from kd_lib.weights_file import ArtifactError
+from kd_lib.errors import KdflowError
+from kd_lib.artifacts import weights_file
+from kd_lib.models.builders import build_model
+from kd_lib.plugins import Registry
+from kd_lib.artifacts.weights_file import ArtifactError
 
 WEIGHTS_FILE = "weights.bin"
 # Written by kdflow before weights.bin (torch.save of the state dict); still read, never written.
@@ -66,7 +67,7 @@ _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _WEIGHT_LAYERS = (nn.Linear, *_CONV)
 
 
-class QuantizationError(ValueError):
+class QuantizationError(KdflowError, ValueError):
     """A scheme cannot be applied to this model (a layer type it does not cover, missing
     calibration data, ...); the message names the scheme, the backend and what to do."""
 
@@ -675,7 +676,7 @@ def quantize(
 def save_model(model: nn.Module, spec: dict[str, Any], directory: str | Path) -> Path:
     """Write a model as ``weights.bin`` + ``spec.json``, loadable without pickle by ``load_model``.
 
-    ``weights.bin`` is kdflow's weights file (``kd_lib.weights_file``): the state dict's raw
+    ``weights.bin`` is kdflow's weights file (``kd_lib.artifacts.weights_file``): the state dict's raw
     tensor bytes behind a JSON index; quantized tensors as their integers plus scales and zero
     points. The same format for every scheme, so artifact sizes compare like with like.
 

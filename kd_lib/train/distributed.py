@@ -2,9 +2,9 @@
 
 A step whose ``train.distributed.nproc_per_node`` is above 1 does not train in its own
 process: ``launch_step`` starts ``python -m torch.distributed.run`` (torchrun) with that many
-ranks, each running ``kd_lib.dist_worker``, waits for them, and returns what rank 0 wrote.
+ranks, each running ``kd_lib.launch.worker``, waits for them, and returns what rank 0 wrote.
 Inside a rank, ``init`` joins the process group and ``current()`` returns the ``Ranks`` that
-the training loop (``kd_lib.training._fit``) uses to split every global batch, all-reduce
+the training loop (``kd_lib.train.loop._fit``) uses to split every global batch, all-reduce
 the epoch's sums and share the teacher-logit cache. Outside torchrun ``current()`` is None
 and training is exactly the single-process loop.
 
@@ -36,19 +36,20 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from kd_lib.errors import KdflowError
 from kd_lib.config import ConfigError, DistributedConfig
 
 # Where each rank writes the exception it died of (one JSON file per rank); set by the launcher.
 ERROR_DIR_ENV = "KDFLOW_DIST_ERROR_DIR"
 # The module every rank of a kdflow step runs.
-WORKER_MODULE = "kd_lib.dist_worker"
+WORKER_MODULE = "kd_lib.launch.worker"
 # Seeds the global RNG (dropout) of rank r with seed + r * _RANK_SEED_STRIDE: rank 0 keeps the
 # single-process seed, and the other ranks' streams are neither rank 0's nor the
 # augmentation generator's (seeded seed + 1).
 _RANK_SEED_STRIDE = 1_000_003
 
 
-class DistributedError(RuntimeError):
+class DistributedError(KdflowError, RuntimeError):
     """A rank of a multi-process step failed or timed out; the message is that rank's error."""
 
 
@@ -165,7 +166,7 @@ def init(cfg: DistributedConfig, device_name: str) -> Iterator[Ranks]:
         DistributedError: not started by torchrun (RANK / WORLD_SIZE / LOCAL_RANK missing).
     """
     global _current
-    from kd_lib.training import resolve_device  # training imports this module
+    from kd_lib.train.loop import resolve_device  # training imports this module
 
     try:
         rank, world, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
@@ -273,7 +274,7 @@ def _last_frames(tb: str, lines: int = 6) -> str:
 def torchrun_command(target: str, args: list[str], nproc_per_node: int) -> list[str]:
     """``python -m torch.distributed.run --standalone ...``: one node, a rendezvous on a free port.
 
-    ``target`` is a module (``kd_lib.dist_worker``) or a script path ending in ``.py``.
+    ``target`` is a module (``kd_lib.launch.worker``) or a script path ending in ``.py``.
     """
     program = [target] if target.endswith(".py") else ["-m", target]
     return [

@@ -60,6 +60,8 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
+from kd_lib.errors import KdflowError
+
 MAGIC = b"KDFLOWW1"
 _PREFIX = struct.Struct("<8sII")  # magic, header length, CRC-32
 
@@ -94,7 +96,7 @@ _MAX_DIMS = 16
 _MAX_HEADER_BYTES = 64 * 2**20
 
 
-class ArtifactError(ValueError):
+class ArtifactError(KdflowError, ValueError):
     """A saved model directory is missing a file, or a file is corrupt or does not match its spec."""
 
 

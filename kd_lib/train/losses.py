@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd_lib.config import ConfigError, LossTermConfig
-from kd_lib.registry import Registry, UnknownNameError
+from kd_lib.plugins import Registry, UnknownNameError
 
 
 # ---------------------------------------------------------------------------------------------

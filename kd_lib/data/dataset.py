@@ -1,7 +1,7 @@
 """Load, validate, split and fingerprint a classification dataset.
 
 Sources (``data.source``, and optionally ``data.test_source``), each a local path or an
-``s3://`` URI fetched through ``kd_lib.storage``:
+``s3://`` URI fetched through ``kd_lib.adapters.storage``:
 
 - ``digits``: scikit-learn's builtin 8x8 digits;
 - ``.npz`` with arrays ``x`` ``[N, ...]`` and ``y`` ``[N]``;
@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from kd_lib.errors import KdflowError
 from kd_lib.config import DataConfig, RetryConfig, source_kind
 
 if TYPE_CHECKING:
@@ -38,8 +39,10 @@ SPLIT_NAMES = ("train", "val", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
-class DataError(ValueError):
+class DataError(KdflowError, ValueError):
     """The dataset is missing, corrupt or mislabeled; the message names the file and the fix."""
+
+    default_fix = "fix the data named above, or point data.source at another dataset"
 
 
 @dataclass
@@ -291,12 +294,12 @@ def read_source(source: str, cfg: DataConfig, scratch: str | Path, retry: RetryC
 
     Raises:
         DataError: the file is missing, unreadable, or not laid out as ``cfg`` says (naming it).
-        kd_lib.storage.StorageError: an ``s3://`` source cannot be fetched.
+        kd_lib.adapters.storage.StorageError: an ``s3://`` source cannot be fetched.
     """
     kind = source_kind(source)
     if kind == "digits":
         return Labeled(*_load_digits())
-    from kd_lib import storage  # boto3 only for s3:// sources
+    from kd_lib.adapters import storage  # boto3 only for s3:// sources
 
     local = storage.fetch(source, scratch, retry) if storage.is_remote(source) else Path(source).expanduser()
     if local.is_dir() and kind in ("folder", "unknown"):
@@ -478,7 +481,7 @@ def prepare(cfg: DataConfig, retry: RetryConfig | None = None) -> Splits:
 
     Raises:
         DataError: the data is missing, unreadable, mislabeled or inconsistent (naming the file).
-        kd_lib.storage.StorageError: an ``s3://`` source cannot be fetched.
+        kd_lib.adapters.storage.StorageError: an ``s3://`` source cannot be fetched.
     """
     with tempfile.TemporaryDirectory(prefix="kdflow-data-") as scratch:
         train = read_source(cfg.source, cfg, Path(scratch) / "source", retry)

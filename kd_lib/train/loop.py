@@ -10,7 +10,7 @@ Teacher logits are cached (computed once per training set, reused every epoch) w
 changes the teacher's input or needs more than its logits; with augmentation, or a
 feature-based loss, the teacher runs live on every batch.
 
-Under torchrun (``kd_lib.distributed``) the same loop runs on every rank, data-parallel, with
+Under torchrun (``kd_lib.train.distributed``) the same loop runs on every rank, data-parallel, with
 the global batches of a single process: see ``_fit``.
 """
 
@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd_lib import distributed
-from kd_lib.augment import Augment
+from kd_lib.train import distributed
+from kd_lib.data.augment import Augment
 from kd_lib.config import ConfigError, TrainConfig
-from kd_lib.losses import LossInputs, Objective, capture_features
+from kd_lib.train.losses import LossInputs, Objective, capture_features
 
 EpochCallback = Callable[[dict[str, Any]], None]
 # (model, input batch [B, *input_shape] on the device, sample indices of the batch [B] int64 on
@@ -201,7 +201,7 @@ def _fit(
     targets it needs (labels, cached teacher logits) by those indices. ``objective``'s own
     parameters (FitNets' regressor) are optimized and checkpointed with the model's.
 
-    Inside a rank of a multi-process step (``kd_lib.distributed.current()`` is set) every rank
+    Inside a rank of a multi-process step (``kd_lib.train.distributed.current()`` is set) every rank
     calls this with the same arguments: each computes its slice of every global batch under
     DistributedDataParallel (``_ddp_step``), the epoch's numbers are all-reduced
     (``_reduce_epoch``), and only rank 0 calls ``on_epoch`` and writes the checkpoint.
@@ -483,7 +483,7 @@ def train_supervised(
             states, best weights, history) is saved there after every epoch, and a run that
             finds a checkpoint resumes after its epoch: a preempted step restarted with the
             same seed ends with the same weights as an uninterrupted run.
-        augment: Applied to every training batch (``kd_lib.augment.make_augment``).
+        augment: Applied to every training batch (``kd_lib.data.augment.make_augment``).
 
     Returns:
         TrainResult with the kept epoch's weights (``cfg.keep``) on CPU in eval mode.
@@ -585,7 +585,7 @@ def distill(
     Args:
         student: Maps ``[B, *input_shape]`` to ``[B, C]``; trained in place and returned.
         teacher: The frozen teacher, or None when no term needs it.
-        objective: ``kd_lib.losses.build_objective(cfg.distill.losses)``.
+        objective: ``kd_lib.train.losses.build_objective(cfg.distill.losses)``.
         x_train: ``[N, *input_shape]`` float32.
         y_train: ``[N]`` int64 labels.
         x_val: ``[M, *input_shape]`` float32.

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kd_lib.training import compute_logits
+from kd_lib.train.loop import compute_logits
 
 
 def predict(model: nn.Module, x: Tensor, batch_size: int = 512) -> Tensor:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol, Sequence
 
 from kd_lib.config import TEMPERATURE_LOSSES, ModelConfig, PipelineConfig, parse_config
-from kd_lib.gates import GateCheck, GateDecision
+from kd_lib.evaluate.gates import GateCheck, GateDecision
 
 RULE = (
     "the smallest candidate that passes every gate (equally small: the most accurate, then the lowest "
@@ -364,7 +364,7 @@ def plot_front(summary: Mapping[str, Any]) -> bytes:
     """Accuracy versus artifact size of every candidate with the Pareto front; PNG bytes.
 
     Green dots pass every gate, red crosses fail; the chosen one is a star. matplotlib's
-    object API with the Agg canvas (no pyplot, no display), as in kd_lib.report.
+    object API with the Agg canvas (no pyplot, no display), as in kd_lib.report.render.
     """
     from matplotlib.figure import Figure
 

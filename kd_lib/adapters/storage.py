@@ -36,6 +36,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
+from kd_lib.errors import KdflowError
 from kd_lib.config import RetryConfig
 
 SCHEME = "s3://"
@@ -49,16 +50,8 @@ _DENIED = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403",
 _UNREACHABLE = (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError)
 
 
-class StorageError(ValueError):
-    """An object store URI cannot be read or written; the message names the URI and the fix.
-
-    ``cause`` and ``fix`` are also kept apart, for the CLI's two-line errors.
-    """
-
-    def __init__(self, cause: str, fix: str = "") -> None:
-        super().__init__(f"{cause}; {fix}" if fix else cause)
-        self.cause = cause
-        self.fix = fix
+class StorageError(KdflowError, ValueError):
+    """An object store URI cannot be read or written; the message names the URI and the fix."""
 
 
 def is_remote(uri: str | Path) -> bool:

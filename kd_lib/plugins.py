@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from typing import Callable, Generic, TypeVar
 
+from kd_lib.errors import KdflowError
+
 T = TypeVar("T")
 
 
-class UnknownNameError(ValueError):
+class UnknownNameError(KdflowError, ValueError):
     """A name was looked up that nothing registered; the message lists the available names."""
 
 

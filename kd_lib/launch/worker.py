@@ -1,7 +1,7 @@
-"""One rank of a multi-process training step: ``torchrun ... -m kd_lib.dist_worker REQUEST.json``.
+"""One rank of a multi-process training step: ``torchrun ... -m kd_lib.launch.worker REQUEST.json``.
 
-Started by ``kd_lib.distributed.launch_step`` (one machine) or by the pods of a PyTorchJob
-(``kd_lib.pytorchjob``). The request names the step and its arguments (JSON)::
+Started by ``kd_lib.train.distributed.launch_step`` (one machine) or by the pods of a PyTorchJob
+(``kd_lib.launch.pytorchjob``). The request names the step and its arguments (JSON)::
 
     {"step": "distill", "config_json": "...", "pipeline_run_id": "...",
      "paths": {"dataset_dir": ..., "teacher_dir": ..., "student_dir": ..., "history_path": ...,
@@ -13,7 +13,7 @@ output model and history, then the summary at ``summary_path``. The other ranks 
 same training inputs and run the same loops (for ``distill`` with ``distill.baseline``, the
 no-teacher baseline too: every training run is a sequence of collectives all ranks must join),
 writing nothing. Under torchrun the loop in
-``kd_lib.training`` finds the process group and trains data-parallel.
+``kd_lib.train.loop`` finds the process group and trains data-parallel.
 """
 
 from __future__ import annotations
@@ -25,11 +25,14 @@ from typing import Any, Callable
 
 import torch
 
-from kd_lib import data as data_lib
-from kd_lib import distributed, losses, quantization, training
-from kd_lib.augment import augment_for
+from kd_lib.data import dataset as data_lib
+from kd_lib.train import distributed
+from kd_lib.train import losses
+from kd_lib.compress import quantization
+from kd_lib.train import loop as training
+from kd_lib.data.augment import augment_for
 from kd_lib.config import LossTermConfig, PipelineConfig, TrainConfig, config_from_json
-from kd_lib.models import build_model, for_data
+from kd_lib.models.builders import build_model, for_data
 
 STEPS = ("train_teacher", "distill")
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from kd_lib.config import ConfigError
-from kd_lib.registry import Registry
+from kd_lib.plugins import Registry
 
 ModelBuilder = Callable[..., nn.Module]
 
@@ -236,7 +236,7 @@ class Renormalized(nn.Module):
     Feeds inputs normalized with this run's train-split statistics to a model trained on
     data normalized with other statistics (an imported teacher, the current champion):
     undo one normalization, apply the other. Statistics are scalars or per-channel lists
-    (``kd_lib.data.normalization_stats``). ``model`` stays a child named ``model``.
+    (``kd_lib.data.dataset.normalization_stats``). ``model`` stays a child named ``model``.
     """
 
     def __init__(self, model: nn.Module, data_norm: dict[str, Any], model_norm: dict[str, Any]) -> None:

@@ -17,14 +17,23 @@ from typing import Any, Literal
 
 import torch
 
-from kd_lib import data as data_lib
-from kd_lib import distributed, evaluation, gates, losses, quantization, report, storage, sweep, training
-from kd_lib.augment import augment_for
+from kd_lib.errors import KdflowError
+from kd_lib.data import dataset as data_lib
+from kd_lib.train import distributed
+from kd_lib.evaluate import metrics as evaluation
+from kd_lib.evaluate import gates
+from kd_lib.train import losses
+from kd_lib.compress import quantization
+from kd_lib.report import render as report
+from kd_lib.adapters import storage
+from kd_lib.evaluate import sweep
+from kd_lib.train import loop as training
+from kd_lib.data.augment import augment_for
 from kd_lib.config import ConfigError, LossTermConfig, PipelineConfig, config_from_json
-from kd_lib.model_registry import ModelRegistry, RegistryError, gate_tags, log_pyfunc, pip_requirements, registry_errors
-from kd_lib.models import build_model, count_parameters, for_data
-from kd_lib.progress import EpochProgress
-from kd_lib.tracking import (
+from kd_lib.adapters.model_registry import ModelRegistry, RegistryError, gate_tags, log_pyfunc, pip_requirements, registry_errors
+from kd_lib.models.builders import build_model, count_parameters, for_data
+from kd_lib.train.progress import EpochProgress
+from kd_lib.adapters.tracking import (
     SELECTED_TAG,
     StepRun,
     client_for,
@@ -36,7 +45,7 @@ from kd_lib.tracking import (
 )
 
 
-class StepError(RuntimeError):
+class StepError(KdflowError, RuntimeError):
     """A step was asked to do something its inputs do not allow (e.g. register a failed gate)."""
 
 
@@ -97,7 +106,7 @@ def _log_result(
 def _launch_ranks(cfg: PipelineConfig, step: str, pipeline_run_id: str, **paths: str | Path | None) -> dict[str, Any]:
     """Run ``step`` on ``<step>.train.distributed.nproc_per_node`` processes under torchrun.
 
-    Each rank runs ``kd_lib.dist_worker``; rank 0 calls this same step function (so its MLflow
+    Each rank runs ``kd_lib.launch.worker``; rank 0 calls this same step function (so its MLflow
     run, checkpoints and outputs are the ones a single process makes) and its summary is
     returned here.
     """
@@ -164,7 +173,7 @@ def train_teacher(
 
     The per-epoch history goes to the MLflow run and, when given, to ``history_path`` (JSON)
     for the report. With ``teacher.train.distributed.nproc_per_node > 1`` it trains on that
-    many processes (torchrun, DDP); rank 0 records, as described in ``kd_lib.distributed``.
+    many processes (torchrun, DDP); rank 0 records, as described in ``kd_lib.train.distributed``.
     """
     if distributed.should_launch(cfg.teacher.train.distributed):
         return _launch_ranks(cfg, "train_teacher", pipeline_run_id, dataset_dir=dataset_dir, teacher_dir=teacher_dir, history_path=history_path)
@@ -557,7 +566,7 @@ def _export_onnx(
     run: StepRun,
 ) -> dict[str, Any]:
     """Export fp32 (+ the onnxruntime-quantized counterpart) and check both on the test split."""
-    from kd_lib import onnx_export
+    from kd_lib.compress import onnx_export
 
     out = Path(onnx_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -836,7 +845,7 @@ def select(
 ) -> tuple[sweep.Selection, str]:
     """Gather a sweep's candidates, choose the one to register, and hand it on.
 
-    The rule is ``kd_lib.sweep.select``: the smallest candidate that passes every gate, ties
+    The rule is ``kd_lib.evaluate.sweep.select``: the smallest candidate that passes every gate, ties
     by accuracy then batch-1 latency, the Pareto front reported. The chosen candidate's
     quantized model, evaluation and decision are copied to ``quantized_dir``,
     ``evaluation_path`` and ``decision_path`` (what register takes); when none passes, those

@@ -24,6 +24,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
+from kd_lib.errors import KdflowError
 from kd_lib.config import PipelineConfig, RetryConfig
 
 log = logging.getLogger(__name__)
@@ -44,16 +45,12 @@ PARENT_TAG = "mlflow.parentRunId"
 _MAX_PARAM_LEN = 6000
 
 
-class TrackingError(RuntimeError):
-    """MLflow is unreachable or refused a request; the message names the server and the fix.
+class TrackingError(KdflowError, RuntimeError):
+    """MLflow is unreachable or refused a request; the message names the server and the fix."""
 
-    ``cause`` and ``fix`` are also kept apart, for the CLI's two-line errors.
-    """
-
-    def __init__(self, cause: str, fix: str = "") -> None:
-        super().__init__(f"{cause}; {fix}" if fix else cause)
-        self.cause = cause
-        self.fix = fix
+    default_fix = (
+        "start the MLflow server, or point --tracking-uri / MLFLOW_TRACKING_URI / tracking.tracking_uri at the right one"
+    )
 
 
 def resolve_tracking_uri(cfg: PipelineConfig | None = None) -> str:

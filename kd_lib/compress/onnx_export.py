@@ -20,10 +20,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from kd_lib.errors import KdflowError
+
 ONNX_SCHEMES = ("none", "dynamic_int8", "static_int8")
 
 
-class OnnxUnavailableError(RuntimeError):
+class OnnxUnavailableError(KdflowError, RuntimeError):
     """The ONNX packages are not installed; the message says what to install."""
 
 
