@@ -34,12 +34,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kd_lib.config import DataConfig, DistributedConfig, LossTermConfig, TrainConfig  # noqa: E402
 from kd_lib.data import dataset as data_lib  # noqa: E402
+from kd_lib.models.builders import build_model  # noqa: E402
 from kd_lib.train import distributed
 from kd_lib.train import loop as training  # noqa: E402
-from kd_lib.config import DataConfig, DistributedConfig, LossTermConfig, TrainConfig  # noqa: E402
 from kd_lib.train.losses import build_objective  # noqa: E402
-from kd_lib.models.builders import build_model  # noqa: E402
 
 CASES = {
     # case: (what trains, architecture, params)
@@ -52,7 +52,11 @@ LAYOUTS = [("1 proc x 1 thread", 1, 1), ("1 proc x 2 threads", 1, 2), ("2 procs 
 
 
 def _tensors(splits: data_lib.Splits) -> dict[str, torch.Tensor]:
-    return {f"{kind}_{name}": torch.from_numpy(getattr(splits, kind)[name]) for kind in ("x", "y") for name in ("train", "val")}
+    return {
+        f"{kind}_{name}": torch.from_numpy(getattr(splits, kind)[name])
+        for kind in ("x", "y")
+        for name in ("train", "val")
+    }
 
 
 def run_case(case: str, splits: data_lib.Splits, epochs: int, batch_size: int) -> training.TrainResult:
@@ -68,7 +72,9 @@ def run_case(case: str, splits: data_lib.Splits, epochs: int, batch_size: int) -
         return training.train_supervised(model, *data, cfg)
     torch.manual_seed(1)
     teacher = build_model(*TEACHER, shape, classes)  # a fixed function: throughput does not need a good one
-    objective = build_objective([LossTermConfig(name="kd", weight=0.9, params={"temperature": 4.0}), LossTermConfig(name="ce", weight=0.1)])
+    objective = build_objective(
+        [LossTermConfig(name="kd", weight=0.9, params={"temperature": 4.0}), LossTermConfig(name="ce", weight=0.1)]
+    )
     return training.distill(model, teacher, objective, data[0], data[1], data[2], data[3], cfg)
 
 
@@ -83,7 +89,14 @@ def _worker(args: argparse.Namespace) -> None:
             Path(args.result).write_text(json.dumps(result.history))
 
 
-def _measure(case: str, layout: tuple[str, int, int], args: argparse.Namespace, splits: data_lib.Splits, splits_dir: Path, tmp: Path) -> dict[str, Any]:
+def _measure(
+    case: str,
+    layout: tuple[str, int, int],
+    args: argparse.Namespace,
+    splits: data_lib.Splits,
+    splits_dir: Path,
+    tmp: Path,
+) -> dict[str, Any]:
     name, nproc, threads = layout
     start = time.perf_counter()
     if nproc == 1:
@@ -93,16 +106,40 @@ def _measure(case: str, layout: tuple[str, int, int], args: argparse.Namespace, 
     else:
         out = tmp / f"{case.replace(' ', '_')}-{nproc}.json"
         dcfg = DistributedConfig(nproc_per_node=nproc, threads_per_process=threads)
-        worker_args = ["--worker", "--case", case, "--splits", str(splits_dir), "--result", str(out), "--procs", str(nproc),
-                       "--threads", str(threads), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size)]  # fmt: skip
+        worker_args = [
+            "--worker",
+            "--case",
+            case,
+            "--splits",
+            str(splits_dir),
+            "--result",
+            str(out),
+            "--procs",
+            str(nproc),
+            "--threads",
+            str(threads),
+            "--epochs",
+            str(args.epochs),
+            "--batch-size",
+            str(args.batch_size),
+        ]
         distributed.launch(str(Path(__file__).resolve()), worker_args, dcfg, tmp / "errors")
         history, state = json.loads(out.read_text()), torch.load(out.with_suffix(".pt"), weights_only=True)
     wall = time.perf_counter() - start
     epoch_s = statistics.median(h["seconds"] for h in history)
     n = len(splits.x["train"])
-    return {"case": case, "layout": name, "processes": nproc, "threads_per_process": threads, "epochs": len(history),
-            "median_epoch_s": epoch_s, "samples_per_s": n / epoch_s, "wall_s": wall, "final_val_accuracy": history[-1]["val_accuracy"],
-            "_state": state}  # fmt: skip
+    return {
+        "case": case,
+        "layout": name,
+        "processes": nproc,
+        "threads_per_process": threads,
+        "epochs": len(history),
+        "median_epoch_s": epoch_s,
+        "samples_per_s": n / epoch_s,
+        "wall_s": wall,
+        "final_val_accuracy": history[-1]["val_accuracy"],
+        "_state": state,
+    }
 
 
 def main() -> None:
@@ -123,9 +160,12 @@ def main() -> None:
         return
 
     splits = data_lib.prepare(DataConfig(source=args.data))
-    print(f"{args.data}: {len(splits.x['train'])} training samples {tuple(splits.meta.input_shape)}, "
-          f"global batch {args.batch_size}, {args.epochs} epochs, {os.cpu_count()} CPU cores, "
-          f"load average {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
+    print(
+        f"{args.data}: {len(splits.x['train'])} training samples {tuple(splits.meta.input_shape)}, "
+        f"global batch {args.batch_size}, {args.epochs} epochs, {os.cpu_count()} CPU cores, "
+        f"load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         splits_dir = Path(tmp) / "splits"
@@ -138,7 +178,10 @@ def main() -> None:
                 base = base or state
                 row["max_abs_weight_diff_vs_1_proc"] = max((state[k] - base[k]).abs().max().item() for k in state)
                 rows.append(row)
-                print(f"  {case:22s} {row['layout']:20s} {row['samples_per_s']:8.0f} samples/s  wall {row['wall_s']:5.1f}s", flush=True)
+                print(
+                    f"  {case:22s} {row['layout']:20s} {row['samples_per_s']:8.0f} samples/s  wall {row['wall_s']:5.1f}s",
+                    flush=True,
+                )
     for row in rows:
         # Against one process on one core: the scaling per core (the 2-thread row shows what
         # intra-op threads alone give on the same cores).
@@ -147,13 +190,22 @@ def main() -> None:
     header = f"{'case':22s} {'layout':20s} {'samples/s':>10s} {'speedup':>8s} {'epoch s':>8s} {'wall s':>7s} {'val acc':>8s} {'max|dw|':>9s}"
     print("\n" + header + "\n" + "-" * len(header))
     for r in rows:
-        print(f"{r['case']:22s} {r['layout']:20s} {r['samples_per_s']:10.0f} {r['speedup_vs_1_proc_1_thread']:7.2f}x "
-              f"{r['median_epoch_s']:8.2f} {r['wall_s']:7.1f} {r['final_val_accuracy']:8.4f} {r['max_abs_weight_diff_vs_1_proc']:9.1e}")  # fmt: skip
+        print(
+            f"{r['case']:22s} {r['layout']:20s} {r['samples_per_s']:10.0f} {r['speedup_vs_1_proc_1_thread']:7.2f}x "
+            f"{r['median_epoch_s']:8.2f} {r['wall_s']:7.1f} {r['final_val_accuracy']:8.4f} {r['max_abs_weight_diff_vs_1_proc']:9.1e}"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"data": args.data, "epochs": args.epochs, "global_batch": args.batch_size, "cpu_count": os.cpu_count(),
-            "load_average_1min_at_end": os.getloadavg()[0],
-            "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()}  # fmt: skip
+    meta = {
+        "data": args.data,
+        "epochs": args.epochs,
+        "global_batch": args.batch_size,
+        "cpu_count": os.cpu_count(),
+        "load_average_1min_at_end": os.getloadavg()[0],
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"\nwrote {out}")
 

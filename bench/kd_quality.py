@@ -43,14 +43,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kd_lib.data import dataset as data_lib  # noqa: E402
-from kd_lib.evaluate import metrics as evaluation
 from kd_lib.compress import quantization
-from kd_lib.train import loop as training  # noqa: E402
-from kd_lib.data.augment import make_augment  # noqa: E402
 from kd_lib.config import AugmentConfig, DataConfig, LossTermConfig, TrainConfig  # noqa: E402
-from kd_lib.train.losses import build_objective, describe  # noqa: E402
+from kd_lib.data import dataset as data_lib  # noqa: E402
+from kd_lib.data.augment import make_augment  # noqa: E402
+from kd_lib.evaluate import metrics as evaluation
 from kd_lib.models.builders import build_model, count_parameters  # noqa: E402
+from kd_lib.train import loop as training  # noqa: E402
+from kd_lib.train.losses import build_objective, describe  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mnist5k.npz"
 
@@ -62,11 +62,13 @@ METHODS: dict[str, list[dict[str, Any]]] = {
     "scratch": [{"name": "ce", "weight": 1.0}],
     "kd": [{"name": "kd", "weight": 0.9, "params": {"temperature": 4.0}}, {"name": "ce", "weight": 0.1}],
     "kd_T2": [{"name": "kd", "weight": 0.9, "params": {"temperature": 2.0}}, {"name": "ce", "weight": 0.1}],
-    "dkd": [{"name": "dkd", "weight": 1.0, "params": {"alpha": 1.0, "beta": 8.0, "temperature": 4.0}},
-            {"name": "ce", "weight": 1.0}],
+    "dkd": [
+        {"name": "dkd", "weight": 1.0, "params": {"alpha": 1.0, "beta": 8.0, "temperature": 4.0}},
+        {"name": "ce", "weight": 1.0},
+    ],
     "fitnets": [{"name": "fitnets", "weight": 1.0}, {"name": "ce", "weight": 1.0}],
     "at": [{"name": "at", "weight": 500.0}, {"name": "ce", "weight": 1.0}],
-}  # fmt: skip
+}
 
 # Per dataset: the teacher and student architectures and the training recipes.
 SETUPS: dict[str, dict[str, Any]] = {
@@ -93,7 +95,10 @@ SETUPS: dict[str, dict[str, Any]] = {
 
 
 def _tensors(splits: data_lib.Splits) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    return ({k: torch.from_numpy(v) for k, v in splits.x.items()}, {k: torch.from_numpy(v) for k, v in splits.y.items()})
+    return (
+        {k: torch.from_numpy(v) for k, v in splits.x.items()},
+        {k: torch.from_numpy(v) for k, v in splits.y.items()},
+    )
 
 
 def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -102,7 +107,9 @@ def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float
 
 def _quantized_accuracy(model: torch.nn.Module, scheme: str, x: dict, y: dict, seed: int) -> float:
     order = torch.randperm(len(x["train"]), generator=torch.Generator().manual_seed(seed))[: 8 * 64]
-    context = quantization.QuantizeContext(calibration=[x["train"][order[i : i + 64]] for i in range(0, len(order), 64)])
+    context = quantization.QuantizeContext(
+        calibration=[x["train"][order[i : i + 64]] for i in range(0, len(order), 64)]
+    )
     quantized = quantization.get_quantizer(scheme).apply(model, context)
     return _accuracy(quantized, x["test"], y["test"])
 
@@ -126,20 +133,32 @@ def _student_run(task: dict[str, Any]) -> dict[str, Any]:
     teacher.eval()
     augment = make_augment(AugmentConfig(random_crop_padding=task["crop"]), shape) if task["crop"] else None
     losses = [LossTermConfig(**t) for t in METHODS[task["method"]]]
-    cfg = TrainConfig(epochs=task["epochs"], batch_size=64, lr=task["lr"], weight_decay=task["weight_decay"],
-                      optimizer="adamw", keep="last", seed=task["seed"])  # fmt: skip
+    cfg = TrainConfig(
+        epochs=task["epochs"],
+        batch_size=64,
+        lr=task["lr"],
+        weight_decay=task["weight_decay"],
+        optimizer="adamw",
+        keep="last",
+        seed=task["seed"],
+    )
     torch.manual_seed(task["seed"])  # same initial student weights for every method of this seed
     student = build_model(*task["student"], shape, classes)
     start = time.perf_counter()
-    result = training.distill(student, teacher, build_objective(losses), x["train"], y["train"], x["val"], y["val"], cfg, augment=augment)
+    result = training.distill(
+        student, teacher, build_objective(losses), x["train"], y["train"], x["val"], y["val"], cfg, augment=augment
+    )
     return {
-        "dataset": task["dataset"], "seed": task["seed"], "method": task["method"], "epochs": task["epochs"],
+        "dataset": task["dataset"],
+        "seed": task["seed"],
+        "method": task["method"],
+        "epochs": task["epochs"],
         "objective": describe(losses),
         "val_accuracy": result.best_val_accuracy,
         "test_accuracy": _accuracy(result.model, x["test"], y["test"]),
         "int8_accuracy": _quantized_accuracy(result.model, task["scheme"], x, y, task["seed"]),
         "seconds": time.perf_counter() - start,
-    }  # fmt: skip
+    }
 
 
 def run_dataset(name: str, source: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -152,7 +171,9 @@ def run_dataset(name: str, source: str, args: argparse.Namespace) -> dict[str, A
     teacher = build_model(t_arch, t_params, shape, classes)
     t_cfg = TrainConfig(epochs=setup["teacher_epochs"], batch_size=64, lr=setup["teacher_lr"], patience=100, seed=0)
     # The teacher is trained once per recipe and kept (weights only): reruns compare students.
-    recipe = json.dumps([name, meta.fingerprint, t_arch, t_params, t_cfg.model_dump(), setup["teacher_crop"]], sort_keys=True)
+    recipe = json.dumps(
+        [name, meta.fingerprint, t_arch, t_params, t_cfg.model_dump(), setup["teacher_crop"]], sort_keys=True
+    )
     cached = Path(args.teacher_cache) / f"{name}-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}.pt"
     start = time.perf_counter()
     loaded = cached.is_file()
@@ -160,37 +181,73 @@ def run_dataset(name: str, source: str, args: argparse.Namespace) -> dict[str, A
         teacher.load_state_dict(torch.load(cached, weights_only=True))
         teacher.eval()
     else:
-        t_augment = make_augment(AugmentConfig(random_crop_padding=setup["teacher_crop"]), shape) if setup["teacher_crop"] else None
-        teacher = training.train_supervised(teacher, x["train"], y["train"], x["val"], y["val"], t_cfg, augment=t_augment).model
+        t_augment = (
+            make_augment(AugmentConfig(random_crop_padding=setup["teacher_crop"]), shape)
+            if setup["teacher_crop"]
+            else None
+        )
+        teacher = training.train_supervised(
+            teacher, x["train"], y["train"], x["val"], y["val"], t_cfg, augment=t_augment
+        ).model
         cached.parent.mkdir(parents=True, exist_ok=True)
         torch.save(teacher.state_dict(), cached)
     teacher_acc = _accuracy(teacher, x["test"], y["test"])
-    print(f"[{name}] teacher {t_arch} {t_params}: {count_parameters(teacher)} params, test {teacher_acc:.4f} "
-          f"({'loaded ' + str(cached) if loaded else 'trained'}, {time.perf_counter() - start:.0f}s)", flush=True)  # fmt: skip
+    print(
+        f"[{name}] teacher {t_arch} {t_params}: {count_parameters(teacher)} params, test {teacher_acc:.4f} "
+        f"({'loaded ' + str(cached) if loaded else 'trained'}, {time.perf_counter() - start:.0f}s)",
+        flush=True,
+    )
 
     student = tuple(setup["student"]) if args.student is None else tuple(json.loads(args.student))
     grid = args.grid_epochs or setup["student_epochs"]
     methods = [m for m in METHODS if not args.methods or m in args.methods]
     tasks = [
-        {"dataset": name, "source": source, "val_fraction": args.val_fraction, "test_fraction": args.test_fraction,
-         "teacher": (t_arch, t_params), "teacher_weights": str(cached), "student": student, "method": method,
-         "seed": seed, "epochs": epochs, "lr": args.lr, "weight_decay": args.weight_decay, "crop": args.crop,
-         "scheme": args.scheme, "threads": max(1, args.threads // args.jobs)}
-        for seed in args.seeds for method in methods for epochs in grid
-    ]  # fmt: skip
+        {
+            "dataset": name,
+            "source": source,
+            "val_fraction": args.val_fraction,
+            "test_fraction": args.test_fraction,
+            "teacher": (t_arch, t_params),
+            "teacher_weights": str(cached),
+            "student": student,
+            "method": method,
+            "seed": seed,
+            "epochs": epochs,
+            "lr": args.lr,
+            "weight_decay": args.weight_decay,
+            "crop": args.crop,
+            "scheme": args.scheme,
+            "threads": max(1, args.threads // args.jobs),
+        }
+        for seed in args.seeds
+        for method in methods
+        for epochs in grid
+    ]
     runs: list[dict[str, Any]] = []
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
         for row in pool.map(_student_run, tasks):
             runs.append(row)
-            print(f"[{name}] seed {row['seed']} {row['method']:8s} {row['epochs']:4d} ep: val {row['val_accuracy']:.4f} "
-                  f"test {row['test_accuracy']:.4f} int8 {row['int8_accuracy']:.4f} ({row['seconds']:.0f}s)", flush=True)  # fmt: skip
+            print(
+                f"[{name}] seed {row['seed']} {row['method']:8s} {row['epochs']:4d} ep: val {row['val_accuracy']:.4f} "
+                f"test {row['test_accuracy']:.4f} int8 {row['int8_accuracy']:.4f} ({row['seconds']:.0f}s)",
+                flush=True,
+            )
     chosen = choose_epochs(runs)
     return {
         "dataset": name,
         "source": source,
         "sizes": meta.sizes,
-        "teacher": {"arch": t_arch, "params": t_params, "num_params": count_parameters(teacher), "test_accuracy": teacher_acc},
-        "student": {"arch": student[0], "params": student[1], "num_params": count_parameters(build_model(*student, shape, classes))},
+        "teacher": {
+            "arch": t_arch,
+            "params": t_params,
+            "num_params": count_parameters(teacher),
+            "test_accuracy": teacher_acc,
+        },
+        "student": {
+            "arch": student[0],
+            "params": student[1],
+            "num_params": count_parameters(build_model(*student, shape, classes)),
+        },
         "grid_epochs": grid,
         "chosen_epochs": chosen,
         "runs": runs,
@@ -204,7 +261,10 @@ def choose_epochs(runs: list[dict[str, Any]]) -> dict[str, int]:
     val: dict[str, dict[int, list[float]]] = {}
     for r in runs:
         val.setdefault(r["method"], {}).setdefault(r["epochs"], []).append(r["val_accuracy"])
-    return {method: max(sorted(by_epochs), key=lambda e: statistics.fmean(by_epochs[e])) for method, by_epochs in val.items()}
+    return {
+        method: max(sorted(by_epochs), key=lambda e: statistics.fmean(by_epochs[e]))
+        for method, by_epochs in val.items()
+    }
 
 
 def summarize(runs: list[dict[str, Any]], teacher_acc: float, chosen: dict[str, int]) -> dict[str, dict[str, float]]:
@@ -234,7 +294,10 @@ def summarize(runs: list[dict[str, Any]], teacher_acc: float, chosen: dict[str, 
             row["gap_recovered"] = (row["mean"] - base) / (teacher_acc - base) if teacher_acc > base else float("nan")
             # "Beats scratch by more than two standard deviations": against the larger of the two
             # methods' seed-to-seed standard deviations (the conservative reading).
-            spread = max(row["std"], statistics.stdev([scratch[s]["test_accuracy"] for s in scratch]) if len(scratch) > 1 else 0.0)
+            spread = max(
+                row["std"],
+                statistics.stdev([scratch[s]["test_accuracy"] for s in scratch]) if len(scratch) > 1 else 0.0,
+            )
             row["beats_scratch_2sd"] = row["delta_vs_scratch"] > 2 * spread
         out[method] = row
     return out
@@ -242,19 +305,25 @@ def summarize(runs: list[dict[str, Any]], teacher_acc: float, chosen: dict[str, 
 
 def print_table(result: dict[str, Any]) -> None:
     t = result["teacher"]
-    print(f"\n{result['dataset']}: split {result['sizes']}; teacher {t['arch']} {t['num_params']} params "
-          f"test {t['test_accuracy']:.4f}; student {result['student']['arch']} {result['student']['num_params']} params "
-          f"(1/{t['num_params'] / result['student']['num_params']:.0f} of the teacher)")  # fmt: skip
+    print(
+        f"\n{result['dataset']}: split {result['sizes']}; teacher {t['arch']} {t['num_params']} params "
+        f"test {t['test_accuracy']:.4f}; student {result['student']['arch']} {result['student']['num_params']} params "
+        f"(1/{t['num_params'] / result['student']['num_params']:.0f} of the teacher)"
+    )
     print(f"each method's epochs chosen on validation from {result['grid_epochs']}; last epoch kept")
     header = f"{'method':9s} {'epochs':>6s} {'test acc (mean±sd)':>20s} {'vs scratch':>16s} {'gap rec.':>9s} {'>2sd':>5s} {'int8 acc':>16s}"
     print(header)
     print("-" * len(header))
     for method, row in result["summary"].items():
-        delta = f"{100 * row['delta_vs_scratch']:+.2f}±{100 * row['delta_std']:.2f}pt" if "delta_vs_scratch" in row else ""
+        delta = (
+            f"{100 * row['delta_vs_scratch']:+.2f}±{100 * row['delta_std']:.2f}pt" if "delta_vs_scratch" in row else ""
+        )
         gap = f"{100 * row['gap_recovered']:.0f}%" if "gap_recovered" in row else ""
         beats = ("yes" if row["beats_scratch_2sd"] else "no") if "beats_scratch_2sd" in row else ""
-        print(f"{method:9s} {row['epochs']:6d} {100 * row['mean']:13.2f}±{100 * row['std']:.2f}% {delta:>16s} {gap:>9s} {beats:>5s} "
-              f"{100 * row['int8_mean']:9.2f}±{100 * row['int8_std']:.2f}%")  # fmt: skip
+        print(
+            f"{method:9s} {row['epochs']:6d} {100 * row['mean']:13.2f}±{100 * row['std']:.2f}% {delta:>16s} {gap:>9s} {beats:>5s} "
+            f"{100 * row['int8_mean']:9.2f}±{100 * row['int8_std']:.2f}%"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -263,13 +332,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datasets", nargs="+", default=["mnist5k", "digits"], choices=sorted(SETUPS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--methods", nargs="*", default=None, help=f"subset of {list(METHODS)}")
-    parser.add_argument("--lr", type=float, default=3e-3, help="student learning rate (AdamW), the same for every method")
-    parser.add_argument("--weight-decay", type=float, default=0.05, help="student AdamW weight decay, the same for every method")
-    parser.add_argument("--student", default=None, help='student as JSON, e.g. \'["cnn", {"channels": 4, "depth": 2, "hidden": 32}]\' (default: the setup\'s)')
-    parser.add_argument("--grid-epochs", nargs="+", type=int, default=None,
-                        help="student epochs tried by every method, chosen on validation (default: the setup's, 60 120)")
+    parser.add_argument(
+        "--lr", type=float, default=3e-3, help="student learning rate (AdamW), the same for every method"
+    )
+    parser.add_argument(
+        "--weight-decay", type=float, default=0.05, help="student AdamW weight decay, the same for every method"
+    )
+    parser.add_argument(
+        "--student",
+        default=None,
+        help='student as JSON, e.g. \'["cnn", {"channels": 4, "depth": 2, "hidden": 32}]\' (default: the setup\'s)',
+    )
+    parser.add_argument(
+        "--grid-epochs",
+        nargs="+",
+        type=int,
+        default=None,
+        help="student epochs tried by every method, chosen on validation (default: the setup's, 60 120)",
+    )
     parser.add_argument("--jobs", type=int, default=2, help="student runs at once (worker processes sharing --threads)")
-    parser.add_argument("--crop", type=int, default=0, help="random-crop padding for every student (0 = no augmentation)")
+    parser.add_argument(
+        "--crop", type=int, default=0, help="random-crop padding for every student (0 = no augmentation)"
+    )
     parser.add_argument("--scheme", default="static_int8")
     parser.add_argument("--val-fraction", type=float, default=0.08)
     parser.add_argument("--test-fraction", type=float, default=0.2)
@@ -290,11 +374,23 @@ def main(argv: list[str] | None = None) -> int:
         print_table(result)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "threads": args.threads, "torch": torch.__version__},
-        "args": vars(args), "methods": METHODS, "results": results,
-    }, indent=2))  # fmt: skip
+    out.write_text(
+        json.dumps(
+            {
+                "machine": {
+                    "platform": platform.platform(),
+                    "processor": platform.processor(),
+                    "cpus": os.cpu_count(),
+                    "threads": args.threads,
+                    "torch": torch.__version__,
+                },
+                "args": vars(args),
+                "methods": METHODS,
+                "results": results,
+            },
+            indent=2,
+        )
+    )
     print(f"\nwrote {out}")
     return 0
 

@@ -26,21 +26,22 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kd_lib.compress import quantization
+from kd_lib.config import DataConfig, LossTermConfig, TrainConfig  # noqa: E402
 from kd_lib.data import dataset as data_lib  # noqa: E402
 from kd_lib.evaluate import metrics as evaluation
-from kd_lib.compress import quantization
-from kd_lib.train import loop as training  # noqa: E402
-from kd_lib.config import DataConfig, LossTermConfig, TrainConfig  # noqa: E402
-from kd_lib.train.losses import build_objective  # noqa: E402
 from kd_lib.models.builders import build_model  # noqa: E402
+from kd_lib.train import loop as training  # noqa: E402
+from kd_lib.train.losses import build_objective  # noqa: E402
 
 # Hinton KD, as the pipeline's default distill.losses.
 KD_LOSSES = [LossTermConfig(name="kd", weight=0.9, params={"temperature": 4.0}), LossTermConfig(name="ce", weight=0.1)]
@@ -71,9 +72,15 @@ def _train(args: argparse.Namespace, splits: data_lib.Splits) -> dict[str, nn.Mo
         torch.manual_seed(0)
         start = time.perf_counter()
         models[name] = training.distill(
-            build_model(arch, params, shape, classes), teacher, build_objective(KD_LOSSES), t["train"], y["train"],
-            t["val"], y["val"], cfg,
-        ).model  # fmt: skip
+            build_model(arch, params, shape, classes),
+            teacher,
+            build_objective(KD_LOSSES),
+            t["train"],
+            y["train"],
+            t["val"],
+            y["val"],
+            cfg,
+        ).model
         print(f"distilled {name} in {time.perf_counter() - start:.0f}s", flush=True)
     return models
 
@@ -163,10 +170,14 @@ def _profile(model: nn.Module, x1: torch.Tensor, batch_size: int, threads: int, 
     finally:
         torch.set_num_threads(previous)
     ops = [
-        {"op": e.key, "kind": _op_kind(e.key), "self_cpu_ms_per_pass": e.self_cpu_time_total / 1000 / passes,
-         "calls_per_pass": e.count / passes}
+        {
+            "op": e.key,
+            "kind": _op_kind(e.key),
+            "self_cpu_ms_per_pass": e.self_cpu_time_total / 1000 / passes,
+            "calls_per_pass": e.count / passes,
+        }
         for e in prof.key_averages()
-    ]  # fmt: skip
+    ]
     ops.sort(key=lambda o: o["self_cpu_ms_per_pass"], reverse=True)
     by_kind: dict[str, float] = {kind: 0.0 for kind, _ in _OP_KINDS} | {BOOKKEEPING: 0.0}
     for o in ops:
@@ -204,13 +215,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         for model_name, fp32 in models.items():
             arch, params = MODELS[model_name]
-            spec = {"arch": arch, "params": params, "input_shape": list(splits.meta.input_shape),
-                    "num_classes": splits.meta.num_classes}  # fmt: skip
+            spec = {
+                "arch": arch,
+                "params": params,
+                "input_shape": list(splits.meta.input_shape),
+                "num_classes": splits.meta.num_classes,
+            }
             fp32_acc = evaluation.accuracy(evaluation.predict(fp32, x_test), y_test)
 
             def finetune(prepared: nn.Module) -> None:
                 qat_cfg = TrainConfig(epochs=1, batch_size=64, lr=1e-4, seed=0)
-                training.kd_finetune(prepared, models["teacher_cnn"], build_objective(KD_LOSSES), x_train, y_train, qat_cfg)
+                training.kd_finetune(
+                    prepared, models["teacher_cnn"], build_objective(KD_LOSSES), x_train, y_train, qat_cfg
+                )
 
             context = quantization.QuantizeContext(calibration=calibration, finetune=finetune)
             to_profile: dict[str, nn.Module] = {"fp32": fp32}
@@ -226,7 +243,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             quantized = quantization.quantize(fp32, scheme, context, backend)
                             row["quantize_s"] = time.perf_counter() - q_start
                             directory = Path(tmp) / f"{model_name}-{scheme}-{backend}"
-                            quantization.save_model(quantized, spec | {"quantization": scheme, "backend": backend}, directory)
+                            quantization.save_model(
+                                quantized, spec | {"quantization": scheme, "backend": backend}, directory
+                            )
                             loaded, _ = quantization.load_model(directory)
                     except Exception as err:  # a backend that fails here is a result, not a crash
                         rows.append(row | {"error": f"{type(err).__name__}: {str(err)[:200]}"})
@@ -242,9 +261,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     if backend.startswith("torchao"):
                         compiled = _Callable(torch.compile(loaded))
                         rows.append(
-                            row | {"backend": backend + "+compile"}
+                            row
+                            | {"backend": backend + "+compile"}
                             | _measure(compiled, x_test, y_test, x1, fp32_acc, args)
-                        )  # fmt: skip
+                        )
                         print(_line(rows[-1]), flush=True)
             if not args.no_pt2e:
                 row = {"model": model_name, "scheme": "static_int8", "backend": "pt2e.x86_inductor+compile(bench only)"}
@@ -263,8 +283,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if args.profile and arch == "cnn":
                 profiles[model_name] = _profile_cnn(to_profile, x1, args)
     return {
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
-                    "load_average": os.getloadavg()},  # fmt: skip
+        "machine": {
+            "cpu": _cpu_name(),
+            "cores": os.cpu_count(),
+            "platform": platform.platform(),
+            "load_average": os.getloadavg(),
+        },
         "threads": args.threads,
         "versions": quantization.get_quantizer("weight_only_int8", "torchao.Int8WeightOnlyConfig").versions(),
         "data": str(args.data),
@@ -320,17 +344,24 @@ def _print_profile(model_name: str, per_model: dict[str, Any], rows: list[dict[s
         print(f"\nprofile {model_name} batch {batch[1:]}: self CPU ms per pass (profiler overhead included)")
         print(f"{'kind':<22}" + "".join(f"{label[:30]:>32}" for label in labels))
         for kind in next(iter(per_model.values()))[batch]["by_kind_ms_per_pass"]:
-            print(f"{kind:<22}" + "".join(f"{per_model[lab][batch]['by_kind_ms_per_pass'][kind]:>32.4f}" for lab in labels))
+            print(
+                f"{kind:<22}"
+                + "".join(f"{per_model[lab][batch]['by_kind_ms_per_pass'][kind]:>32.4f}" for lab in labels)
+            )
         print(f"{'total':<22}" + "".join(f"{per_model[lab][batch]['self_cpu_ms_per_pass']:>32.4f}" for lab in labels))
         for label in labels:
-            top = ", ".join(f"{o['op']} {o['self_cpu_ms_per_pass']:.4f} (x{o['calls_per_pass']:g})"
-                            for o in per_model[label][batch]["top_ops"][:6])  # fmt: skip
+            top = ", ".join(
+                f"{o['op']} {o['self_cpu_ms_per_pass']:.4f} (x{o['calls_per_pass']:g})"
+                for o in per_model[label][batch]["top_ops"][:6]
+            )
             print(f"  top ops {label}: {top}")
     timed = [r for r in rows if r["model"] == model_name and "error" not in r and "b1_p50_ms" in r]
     if timed:
         best = min(timed, key=lambda r: r["b1_p50_ms"])
-        print(f"{model_name} fastest at batch 1: {best['scheme']} [{best['backend']}] {best['b1_p50_ms']:.3f} ms, "
-              f"{best.get('speedup_b1', float('nan')):.2f}x fp32")  # fmt: skip
+        print(
+            f"{model_name} fastest at batch 1: {best['scheme']} [{best['backend']}] {best['b1_p50_ms']:.3f} ms, "
+            f"{best.get('speedup_b1', float('nan')):.2f}x fp32"
+        )
 
 
 def _finish(result: dict[str, Any]) -> None:
@@ -357,8 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=100, help="timed passes at batch 1 (half at batch 64)")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--no-pt2e", action="store_true", help="skip the PT2E + torch.compile candidate")
-    parser.add_argument("--profile", action="store_true",
-                        help="torch.profiler on each CNN's fp32 and int8 artifacts at batch 1 and 64")  # fmt: skip
+    parser.add_argument(
+        "--profile", action="store_true", help="torch.profiler on each CNN's fp32 and int8 artifacts at batch 1 and 64"
+    )
     args = parser.parse_args(argv)
     if not args.data.is_file():
         parser.error(f"--data {args.data}: no such file; pass the mnist5k .npz (x uint8 [N,1,28,28], y int64)")
@@ -366,11 +398,15 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args)
     _finish(result)
     print()
-    print(f"CPU {result['machine']['cpu']}, {result['machine']['cores']} cores, {args.threads} thread(s) while "
-          f"timing; load average at the end {result['machine']['load_average']}; torch {torch.__version__}; "
-          f"test split {result['test_samples']} samples; latency in ms")  # fmt: skip
-    print("ratio: artifact directory bytes / the fp32 artifact's (spec.json included: what the gate counts); "
-          "w.rat: the same for the weights file alone; x b64: batch-64 p50 speedup over fp32")
+    print(
+        f"CPU {result['machine']['cpu']}, {result['machine']['cores']} cores, {args.threads} thread(s) while "
+        f"timing; load average at the end {result['machine']['load_average']}; torch {torch.__version__}; "
+        f"test split {result['test_samples']} samples; latency in ms"
+    )
+    print(
+        "ratio: artifact directory bytes / the fp32 artifact's (spec.json included: what the gate counts); "
+        "w.rat: the same for the weights file alone; x b64: batch-64 p50 speedup over fp32"
+    )
     print(HEADER)
     print("-" * len(HEADER))
     for r in result["rows"]:

@@ -27,9 +27,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kd_lib import steps
-from kd_lib.evaluate import sweep
 from kd_lib.adapters import tracking  # noqa: E402
 from kd_lib.config import PipelineConfig, parse_config  # noqa: E402
+from kd_lib.evaluate import sweep
 
 STUDENTS = [
     {"arch": "mlp", "params": {"width": 16, "depth": 1}},
@@ -41,19 +41,28 @@ SCHEMES = ["dynamic_int8", "static_int8"]
 
 def bench_config(data: str, store: Path, name: str, epochs: int) -> PipelineConfig:
     """Six candidates (3 students x 2 schemes) on ``data``; MLflow in ``store``."""
-    return parse_config({
-        "name": name,
-        "data": {"source": str(Path(data).resolve()), "seed": 0},
-        "teacher": {"model": {"arch": "mlp", "params": {"width": 256, "depth": 2}},
-                    "train": {"epochs": epochs, "batch_size": 64, "lr": 0.002, "patience": epochs, "seed": 0}},
-        "distill": {"train": {"epochs": epochs, "batch_size": 64, "lr": 0.003, "patience": epochs, "seed": 0}},
-        "evaluate": {"latency_warmup": 3, "latency_iters": 20},
-        "gate": {"min_accuracy": 0.90, "max_accuracy_drop": 5.0, "max_quantization_drop": 1.0, "max_size_mb": 0.5,
-                 "min_compression_ratio": 4.0},
-        "sweep": {"students": STUDENTS, "schemes": SCHEMES, "parallelism": 2},
-        "registry": {"model_name": f"{name}-student"},
-        "tracking": {"experiment": name, "tracking_uri": f"sqlite:///{store / 'mlflow.db'}"},
-    })  # fmt: skip
+    return parse_config(
+        {
+            "name": name,
+            "data": {"source": str(Path(data).resolve()), "seed": 0},
+            "teacher": {
+                "model": {"arch": "mlp", "params": {"width": 256, "depth": 2}},
+                "train": {"epochs": epochs, "batch_size": 64, "lr": 0.002, "patience": epochs, "seed": 0},
+            },
+            "distill": {"train": {"epochs": epochs, "batch_size": 64, "lr": 0.003, "patience": epochs, "seed": 0}},
+            "evaluate": {"latency_warmup": 3, "latency_iters": 20},
+            "gate": {
+                "min_accuracy": 0.90,
+                "max_accuracy_drop": 5.0,
+                "max_quantization_drop": 1.0,
+                "max_size_mb": 0.5,
+                "min_compression_ratio": 4.0,
+            },
+            "sweep": {"students": STUDENTS, "schemes": SCHEMES, "parallelism": 2},
+            "registry": {"model_name": f"{name}-student"},
+            "tracking": {"experiment": name, "tracking_uri": f"sqlite:///{store / 'mlflow.db'}"},
+        }
+    )
 
 
 def run_pipeline(cfg: PipelineConfig, root: Path) -> dict[str, Any]:
@@ -65,8 +74,12 @@ def run_pipeline(cfg: PipelineConfig, root: Path) -> dict[str, Any]:
     wall = time.perf_counter() - start
     if not result.succeeded:
         raise SystemExit(f"the local sweep failed: {result.error}")
-    return {"wall_s": wall, "summary": result.summary["sweep"], "steps": result.steps,
-            "registered": result.summary.get("registered")}  # fmt: skip
+    return {
+        "wall_s": wall,
+        "summary": result.summary["sweep"],
+        "steps": result.steps,
+        "registered": result.summary.get("registered"),
+    }
 
 
 def run_sequential(cfg: PipelineConfig, work: Path) -> dict[str, Any]:
@@ -97,17 +110,35 @@ def run_sequential(cfg: PipelineConfig, work: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     out = work / "selected"
     selection, chosen_config = steps.select(
-        cfg, rid, sweep.candidate_configs(cfg), evaluations, decisions, quantized,
-        out / "quantized", out / "evaluation.json", out / "decision.json", out / "summary.md",
-    )  # fmt: skip
+        cfg,
+        rid,
+        sweep.candidate_configs(cfg),
+        evaluations,
+        decisions,
+        quantized,
+        out / "quantized",
+        out / "evaluation.json",
+        out / "decision.json",
+        out / "summary.md",
+    )
     registered = None
     if selection.action != "reject":
-        registered = steps.register(parse_config(json.loads(chosen_config)), rid, dataset, out / "quantized",
-                                    out / "evaluation.json", out / "decision.json")  # fmt: skip
+        registered = steps.register(
+            parse_config(json.loads(chosen_config)),
+            rid,
+            dataset,
+            out / "quantized",
+            out / "evaluation.json",
+            out / "decision.json",
+        )
     steps.finalize(cfg, rid, "SUCCEEDED")
     timings["select, register, finalize"] = time.perf_counter() - t0
-    return {"wall_s": time.perf_counter() - start, "summary": selection.to_dict(), "timings": timings,
-            "registered": registered}  # fmt: skip
+    return {
+        "wall_s": time.perf_counter() - start,
+        "summary": selection.to_dict(),
+        "timings": timings,
+        "registered": registered,
+    }
 
 
 def comparison(summary: dict[str, Any]) -> list[dict[str, Any]]:
@@ -116,8 +147,19 @@ def comparison(summary: dict[str, Any]) -> list[dict[str, Any]]:
     chosen = next((r for r in rows if r["chosen"]), None)
     out = []
     for r in rows:
-        row = {k: r[k] for k in ("candidate", "accuracy", "size_bytes", "latency_b1_p50_ms", "on_front", "passed",
-                                 "failed_checks", "chosen")}  # fmt: skip
+        row = {
+            k: r[k]
+            for k in (
+                "candidate",
+                "accuracy",
+                "size_bytes",
+                "latency_b1_p50_ms",
+                "on_front",
+                "passed",
+                "failed_checks",
+                "chosen",
+            )
+        }
         if chosen is not None:
             row["accuracy_vs_chosen_points"] = (r["accuracy"] - chosen["accuracy"]) * 100
             row["size_vs_chosen"] = r["size_bytes"] / chosen["size_bytes"]
@@ -128,18 +170,34 @@ def comparison(summary: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    headers = ["candidate", "acc %", "size KB", "lat b1 ms", "front", "gate", "Δacc pts", "size x", "lat x", "failed checks"]
+    headers = [
+        "candidate",
+        "acc %",
+        "size KB",
+        "lat b1 ms",
+        "front",
+        "gate",
+        "Δacc pts",
+        "size x",
+        "lat x",
+        "failed checks",
+    ]
     cells = [headers]
     for r in rows:
-        cells.append([
-            ("* " if r["chosen"] else "  ") + r["candidate"], f"{r['accuracy'] * 100:.2f}", f"{r['size_bytes'] / 1e3:.1f}",
-            f"{r['latency_b1_p50_ms']:.3f}" if r["latency_b1_p50_ms"] else "-", "yes" if r["on_front"] else "-",
-            "PASS" if r["passed"] else "FAIL",
-            f"{r['accuracy_vs_chosen_points']:+.2f}" if "accuracy_vs_chosen_points" in r else "-",
-            f"{r['size_vs_chosen']:.2f}" if "size_vs_chosen" in r else "-",
-            f"{r['latency_vs_chosen']:.2f}" if "latency_vs_chosen" in r else "-",
-            ", ".join(r["failed_checks"]) or "-",
-        ])  # fmt: skip
+        cells.append(
+            [
+                ("* " if r["chosen"] else "  ") + r["candidate"],
+                f"{r['accuracy'] * 100:.2f}",
+                f"{r['size_bytes'] / 1e3:.1f}",
+                f"{r['latency_b1_p50_ms']:.3f}" if r["latency_b1_p50_ms"] else "-",
+                "yes" if r["on_front"] else "-",
+                "PASS" if r["passed"] else "FAIL",
+                f"{r['accuracy_vs_chosen_points']:+.2f}" if "accuracy_vs_chosen_points" in r else "-",
+                f"{r['size_vs_chosen']:.2f}" if "size_vs_chosen" in r else "-",
+                f"{r['latency_vs_chosen']:.2f}" if "latency_vs_chosen" in r else "-",
+                ", ".join(r["failed_checks"]) or "-",
+            ]
+        )
     widths = [max(len(c[i]) for c in cells) for i in range(len(headers))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -149,7 +207,9 @@ def _table(rows: list[dict[str, Any]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="an .npz with x and y, e.g. /work/shared/datasets/mnist5k.npz")
-    parser.add_argument("--out", default="bench/results/sweep.json", help="JSON results (default: bench/results/sweep.json)")
+    parser.add_argument(
+        "--out", default="bench/results/sweep.json", help="JSON results (default: bench/results/sweep.json)"
+    )
     parser.add_argument("--epochs", type=int, default=6, help="teacher and distillation epochs (default: 6)")
     args = parser.parse_args()
 
@@ -159,7 +219,9 @@ def main() -> None:
         (root / "pipeline").mkdir()
         (root / "sequential").mkdir()
         print("local runner (kfp.local, ParallelFor parallelism 2) ...", flush=True)
-        pipeline = run_pipeline(bench_config(args.data, root / "pipeline", "bench-sweep-local", args.epochs), root / "runs")
+        pipeline = run_pipeline(
+            bench_config(args.data, root / "pipeline", "bench-sweep-local", args.epochs), root / "runs"
+        )
         print("sequential, one process ...", flush=True)
         sequential = run_sequential(
             bench_config(args.data, root / "sequential", "bench-sweep-seq", args.epochs), root / "sequential"
@@ -176,12 +238,23 @@ def main() -> None:
         "data": str(Path(args.data).resolve()),
         "epochs": args.epochs,
         "candidates": len(rows),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "loadavg_before": load_before,
-                    "loadavg_after": os.getloadavg()},  # fmt: skip
-        "local_runner": {"wall_s": pipeline["wall_s"], "parallelism": 2, "steps": pipeline["steps"],
-                         "registered": pipeline["registered"]},  # fmt: skip
-        "sequential": {"wall_s": sequential["wall_s"], "timings": sequential["timings"],
-                       "registered": sequential["registered"]},  # fmt: skip
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
+        },
+        "local_runner": {
+            "wall_s": pipeline["wall_s"],
+            "parallelism": 2,
+            "steps": pipeline["steps"],
+            "registered": pipeline["registered"],
+        },
+        "sequential": {
+            "wall_s": sequential["wall_s"],
+            "timings": sequential["timings"],
+            "registered": sequential["registered"],
+        },
         "speedup_sequential_over_local": sequential["wall_s"] / pipeline["wall_s"],
         "chosen": pipeline["summary"]["chosen"],
         "chosen_sequential": sequential["summary"]["chosen"],
@@ -194,8 +267,10 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=2))
 
     print()
-    print(f"{len(rows)} candidates on {Path(args.data).name}, {args.epochs} epochs, {os.cpu_count()} CPUs "
-          f"(load average before {load_before[0]:.1f}, after {result['machine']['loadavg_after'][0]:.1f})")  # fmt: skip
+    print(
+        f"{len(rows)} candidates on {Path(args.data).name}, {args.epochs} epochs, {os.cpu_count()} CPUs "
+        f"(load average before {load_before[0]:.1f}, after {result['machine']['loadavg_after'][0]:.1f})"
+    )
     print(f"  local runner (kfp.local, 2 at a time): {pipeline['wall_s']:7.1f} s")
     print(f"  sequential, one process:              {sequential['wall_s']:7.1f} s")
     print(f"  sequential / local runner:            {result['speedup_sequential_over_local']:7.2f}x")

@@ -28,8 +28,9 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,11 +38,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kd_lib.data import dataset as data_lib  # noqa: E402
-from kd_lib.train import loop as training  # noqa: E402
 from kd_lib.config import DataConfig, LossTermConfig, TrainConfig  # noqa: E402
-from kd_lib.train.losses import build_objective  # noqa: E402
+from kd_lib.data import dataset as data_lib  # noqa: E402
 from kd_lib.models.builders import build_model, count_parameters  # noqa: E402
+from kd_lib.train import loop as training  # noqa: E402
+from kd_lib.train.losses import build_objective  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mnist5k.npz"
 TEACHER = ("cnn", {"channels": 32, "depth": 3, "hidden": 128})
@@ -50,9 +51,17 @@ TEMPERATURE, ALPHA = 4.0, 0.9
 
 
 def plain_kd_loop(
-    student: nn.Module, teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
-    epochs: int, batch_size: int, lr: float, validate: bool,
-) -> list[float]:  # fmt: skip
+    student: nn.Module,
+    teacher: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    x_val: torch.Tensor,
+    y_val: torch.Tensor,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    validate: bool,
+) -> list[float]:
     """The minimal loop a PyTorch user writes for Hinton KD (Adam, no schedule); returns epoch seconds."""
     optimizer = torch.optim.Adam(student.parameters(), lr=lr)
     teacher.eval()
@@ -68,8 +77,15 @@ def plain_kd_loop(
             with torch.no_grad():
                 t_logits = teacher(xb)
             s_logits = student(xb)
-            soft = F.kl_div(F.log_softmax(s_logits / TEMPERATURE, -1), F.log_softmax(t_logits / TEMPERATURE, -1),
-                            reduction="batchmean", log_target=True) * TEMPERATURE**2  # fmt: skip
+            soft = (
+                F.kl_div(
+                    F.log_softmax(s_logits / TEMPERATURE, -1),
+                    F.log_softmax(t_logits / TEMPERATURE, -1),
+                    reduction="batchmean",
+                    log_target=True,
+                )
+                * TEMPERATURE**2
+            )
             loss = ALPHA * soft + (1 - ALPHA) * F.cross_entropy(s_logits, yb)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -111,8 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     teacher = build_model(*TEACHER, shape, classes).eval()  # untrained: the cost is the same
     lr = 3e-3
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=lr, patience=100, scheduler="none", seed=0)
-    objective_terms = [LossTermConfig(name="kd", weight=ALPHA, params={"temperature": TEMPERATURE}),
-                       LossTermConfig(name="ce", weight=1 - ALPHA)]  # fmt: skip
+    objective_terms = [
+        LossTermConfig(name="kd", weight=ALPHA, params={"temperature": TEMPERATURE}),
+        LossTermConfig(name="ce", weight=1 - ALPHA),
+    ]
     n = len(x["train"]) * args.epochs
 
     rows = []
@@ -124,15 +142,45 @@ def main(argv: list[str] | None = None) -> int:
             return build_model(arch, params, shape, classes)
 
         variants: dict[str, Callable[[], Any]] = {
-            "plain": lambda: plain_kd_loop(fresh(), teacher, x["train"], y["train"], x["val"], y["val"],
-                                           args.epochs, args.batch_size, lr, validate=True),
-            "plain (no val)": lambda: plain_kd_loop(fresh(), teacher, x["train"], y["train"], x["val"], y["val"],
-                                                    args.epochs, args.batch_size, lr, validate=False),
-            "kdflow live": lambda: training.distill(fresh(), teacher, build_objective(objective_terms), x["train"],
-                                                    y["train"], x["val"], y["val"], cfg, cache_teacher_logits=False),
-            "kdflow cached": lambda: training.distill(fresh(), teacher, build_objective(objective_terms), x["train"],
-                                                      y["train"], x["val"], y["val"], cfg),
-        }  # fmt: skip
+            "plain": lambda: plain_kd_loop(
+                fresh(),
+                teacher,
+                x["train"],
+                y["train"],
+                x["val"],
+                y["val"],
+                args.epochs,
+                args.batch_size,
+                lr,
+                validate=True,
+            ),
+            "plain (no val)": lambda: plain_kd_loop(
+                fresh(),
+                teacher,
+                x["train"],
+                y["train"],
+                x["val"],
+                y["val"],
+                args.epochs,
+                args.batch_size,
+                lr,
+                validate=False,
+            ),
+            "kdflow live": lambda: training.distill(
+                fresh(),
+                teacher,
+                build_objective(objective_terms),
+                x["train"],
+                y["train"],
+                x["val"],
+                y["val"],
+                cfg,
+                cache_teacher_logits=False,
+            ),
+            "kdflow cached": lambda: training.distill(
+                fresh(), teacher, build_objective(objective_terms), x["train"], y["train"], x["val"], y["val"], cfg
+            ),
+        }
         _time(variants["plain (no val)"])  # warm-up: allocator, kernels, first-call overheads
         walls: dict[str, list[float]] = {v: [] for v in variants}
         epochs: dict[str, list[float]] = {v: [] for v in variants}
@@ -144,29 +192,54 @@ def main(argv: list[str] | None = None) -> int:
         wall = {v: statistics.median(t) for v, t in walls.items()}
         epoch = {v: statistics.median(t) for v, t in epochs.items()}
         for variant in variants:
-            rows.append({
-                "student": name, "student_params": count_parameters(fresh()), "teacher_params": count_parameters(teacher),
-                "variant": variant, "wall_seconds": wall[variant], "all_wall_seconds": walls[variant],
-                "samples_per_s": n / wall[variant], "vs_plain": wall["plain"] / wall[variant],
-                "epoch_seconds": epoch[variant], "epoch_speedup_vs_live": epoch["kdflow live"] / epoch[variant],
-            })  # fmt: skip
+            rows.append(
+                {
+                    "student": name,
+                    "student_params": count_parameters(fresh()),
+                    "teacher_params": count_parameters(teacher),
+                    "variant": variant,
+                    "wall_seconds": wall[variant],
+                    "all_wall_seconds": walls[variant],
+                    "samples_per_s": n / wall[variant],
+                    "vs_plain": wall["plain"] / wall[variant],
+                    "epoch_seconds": epoch[variant],
+                    "epoch_speedup_vs_live": epoch["kdflow live"] / epoch[variant],
+                }
+            )
 
-    print(f"\n{args.epochs} epochs x {len(x['train'])} samples, batch {args.batch_size}, {args.threads} thread(s), "
-          f"median of {args.repeats}; teacher {TEACHER[0]} {rows[0]['teacher_params']} params")  # fmt: skip
-    header = (f"{'student':8s} {'variant':15s} {'samples/s':>10s} {'vs plain':>9s} {'epoch s':>8s} "
-              f"{'epoch vs kdflow live':>21s}")  # fmt: skip
+    print(
+        f"\n{args.epochs} epochs x {len(x['train'])} samples, batch {args.batch_size}, {args.threads} thread(s), "
+        f"median of {args.repeats}; teacher {TEACHER[0]} {rows[0]['teacher_params']} params"
+    )
+    header = (
+        f"{'student':8s} {'variant':15s} {'samples/s':>10s} {'vs plain':>9s} {'epoch s':>8s} "
+        f"{'epoch vs kdflow live':>21s}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['student']:8s} {r['variant']:15s} {r['samples_per_s']:10.0f} {r['vs_plain']:8.2f}x "
-              f"{r['epoch_seconds']:8.3f} {r['epoch_speedup_vs_live']:20.2f}x")  # fmt: skip
+        print(
+            f"{r['student']:8s} {r['variant']:15s} {r['samples_per_s']:10.0f} {r['vs_plain']:8.2f}x "
+            f"{r['epoch_seconds']:8.3f} {r['epoch_speedup_vs_live']:20.2f}x"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": args.threads,
-                    "torch": torch.__version__, "load_avg_at_end": os.getloadavg()},
-        "args": vars(args), "rows": rows,
-    }, indent=2))  # fmt: skip
+    out.write_text(
+        json.dumps(
+            {
+                "machine": {
+                    "platform": platform.platform(),
+                    "cpus": os.cpu_count(),
+                    "threads": args.threads,
+                    "torch": torch.__version__,
+                    "load_avg_at_end": os.getloadavg(),
+                },
+                "args": vars(args),
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
     return 0
 

@@ -16,4 +16,16 @@ from components.select import select
 from components.sweep_items import sweep_items
 from components.train_teacher import train_teacher
 
-__all__ = ["distill", "evaluate", "finalize", "gate", "import_teacher", "prepare_data", "quantize", "register", "select", "sweep_items", "train_teacher"]
+__all__ = [
+    "distill",
+    "evaluate",
+    "finalize",
+    "gate",
+    "import_teacher",
+    "prepare_data",
+    "quantize",
+    "register",
+    "select",
+    "sweep_items",
+    "train_teacher",
+]

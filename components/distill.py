@@ -20,9 +20,7 @@ def distill(
     from kd_lib.config import config_from_json
 
     cfg = config_from_json(config_json)
-    summary = steps.distill(
-        cfg, pipeline_run_id, dataset.path, teacher.path, student.path, history.path, baseline.path
-    )
+    summary = steps.distill(cfg, pipeline_run_id, dataset.path, teacher.path, student.path, history.path, baseline.path)
     student.metadata.update({"mlflow_run_id": summary["run_id"], "best_epoch": summary["best_epoch"]})
     history.metadata.update({"epochs_run": summary["epochs_run"], "stopped_early": summary["stopped_early"]})
     return float(summary["best_val_accuracy"])

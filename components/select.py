@@ -1,5 +1,3 @@
-from typing import List
-
 from kfp import dsl
 from kfp.dsl import Artifact, Input, Markdown, Model, Output, OutputPath
 
@@ -10,10 +8,10 @@ from components.image import COMPONENT_OPTIONS
 def select(
     config_json: str,
     pipeline_run_id: str,
-    candidate_configs: List[str],
-    evaluations: Input[List[Artifact]],
-    decisions: Input[List[Artifact]],
-    quantized_models: Input[List[Model]],
+    candidate_configs: list[str],
+    evaluations: Input[list[Artifact]],
+    decisions: Input[list[Artifact]],
+    quantized_models: Input[list[Model]],
     quantized: Output[Model],
     evaluation: Output[Artifact],
     decision: Output[Artifact],
@@ -28,10 +26,19 @@ def select(
     from kd_lib.config import config_from_json
 
     selection, chosen_config = steps.select(
-        config_from_json(config_json), pipeline_run_id, candidate_configs,
-        [a.path for a in evaluations], [a.path for a in decisions], [m.path for m in quantized_models],
-        quantized.path, evaluation.path, decision.path, summary.path,
-    )  # fmt: skip
+        config_from_json(config_json),
+        pipeline_run_id,
+        candidate_configs,
+        [a.path for a in evaluations],
+        [a.path for a in decisions],
+        [m.path for m in quantized_models],
+        quantized.path,
+        evaluation.path,
+        decision.path,
+        summary.path,
+    )
     Path(selected_config).write_text(chosen_config)
-    decision.metadata.update({"candidate": selection.chosen.name if selection.chosen else "", "action": selection.action})
+    decision.metadata.update(
+        {"candidate": selection.chosen.name if selection.chosen else "", "action": selection.action}
+    )
     return selection.action

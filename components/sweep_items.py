@@ -1,12 +1,10 @@
-from typing import List
-
 from kfp import dsl
 
 from components.image import COMPONENT_OPTIONS
 
 
 @dsl.component(**COMPONENT_OPTIONS)
-def sweep_items(candidate_configs: List[str], pipeline_run_id: str) -> List[dict]:
+def sweep_items(candidate_configs: list[str], pipeline_run_id: str) -> list[dict]:
     """The sweep's ParallelFor items: each candidate's config JSON with the pipeline run id.
 
     The run id rides inside the items because, on kfp.local, a ParallelFor body sees the

@@ -7,7 +7,8 @@ One class serves all kinds (torchdistill style) instead of one bespoke registry 
 
 from __future__ import annotations
 
-from typing import Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 from kd_lib.errors import KdflowError
 

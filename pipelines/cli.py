@@ -14,13 +14,14 @@ import datetime as dt
 import io
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
-from kd_lib.errors import KdflowError
 from kd_lib.config import ConfigError, PipelineConfig, load_config
+from kd_lib.errors import KdflowError
 
 EXAMPLES = """examples:
   kdflow validate configs/demo.yaml --set distill.losses.0.params.temperature=2
@@ -50,8 +51,12 @@ def _sub(sub: Any, name: str, summary: str, description: str, examples: str) -> 
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     # Also accepted after the command (`kdflow run ... --debug`); SUPPRESS keeps the global value otherwise.
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                   help=f"show the full traceback of an error, e.g. kdflow {name} --debug ...")  # fmt: skip
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help=f"show the full traceback of an error, e.g. kdflow {name} --debug ...",
+    )
     return p
 
 
@@ -91,64 +96,80 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = _sub(
-        sub, "validate", "print the resolved config, or every invalid field by dotted path",
+        sub,
+        "validate",
+        "print the resolved config, or every invalid field by dotted path",
         "Load a pipeline config, apply --set overrides, validate every field and print the result "
         "with every default filled in. Exit status 2 when a field is invalid.",
         "  kdflow validate configs/demo.yaml\n  kdflow validate configs/demo.yaml --set gate.max_size_mb=0.25\n",
-    )  # fmt: skip
+    )
     _config_args(p)
 
     p = _sub(
-        sub, "run", "run the pipeline (prepare, teacher, distill, quantize, evaluate, gate, register)",
+        sub,
+        "run",
+        "run the pipeline (prepare, teacher, distill, quantize, evaluate, gate, register)",
         "Run the whole DAG on this machine with KFP's local runner: one line per step with its time; "
         "the full kfp.local log goes to <root>/<run>/kfp-local.log. Ends with the models table, every "
         "gate check, the decision, and where the HTML report is.",
         "  kdflow run --local configs/demo.yaml\n"
         "  kdflow run --local configs/demo.yaml --set teacher.train.epochs=5 --root /tmp/kdflow-runs\n"
         "  MLFLOW_TRACKING_URI=http://127.0.0.1:5000 kdflow run --local configs/demo.yaml --verbose\n",
-    )  # fmt: skip
+    )
     _config_args(p)
     p.add_argument(
-        "--local", action="store_true", required=True,
+        "--local",
+        action="store_true",
+        required=True,
         help="run on this machine with kfp.local (required; clusters take `kdflow compile` output), "
         "e.g. kdflow run --local configs/demo.yaml",
-    )  # fmt: skip
-    p.add_argument(
-        "--root", default=".kdflow/runs", help="where local task artifacts go (default: .kdflow/runs), e.g. --root /tmp/runs"
     )
     p.add_argument(
-        "-v", "--verbose", action="store_true",
+        "--root",
+        default=".kdflow/runs",
+        help="where local task artifacts go (default: .kdflow/runs), e.g. --root /tmp/runs",
+    )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
         help="show kfp.local's own full output instead of one line per step, e.g. kdflow run --local -v configs/demo.yaml",
-    )  # fmt: skip
+    )
 
     p = _sub(
-        sub, "compile", "write the KFP IR YAML, with the config as the default of config_json",
+        sub,
+        "compile",
+        "write the KFP IR YAML, with the config as the default of config_json",
         "Compile the DAG to the KFP v2 pipeline spec (IR YAML) to upload to a Kubeflow Pipelines cluster; "
         "the validated config becomes the default value of its config_json parameter.",
         "  kdflow compile configs/demo.yaml -o build/pipeline.yaml\n",
-    )  # fmt: skip
+    )
     _config_args(p)
     p.add_argument("-o", "--output", required=True, help="output file, e.g. -o build/pipeline.yaml")
 
     p = _sub(
-        sub, "models", "list a registered model's versions: aliases, gate status, accuracy, size",
+        sub,
+        "models",
+        "list a registered model's versions: aliases, gate status, accuracy, size",
         "List every version of a registered model, newest first, with its aliases (e.g. champion), its gate "
         "status (the validation_status tag), test accuracy and artifact size, and the pipeline run that made "
         "it. Without NAME, list the registered models.",
         "  kdflow models kdflow-demo-student\n  kdflow models\n"
         "  kdflow models kdflow-demo-student --tracking-uri http://127.0.0.1:5000\n",
-    )  # fmt: skip
+    )
     p.add_argument("name", nargs="?", help="registered model name (registry.model_name), e.g. kdflow-demo-student")
     _tracking_arg(p)
 
     p = _sub(
-        sub, "report", "rebuild a run's HTML compression report from MLflow",
+        sub,
+        "report",
+        "rebuild a run's HTML compression report from MLflow",
         "Rebuild the compression report of a pipeline run from what MLflow recorded (evaluation, training "
         "curves, gate checks, registration) and write it as one self-contained HTML file, or as Markdown "
         "when FILE ends in .md.",
         "  kdflow report 7ca76df42f2b4adf988f58166d66022a -o report.html\n"
         "  kdflow report kdflow-distillation-2025-01-01-12-00-00-000000 -o summary.md\n",
-    )  # fmt: skip
+    )
     p.add_argument(
         "run_id",
         metavar="RUN_ID",
@@ -159,23 +180,29 @@ def build_parser() -> argparse.ArgumentParser:
     _tracking_arg(p)
 
     p = _sub(
-        sub, "submit", "compile the config and create one run on a Kubeflow Pipelines cluster",
+        sub,
+        "submit",
+        "compile the config and create one run on a Kubeflow Pipelines cluster",
         "Compile the pipeline with this config (image, resources, GPU and Secrets from its cluster section) and "
         "create one run through the KFP API. Credentials reach the steps only as Kubernetes Secrets.",
         "  kdflow submit configs/demo.yaml --host http://localhost:8080\n"
         "  kdflow submit configs/demo.yaml --host https://kfp.example.com --namespace team-a --experiment nightly\n",
-    )  # fmt: skip
+    )
     _config_args(p)
     _cluster_args(p)
-    p.add_argument("--run-name", help="display name of the run (default: <config name>-<timestamp>), e.g. --run-name try-t4")
+    p.add_argument(
+        "--run-name", help="display name of the run (default: <config name>-<timestamp>), e.g. --run-name try-t4"
+    )
 
     p = _sub(
-        sub, "schedule", "create a recurring run (scheduled retraining) on a Kubeflow Pipelines cluster",
+        sub,
+        "schedule",
+        "create a recurring run (scheduled retraining) on a Kubeflow Pipelines cluster",
         "Compile the pipeline with this config and create a KFP recurring run on a cron schedule. KFP cron has "
         "6 fields, seconds first; the expression is validated before any API call.",
         '  kdflow schedule configs/demo.yaml --host http://localhost:8080 --cron "0 0 3 * * *"\n'
         '  kdflow schedule configs/demo.yaml --host http://localhost:8080 --cron "0 30 2 * * 1" --replace\n',
-    )  # fmt: skip
+    )
     _config_args(p)
     _cluster_args(p)
     p.add_argument(
@@ -184,13 +211,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="KFP cron, 6 fields with seconds first: second minute hour day-of-month month day-of-week, "
         "e.g. --cron '0 0 3 * * *' = every day at 03:00",
     )
-    p.add_argument("--name", help="display name of the recurring run (default: <config name>-scheduled), e.g. --name nightly")
-    p.add_argument("--replace", action="store_true", help="replace a recurring run of the same name, e.g. --replace")
-    p.add_argument("--max-concurrency", type=int, default=1, help="runs of this schedule at once (default: 1), e.g. --max-concurrency 2")
     p.add_argument(
-        "--catchup", action="store_true",
+        "--name", help="display name of the recurring run (default: <config name>-scheduled), e.g. --name nightly"
+    )
+    p.add_argument("--replace", action="store_true", help="replace a recurring run of the same name, e.g. --replace")
+    p.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=1,
+        help="runs of this schedule at once (default: 1), e.g. --max-concurrency 2",
+    )
+    p.add_argument(
+        "--catchup",
+        action="store_true",
         help="after a pause, start every missed run, not only the latest, e.g. --catchup",
-    )  # fmt: skip
+    )
     return parser
 
 
@@ -202,7 +237,9 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
         required=host is None,
         help="KFP API endpoint (default: $KF_PIPELINES_ENDPOINT), e.g. --host http://localhost:8080",
     )
-    p.add_argument("--experiment", help="KFP experiment (default: tracking.experiment of the config), e.g. --experiment nightly")
+    p.add_argument(
+        "--experiment", help="KFP experiment (default: tracking.experiment of the config), e.g. --experiment nightly"
+    )
     p.add_argument("--namespace", help="namespace of a multi-user KFP (your profile), e.g. --namespace team-a")
 
 
@@ -252,7 +289,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         out.append(f"Decision: {'PASSED' if gate['passed'] else 'FAILED'}")
     reg = summary.get("registered")
     if reg:
-        out.append(f"Registered: {reg['model_name']} version {reg['version']}, alias @{reg['alias']} -> v{reg['version']}")
+        out.append(
+            f"Registered: {reg['model_name']} version {reg['version']}, alias @{reg['alias']} -> v{reg['version']}"
+        )
     elif gate:
         out.append("Registered: nothing (gate failed; alias untouched)")
     out.append(f"MLflow parent run: {summary.get('parent_run_id', '?')}")
@@ -288,16 +327,18 @@ def format_versions(name: str, versions: list[dict[str, Any]]) -> str:
     for v in versions:
         tags = v["tags"]
         created = dt.datetime.fromtimestamp(v["created"] / 1000).strftime("%Y-%m-%d %H:%M") if v["created"] else "-"
-        rows.append([
-            v["version"],
-            ",".join(f"@{a}" for a in v["aliases"]) or "-",
-            _gate_status(tags),
-            _accuracy(tags.get("kdflow.test_accuracy")),
-            _size(tags.get("kdflow.size_bytes")),
-            tags.get("kdflow.quantization", "-"),
-            created,
-            tags.get("kdflow.pipeline_run_id", "-"),
-        ])  # fmt: skip
+        rows.append(
+            [
+                v["version"],
+                ",".join(f"@{a}" for a in v["aliases"]) or "-",
+                _gate_status(tags),
+                _accuracy(tags.get("kdflow.test_accuracy")),
+                _size(tags.get("kdflow.size_bytes")),
+                tags.get("kdflow.quantization", "-"),
+                created,
+                tags.get("kdflow.pipeline_run_id", "-"),
+            ]
+        )
     headers = ["version", "aliases", "gate", "test_acc", "size", "quantization", "created", "pipeline run"]
     return f"{name}: {len(versions)} version(s)\n" + _table(headers, rows)
 
@@ -323,7 +364,9 @@ def _cmd_run(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     print(f"kdflow: running {cfg.name} locally; MLflow at {absolute_tracking_uri(resolve_tracking_uri(cfg))}")
     result = run_local(cfg, root=args.root, verbose=args.verbose)
     print()
-    print(f"kdflow run {result.pipeline_run_id}: {'SUCCEEDED' if result.succeeded else 'FAILED'} in {result.wall_s:.1f} s")
+    print(
+        f"kdflow run {result.pipeline_run_id}: {'SUCCEEDED' if result.succeeded else 'FAILED'} in {result.wall_s:.1f} s"
+    )
     if result.summary:
         print(format_summary(result.summary))
     if result.report_path:
@@ -369,8 +412,10 @@ def _cmd_models(cfg: None, args: argparse.Namespace) -> int:
     if not args.name:
         models = client.search_registered_models()
         if not models:
-            raise CliError(f"no registered models in {client.tracking_uri}",
-                           "run `kdflow run --local CONFIG` first, or pass the --tracking-uri the pipeline used")  # fmt: skip
+            raise CliError(
+                f"no registered models in {client.tracking_uri}",
+                "run `kdflow run --local CONFIG` first, or pass the --tracking-uri the pipeline used",
+            )
         rows = []
         for m in models:
             versions = ModelRegistry(client, m.name).versions()
@@ -392,15 +437,17 @@ def _cmd_models(cfg: None, args: argparse.Namespace) -> int:
 
 
 def _cmd_report(cfg: None, args: argparse.Namespace) -> int:
-    from kd_lib.report import render as report
     from kd_lib.adapters.tracking import client_for_uri, pipeline_record, resolve_parent_run
+    from kd_lib.report import render as report
 
     client = client_for_uri(args.tracking_uri)
     parent = resolve_parent_run(client, args.run_id)
     record = pipeline_record(client, parent)
     if record["tags"].get("kdflow.step") != "pipeline":
-        raise CliError(f"MLflow run {parent} is not a kdflow pipeline run",
-                       "pass the 'MLflow parent run' id that `kdflow run` printed")  # fmt: skip
+        raise CliError(
+            f"MLflow run {parent} is not a kdflow pipeline run",
+            "pass the 'MLflow parent run' id that `kdflow run` printed",
+        )
     data = report.from_pipeline_record(record)
     out = Path(args.output)
     text = report.render_markdown(data) if out.suffix.lower() == ".md" else report.render_html(data)
@@ -412,6 +459,8 @@ def _cmd_report(cfg: None, args: argparse.Namespace) -> int:
 
 
 Command = Callable[[Any, argparse.Namespace], int]
+
+
 def _cmd_submit(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     from pipelines.submit import describe, submit_run
 

@@ -49,13 +49,20 @@ def configure_task(task: PipelineTask, step: str, cfg: PipelineConfig, launches_
             kubernetes.add_node_selector(task, label_key=label, label_value=value)
         for t in gpu.tolerations:
             kubernetes.add_toleration(
-                task, key=t.key, operator=t.operator, value=t.value, effect=t.effect, toleration_seconds=t.toleration_seconds
+                task,
+                key=t.key,
+                operator=t.operator,
+                value=t.value,
+                effect=t.effect,
+                toleration_seconds=t.toleration_seconds,
             )
 
     # Credentials reach the step only as environment variables resolved by the kubelet from
     # Secrets: the compiled YAML names the Secret and key, never a value.
     for secret in cluster.secrets:
-        kubernetes.use_secret_as_env(task, secret_name=secret.name, secret_key_to_env=dict(secret.env), optional=secret.optional)
+        kubernetes.use_secret_as_env(
+            task, secret_name=secret.name, secret_key_to_env=dict(secret.env), optional=secret.optional
+        )
 
     for key, value in cluster.pod_labels.items():
         kubernetes.add_pod_label(task, label_key=key, label_value=value)

@@ -10,7 +10,18 @@ from typing import Any
 from kfp import dsl
 from kfp.dsl.graph_component import GraphComponent
 
-from components import distill, evaluate, finalize, gate, import_teacher, prepare_data, pytorchjob, quantize, register, train_teacher
+from components import (
+    distill,
+    evaluate,
+    finalize,
+    gate,
+    import_teacher,
+    prepare_data,
+    pytorchjob,
+    quantize,
+    register,
+    train_teacher,
+)
 from kd_lib.config import PipelineConfig
 from pipelines.cluster import finish_tasks, pytorchjob_steps
 
@@ -24,7 +35,9 @@ def training_steps(cfg: PipelineConfig | None, for_cluster: bool) -> tuple[Any, 
     distill component)``. An imported teacher replaces training; with ``cluster.pytorchjob``
     the cluster build's training steps launch a PyTorchJob and wait for it."""
     importing = cfg is not None and cfg.teacher.source != "train"
-    teacher_step, teacher_step_name = (import_teacher, "import_teacher") if importing else (train_teacher, "train_teacher")
+    teacher_step, teacher_step_name = (
+        (import_teacher, "import_teacher") if importing else (train_teacher, "train_teacher")
+    )
     on_pytorchjob = pytorchjob_steps(cfg) if for_cluster else frozenset()
     if "train_teacher" in on_pytorchjob:
         teacher_step = pytorchjob.train_teacher
@@ -100,10 +113,15 @@ def build_pipeline(cfg: PipelineConfig | None = None, for_cluster: bool = True) 
                 )
 
         tasks = {
-            "finalize": finalize_task, "prepare_data": prepare_data_task, teacher_step_name: teacher_task,
-            "distill": distill_task, "quantize": quantize_task, "evaluate": evaluate_task, "gate": gate_task,
+            "finalize": finalize_task,
+            "prepare_data": prepare_data_task,
+            teacher_step_name: teacher_task,
+            "distill": distill_task,
+            "quantize": quantize_task,
+            "evaluate": evaluate_task,
+            "gate": gate_task,
             "register": register_task,
-        }  # fmt: skip
+        }
         finish_tasks(tasks, cfg, for_cluster)
 
     return distillation_pipeline

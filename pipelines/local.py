@@ -65,8 +65,12 @@ class StepDisplay:
         self.out, self.err, self.log = out, err, log
         self.live = out.isatty() if live is None else live
         utf = (getattr(out, "encoding", "") or "").lower().startswith("utf")
-        self.marks = {"run": "▸" if utf else ">", "ok": "✓" if utf else "ok", "fail": "✗" if utf else "FAILED",
-                      "skip": "–" if utf else "-"}  # fmt: skip
+        self.marks = {
+            "run": "▸" if utf else ">",
+            "ok": "✓" if utf else "ok",
+            "fail": "✗" if utf else "FAILED",
+            "skip": "–" if utf else "-",
+        }
         self.steps: list[dict[str, Any]] = []
         self._partial = ""
         self._task: str | None = None

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
-from kd_lib.errors import KdflowError
-from kd_lib.config import ConfigError, PipelineConfig
 from kd_lib.adapters.tracking import connect_error
+from kd_lib.config import ConfigError, PipelineConfig
+from kd_lib.errors import KdflowError
 
 TOKEN_ENV = "KDFLOW_KFP_TOKEN"
 SA_TOKEN_PATH_ENV = "KF_PIPELINES_SA_TOKEN_PATH"
@@ -207,7 +207,9 @@ def _call(host: str, what: str, fn: Callable[[], _T]) -> _T:
     except kfp_server_api.ApiException as err:
         body = (err.body or "").strip() if isinstance(err.body, str) else str(err.body or "")
         hint = " (authenticate: set KDFLOW_KFP_TOKEN)" if err.status in (401, 403) else ""
-        raise SubmitError(f"KFP API {host} refused to {what}: HTTP {err.status} {err.reason}{hint}: {body[:500]}") from None
+        raise SubmitError(
+            f"KFP API {host} refused to {what}: HTTP {err.status} {err.reason}{hint}: {body[:500]}"
+        ) from None
     except (urllib3.exceptions.HTTPError, TimeoutError) as err:
         raise SubmitError(f"KFP API {host} failed while trying to {what}: {err}") from None
 
@@ -249,7 +251,9 @@ def submit_run(
             ),
         )
     info = result.run_info
-    return Submission("run", result.run_id, name, info.experiment_id or "", f"{host.rstrip('/')}/#/runs/details/{result.run_id}", [])
+    return Submission(
+        "run", result.run_id, name, info.experiment_id or "", f"{host.rstrip('/')}/#/runs/details/{result.run_id}", []
+    )
 
 
 def schedule_run(
@@ -281,11 +285,17 @@ def schedule_run(
     check_cluster_config(cfg)
     client = connect(host, namespace)
     name = name or f"{cfg.name}-scheduled"
-    exp = _call(host, "get or create the experiment", lambda: client.create_experiment(
-        name=experiment or cfg.tracking.experiment, namespace=namespace))  # fmt: skip
+    exp = _call(
+        host,
+        "get or create the experiment",
+        lambda: client.create_experiment(name=experiment or cfg.tracking.experiment, namespace=namespace),
+    )
     same_name = json.dumps({"predicates": [{"operation": "EQUALS", "key": "display_name", "stringValue": name}]})
-    listed = _call(host, "list recurring runs", lambda: client.list_recurring_runs(
-        experiment_id=exp.experiment_id, filter=same_name, page_size=100))  # fmt: skip
+    listed = _call(
+        host,
+        "list recurring runs",
+        lambda: client.list_recurring_runs(experiment_id=exp.experiment_id, filter=same_name, page_size=100),
+    )
     # Filter again by name: not every server version honours the filter.
     old = [r.recurring_run_id for r in (listed.recurring_runs or []) if r.display_name == name]
     if old and not replace:
@@ -314,7 +324,9 @@ def schedule_run(
     for rid in old:
         _call(host, f"delete the replaced recurring run {rid}", lambda rid=rid: client.delete_recurring_run(rid))
     rid = created.recurring_run_id
-    return Submission("recurring run", rid, name, exp.experiment_id, f"{host.rstrip('/')}/#/recurringrun/details/{rid}", old)
+    return Submission(
+        "recurring run", rid, name, exp.experiment_id, f"{host.rstrip('/')}/#/recurringrun/details/{rid}", old
+    )
 
 
 def describe(sub: Submission) -> str:
@@ -323,4 +335,3 @@ def describe(sub: Submission) -> str:
     if sub.replaced:
         lines.append(f"replaced: {', '.join(sub.replaced)}")
     return "\n".join(lines)
-

@@ -16,8 +16,8 @@ from kfp import dsl
 from kfp.dsl.graph_component import GraphComponent
 
 from components import evaluate, finalize, gate, prepare_data, quantize, register, select, sweep_items
-from kd_lib.evaluate import sweep
 from kd_lib.config import PipelineConfig
+from kd_lib.evaluate import sweep
 from pipelines.cluster import finish_tasks
 from pipelines.distillation import RUN_ID, training_steps
 
@@ -52,7 +52,9 @@ def build_sweep_pipeline(cfg: PipelineConfig, for_cluster: bool = True) -> Graph
     candidates = sweep.candidate_configs(cfg)
     teacher_step, teacher_step_name, distill_step = training_steps(cfg, for_cluster)
 
-    @dsl.pipeline(name=PIPELINE_NAME, description="Distill, quantize, evaluate and gate candidate students; register the best.")
+    @dsl.pipeline(
+        name=PIPELINE_NAME, description="Distill, quantize, evaluate and gate candidate students; register the best."
+    )
     def sweep_pipeline(config_json: str):
         finalize_task = finalize(config_json=config_json, pipeline_run_id=RUN_ID).set_display_name("finalize")
         with dsl.ExitHandler(finalize_task, name="kdflow"):
@@ -113,10 +115,17 @@ def build_sweep_pipeline(cfg: PipelineConfig, for_cluster: bool = True) -> Graph
                 )
 
         tasks = {
-            "finalize": finalize_task, "prepare_data": prepare_data_task, teacher_step_name: teacher_task,
-            "sweep_items": sweep_items_task, "distill": distill_task, "quantize": quantize_task, "evaluate": evaluate_task,
-            "gate": gate_task, "select": select_task, "register": register_task,
-        }  # fmt: skip
+            "finalize": finalize_task,
+            "prepare_data": prepare_data_task,
+            teacher_step_name: teacher_task,
+            "sweep_items": sweep_items_task,
+            "distill": distill_task,
+            "quantize": quantize_task,
+            "evaluate": evaluate_task,
+            "gate": gate_task,
+            "select": select_task,
+            "register": register_task,
+        }
         finish_tasks(tasks, cfg, for_cluster)
         threads = None if for_cluster else local_threads(cfg.sweep.parallelism)
         if threads is not None:

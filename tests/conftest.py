@@ -76,11 +76,22 @@ class MlflowServer:
     def start(self, timeout: float = 90.0) -> None:
         env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"} | self.env
         cmd = [
-            sys.executable, "-m", "mlflow", "server",
-            "--backend-store-uri", self.backend_uri,
-            "--artifacts-destination", str(self.artifacts),
-            "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1", *self.app_args,
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            self.backend_uri,
+            "--artifacts-destination",
+            str(self.artifacts),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+            *self.app_args,
+        ]
         # Its own process group: mlflow server forks workers; we stop them all together.
         self.proc = subprocess.Popen(
             cmd, stdout=self.log.open("ab"), stderr=subprocess.STDOUT, env=env, start_new_session=True
@@ -133,10 +144,12 @@ def auth_mlflow_server(tmp_path: Path) -> Iterator[MlflowServer]:
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
     )
     server = MlflowServer(
-        f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "artifacts", tmp_path / "mlflow-auth-server.log",
+        f"sqlite:///{tmp_path / 'server.db'}",
+        tmp_path / "artifacts",
+        tmp_path / "mlflow-auth-server.log",
         app_args=["--app-name", "basic-auth"],
         env={"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_FLASK_SERVER_SECRET_KEY": uuid.uuid4().hex},
-    )  # fmt: skip
+    )
     server.start()
     try:
         yield server

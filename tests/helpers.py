@@ -20,8 +20,10 @@ def tiny_config(tmp_path: Path, **sections: dict) -> PipelineConfig:
             "train": {"epochs": 6, "batch_size": 64, "lr": 0.003, "patience": 3},
         },
         "student": {"model": {"arch": "mlp", "params": {"width": 24, "depth": 1}}},
-        "distill": {"losses": [{"name": "kd", "weight": 0.9, "params": {"temperature": 4.0}}, {"name": "ce", "weight": 0.1}],
-                    "train": {"epochs": 8, "batch_size": 64, "lr": 0.005, "patience": 4}},
+        "distill": {
+            "losses": [{"name": "kd", "weight": 0.9, "params": {"temperature": 4.0}}, {"name": "ce", "weight": 0.1}],
+            "train": {"epochs": 8, "batch_size": 64, "lr": 0.005, "patience": 4},
+        },
         "quantize": {"scheme": "dynamic_int8"},
         "evaluate": {"latency_warmup": 1, "latency_iters": 3},
         "gate": {

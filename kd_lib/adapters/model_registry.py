@@ -23,8 +23,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import Schema, TensorSpec
 
-from kd_lib.errors import KdflowError
 import kd_lib
+from kd_lib.errors import KdflowError
 from kd_lib.evaluate.gates import GateDecision
 
 _PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
@@ -120,9 +120,7 @@ class ModelRegistry:
         its validation record.
         """
         self.ensure_model()
-        version = self.client.create_model_version(
-            self.name, source, run_id=run_id, tags=tags, model_id=model_id
-        )
+        version = self.client.create_model_version(self.name, source, run_id=run_id, tags=tags, model_id=model_id)
         deadline = time.monotonic() + timeout_s
         while version.status != "READY":
             if version.status == "FAILED_REGISTRATION" or time.monotonic() > deadline:
@@ -235,11 +233,15 @@ class ModelRegistry:
         try:
             resolved = version or self.alias_version(alias or "")
             if resolved is None:
-                raise RegistryError(f"{ref}: model {self.name!r} has no alias {alias!r}; check the name and alias in the registry")
+                raise RegistryError(
+                    f"{ref}: model {self.name!r} has no alias {alias!r}; check the name and alias in the registry"
+                )
             return resolved, self.download_version(resolved, dst)
         except MlflowException as err:
             if err.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(err).lower():
-                raise RegistryError(f"{ref}: no such registered model or version in {self.client.tracking_uri}") from None
+                raise RegistryError(
+                    f"{ref}: no such registered model or version in {self.client.tracking_uri}"
+                ) from None
             raise
 
     def download_version(self, version: str, dst: str | Path) -> Path:
@@ -247,12 +249,16 @@ class ModelRegistry:
         # The concrete artifact location, not models:/..., which MLflow resolves through its
         # global registry URI rather than this client's.
         location = self.client.get_model_version_download_uri(self.name, version)
-        local = Path(mlflow.artifacts.download_artifacts(
-            artifact_uri=location, dst_path=str(dst), tracking_uri=self.client.tracking_uri
-        ))  # fmt: skip
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=location, dst_path=str(dst), tracking_uri=self.client.tracking_uri
+            )
+        )
         specs = [p for p in local.rglob("spec.json") if "code" not in p.relative_to(local).parts]
         if len(specs) != 1:
-            raise RegistryError(f"{self.name} v{version}: expected one kdflow model in its artifacts, found {len(specs)}")
+            raise RegistryError(
+                f"{self.name} v{version}: expected one kdflow model in its artifacts, found {len(specs)}"
+            )
         return specs[0].parent
 
 

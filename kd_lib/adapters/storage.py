@@ -36,8 +36,8 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from kd_lib.errors import KdflowError
 from kd_lib.config import RetryConfig
+from kd_lib.errors import KdflowError
 
 SCHEME = "s3://"
 CREDENTIAL_VARS = "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary credentials)"
@@ -45,8 +45,16 @@ ENDPOINT_VARS = "AWS_ENDPOINT_URL (or MLFLOW_S3_ENDPOINT_URL)"
 # S3's own bucket naming rules (3-63 chars, lowercase letters, digits, dots, hyphens).
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 _NOT_FOUND_KEY = {"NoSuchKey", "404", "NotFound"}
-_DENIED = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "InvalidToken",
-           "ExpiredToken", "TokenRefreshRequired", "AllAccessDisabled"}  # fmt: skip
+_DENIED = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "AccessDenied",
+    "403",
+    "InvalidToken",
+    "ExpiredToken",
+    "TokenRefreshRequired",
+    "AllAccessDisabled",
+}
 _UNREACHABLE = (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError)
 
 
@@ -136,8 +144,12 @@ def _error(err: Exception, uri: str, s3, action: str = "read") -> StorageError: 
                 f"check {CREDENTIAL_VARS}: the key must exist on this server, the secret must match, and it must "
                 f"be allowed to {action} this bucket",
             )
-        return StorageError(f"{uri}: S3 at {endpoint} answered {code}: {message}", "check the URI and the server's logs")
-    return StorageError(f"{uri}: S3 request to {endpoint} failed ({type(err).__name__}: {err})", "retry, or check the server")
+        return StorageError(
+            f"{uri}: S3 at {endpoint} answered {code}: {message}", "check the URI and the server's logs"
+        )
+    return StorageError(
+        f"{uri}: S3 request to {endpoint} failed ({type(err).__name__}: {err})", "retry, or check the server"
+    )
 
 
 def _temp_beside(dest: Path) -> Path:
@@ -272,4 +284,3 @@ def put(local_path: str | Path, uri: str, retry: RetryConfig | None = None) -> s
         cause = err.__context__ if isinstance(err.__context__, ClientError) else err
         raise _error(cause, uri, s3, action="write") from None
     return uri
-

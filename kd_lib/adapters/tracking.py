@@ -24,8 +24,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
-from kd_lib.errors import KdflowError
 from kd_lib.config import PipelineConfig, RetryConfig
+from kd_lib.errors import KdflowError
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +48,7 @@ _MAX_PARAM_LEN = 6000
 class TrackingError(KdflowError, RuntimeError):
     """MLflow is unreachable or refused a request; the message names the server and the fix."""
 
-    default_fix = (
-        "start the MLflow server, or point --tracking-uri / MLFLOW_TRACKING_URI / tracking.tracking_uri at the right one"
-    )
+    default_fix = "start the MLflow server, or point --tracking-uri / MLFLOW_TRACKING_URI / tracking.tracking_uri at the right one"
 
 
 def resolve_tracking_uri(cfg: PipelineConfig | None = None) -> str:
@@ -113,7 +111,9 @@ def wait_reachable(uri: str, retry: RetryConfig) -> None:
             if attempt == retry.max_attempts - 1:
                 raise
             wait = retry.backoff_s * 2**attempt
-            log.warning("MLflow at %s unreachable (try %d/%d); retrying in %.1f s", uri, attempt + 1, retry.max_attempts, wait)
+            log.warning(
+                "MLflow at %s unreachable (try %d/%d); retrying in %.1f s", uri, attempt + 1, retry.max_attempts, wait
+            )
             time.sleep(wait)
 
 
@@ -301,7 +301,7 @@ def client_for_uri(uri: str | None = None) -> MlflowClient:
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not Path(uri[len(prefix) :]).is_file():
         raise TrackingError(
-            f"no MLflow store at {uri[len(prefix):]}",
+            f"no MLflow store at {uri[len(prefix) :]}",
             "run kdflow in the directory where the pipeline ran, or pass --tracking-uri (or set "
             "MLFLOW_TRACKING_URI) to the store it used",
         )
@@ -388,7 +388,9 @@ def pipeline_record(client: MlflowClient, parent_run_id: str) -> dict[str, Any]:
         "tags": dict(parent.data.tags),
         "steps": steps,
         "evaluation": _json_artifact(client, steps["evaluate"], "evaluation.json") if "evaluate" in steps else None,
-        "gate": _json_artifact(client, parent_run_id, "gate.json") if parent.data.tags.get("kdflow.gate_status") else None,
+        "gate": _json_artifact(client, parent_run_id, "gate.json")
+        if parent.data.tags.get("kdflow.gate_status")
+        else None,
         "dataset_meta": (
             _json_artifact(client, steps["prepare_data"], "dataset_meta.json") if "prepare_data" in steps else None
         ),

@@ -54,8 +54,9 @@ import struct
 import sys
 import zlib
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -178,8 +179,10 @@ class _Writer:
                 for name in names:
                     t = getattr(value, name)
                     if type(t) is not Tensor or t.is_quantized:
-                        raise ValueError(f"state dict entry {key!r}: {cls.__name__}.{name} is not a plain tensor; "
-                                         "nested tensor subclasses cannot be stored")  # fmt: skip
+                        raise ValueError(
+                            f"state dict entry {key!r}: {cls.__name__}.{name} is not a plain tensor; "
+                            "nested tensor subclasses cannot be stored"
+                        )
                     inner.append([name, self._raw(t)])
                 return {"sub": f"{cls.__module__}.{cls.__qualname__}", "s": list(value.shape), "inner": inner}
             return self._raw(value)
@@ -257,11 +260,7 @@ class _Reader:
 
     def _shape(self, node: Mapping[str, Any], key: str) -> list[int]:
         shape = node.get("s", [])
-        if (
-            not isinstance(shape, list)
-            or len(shape) > _MAX_DIMS
-            or not all(type(d) is int and d >= 0 for d in shape)
-        ):
+        if not isinstance(shape, list) or len(shape) > _MAX_DIMS or not all(type(d) is int and d >= 0 for d in shape):
             raise _Corrupt(f"entry {key!r}: bad shape {shape!r}")
         return shape
 
@@ -327,8 +326,10 @@ class _Reader:
         example = (self.template or {}).get(key)
         cls = type(example)
         if not isinstance(example, Tensor) or f"{cls.__module__}.{cls.__qualname__}" != node["sub"]:
-            raise _Corrupt(f"entry {key!r} holds a {node['sub']} but the model built from the spec has "
-                           f"{cls.__module__}.{cls.__qualname__} there")  # fmt: skip
+            raise _Corrupt(
+                f"entry {key!r} holds a {node['sub']} but the model built from the spec has "
+                f"{cls.__module__}.{cls.__qualname__} there"
+            )
         names, ctx = example.__tensor_flatten__()
         inner_nodes = node.get("inner")
         if not isinstance(inner_nodes, list) or [pair[0] for pair in inner_nodes if isinstance(pair, list)] != names:

@@ -13,8 +13,9 @@ Needs ``onnx``, ``onnxscript`` and ``onnxruntime`` (``pip install 'kdflow[onnx]'
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch

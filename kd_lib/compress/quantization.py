@@ -39,19 +39,20 @@ import copy
 import json
 import logging
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from kd_lib.errors import KdflowError
 from kd_lib.artifacts import weights_file
+from kd_lib.artifacts.weights_file import ArtifactError
+from kd_lib.errors import KdflowError
 from kd_lib.models.builders import build_model
 from kd_lib.plugins import Registry
-from kd_lib.artifacts.weights_file import ArtifactError
 
 WEIGHTS_FILE = "weights.bin"
 # Written by kdflow before weights.bin (torch.save of the state dict); still read, never written.
@@ -535,7 +536,9 @@ class Int8WeightLayer(nn.Module):
         return self.layer(x)
 
 
-def _replace_layers(model: nn.Module, types: tuple[type[nn.Module], ...], make: Callable[[nn.Module], nn.Module]) -> None:
+def _replace_layers(
+    model: nn.Module, types: tuple[type[nn.Module], ...], make: Callable[[nn.Module], nn.Module]
+) -> None:
     for name, child in list(model.named_children()):
         if isinstance(child, types):
             setattr(model, name, make(child))
@@ -699,9 +702,7 @@ def save_model(model: nn.Module, spec: dict[str, Any], directory: str | Path) ->
     """
     missing = [k for k in REQUIRED_SPEC_KEYS if k not in spec]
     if missing:
-        raise ValueError(
-            f"model spec is missing {', '.join(missing)}; required keys: {', '.join(REQUIRED_SPEC_KEYS)}"
-        )
+        raise ValueError(f"model spec is missing {', '.join(missing)}; required keys: {', '.join(REQUIRED_SPEC_KEYS)}")
     quantizer = get_quantizer(spec["quantization"], spec.get("backend"))
     written = {
         **spec,

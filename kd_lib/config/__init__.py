@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 import re
+from pathlib import Path
 from typing import Any, Literal, get_args
 from urllib.parse import urlparse
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from kd_lib.errors import KdflowError
 from kd_lib import __version__
+from kd_lib.errors import KdflowError
 
 
 class ConfigError(KdflowError, ValueError):
@@ -40,14 +40,20 @@ class AugmentConfig(_Strict):
     """
 
     random_crop_padding: int = Field(
-        0, ge=0, description="Pad each side with this many zero pixels, then crop back to the original size at a random offset; 0 = off."
+        0,
+        ge=0,
+        description="Pad each side with this many zero pixels, then crop back to the original size at a random offset; 0 = off.",
     )
-    horizontal_flip: bool = Field(False, description="Mirror half of the images left-right (off for digits: a mirrored 3 is not a 3).")
+    horizontal_flip: bool = Field(
+        False, description="Mirror half of the images left-right (off for digits: a mirrored 3 is not a 3)."
+    )
     noise_std: float = Field(0.0, ge=0, description="Std of Gaussian noise added to the normalized inputs; 0 = off.")
 
     @property
     def enabled(self) -> bool:
         return self.random_crop_padding > 0 or self.horizontal_flip or self.noise_std > 0
+
+
 # What a data source is, from its name alone (the config is checked where the data may not be).
 TABULAR_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 SOURCE_SUFFIXES = {".npz": "npz", **TABULAR_SUFFIXES}
@@ -78,7 +84,9 @@ class DataConfig(_Strict):
         0.15, gt=0, lt=0.5, description="Share of source held out for test; unused when test_source is set."
     )
     seed: int = 0
-    label_column: str = Field("label", min_length=1, description="CSV/parquet: the column of class labels (ints or names).")
+    label_column: str = Field(
+        "label", min_length=1, description="CSV/parquet: the column of class labels (ints or names)."
+    )
     feature_columns: list[str] | None = Field(
         None, min_length=1, description="CSV/parquet: the feature columns, in order; None = every other column."
     )
@@ -133,7 +141,7 @@ class DataConfig(_Strict):
         return dims
 
     @model_validator(mode="after")
-    def _options_fit_the_source(self) -> "DataConfig":
+    def _options_fit_the_source(self) -> DataConfig:
         # "unknown" (a name with another suffix) may be a directory: only clear mismatches are errors here.
         kind = source_kind(self.source).replace("unknown", "folder")
         tabular = kind in ("csv", "parquet")
@@ -146,9 +154,7 @@ class DataConfig(_Strict):
         if self.feature_columns is not None and self.label_column in self.feature_columns:
             raise ValueError(f"label_column {self.label_column!r} is also listed in feature_columns")
         if (self.pixel_column is not None or self.feature_columns is not None) and not tabular:
-            raise ValueError(
-                f"pixel_column / feature_columns apply to .csv and .parquet sources, not {self.source!r}"
-            )
+            raise ValueError(f"pixel_column / feature_columns apply to .csv and .parquet sources, not {self.source!r}")
         if self.image_shape is not None and kind in ("digits", "folder"):
             raise ValueError(
                 f"image_shape reshapes flat features; {self.source!r} already holds images "
@@ -167,6 +173,7 @@ class DataConfig(_Strict):
                     f"({source_kind(self.test_source)} vs {kind})"
                 )
         return self
+
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Training-batch augmentation.")
 
 
@@ -234,18 +241,22 @@ class TrainConfig(_Strict):
     )
 
     @model_validator(mode="after")
-    def _backend_fits_device(self) -> "TrainConfig":
+    def _backend_fits_device(self) -> TrainConfig:
         if self.distributed.backend == "nccl" and self.device == "cpu":
-            raise ValueError("distributed.backend 'nccl' needs a GPU but device is 'cpu': use backend gloo (or auto), or device cuda")
+            raise ValueError(
+                "distributed.backend 'nccl' needs a GPU but device is 'cpu': use backend gloo (or auto), or device cuda"
+            )
         return self
 
     @model_validator(mode="after")
-    def _patience_needs_best(self) -> "TrainConfig":
+    def _patience_needs_best(self) -> TrainConfig:
         # On its value, not on whether it was written: the config travels between steps as a
         # full dump (``to_json``), where every field is written.
         if self.keep == "last" and self.patience != type(self).model_fields["patience"].default:
-            raise ValueError("patience stops early at the best validation epoch, but keep 'last' trains every epoch and "
-                             "keeps the final one: remove patience, or set keep: best")  # fmt: skip
+            raise ValueError(
+                "patience stops early at the best validation epoch, but keep 'last' trains every epoch and "
+                "keeps the final one: remove patience, or set keep: best"
+            )
         return self
 
 
@@ -257,15 +268,14 @@ class TeacherConfig(_Strict):
         "local path or s3://) for the architecture `model`, loaded with weights_only=True.",
     )
     uri: str | None = Field(
-        None, description="mlflow: models:/<name>@<alias> or models:/<name>/<version>; checkpoint: path or s3:// URI of the weights."
+        None,
+        description="mlflow: models:/<name>@<alias> or models:/<name>/<version>; checkpoint: path or s3:// URI of the weights.",
     )
-    model: ModelConfig = Field(
-        default_factory=lambda: ModelConfig(arch="mlp", params={"width": 256, "depth": 2})
-    )
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig(arch="mlp", params={"width": 256, "depth": 2}))
     train: TrainConfig = Field(default_factory=TrainConfig)
 
     @model_validator(mode="after")
-    def _uri_matches_source(self) -> "TeacherConfig":
+    def _uri_matches_source(self) -> TeacherConfig:
         if self.source == "train" and self.uri is not None:
             raise ValueError("uri is only read when source is 'mlflow' or 'checkpoint'; remove it or set source")
         if self.source == "mlflow" and not (self.uri or "").startswith("models:/"):
@@ -276,9 +286,7 @@ class TeacherConfig(_Strict):
 
 
 class StudentConfig(_Strict):
-    model: ModelConfig = Field(
-        default_factory=lambda: ModelConfig(arch="mlp", params={"width": 32, "depth": 1})
-    )
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig(arch="mlp", params={"width": 32, "depth": 1}))
 
 
 class LossTermConfig(_Strict):
@@ -286,7 +294,9 @@ class LossTermConfig(_Strict):
 
     name: str = Field(..., min_length=1, description="A name in kd_lib.train.losses.LOSSES: ce, kd, dkd, fitnets, at.")
     weight: float = Field(1.0, ge=0, description="Multiplier of this term in the sum.")
-    params: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the loss, e.g. {temperature: 4}.")
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments of the loss, e.g. {temperature: 4}."
+    )
 
 
 def _default_losses() -> list[LossTermConfig]:
@@ -312,7 +322,7 @@ class DistillConfig(_Strict):
     )
 
     @model_validator(mode="after")
-    def _some_weight(self) -> "DistillConfig":
+    def _some_weight(self) -> DistillConfig:
         if not any(term.weight > 0 for term in self.losses):
             raise ValueError("losses: every weight is 0; give at least one term a positive weight")
         return self
@@ -331,12 +341,15 @@ class QuantizeConfig(_Strict):
         "gate.max_quantization_drop on the validation split).",
     )
     backend: str | None = Field(
-        None, description="A backend of the scheme (kd_lib.compress.quantization.backends); None = the measured default."
+        None,
+        description="A backend of the scheme (kd_lib.compress.quantization.backends); None = the measured default.",
     )
     calibration_batches: int = Field(8, ge=1, description="static_int8: training batches run to calibrate scales.")
     calibration_batch_size: int = Field(64, ge=1, description="static_int8: samples per calibration batch.")
     qat_epochs: int = Field(2, ge=1, description="qat_int8: epochs of fake-quantized fine-tuning with the KD loss.")
-    qat_lr: float = Field(1e-4, gt=0, description="qat_int8: learning rate of that fine-tuning (distill.train otherwise).")
+    qat_lr: float = Field(
+        1e-4, gt=0, description="qat_int8: learning rate of that fine-tuning (distill.train otherwise)."
+    )
     allow_fp32_layers: bool = Field(
         True,
         description="Layers a scheme cannot quantize (Conv2d under dynamic_int8) stay fp32 and are recorded; "
@@ -362,9 +375,13 @@ class EvaluateConfig(_Strict):
 class GateConfig(_Strict):
     min_accuracy: float = Field(0.80, ge=0, le=1, description="Quantized student test accuracy, fraction.")
     max_accuracy_drop: float = Field(5.0, ge=0, description="Teacher minus quantized student accuracy, points.")
-    max_quantization_drop: float = Field(1.0, ge=0, description="fp32 student minus quantized student accuracy, points.")
+    max_quantization_drop: float = Field(
+        1.0, ge=0, description="fp32 student minus quantized student accuracy, points."
+    )
     max_size_mb: float = Field(1.0, gt=0, description="Quantized student artifact size, MB (10^6 bytes).")
-    min_compression_ratio: float = Field(4.0, gt=0, description="Teacher artifact bytes / quantized student artifact bytes.")
+    min_compression_ratio: float = Field(
+        4.0, gt=0, description="Teacher artifact bytes / quantized student artifact bytes."
+    )
     champion_policy: Literal["ignore", "must_not_regress"] = Field(
         "ignore",
         description="must_not_regress: the candidate's test accuracy may be at most champion_tolerance points below "
@@ -394,7 +411,11 @@ class RetryConfig(_Strict):
     """Bounded exponential backoff for every MLflow (and S3) call: transient failures only."""
 
     max_attempts: int = Field(6, ge=1, description="Tries per call, the first included.")
-    backoff_s: int = Field(1, ge=0, description="Base wait, whole seconds (MLflow reads an int): the k-th retry waits about backoff_s * 2^k s.")
+    backoff_s: int = Field(
+        1,
+        ge=0,
+        description="Base wait, whole seconds (MLflow reads an int): the k-th retry waits about backoff_s * 2^k s.",
+    )
     timeout_s: float = Field(30.0, gt=0, description="Per-request timeout, seconds.")
 
 
@@ -423,16 +444,29 @@ class TrackingConfig(_Strict):
 # ---------------------------------------------------------------------------------------------
 
 # The tasks of the DAG, by the name of the kd_lib step each runs.
-StepName = Literal["prepare_data", "train_teacher", "import_teacher", "distill", "quantize", "evaluate", "gate", "register", "finalize"]
+StepName = Literal[
+    "prepare_data", "train_teacher", "import_teacher", "distill", "quantize", "evaluate", "gate", "register", "finalize"
+]
 STEP_NAMES: tuple[str, ...] = get_args(StepName)
 
 # Kubernetes quantities in the forms KFP's compiler accepts (it rejects e.g. "1.5Gi").
 _CPU_PATTERN = r"^([0-9]*\.)?[0-9]+m?$"
 _MEMORY_PATTERN = r"^[0-9]+(E|Ei|P|Pi|T|Ti|G|Gi|M|Mi|K|Ki)?$"
 _MEMORY_UNITS = {
-    "": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
-    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
-}  # fmt: skip
+    "": 1,
+    "K": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "P": 10**15,
+    "E": 10**18,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+    "Pi": 2**50,
+    "Ei": 2**60,
+}
 # A Kubernetes object name (DNS-1123 subdomain) and a POSIX-ish environment variable name.
 _K8S_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
 _ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
@@ -510,9 +544,13 @@ class PyTorchJobConfig(_Strict):
     """
 
     steps: list[Literal["train_teacher", "distill"]] = Field(
-        default_factory=lambda: ["train_teacher", "distill"], min_length=1, description="Steps that become a PyTorchJob."
+        default_factory=lambda: ["train_teacher", "distill"],
+        min_length=1,
+        description="Steps that become a PyTorchJob.",
     )
-    workers: int = Field(1, ge=0, description="Worker pods besides the Master; world size = (1 + workers) * nproc_per_node.")
+    workers: int = Field(
+        1, ge=0, description="Worker pods besides the Master; world size = (1 + workers) * nproc_per_node."
+    )
     volume_claim: str = Field(
         "kdflow-training-staging",
         pattern=_K8S_NAME_PATTERN,
@@ -525,11 +563,15 @@ class PyTorchJobConfig(_Strict):
     )
     master_port: int = Field(23456, ge=1024, le=65535, description="Rendezvous port on the Master pod.")
     timeout_s: float = Field(
-        86400.0, gt=0, description="Longest the launcher waits for the job to finish; then it deletes the job and fails."
+        86400.0,
+        gt=0,
+        description="Longest the launcher waits for the job to finish; then it deletes the job and fails.",
     )
     poll_s: float = Field(10.0, gt=0, description="Seconds between two status reads of the job.")
     backoff_limit: int = Field(
-        0, ge=0, description="Restarts of a failed job by the operator (it resumes from rank 0's last epoch checkpoint)."
+        0,
+        ge=0,
+        description="Restarts of a failed job by the operator (it resumes from rank 0's last epoch checkpoint).",
     )
     ttl_seconds_after_finished: int = Field(
         86400, ge=0, description="The operator deletes a finished job (and its pods' logs) after this long."
@@ -544,7 +586,7 @@ class SecretEnvConfig(_Strict):
     optional: bool = Field(False, description="Start the step even when the Secret or a key is missing.")
 
     @model_validator(mode="after")
-    def _env_names(self) -> "SecretEnvConfig":
+    def _env_names(self) -> SecretEnvConfig:
         bad = [v for v in self.env.values() if not re.match(_ENV_NAME_PATTERN, v)]
         if bad:
             raise ValueError(f"not valid environment variable names: {bad}")
@@ -557,7 +599,10 @@ def _default_secrets() -> list[SecretEnvConfig]:
         SecretEnvConfig(name="kdflow-mlflow", env={"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI"}),
         SecretEnvConfig(
             name="kdflow-mlflow-auth",
-            env={"MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"},
+            env={
+                "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
+                "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
+            },
             optional=True,
         ),
     ]
@@ -570,7 +615,9 @@ class ClusterConfig(_Strict):
     *names* of the Secrets that hold them.
     """
 
-    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Requests and limits of every step.")
+    resources: ResourcesConfig = Field(
+        default_factory=ResourcesConfig, description="Requests and limits of every step."
+    )
     step_resources: dict[StepName, StepResourcesConfig] = Field(
         default_factory=dict, description="Per-step overrides of `resources`, field by field."
     )
@@ -586,7 +633,9 @@ class ClusterConfig(_Strict):
         description="Labels of every step's pod; the NetworkPolicy in k8s/ admits pods with kdflow.io/mlflow-client=true to MLflow.",
     )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
-    image_pull_secrets: list[str] = Field(default_factory=list, description="Secrets to pull the image from a private registry.")
+    image_pull_secrets: list[str] = Field(
+        default_factory=list, description="Secrets to pull the image from a private registry."
+    )
     pytorchjob: PyTorchJobConfig | None = Field(
         None,
         description="Run the training steps as Training Operator PyTorchJobs (multi-pod data parallel); none when omitted: "
@@ -602,7 +651,7 @@ class ClusterConfig(_Strict):
         return ResourcesConfig(**merged)
 
     @model_validator(mode="after")
-    def _requests_within_limits(self) -> "ClusterConfig":
+    def _requests_within_limits(self) -> ClusterConfig:
         for step in STEP_NAMES:
             r = self.resources_for(step)
             where = f"step_resources.{step}" if step in self.step_resources else "resources"
@@ -645,10 +694,14 @@ class SweepConfig(_Strict):
     """
 
     students: list[ModelConfig] = Field(
-        ..., min_length=1, description="Candidate student architectures, e.g. [{arch: mlp, params: {width: 16, depth: 1}}]."
+        ...,
+        min_length=1,
+        description="Candidate student architectures, e.g. [{arch: mlp, params: {width: 16, depth: 1}}].",
     )
     schemes: list[str] = Field(
-        ..., min_length=1, description="Candidate quantization schemes (names of quantize.scheme), e.g. [dynamic_int8, static_int8]."
+        ...,
+        min_length=1,
+        description="Candidate quantization schemes (names of quantize.scheme), e.g. [dynamic_int8, static_int8].",
     )
     temperatures: list[float] | None = Field(
         None,
@@ -709,7 +762,7 @@ class SweepConfig(_Strict):
         return len(self.students) * len(self.schemes) * len(self.temperatures or [None])
 
     @model_validator(mode="after")
-    def _within_max_candidates(self) -> "SweepConfig":
+    def _within_max_candidates(self) -> SweepConfig:
         if self.size > self.max_candidates:
             lengths = f"{len(self.students)} students x {len(self.schemes)} schemes"
             lengths += f" x {len(self.temperatures)} temperatures" if self.temperatures else ""
@@ -748,7 +801,7 @@ class PipelineConfig(_Strict):
     )
 
     @model_validator(mode="after")
-    def _sweep_fits_the_config(self) -> "PipelineConfig":
+    def _sweep_fits_the_config(self) -> PipelineConfig:
         if self.sweep is None:
             return self
         if self.candidate is not None:
@@ -761,28 +814,28 @@ class PipelineConfig(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _splits_leave_training_data(self) -> "PipelineConfig":
+    def _splits_leave_training_data(self) -> PipelineConfig:
         if self.data.val_fraction + self.data.test_fraction >= 0.8:
             raise ValueError("data.val_fraction + data.test_fraction must stay below 0.8 to leave training data")
         return self
 
     @model_validator(mode="after")
-    def _gpu_steps_use_the_gpu(self) -> "PipelineConfig":
+    def _gpu_steps_use_the_gpu(self) -> PipelineConfig:
         gpu = self.cluster.gpu
         if gpu is None:
             return self
-        devices = {"train_teacher": ("teacher.train.device", self.teacher.train.device),
-                   "distill": ("distill.train.device", self.distill.train.device)}  # fmt: skip
+        devices = {
+            "train_teacher": ("teacher.train.device", self.teacher.train.device),
+            "distill": ("distill.train.device", self.distill.train.device),
+        }
         for step in gpu.steps:
             field, device = devices.get(step, ("", ""))
             if device == "cpu":
-                raise ValueError(
-                    f"cluster.gpu gives {step} a GPU but {field} is 'cpu': set it to 'cuda' or 'auto'"
-                )
+                raise ValueError(f"cluster.gpu gives {step} a GPU but {field} is 'cpu': set it to 'cuda' or 'auto'")
         return self
 
     @model_validator(mode="after")
-    def _pytorchjob_gpu_is_a_resource(self) -> "PipelineConfig":
+    def _pytorchjob_gpu_is_a_resource(self) -> PipelineConfig:
         pj, gpu = self.cluster.pytorchjob, self.cluster.gpu
         if pj is not None and gpu is not None and set(pj.steps) & set(gpu.steps) and "/" not in gpu.accelerator:
             raise ValueError(
@@ -822,7 +875,9 @@ class PipelineConfig(_Strict):
         unset: dict[str, Any] = {name: True for name in ("sweep", "candidate") if getattr(self, name) is None}
         for step in ("teacher", "distill"):
             train = getattr(self, step).train
-            defaults = {name: True for name, default in (("augment", None), ("keep", "best")) if getattr(train, name) == default}
+            defaults = {
+                name: True for name, default in (("augment", None), ("keep", "best")) if getattr(train, name) == default
+            }
             if defaults:
                 unset[step] = {"train": defaults}
         return unset
@@ -869,7 +924,9 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
         if isinstance(node, list):
             if not key.isdigit() or int(key) >= len(node):
                 where = ".".join(keys[:depth])
-                raise ConfigError(f"override {assignment!r}: {where} has {len(node)} item(s); use an index 0..{len(node) - 1}")
+                raise ConfigError(
+                    f"override {assignment!r}: {where} has {len(node)} item(s); use an index 0..{len(node) - 1}"
+                )
             if last:
                 node[int(key)] = value
             else:

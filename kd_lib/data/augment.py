@@ -7,7 +7,8 @@ seed and a resumed run (the generator state is checkpointed) continues the same 
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -63,10 +64,14 @@ def make_augment(cfg: AugmentConfig, input_shape: tuple[int, ...], where: str = 
     if not cfg.enabled:
         return None
     is_image = len(input_shape) == 3
-    for name, on in ((f"{where}.random_crop_padding", cfg.random_crop_padding > 0),
-                     (f"{where}.horizontal_flip", cfg.horizontal_flip)):  # fmt: skip
+    for name, on in (
+        (f"{where}.random_crop_padding", cfg.random_crop_padding > 0),
+        (f"{where}.horizontal_flip", cfg.horizontal_flip),
+    ):
         if on and not is_image:
-            raise ValueError(f"{name} needs image inputs [C, H, W]; these samples have shape {list(input_shape)}: turn it off")
+            raise ValueError(
+                f"{name} needs image inputs [C, H, W]; these samples have shape {list(input_shape)}: turn it off"
+            )
 
     def augment(x: Tensor, generator: torch.Generator) -> Tensor:
         if cfg.random_crop_padding > 0:
@@ -80,7 +85,9 @@ def make_augment(cfg: AugmentConfig, input_shape: tuple[int, ...], where: str = 
     return augment
 
 
-def augment_for(cfg: PipelineConfig, step: Literal["teacher", "distill"], input_shape: tuple[int, ...]) -> Augment | None:
+def augment_for(
+    cfg: PipelineConfig, step: Literal["teacher", "distill"], input_shape: tuple[int, ...]
+) -> Augment | None:
     """The augmentation training ``step`` applies (``<step>.train.augment`` when set, else
     ``data.augment``); errors name the field it came from. Raises ValueError as ``make_augment``."""
     augment_cfg, where = cfg.augment_of(step)

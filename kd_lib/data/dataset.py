@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kd_lib.errors import KdflowError
 from kd_lib.config import DataConfig, RetryConfig, source_kind
+from kd_lib.errors import KdflowError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -317,7 +317,9 @@ def read_source(source: str, cfg: DataConfig, scratch: str | Path, retry: RetryC
     )
 
 
-def load_source(source: str, cfg: DataConfig | None = None, retry: RetryConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_source(
+    source: str, cfg: DataConfig | None = None, retry: RetryConfig | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Read ``source`` into ``(x [N, ...] float32, y [N] int64)`` without validating."""
     with tempfile.TemporaryDirectory(prefix="kdflow-data-") as scratch:
         got = read_source(source, cfg or DataConfig(), scratch, retry)

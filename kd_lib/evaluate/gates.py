@@ -6,8 +6,9 @@ check with its value, so a failed run says exactly which bar it missed and by ho
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Mapping
+from typing import Any
 
 from kd_lib.config import GateConfig
 
@@ -73,7 +74,7 @@ class GateDecision:
         return {"passed": self.passed, "checks": [asdict(c) for c in self.checks]}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "GateDecision":
+    def from_dict(cls, data: Mapping[str, Any]) -> GateDecision:
         """Rebuild a decision from ``to_dict`` output (e.g. after a JSON round trip)."""
         try:
             checks = [
@@ -123,7 +124,9 @@ def _check(name: str, value: float, threshold: float, op: str, unit: str, group:
 def _champion_checks(cand_acc: float, cand_size: float, champion: Mapping[str, Any], t: GateConfig) -> list[GateCheck]:
     champ_acc = _metric(champion, "accuracy", "champion")
     champ_size = _metric(champion, "size_bytes", "champion")
-    drop = _check("champion_accuracy_drop", (champ_acc - cand_acc) * 100, t.champion_tolerance, "<=", "points", "champion")
+    drop = _check(
+        "champion_accuracy_drop", (champ_acc - cand_acc) * 100, t.champion_tolerance, "<=", "points", "champion"
+    )
     size = _check("champion_size_ratio", cand_size / champ_size, 1.0, "<=", "x", "champion")
     if not size.passed and round(cand_acc - champ_acc, _DECIMALS) > 0:
         # A larger model is acceptable when it buys accuracy.

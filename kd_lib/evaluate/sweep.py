@@ -21,8 +21,9 @@ import itertools
 import json
 import math
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 from kd_lib.config import TEMPERATURE_LOSSES, ModelConfig, PipelineConfig, parse_config
 from kd_lib.evaluate.gates import GateCheck, GateDecision
@@ -78,7 +79,9 @@ def candidate_name(index: int, student: ModelConfig, scheme: str, temperature: f
     index keeps names unique even where abbreviations collide.
     """
     arch = _slug(student.arch.split(":")[-1].split(".")[-1]) or "model"
-    order = [k for k in _ABBREVIATIONS if k in student.params] + sorted(k for k in student.params if k not in _ABBREVIATIONS)
+    order = [k for k in _ABBREVIATIONS if k in student.params] + sorted(
+        k for k in student.params if k not in _ABBREVIATIONS
+    )
     params = _slug("".join(f"{_ABBREVIATIONS.get(k, k)}{_number(student.params[k])}" for k in order))
     parts = [f"c{index}", arch, params, scheme] + ([f"T{_number(temperature)}"] if temperature is not None else [])
     return "-".join(p for p in parts if p)[:100]
@@ -164,7 +167,11 @@ class CandidateResult:
 
 
 def result_from(
-    name: str, index: int, evaluation: Mapping[str, Any], decision: Mapping[str, Any], info: Mapping[str, Any] | None = None
+    name: str,
+    index: int,
+    evaluation: Mapping[str, Any],
+    decision: Mapping[str, Any],
+    info: Mapping[str, Any] | None = None,
 ) -> CandidateResult:
     """A CandidateResult from the evaluate step's JSON and the gate step's decision JSON.
 
@@ -230,11 +237,21 @@ class Selection:
         for r in self.results:
             failed = r.decision.failed()
             rows.append(
-                {"candidate": r.name, "index": r.index, **r.info, "accuracy": r.accuracy, "size_bytes": r.size_bytes,
-                 "latency_b1_p50_ms": r.latency_ms, "on_front": r.name in self.front, "passed": r.decision.passed,
-                 "action": r.action, "chosen": self.chosen is not None and r.name == self.chosen.name,
-                 "failed_checks": [c.name for c in failed], "why": [_why(c) for c in failed]}
-            )  # fmt: skip
+                {
+                    "candidate": r.name,
+                    "index": r.index,
+                    **r.info,
+                    "accuracy": r.accuracy,
+                    "size_bytes": r.size_bytes,
+                    "latency_b1_p50_ms": r.latency_ms,
+                    "on_front": r.name in self.front,
+                    "passed": r.decision.passed,
+                    "action": r.action,
+                    "chosen": self.chosen is not None and r.name == self.chosen.name,
+                    "failed_checks": [c.name for c in failed],
+                    "why": [_why(c) for c in failed],
+                }
+            )
         return rows
 
     def to_dict(self) -> dict[str, Any]:
@@ -253,10 +270,17 @@ class Selection:
         if self.chosen is not None:
             return self.chosen.decision
         checks = [
-            GateCheck(name=f"candidate {r.name}", value=float(len(r.decision.failed())), threshold=0.0, op="<=",
-                      passed=False, unit="failed checks", detail="; ".join(_why(c) for c in r.decision.failed()))
+            GateCheck(
+                name=f"candidate {r.name}",
+                value=float(len(r.decision.failed())),
+                threshold=0.0,
+                op="<=",
+                passed=False,
+                unit="failed checks",
+                detail="; ".join(_why(c) for c in r.decision.failed()),
+            )
             for r in self.results
-        ]  # fmt: skip
+        ]
         return GateDecision(passed=False, checks=checks)
 
     def headline(self) -> str:
@@ -334,7 +358,9 @@ def table_text(summary: Mapping[str, Any]) -> str:
     if chosen:
         lines.append(f"chosen: {chosen} ({summary['action']}), {summary.get('rule', RULE)}")
     else:
-        lines.append("chosen: none; no candidate passed every gate, so nothing is registered (the failed checks say why)")
+        lines.append(
+            "chosen: none; no candidate passed every gate, so nothing is registered (the failed checks say why)"
+        )
     return "\n".join(lines)
 
 
@@ -349,7 +375,9 @@ def table_markdown(summary: Mapping[str, Any], plot_png_b64: str | None = None) 
     if chosen:
         out.append(f"**Chosen: {_md(chosen)}** ({summary['action']}): {_md(summary.get('rule', RULE))}.")
     else:
-        out.append("**No candidate passed every gate**: nothing is registered; each candidate's failed checks are below.")
+        out.append(
+            "**No candidate passed every gate**: nothing is registered; each candidate's failed checks are below."
+        )
     out += ["", "| " + " | ".join(_HEADERS) + " |", "|" + "---|" * len(_HEADERS)]
     for row in summary["candidates"]:
         cells = _cells(row)
@@ -381,15 +409,24 @@ def plot_front(summary: Mapping[str, Any]) -> bytes:
             ax.scatter([x], [y], marker="x", s=60, color="#d62728", zorder=3)
         ax.annotate(row["candidate"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=7)
     front = sorted((r for r in rows if r["on_front"]), key=lambda r: (r["size_bytes"], -r["accuracy"]))
-    ax.step([r["size_bytes"] / 1e3 for r in front], [r["accuracy"] * 100 for r in front], where="post",
-            color="#555555", lw=1, label="Pareto front (all candidates)")  # fmt: skip
+    ax.step(
+        [r["size_bytes"] / 1e3 for r in front],
+        [r["accuracy"] * 100 for r in front],
+        where="post",
+        color="#555555",
+        lw=1,
+        label="Pareto front (all candidates)",
+    )
     # Legend entries for the markers (drawn once, off the data).
     ax.scatter([], [], marker="*", s=160, color="#2ca02c", edgecolor="black", label="chosen")
     ax.scatter([], [], marker="o", color="#2ca02c", edgecolor="black", label="passes every gate")
     ax.scatter([], [], marker="x", color="#d62728", label="fails a gate")
     ax.set_xscale("log")
-    ax.set(title="Sweep: accuracy versus artifact size", xlabel="quantized artifact size (KB, log scale)",
-           ylabel="quantized test accuracy (%)")  # fmt: skip
+    ax.set(
+        title="Sweep: accuracy versus artifact size",
+        xlabel="quantized artifact size (KB, log scale)",
+        ylabel="quantized test accuracy (%)",
+    )
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="lower right")
     buf = io.BytesIO()

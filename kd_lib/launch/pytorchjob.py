@@ -29,14 +29,15 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import yaml
 
+from kd_lib.config import ConfigError, PipelineConfig
 from kd_lib.errors import KdflowError
 from kd_lib.train import distributed
-from kd_lib.config import ConfigError, PipelineConfig
 
 GROUP, VERSION, PLURAL, KIND = "kubeflow.org", "v1", "pytorchjobs", "PyTorchJob"
 CONTAINER = "pytorch"  # the Training Operator finds the training container by this name
@@ -66,7 +67,9 @@ def load_template(path: str | Path | None = None) -> dict[str, Any]:
     try:
         return yaml.safe_load(path.read_text())
     except OSError as err:
-        raise PyTorchJobError(f"{path}: cannot read the PyTorchJob template ({err.strerror}); set ${K8S_DIR_ENV} to the k8s/ directory") from None
+        raise PyTorchJobError(
+            f"{path}: cannot read the PyTorchJob template ({err.strerror}); set ${K8S_DIR_ENV} to the k8s/ directory"
+        ) from None
 
 
 def job_name(pipeline_run_id: str, step: str) -> str:
@@ -121,13 +124,16 @@ def render(
     spec = job["spec"]
     spec["nprocPerNode"] = str(nproc)
     spec["runPolicy"] = dict(spec.get("runPolicy") or {}) | {
-        "backoffLimit": pj.backoff_limit, "ttlSecondsAfterFinished": pj.ttl_seconds_after_finished,
-    }  # fmt: skip
+        "backoffLimit": pj.backoff_limit,
+        "ttlSecondsAfterFinished": pj.ttl_seconds_after_finished,
+    }
 
     replicas = spec["pytorchReplicaSpecs"]
     pod = replicas["Master"]["template"]
     pod["metadata"] = dict(pod.get("metadata") or {})
-    pod["metadata"]["labels"] = dict(pod["metadata"].get("labels") or {}) | dict(cluster.pod_labels) | {"kdflow.io/step": step}
+    pod["metadata"]["labels"] = (
+        dict(pod["metadata"].get("labels") or {}) | dict(cluster.pod_labels) | {"kdflow.io/step": step}
+    )
     pod_spec = pod["spec"]
     if cluster.service_account:
         pod_spec["serviceAccountName"] = cluster.service_account
@@ -146,11 +152,15 @@ def render(
         f"--nnodes={1 + pj.workers}",
         f"--nproc-per-node={nproc}",
         # Expanded by the kubelet from the env the Training Operator adds to every pod.
-        "--node-rank=$(RANK)", "--master-addr=$(MASTER_ADDR)", "--master-port=$(MASTER_PORT)",
+        "--node-rank=$(RANK)",
+        "--master-addr=$(MASTER_ADDR)",
+        "--master-port=$(MASTER_PORT)",
         # A failed rank fails the job at once; the operator's backoffLimit restarts it whole.
         "--max-restarts=0",
-        "-m", distributed.WORKER_MODULE, request_path,
-    ]  # fmt: skip
+        "-m",
+        distributed.WORKER_MODULE,
+        request_path,
+    ]
     for port in container["ports"]:
         if port["name"] == PORT_NAME:
             port["containerPort"] = pj.master_port
@@ -162,7 +172,12 @@ def render(
     # Credentials reach the ranks as the step's do: env resolved by the kubelet from Secrets.
     for secret in cluster.secrets:
         for key, var in secret.env.items():
-            env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": key, "optional": secret.optional}}})
+            env.append(
+                {
+                    "name": var,
+                    "valueFrom": {"secretKeyRef": {"name": secret.name, "key": key, "optional": secret.optional}},
+                }
+            )
     container["env"] = env
 
     res = cluster.resources_for(step)
@@ -181,13 +196,24 @@ def render(
         if gpu.node_selector:
             pod_spec["nodeSelector"] = dict(gpu.node_selector)
         pod_spec["tolerations"] = [
-            {k: v for k, v in {"key": t.key, "operator": t.operator, "value": t.value, "effect": t.effect,
-                               "tolerationSeconds": t.toleration_seconds}.items() if v is not None}
+            {
+                k: v
+                for k, v in {
+                    "key": t.key,
+                    "operator": t.operator,
+                    "value": t.value,
+                    "effect": t.effect,
+                    "tolerationSeconds": t.toleration_seconds,
+                }.items()
+                if v is not None
+            }
             for t in gpu.tolerations
-        ]  # fmt: skip
+        ]
 
     if pj.workers:
-        replicas["Worker"] = dict(replicas.get("Worker") or {"restartPolicy": replicas["Master"].get("restartPolicy", "Never")})
+        replicas["Worker"] = dict(
+            replicas.get("Worker") or {"restartPolicy": replicas["Master"].get("restartPolicy", "Never")}
+        )
         replicas["Worker"]["replicas"] = pj.workers
         replicas["Worker"]["template"] = copy.deepcopy(pod)
     else:
@@ -210,7 +236,9 @@ def default_api() -> Any:
         try:
             config.load_kube_config()
         except (config.ConfigException, OSError) as err:
-            raise PyTorchJobError(f"no Kubernetes API to create the PyTorchJob: not in a pod and no kubeconfig ({err})") from None
+            raise PyTorchJobError(
+                f"no Kubernetes API to create the PyTorchJob: not in a pod and no kubeconfig ({err})"
+            ) from None
     return client.CustomObjectsApi()
 
 
@@ -222,7 +250,9 @@ def default_namespace(cfg: PipelineConfig) -> str:
     try:
         return SERVICE_ACCOUNT_NAMESPACE.read_text().strip()
     except OSError:
-        raise ConfigError("cluster.pytorchjob.namespace is not set and this is not a pod: set it to the pipeline namespace") from None
+        raise ConfigError(
+            "cluster.pytorchjob.namespace is not set and this is not a pod: set it to the pipeline namespace"
+        ) from None
 
 
 def _api_error(err: Exception, action: str, namespace: str) -> PyTorchJobError:
@@ -291,7 +321,9 @@ def create(api: Any, job: dict[str, Any], log: Log = print, poll_s: float = 2.0,
     deadline = time.monotonic() + gone_timeout_s
     while _get(api, namespace, name) is not None:
         if time.monotonic() > deadline:
-            raise PyTorchJobError(f"the failed PyTorchJob {namespace}/{name} was not deleted within {gone_timeout_s:g} s")
+            raise PyTorchJobError(
+                f"the failed PyTorchJob {namespace}/{name} was not deleted within {gone_timeout_s:g} s"
+            )
         time.sleep(poll_s)
     try:
         api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, job)
@@ -316,10 +348,17 @@ def wait(api: Any, namespace: str, name: str, timeout_s: float, poll_s: float, l
         if job is None:
             raise PyTorchJobError(f"PyTorchJob {namespace}/{name} disappeared while running (deleted by someone?)")
         phase, message = state(job)
-        pods = {role: counts for role, s in ((job.get("status") or {}).get("replicaStatuses") or {}).items()
-                if (counts := {k: v for k, v in s.items() if k in ("active", "succeeded", "failed") and v})}  # fmt: skip
+        pods = {
+            role: counts
+            for role, s in ((job.get("status") or {}).get("replicaStatuses") or {}).items()
+            if (counts := {k: v for k, v in s.items() if k in ("active", "succeeded", "failed") and v})
+        }
         if (phase, message, pods) != last:
-            log(f"PyTorchJob {namespace}/{name}: {phase}" + (f" ({message})" if message else "") + (f" pods {pods}" if pods else ""))
+            log(
+                f"PyTorchJob {namespace}/{name}: {phase}"
+                + (f" ({message})" if message else "")
+                + (f" pods {pods}" if pods else "")
+            )
             last = (phase, message, pods)
         if phase in ("Succeeded", "Failed"):
             return phase, message
@@ -413,15 +452,20 @@ def run_step(
         paths[key] = str(root / "out" / key)
     (root / "out").mkdir(parents=True, exist_ok=True)
     request = {
-        "step": step, "config_json": cfg.to_json(), "pipeline_run_id": pipeline_run_id,
-        "paths": paths, "summary_path": str(summary),
-    }  # fmt: skip
+        "step": step,
+        "config_json": cfg.to_json(),
+        "pipeline_run_id": pipeline_run_id,
+        "paths": paths,
+        "summary_path": str(summary),
+    }
     (root / "request.json").write_text(json.dumps(request))
 
     job = render(cfg, step, name, namespace, str(root / "request.json"), str(errors), pipeline_run_id)
     api = api if api is not None else default_api()
     world = (1 + pj.workers) * _train_cfg(cfg, step).distributed.nproc_per_node
-    log(f"{step}: PyTorchJob {namespace}/{name}, {1 + pj.workers} pod(s) x {job['spec']['nprocPerNode']} process(es) = world size {world}")
+    log(
+        f"{step}: PyTorchJob {namespace}/{name}, {1 + pj.workers} pod(s) x {job['spec']['nprocPerNode']} process(es) = world size {world}"
+    )
     with _deleted_when_stopped(api, namespace, name):
         create(api, job, log)
         phase, message = wait(api, namespace, name, pj.timeout_s, pj.poll_s, log)

@@ -20,19 +20,19 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from kd_lib.data import dataset as data_lib
-from kd_lib.train import distributed
-from kd_lib.train import losses
 from kd_lib.compress import quantization
-from kd_lib.train import loop as training
-from kd_lib.data.augment import augment_for
 from kd_lib.config import LossTermConfig, PipelineConfig, TrainConfig, config_from_json
+from kd_lib.data import dataset as data_lib
+from kd_lib.data.augment import augment_for
 from kd_lib.models.builders import build_model, for_data
+from kd_lib.train import distributed, losses
+from kd_lib.train import loop as training
 
 STEPS = ("train_teacher", "distill")
 
@@ -61,7 +61,9 @@ def _replica_train_teacher(cfg: PipelineConfig, dataset_dir: str, **_outputs: An
     torch.manual_seed(cfg.teacher.train.seed)
     model = build_model(cfg.teacher.model.arch, cfg.teacher.model.params, shape, splits.meta.num_classes)
     augment = augment_for(cfg, "teacher", shape)
-    training.train_supervised(model, *_tensors(splits, "train"), *_tensors(splits, "val"), cfg.teacher.train, augment=augment)
+    training.train_supervised(
+        model, *_tensors(splits, "train"), *_tensors(splits, "val"), cfg.teacher.train, augment=augment
+    )
 
 
 def _replica_distill(
@@ -81,7 +83,13 @@ def _replica_distill(
         torch.manual_seed(cfg.distill.train.seed)
         student = build_model(cfg.student.model.arch, cfg.student.model.params, shape, meta.num_classes)
         training.distill(
-            student, teacher, objective, *_tensors(splits, "train"), *_tensors(splits, "val"), cfg.distill.train, augment=augment
+            student,
+            teacher,
+            objective,
+            *_tensors(splits, "train"),
+            *_tensors(splits, "val"),
+            cfg.distill.train,
+            augment=augment,
         )
 
     train_student(teacher, objective)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -116,8 +117,7 @@ def cnn(
     """
     if len(input_shape) != 3:
         raise ValueError(
-            f"cnn needs a (C, H, W) input_shape, got {tuple(input_shape)}; "
-            "use arch 'mlp' for flat feature vectors"
+            f"cnn needs a (C, H, W) input_shape, got {tuple(input_shape)}; use arch 'mlp' for flat feature vectors"
         )
     _positive_int("num_classes", num_classes)
     _positive_int("channels", channels)
@@ -151,8 +151,7 @@ def _resolve_builder(arch: str) -> ModelBuilder:
         module = importlib.import_module(module_name)
     except ImportError as err:
         raise ConfigError(
-            f"model arch {arch!r}: cannot import module {module_name!r} ({err}); "
-            "install it or put it on PYTHONPATH"
+            f"model arch {arch!r}: cannot import module {module_name!r} ({err}); install it or put it on PYTHONPATH"
         ) from None
     builder = getattr(module, attr, None)
     if not callable(builder):
@@ -213,8 +212,7 @@ def build_model(
         model = builder(shape, classes, **params)
     except (TypeError, ValueError) as err:
         raise ConfigError(
-            f"model {arch!r} with params {params} and input_shape {shape}: {err}; "
-            f"accepted parameters: {accepted_text}"
+            f"model {arch!r} with params {params} and input_shape {shape}: {err}; accepted parameters: {accepted_text}"
         ) from err
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model {arch!r}: the builder returned {type(model).__name__}, not a torch.nn.Module")

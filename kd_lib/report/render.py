@@ -17,8 +17,9 @@ import html
 import io
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -34,9 +35,11 @@ STAGE_FINAL = "final"
 SECTIONS = ("decision", "models", "training", "confusion", "tradeoff", "gate", "config")
 
 ROLE_LABELS = {
-    "teacher": "teacher", "student": "student (fp32)", "quantized": "student (quantized)",
+    "teacher": "teacher",
+    "student": "student (fp32)",
+    "quantized": "student (quantized)",
     "baseline": "student without KD (fp32)",
-}  # fmt: skip
+}
 ROLE_COLORS = {"teacher": "#1f77b4", "student": "#ff7f0e", "quantized": "#2ca02c", "baseline": "#7f7f7f"}
 
 OPS = {">=": "≥", "<=": "≤"}
@@ -91,7 +94,7 @@ class ReportData:
     pareto: list[dict[str, Any]] | None = None
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ReportData":
+    def from_dict(cls, data: Mapping[str, Any]) -> ReportData:
         """Build from a dict with (a subset of) the attribute names; unknown keys are an error."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
@@ -161,8 +164,11 @@ def from_pipeline_record(record: Mapping[str, Any], state: str | None = None, er
         config=config,
         class_names=meta.get("class_names"),
         # A sweep's candidates, drawn with their front on the accuracy-versus-size plot.
-        pareto=[{"label": r["candidate"], "accuracy": r["accuracy"], "size_bytes": r["size_bytes"]}
-                for r in (record.get("sweep") or {}).get("candidates", [])] or None,  # fmt: skip
+        pareto=[
+            {"label": r["candidate"], "accuracy": r["accuracy"], "size_bytes": r["size_bytes"]}
+            for r in (record.get("sweep") or {}).get("candidates", [])
+        ]
+        or None,
     )
 
 
@@ -359,9 +365,13 @@ def plot_training(histories: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
         ax_acc.plot(epochs, acc, color=color, label=role)
         best = max(range(len(acc)), key=lambda i: (acc[i], -i))
         ax_acc.plot(
-            [epochs[best]], [acc[best]], marker="o", color=color, ms=7,
+            [epochs[best]],
+            [acc[best]],
+            marker="o",
+            color=color,
+            ms=7,
             label=f"{role} best: {acc[best]:.2f}% @ epoch {epochs[best]}",
-        )  # fmt: skip
+        )
     ax_loss.set(title="Loss per epoch", xlabel="epoch", ylabel="loss")
     ax_loss.set_yscale("log")
     ax_acc.set(title="Validation accuracy per epoch", xlabel="epoch", ylabel="accuracy (%)")
@@ -371,8 +381,9 @@ def plot_training(histories: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
     return _png(fig)
 
 
-def _heatmap(ax: Any, matrix: list[list[int]], names: list[str], title: str, xlabel: str, ylabel: str,
-             cmap: str, log: bool) -> None:  # fmt: skip
+def _heatmap(
+    ax: Any, matrix: list[list[int]], names: list[str], title: str, xlabel: str, ylabel: str, cmap: str, log: bool
+) -> None:
     from matplotlib.colors import LogNorm, Normalize
 
     n = len(matrix)
@@ -441,8 +452,15 @@ def tradeoff_figure(data: ReportData) -> Figure:
         py = [p["accuracy"] * 100 for p in data.pareto]
         ax.scatter(px, py, color="#999999", s=18, label="sweep candidates", zorder=2)
         front = pareto_front(data.pareto)
-        ax.step([p["size_bytes"] / 1e3 for p in front], [p["accuracy"] * 100 for p in front],
-                where="post", color="#555555", lw=1, label="Pareto front", zorder=2)  # fmt: skip
+        ax.step(
+            [p["size_bytes"] / 1e3 for p in front],
+            [p["accuracy"] * 100 for p in front],
+            where="post",
+            color="#555555",
+            lw=1,
+            label="Pareto front",
+            zorder=2,
+        )
         sizes_kb, accs = sizes_kb + px, accs + py
 
     # Bars: accuracy floor(s) and size ceiling(s); the pass region is their intersection.
@@ -476,9 +494,15 @@ def tradeoff_figure(data: ReportData) -> Figure:
         ax.scatter([x], [y], s=90, color=ROLE_COLORS.get(role, "#333333"), edgecolor="black", zorder=3)
         # fp32 and quantized students usually share an accuracy: one label above, one below.
         above = role == "quantized"
-        ax.annotate(f"{_role_label(data, role)}\n{y:.2f}%, {_bytes(row['size_bytes'])}", (x, y),
-                    textcoords="offset points", xytext=(0, 10 if above else -10), ha="center",
-                    va="bottom" if above else "top", fontsize=8)  # fmt: skip
+        ax.annotate(
+            f"{_role_label(data, role)}\n{y:.2f}%, {_bytes(row['size_bytes'])}",
+            (x, y),
+            textcoords="offset points",
+            xytext=(0, 10 if above else -10),
+            ha="center",
+            va="bottom" if above else "top",
+            fontsize=8,
+        )
     ax.set_xscale("log")
     ax.set_xlim(x_lo, x_hi)
     ax.set_ylim(y_lo, y_hi)
@@ -539,7 +563,7 @@ def _header_html(data: ReportData) -> str:
         ("generated", _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
     ]
     meta = " · ".join(f"{_esc(k)} <code>{_esc(v)}</code>" for k, v in items if v)
-    return f"<header><h1>Compression report: {_esc(data.name)}</h1><p class=\"meta\">{meta}</p></header>"
+    return f'<header><h1>Compression report: {_esc(data.name)}</h1><p class="meta">{meta}</p></header>'
 
 
 def _decision_html(data: ReportData) -> str:
@@ -627,7 +651,7 @@ def _training_html(data: ReportData) -> str:
     lacking = [r for r in ("teacher", "student") if r not in present]
     notes = [_history_summary(r, rows) for r, rows in present.items()]
     notes += [f"{r}: no training history (imported or not trained in this run)" for r in lacking]
-    body = _img(plot_training(present), "training curves") + "<ul class=\"stats\">"
+    body = _img(plot_training(present), "training curves") + '<ul class="stats">'
     body += "".join(f"<li>{_esc(n)}</li>" for n in notes) + "</ul>"
     return _section("training", "Training curves", body)
 
@@ -642,9 +666,12 @@ def _confusion_html(data: ReportData) -> str:
     names = _class_names(data, n)
     vs = final.get("vs_teacher") or {}
     png = plot_confusions(
-        teacher.get("confusion_matrix"), final.get("confusion_matrix"), vs.get("pairs"), names,
+        teacher.get("confusion_matrix"),
+        final.get("confusion_matrix"),
+        vs.get("pairs"),
+        names,
         _role_label(data, final_role),
-    )  # fmt: skip
+    )
     body = _img(png, "confusion matrices")
     if vs:
         n_total = sum(map(sum, final["confusion_matrix"]))
@@ -654,9 +681,11 @@ def _confusion_html(data: ReportData) -> str:
             f"of the {vs['n_disagree']} samples where they differ, the student is right on {vs['other_right']}, "
             f"the teacher on {vs['reference_right']}, and neither on {vs['both_wrong']}",
         ]
-        body += "<ul class=\"stats\">" + "".join(f"<li>{_esc(s)}</li>" for s in stats) + "</ul>"
-    body += '<p class="note">Rows are true classes, columns predicted; colours on a log scale so errors show. ' \
+        body += '<ul class="stats">' + "".join(f"<li>{_esc(s)}</li>" for s in stats) + "</ul>"
+    body += (
+        '<p class="note">Rows are true classes, columns predicted; colours on a log scale so errors show. '
         "The right panel counts only the samples on which the two models disagree.</p>"
+    )
     return _section("confusion", "Confusion matrices", body)
 
 
@@ -674,14 +703,16 @@ def _gate_html(data: ReportData) -> str:
     rows = []
     for c in data.gate["checks"]:
         ok = bool(c["passed"])
-        rows.append([
-            _esc(c["name"]),
-            _esc(CHECK_MEANINGS.get(c["name"], "")),
-            _esc(f"{float(c['value']):.4g} {c.get('unit', '')}"),
-            _esc(OPS.get(c["op"], c["op"])),
-            _esc(f"{float(c['threshold']):.4g} {c.get('unit', '')}"),
-            f'<span class="verdict-{"pass" if ok else "fail"}">{"PASS" if ok else "FAIL"}</span>',
-        ])  # fmt: skip
+        rows.append(
+            [
+                _esc(c["name"]),
+                _esc(CHECK_MEANINGS.get(c["name"], "")),
+                _esc(f"{float(c['value']):.4g} {c.get('unit', '')}"),
+                _esc(OPS.get(c["op"], c["op"])),
+                _esc(f"{float(c['threshold']):.4g} {c.get('unit', '')}"),
+                f'<span class="verdict-{"pass" if ok else "fail"}">{"PASS" if ok else "FAIL"}</span>',
+            ]
+        )
     overall = "PASS" if data.gate.get("passed") else "FAIL"
     body = _table(["check", "measures", "value", "op", "threshold", "verdict"], rows, css_class="gate")
     body += f'<p>Overall: <span class="verdict-{overall.lower()}">{overall}</span> (every check must pass)</p>'
@@ -708,7 +739,7 @@ def render_html(data: ReportData) -> str:
         _config_html(data),
     ]
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>kdflow report: {_esc(data.name)}</title><style>{_CSS}</style></head>"
         f"<body><main>{_header_html(data)}{''.join(sections)}</main></body></html>\n"
     )
@@ -741,11 +772,17 @@ def render_markdown(data: ReportData) -> str:
             ratio = "–"
             if teacher.get("size_bytes") and row.get("size_bytes"):
                 ratio = f"{teacher['size_bytes'] / row['size_bytes']:.1f}x"
-            rows.append([
-                _role_label(data, role), _pct(row.get("accuracy")), _num(row.get("macro_f1")),
-                _bytes(row.get("size_bytes")), ratio, _num(row.get("num_params")),
-                _num(row.get("latency_b1_p50_ms"), 3),
-            ])  # fmt: skip
+            rows.append(
+                [
+                    _role_label(data, role),
+                    _pct(row.get("accuracy")),
+                    _num(row.get("macro_f1")),
+                    _bytes(row.get("size_bytes")),
+                    ratio,
+                    _num(row.get("num_params")),
+                    _num(row.get("latency_b1_p50_ms"), 3),
+                ]
+            )
         out += ["## Models (test split)", ""]
         headers = ["model", "accuracy", "macro-F1", "size", "compression", "parameters", "latency b1 p50 (ms)"]
         out += _md_table(headers, rows)
@@ -755,10 +792,15 @@ def render_markdown(data: ReportData) -> str:
             out += [f"- {_md(gain)}", ""]
     if data.gate:
         rows = [
-            [c["name"], f"{float(c['value']):.4g} {c.get('unit', '')}", OPS.get(c["op"], c["op"]),
-             f"{float(c['threshold']):.4g} {c.get('unit', '')}", "PASS" if c["passed"] else "FAIL"]
+            [
+                c["name"],
+                f"{float(c['value']):.4g} {c.get('unit', '')}",
+                OPS.get(c["op"], c["op"]),
+                f"{float(c['threshold']):.4g} {c.get('unit', '')}",
+                "PASS" if c["passed"] else "FAIL",
+            ]
             for c in data.gate["checks"]
-        ]  # fmt: skip
+        ]
         out += ["## Gate", ""] + _md_table(["check", "value", "op", "threshold", "verdict"], rows) + [""]
     present = {r: rows for r, rows in data.histories.items() if rows}
     if present:

@@ -17,22 +17,15 @@ from typing import Any, Literal
 
 import torch
 
-from kd_lib.errors import KdflowError
-from kd_lib.data import dataset as data_lib
-from kd_lib.train import distributed
-from kd_lib.evaluate import metrics as evaluation
-from kd_lib.evaluate import gates
-from kd_lib.train import losses
-from kd_lib.compress import quantization
-from kd_lib.report import render as report
 from kd_lib.adapters import storage
-from kd_lib.evaluate import sweep
-from kd_lib.train import loop as training
-from kd_lib.data.augment import augment_for
-from kd_lib.config import ConfigError, LossTermConfig, PipelineConfig, config_from_json
-from kd_lib.adapters.model_registry import ModelRegistry, RegistryError, gate_tags, log_pyfunc, pip_requirements, registry_errors
-from kd_lib.models.builders import build_model, count_parameters, for_data
-from kd_lib.train.progress import EpochProgress
+from kd_lib.adapters.model_registry import (
+    ModelRegistry,
+    RegistryError,
+    gate_tags,
+    log_pyfunc,
+    pip_requirements,
+    registry_errors,
+)
 from kd_lib.adapters.tracking import (
     SELECTED_TAG,
     StepRun,
@@ -43,6 +36,18 @@ from kd_lib.adapters.tracking import (
     pipeline_record,
     step_run,
 )
+from kd_lib.compress import quantization
+from kd_lib.config import ConfigError, LossTermConfig, PipelineConfig, config_from_json
+from kd_lib.data import dataset as data_lib
+from kd_lib.data.augment import augment_for
+from kd_lib.errors import KdflowError
+from kd_lib.evaluate import gates, sweep
+from kd_lib.evaluate import metrics as evaluation
+from kd_lib.models.builders import build_model, count_parameters, for_data
+from kd_lib.report import render as report
+from kd_lib.train import distributed, losses
+from kd_lib.train import loop as training
+from kd_lib.train.progress import EpochProgress
 
 
 class StepError(KdflowError, RuntimeError):
@@ -142,7 +147,11 @@ def prepare_data(cfg: PipelineConfig, pipeline_run_id: str, dataset_dir: str | P
         splits = data_lib.prepare(cfg.data, retry=cfg.tracking.retry)
         data_lib.save_splits(splits, dataset_dir)
         meta = splits.meta
-        params: dict[str, Any] = {"source": meta.source, "fingerprint": meta.fingerprint, "input_shape": meta.input_shape}
+        params: dict[str, Any] = {
+            "source": meta.source,
+            "fingerprint": meta.fingerprint,
+            "input_shape": meta.input_shape,
+        }
         if meta.test_source:
             params["test_source"] = meta.test_source
         if meta.class_names:
@@ -176,7 +185,14 @@ def train_teacher(
     many processes (torchrun, DDP); rank 0 records, as described in ``kd_lib.train.distributed``.
     """
     if distributed.should_launch(cfg.teacher.train.distributed):
-        return _launch_ranks(cfg, "train_teacher", pipeline_run_id, dataset_dir=dataset_dir, teacher_dir=teacher_dir, history_path=history_path)
+        return _launch_ranks(
+            cfg,
+            "train_teacher",
+            pipeline_run_id,
+            dataset_dir=dataset_dir,
+            teacher_dir=teacher_dir,
+            history_path=history_path,
+        )
     with (
         step_run(cfg, pipeline_run_id, "train_teacher") as run,
         EpochProgress("train_teacher", cfg.teacher.train.epochs) as progress,
@@ -255,7 +271,9 @@ def import_teacher(
             else:
                 local = storage.fetch(uri, tmp, cfg.tracking.retry)
                 torch.manual_seed(0)
-                model = build_model(cfg.teacher.model.arch, cfg.teacher.model.params, tuple(meta.input_shape), meta.num_classes)
+                model = build_model(
+                    cfg.teacher.model.arch, cfg.teacher.model.params, tuple(meta.input_shape), meta.num_classes
+                )
                 try:
                     state = torch.load(local, map_location="cpu", weights_only=True)
                     model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
@@ -308,9 +326,15 @@ def distill(
     """
     if distributed.should_launch(cfg.distill.train.distributed):
         return _launch_ranks(
-            cfg, "distill", pipeline_run_id, dataset_dir=dataset_dir, teacher_dir=teacher_dir, student_dir=student_dir,
-            history_path=history_path, baseline_dir=baseline_dir,
-        )  # fmt: skip
+            cfg,
+            "distill",
+            pipeline_run_id,
+            dataset_dir=dataset_dir,
+            teacher_dir=teacher_dir,
+            student_dir=student_dir,
+            history_path=history_path,
+            baseline_dir=baseline_dir,
+        )
     with (
         step_run(cfg, pipeline_run_id, "distill") as run,
         EpochProgress("distill", cfg.distill.train.epochs) as progress,
@@ -480,14 +504,24 @@ def quantize(
                 size = evaluation.artifact_size_bytes(tried)
             passed = drop <= cfg.gate.max_quantization_drop
             tries.append(
-                {"scheme": scheme, "backend": quantization.get_quantizer(scheme, backend).backend,
-                 "val_accuracy": val_acc, "drop_points": drop, "bytes": size, "passed": passed}
-            )  # fmt: skip
+                {
+                    "scheme": scheme,
+                    "backend": quantization.get_quantizer(scheme, backend).backend,
+                    "val_accuracy": val_acc,
+                    "drop_points": drop,
+                    "bytes": size,
+                    "passed": passed,
+                }
+            )
             if auto:
                 run.log_metrics(
-                    {f"auto.{scheme}.val_accuracy": val_acc, f"auto.{scheme}.drop_points": drop,
-                     f"auto.{scheme}.bytes": size, f"auto.{scheme}.passed": float(passed)}
-                )  # fmt: skip
+                    {
+                        f"auto.{scheme}.val_accuracy": val_acc,
+                        f"auto.{scheme}.drop_points": drop,
+                        f"auto.{scheme}.bytes": size,
+                        f"auto.{scheme}.passed": float(passed),
+                    }
+                )
             if passed or not auto:
                 chosen = (scheme, model)
                 break
@@ -511,16 +545,25 @@ def quantize(
         scheme, quantized = chosen
         used_backend = backend if scheme == qcfg.scheme else None
         chosen_try = next((t for t in tries if t["scheme"] == scheme), None)
-        spec = spec | extra | {
-            "quantization": scheme,
-            "backend": used_backend,
-            "role": "quantized_student",
-            "mlflow_run_id": run.run_id,
-            "fp32_layers": quantization.fp32_layers(student, scheme, used_backend),
-            "validation": {"fp32_accuracy": fp32_val, **({"accuracy": chosen_try["val_accuracy"],
-                                                            "drop_points": chosen_try["drop_points"]}
-                                                           if chosen_try else {})},
-        }  # fmt: skip
+        spec = (
+            spec
+            | extra
+            | {
+                "quantization": scheme,
+                "backend": used_backend,
+                "role": "quantized_student",
+                "mlflow_run_id": run.run_id,
+                "fp32_layers": quantization.fp32_layers(student, scheme, used_backend),
+                "validation": {
+                    "fp32_accuracy": fp32_val,
+                    **(
+                        {"accuracy": chosen_try["val_accuracy"], "drop_points": chosen_try["drop_points"]}
+                        if chosen_try
+                        else {}
+                    ),
+                },
+            }
+        )
         if scheme in ("static_int8", "qat_int8"):
             spec["calibration"] = {"batches": len(calibration), "batch_size": qcfg.calibration_batch_size}
         if spec["fp32_layers"]:
@@ -537,12 +580,26 @@ def quantize(
         if auto:
             info["auto_found"] = extra["quantization_auto"]["found"]
             info["auto_reason"] = extra["quantization_auto"]["reason"]
-        run.log_params({"scheme": scheme, "backend": info["backend"], "requested_scheme": qcfg.scheme,
-                        "versions": saved.get("versions", {})})  # fmt: skip
-        run.log_metrics({"fp32_bytes": info["fp32_bytes"], "quantized_bytes": info["quantized_bytes"],
-                         "fp32_val_accuracy": fp32_val} | ({"val_accuracy": chosen_try["val_accuracy"],
-                                                             "val_drop_points": chosen_try["drop_points"]}
-                                                            if chosen_try else {}))  # fmt: skip
+        run.log_params(
+            {
+                "scheme": scheme,
+                "backend": info["backend"],
+                "requested_scheme": qcfg.scheme,
+                "versions": saved.get("versions", {}),
+            }
+        )
+        run.log_metrics(
+            {
+                "fp32_bytes": info["fp32_bytes"],
+                "quantized_bytes": info["quantized_bytes"],
+                "fp32_val_accuracy": fp32_val,
+            }
+            | (
+                {"val_accuracy": chosen_try["val_accuracy"], "val_drop_points": chosen_try["drop_points"]}
+                if chosen_try
+                else {}
+            )
+        )
         if qcfg.export_onnx:
             if onnx_dir is None:
                 raise StepError("quantize.export_onnx is true but no onnx_dir was given to the quantize step")
@@ -572,7 +629,9 @@ def _export_onnx(
     out.mkdir(parents=True, exist_ok=True)
     x_test, y_test = _tensors(splits, "test")
     fp32_path = onnx_export.export_fp32(student, spec["input_shape"], out / "student_fp32.onnx")
-    q_path, how = onnx_export.quantize_onnx(fp32_path, out / "student_quantized.onnx", spec["quantization"], calibration)
+    q_path, how = onnx_export.quantize_onnx(
+        fp32_path, out / "student_quantized.onnx", spec["quantization"], calibration
+    )
     report: dict[str, Any] = {"quantized_onnx": how}
     pairs = [("fp32", fp32_path, student)] + ([("quantized", q_path, quantized)] if q_path else [])
     for name, path, torch_model in pairs:
@@ -651,7 +710,9 @@ def evaluate(
             if isinstance(auto, dict):
                 results[role]["quantization_auto_found"] = bool(auto.get("found"))
                 results[role]["quantization_auto_reason"] = str(auto.get("reason", ""))
-            scalars = {k: v for k, v in results[role].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            scalars = {
+                k: v for k, v in results[role].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
             run.log_metrics({f"{role}.{k}": v for k, v in scalars.items()})
         # Where each student departs from its teacher (same accuracy can hide different mistakes).
         teacher_pred = torch.tensor(results["teacher"]["predictions"])
@@ -659,13 +720,17 @@ def evaluate(
             # What the teacher bought: same student, same everything, with and without KD; and
             # whether this test split is large enough to tell (paired test on the same samples).
             paired = evaluation.paired_gain(
-                torch.tensor(results["student"]["predictions"]), torch.tensor(results["baseline"]["predictions"]), y_test
+                torch.tensor(results["student"]["predictions"]),
+                torch.tensor(results["baseline"]["predictions"]),
+                y_test,
             )
             results["student"]["kd_gain_points"] = paired["gain_points"]
             results["student"]["kd_gain"] = paired
             run.log_metrics({"kd_gain_points": paired["gain_points"], "kd_gain_p_value": paired["p_value"]})
         for role in ("student", "quantized"):
-            vs = evaluation.agreement(teacher_pred, torch.tensor(results[role]["predictions"]), y_test, meta.num_classes)
+            vs = evaluation.agreement(
+                teacher_pred, torch.tensor(results[role]["predictions"]), y_test, meta.num_classes
+            )
             results[role]["vs_teacher"] = vs
             run.log_metrics({f"{role}.agreement_with_teacher": vs["agreement"]})
         _write_json(evaluation_path, results)
@@ -744,11 +809,14 @@ def evaluation_report(
         gate=_gate_decision(cfg, results).to_dict(),
         thresholds=cfg.gate.model_dump(),
         stage=report.STAGE_EVALUATE,
-        run={"pipeline_run_id": pipeline_run_id, "dataset_fingerprint": meta.get("fingerprint", ""),
-             "config_hash": cfg.config_hash()},
+        run={
+            "pipeline_run_id": pipeline_run_id,
+            "dataset_fingerprint": meta.get("fingerprint", ""),
+            "config_hash": cfg.config_hash(),
+        },
         config=cfg.model_dump(mode="json", exclude={"tracking"}),
         class_names=class_names(meta),
-    )  # fmt: skip
+    )
     for path, text in ((html_path, report.render_html(data)), (markdown_path, report.render_markdown(data))):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(text)
@@ -775,7 +843,9 @@ def gate(
         if cfg.gate.champion_policy != "ignore":
             champion = _champion_metrics(cfg, data_lib.load_splits(dataset_dir), run)
             if champion:
-                run.log_metrics({"champion.accuracy": champion["accuracy"], "champion.size_bytes": champion["size_bytes"]})
+                run.log_metrics(
+                    {"champion.accuracy": champion["accuracy"], "champion.size_bytes": champion["size_bytes"]}
+                )
                 run.set_tags({"kdflow.champion_version": champion["version"]})
         decision = _gate_decision(cfg, results, champion)
         action = decision.action(cfg.registry.keep_rejected)
@@ -826,8 +896,13 @@ def _candidate_outputs(
                 f"(candidate {name!r}, quantize run {run_id!r}); the select step takes the outputs of one sweep's candidates"
             )
         results, evaluation_path = evaluations[run_id]
-        out[name] = {"decision": decision, "decision_path": Path(path), "evaluation": results,
-                     "evaluation_path": evaluation_path, "quantized_dir": models[run_id]}  # fmt: skip
+        out[name] = {
+            "decision": decision,
+            "decision_path": Path(path),
+            "evaluation": results,
+            "evaluation_path": evaluation_path,
+            "quantized_dir": models[run_id],
+        }
     return out
 
 
@@ -880,10 +955,18 @@ def select(
             )
         results = []
         for index, (name, candidate) in enumerate(configs.items()):
-            info = {"student": f"{candidate.student.model.arch} {candidate.student.model.params}",
-                    "scheme": candidate.quantize.scheme,
-                    "temperature": next((t.params.get("temperature") for t in candidate.distill.losses
-                                         if t.name in sweep.TEMPERATURE_LOSSES), None)}  # fmt: skip
+            info = {
+                "student": f"{candidate.student.model.arch} {candidate.student.model.params}",
+                "scheme": candidate.quantize.scheme,
+                "temperature": next(
+                    (
+                        t.params.get("temperature")
+                        for t in candidate.distill.losses
+                        if t.name in sweep.TEMPERATURE_LOSSES
+                    ),
+                    None,
+                ),
+            }
             out = outputs[name]
             results.append(sweep.result_from(str(name), index, out["evaluation"], out["decision"], info))
         selection = sweep.select(results)
@@ -920,7 +1003,9 @@ def select(
             run.log_artifacts(tmp)
             run.client.log_artifacts(run.parent_run_id, tmp)
         passed = sum(r.decision.passed for r in results)
-        run.log_metrics({"sweep.candidates": len(results), "sweep.passed": passed, "sweep.on_front": len(selection.front)})
+        run.log_metrics(
+            {"sweep.candidates": len(results), "sweep.passed": passed, "sweep.on_front": len(selection.front)}
+        )
         run.log_params({"chosen": chosen.name if chosen else "none", "action": selection.action, "rule": sweep.RULE})
         gate_table = table if chosen is None else decision.table()
         _log_gate(run, decision, selection.action, gate_table, on_parent=True)
@@ -991,7 +1076,10 @@ def register(
             "champion": champion or "",
             "reused": str(reused).lower(),
         }
-        run.set_tags({"kdflow.registered_version": version, "kdflow.alias": alias, "kdflow.champion": champion or ""}, on_parent=True)
+        run.set_tags(
+            {"kdflow.registered_version": version, "kdflow.alias": alias, "kdflow.champion": champion or ""},
+            on_parent=True,
+        )
         run.log_params(out)
         return out
 

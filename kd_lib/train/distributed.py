@@ -28,16 +28,17 @@ import threading
 import time
 import traceback
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from kd_lib.errors import KdflowError
 from kd_lib.config import ConfigError, DistributedConfig
+from kd_lib.errors import KdflowError
 
 # Where each rank writes the exception it died of (one JSON file per rank); set by the launcher.
 ERROR_DIR_ENV = "KDFLOW_DIST_ERROR_DIR"
@@ -142,7 +143,9 @@ def backend_for(cfg: DistributedConfig, device: torch.device) -> str:
     if cfg.backend == "auto":
         return "nccl" if device.type == "cuda" else "gloo"
     if cfg.backend == "nccl" and device.type != "cuda":
-        raise ConfigError(f"train.distributed.backend nccl needs a cuda device, but the device is {device}; use gloo or auto")
+        raise ConfigError(
+            f"train.distributed.backend nccl needs a cuda device, but the device is {device}; use gloo or auto"
+        )
     return cfg.backend
 
 
@@ -171,7 +174,9 @@ def init(cfg: DistributedConfig, device_name: str) -> Iterator[Ranks]:
     try:
         rank, world, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     except KeyError as err:
-        raise DistributedError(f"{err.args[0]} is not set: {WORKER_MODULE} runs under torchrun, not on its own") from None
+        raise DistributedError(
+            f"{err.args[0]} is not set: {WORKER_MODULE} runs under torchrun, not on its own"
+        ) from None
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     device = resolve_device(device_name)
     if device.type == "cuda":
@@ -278,13 +283,18 @@ def torchrun_command(target: str, args: list[str], nproc_per_node: int) -> list[
     """
     program = [target] if target.endswith(".py") else ["-m", target]
     return [
-        sys.executable, "-m", "torch.distributed.run",
-        "--standalone", f"--nproc-per-node={nproc_per_node}",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc_per_node}",
         # A failed rank fails the step: restarting the group would only repeat the error (a
         # preempted step is retried by KFP and resumes from its checkpoint instead).
-        "--max-restarts=0", "--monitor-interval=0.5",
-        *program, *args,
-    ]  # fmt: skip
+        "--max-restarts=0",
+        "--monitor-interval=0.5",
+        *program,
+        *args,
+    ]
 
 
 def launch(
@@ -334,7 +344,9 @@ def launch(
                 f"\n  (a rank waited longer than train.distributed.timeout_s = {cfg.timeout_s:g} s for the others: "
                 "one of them hangs or is far slower; its log shows where it was)"
             )
-        raise DistributedError(f"distributed training with {cfg.nproc_per_node} processes failed (exit code {code}): {cause}")
+        raise DistributedError(
+            f"distributed training with {cfg.nproc_per_node} processes failed (exit code {code}): {cause}"
+        )
 
 
 def launch_step(step: str, request: dict[str, Any], cfg: DistributedConfig) -> dict[str, Any]:

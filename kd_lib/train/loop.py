@@ -22,17 +22,18 @@ import itertools
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd_lib.train import distributed
-from kd_lib.data.augment import Augment
 from kd_lib.config import ConfigError, TrainConfig
+from kd_lib.data.augment import Augment
+from kd_lib.train import distributed
 from kd_lib.train.losses import LossInputs, Objective, capture_features
 
 EpochCallback = Callable[[dict[str, Any]], None]
@@ -244,7 +245,9 @@ def _fit(
         generator.set_state(state["generator"])
         augment_generator.set_state(state["augment_generator"])
         rng_per_rank = state.get("torch_rng_ranks") or [state["torch_rng"]]
-        torch.set_rng_state(rng_per_rank[ranks.rank] if ranks is not None and ranks.rank < len(rng_per_rank) else state["torch_rng"])
+        torch.set_rng_state(
+            rng_per_rank[ranks.rank] if ranks is not None and ranks.rank < len(rng_per_rank) else state["torch_rng"]
+        )
         best_state, best_epoch, best_acc = state["best_state"], state["best_epoch"], state["best_acc"]
         best_loss = state.get("best_loss", math.inf)  # checkpoints written before the tie-break
         since_best, history = state["since_best"], state["history"]
@@ -262,7 +265,9 @@ def _fit(
         for i in range(0, n, cfg.batch_size):
             idx = order[i : i + cfg.batch_size]
             if ranks is not None:
-                loss_sum += _ddp_step(ddp_loss, ranks, x_train, idx, augment, augment_generator, optimizer, objective, device)
+                loss_sum += _ddp_step(
+                    ddp_loss, ranks, x_train, idx, augment, augment_generator, optimizer, objective, device
+                )
             else:
                 loss_sum += _step(model, loss_fn, optimizer, x_train, idx, device, augment, augment_generator)
         if scheduler is not None:
@@ -274,7 +279,9 @@ def _fit(
             val_acc = (val_logits.argmax(dim=1) == y_val).float().mean().item()
             term_means = objective.epoch_means() if objective is not None else {}
         else:
-            loss_sum, val_loss, val_acc, term_means = _reduce_epoch(ranks, model, x_val, y_val, device, loss_sum, objective)
+            loss_sum, val_loss, val_acc, term_means = _reduce_epoch(
+                ranks, model, x_val, y_val, device, loss_sum, objective
+            )
         record = {
             "epoch": epoch,
             "train_loss": loss_sum / n,
@@ -304,15 +311,27 @@ def _fit(
         # Every rank's dropout stream, so a resumed run continues each (a collective: all ranks).
         rng_per_rank = ranks.all_gather_bytes(torch.get_rng_state()) if ranks is not None else None
         if ckpt is not None and (ranks is None or ranks.is_main):
-            save_checkpoint(ckpt, {
-                "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "generator": generator.get_state(), "augment_generator": augment_generator.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "objective": objective.state_dict() if objective is not None else None,
-                "best_state": best_state, "best_epoch": best_epoch, "best_acc": best_acc, "best_loss": best_loss,
-                "since_best": since_best, "history": history, "stopped_early": stopped_early,
-            } | ({"torch_rng_ranks": rng_per_rank} if rng_per_rank is not None else {}))  # fmt: skip
+            save_checkpoint(
+                ckpt,
+                {
+                    "epoch": epoch,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "generator": generator.get_state(),
+                    "augment_generator": augment_generator.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "objective": objective.state_dict() if objective is not None else None,
+                    "best_state": best_state,
+                    "best_epoch": best_epoch,
+                    "best_acc": best_acc,
+                    "best_loss": best_loss,
+                    "since_best": since_best,
+                    "history": history,
+                    "stopped_early": stopped_early,
+                }
+                | ({"torch_rng_ranks": rng_per_rank} if rng_per_rank is not None else {}),
+            )
         if stopped_early:
             break
 
@@ -359,7 +378,9 @@ def _check_world(ranks: distributed.Ranks, n_train: int, n_val: int, cfg: TrainC
             "every process needs a sample of each batch; raise batch_size or lower nproc_per_node"
         )
     if min(n_train, n_val) < ranks.world_size:
-        raise ValueError(f"{n_train} training / {n_val} validation samples cannot be split over {ranks.world_size} processes")
+        raise ValueError(
+            f"{n_train} training / {n_val} validation samples cannot be split over {ranks.world_size} processes"
+        )
 
 
 def _ddp_step(
@@ -449,7 +470,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 (torch raises many types for a bad file)
-        raise ValueError(f"{path}: unreadable training checkpoint ({type(err).__name__}: {err}); delete it to restart") from None
+        raise ValueError(
+            f"{path}: unreadable training checkpoint ({type(err).__name__}: {err}); delete it to restart"
+        ) from None
 
 
 def train_supervised(

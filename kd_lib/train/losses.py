@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,6 @@ from torch import Tensor, nn
 
 from kd_lib.config import ConfigError, LossTermConfig
 from kd_lib.plugins import Registry, UnknownNameError
-
 
 # ---------------------------------------------------------------------------------------------
 # Pure functions
@@ -317,9 +317,13 @@ class DKDTerm(LossTerm):
 
     def forward(self, inputs: LossInputs) -> Tensor:
         return dkd(
-            inputs.student_logits, inputs.teacher_logits, inputs.labels,  # type: ignore[arg-type]
-            alpha=self.alpha, beta=self.beta, temperature=self.temperature,
-        )  # fmt: skip
+            inputs.student_logits,
+            inputs.teacher_logits,
+            inputs.labels,  # type: ignore[arg-type]
+            alpha=self.alpha,
+            beta=self.beta,
+            temperature=self.temperature,
+        )
 
 
 @LOSSES.register("fitnets")

@@ -74,9 +74,11 @@ class EpochProgress:
             print(format_epoch(self.name, self.total, row), file=self.stream, flush=True)
         elif self._bar is not None:
             self._bar.set_postfix(
-                train_loss=f"{row['train_loss']:.4f}", val_loss=f"{row['val_loss']:.4f}",
-                val_acc=f"{row['val_accuracy']:.4f}", refresh=False,
-            )  # fmt: skip
+                train_loss=f"{row['train_loss']:.4f}",
+                val_loss=f"{row['val_loss']:.4f}",
+                val_acc=f"{row['val_accuracy']:.4f}",
+                refresh=False,
+            )
             self._bar.update(1)
 
     def done(
@@ -93,7 +95,7 @@ class EpochProgress:
             self._bar.close()
             self._bar = None
 
-    def __enter__(self) -> "EpochProgress":
+    def __enter__(self) -> EpochProgress:
         return self
 
     def __exit__(

@@ -29,41 +29,69 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> dict:
     cj, rid = cfg.to_json(), "component-test-run"
     out: dict = {"cfg": cfg, "tmp": tmp}
     out["dataset"] = _art(dsl.Dataset, tmp, "dataset")
-    out["fingerprint"] = components.prepare_data.python_func(config_json=cj, pipeline_run_id=rid, dataset=out["dataset"])
+    out["fingerprint"] = components.prepare_data.python_func(
+        config_json=cj, pipeline_run_id=rid, dataset=out["dataset"]
+    )
     out["teacher"] = _art(dsl.Model, tmp, "teacher")
     out["teacher_history"] = _art(dsl.Artifact, tmp, "teacher_history")
     out["teacher_acc"] = components.train_teacher.python_func(
-        config_json=cj, pipeline_run_id=rid, dataset=out["dataset"], teacher=out["teacher"],
+        config_json=cj,
+        pipeline_run_id=rid,
+        dataset=out["dataset"],
+        teacher=out["teacher"],
         history=out["teacher_history"],
-    )  # fmt: skip
+    )
     out["student"] = _art(dsl.Model, tmp, "student")
     out["student_history"] = _art(dsl.Artifact, tmp, "student_history")
     out["baseline"] = _art(dsl.Model, tmp, "baseline")
     out["student_acc"] = components.distill.python_func(
-        config_json=cj, pipeline_run_id=rid, dataset=out["dataset"], teacher=out["teacher"], student=out["student"],
-        history=out["student_history"], baseline=out["baseline"],
-    )  # fmt: skip
+        config_json=cj,
+        pipeline_run_id=rid,
+        dataset=out["dataset"],
+        teacher=out["teacher"],
+        student=out["student"],
+        history=out["student_history"],
+        baseline=out["baseline"],
+    )
     out["quantized"] = _art(dsl.Model, tmp, "quantized")
     out["onnx"] = _art(dsl.Model, tmp, "onnx")
     out["bytes"] = components.quantize.python_func(
-        config_json=cj, pipeline_run_id=rid, dataset=out["dataset"], teacher=out["teacher"],
-        student=out["student"], quantized=out["quantized"], onnx=out["onnx"],
-    )  # fmt: skip
+        config_json=cj,
+        pipeline_run_id=rid,
+        dataset=out["dataset"],
+        teacher=out["teacher"],
+        student=out["student"],
+        quantized=out["quantized"],
+        onnx=out["onnx"],
+    )
     out["evaluation"] = _art(dsl.Artifact, tmp, "evaluation")
     out["metrics"] = _art(dsl.Metrics, tmp, "metrics")
     out["confusion"] = _art(dsl.ClassificationMetrics, tmp, "confusion")
     out["report"] = _art(dsl.HTML, tmp, "report")
     out["summary"] = _art(dsl.Markdown, tmp, "summary")
     components.evaluate.python_func(
-        config_json=cj, pipeline_run_id=rid, dataset=out["dataset"], teacher=out["teacher"],
-        student=out["student"], quantized=out["quantized"], baseline=out["baseline"],
+        config_json=cj,
+        pipeline_run_id=rid,
+        dataset=out["dataset"],
+        teacher=out["teacher"],
+        student=out["student"],
+        quantized=out["quantized"],
+        baseline=out["baseline"],
         teacher_history=out["teacher_history"],
-        student_history=out["student_history"], evaluation=out["evaluation"], metrics=out["metrics"],
-        confusion=out["confusion"], report=out["report"], summary=out["summary"],
-    )  # fmt: skip
+        student_history=out["student_history"],
+        evaluation=out["evaluation"],
+        metrics=out["metrics"],
+        confusion=out["confusion"],
+        report=out["report"],
+        summary=out["summary"],
+    )
     out["decision"] = _art(dsl.Artifact, tmp, "decision")
     out["action"] = components.gate.python_func(
-        config_json=cj, pipeline_run_id=rid, dataset=out["dataset"], evaluation=out["evaluation"], decision=out["decision"]
+        config_json=cj,
+        pipeline_run_id=rid,
+        dataset=out["dataset"],
+        evaluation=out["evaluation"],
+        decision=out["decision"],
     )
     return out
 
@@ -106,12 +134,29 @@ def test_register_refuses_a_failed_decision_and_registers_a_passed_one(chain: di
     cfg = chain["cfg"]
     failed = _art(dsl.Artifact, tmp_path, "failed_decision")
     Path(failed.path).write_text(
-        json.dumps({"passed": False, "checks": [
-            {"name": "min_accuracy", "value": 0.1, "threshold": 0.8, "op": ">=", "passed": False, "unit": "fraction"}
-        ]})
-    )  # fmt: skip
-    args = dict(config_json=cfg.to_json(), pipeline_run_id="component-test-run", dataset=chain["dataset"],
-                quantized=chain["quantized"], evaluation=chain["evaluation"])  # fmt: skip
+        json.dumps(
+            {
+                "passed": False,
+                "checks": [
+                    {
+                        "name": "min_accuracy",
+                        "value": 0.1,
+                        "threshold": 0.8,
+                        "op": ">=",
+                        "passed": False,
+                        "unit": "fraction",
+                    }
+                ],
+            }
+        )
+    )
+    args = dict(
+        config_json=cfg.to_json(),
+        pipeline_run_id="component-test-run",
+        dataset=chain["dataset"],
+        quantized=chain["quantized"],
+        evaluation=chain["evaluation"],
+    )
     with pytest.raises(RuntimeError, match="refusing to register: the gate failed \\(min_accuracy\\)"):
         components.register.python_func(decision=failed, **args)
     client = MlflowClient(cfg.tracking.tracking_uri, cfg.tracking.tracking_uri)
@@ -124,9 +169,12 @@ def test_register_refuses_a_failed_decision_and_registers_a_passed_one(chain: di
 def test_finalize_closes_the_parent_run(chain: dict) -> None:
     cfg = chain["cfg"]
     status = dsl.PipelineTaskFinalStatus(
-        state="SUCCEEDED", pipeline_job_resource_name="x", pipeline_task_name="exit-handler-1",
-        error_code=None, error_message=None,
-    )  # fmt: skip
+        state="SUCCEEDED",
+        pipeline_job_resource_name="x",
+        pipeline_task_name="exit-handler-1",
+        error_code=None,
+        error_message=None,
+    )
     components.finalize.python_func(config_json=cfg.to_json(), pipeline_run_id="component-test-run", status=status)
     client = MlflowClient(cfg.tracking.tracking_uri)
     parent = client.search_runs(

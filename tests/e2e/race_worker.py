@@ -43,7 +43,11 @@ def main() -> None:
         version = registry.register(f"runs:/{run.info.run_id}/model", run.info.run_id, tags)
         champion = registry.converge("champion", "accuracy")
         client.set_terminated(run.info.run_id)
-        print("RESULT", json.dumps({"round": r, "worker": worker, "version": version, "champion_seen": champion}), flush=True)
+        print(
+            "RESULT",
+            json.dumps({"round": r, "worker": worker, "version": version, "champion_seen": champion}),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -21,10 +21,14 @@ ALICE = ("alice", "alice-Secret-9f8e7d6c")
 
 def _admin_post(url: str, path: str, body: dict) -> dict:
     req = urllib.request.Request(
-        f"{url}{path}", data=json.dumps(body).encode(), method="POST",
-        headers={"Content-Type": "application/json",
-                 "Authorization": "Basic " + b64encode(":".join(ADMIN).encode()).decode()},
-    )  # fmt: skip
+        f"{url}{path}",
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={
+            "Content-Type": "application/json",
+            "Authorization": "Basic " + b64encode(":".join(ADMIN).encode()).decode(),
+        },
+    )
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.loads(r.read() or b"{}")
 
@@ -35,9 +39,13 @@ def test_user_without_edit_gets_a_clear_error_and_nothing_is_registered(
 ) -> None:
     url = auth_mlflow_server.url
     _admin_post(url, "/api/2.0/mlflow/users/create", {"username": ALICE[0], "password": ALICE[1]})
-    cfg = tiny_config(tmp_path, tracking={"tracking_uri": url}, teacher={"train": {"epochs": 2}},
-                      distill={"train": {"epochs": 2}}, gate={"min_accuracy": 0.0, "max_accuracy_drop": 100.0,
-                      "max_quantization_drop": 100.0})  # fmt: skip
+    cfg = tiny_config(
+        tmp_path,
+        tracking={"tracking_uri": url},
+        teacher={"train": {"epochs": 2}},
+        distill={"train": {"epochs": 2}},
+        gate={"min_accuracy": 0.0, "max_accuracy_drop": 100.0, "max_quantization_drop": 100.0},
+    )
     # The model exists and belongs to the admin: alice, by default, may only read it.
     _admin_post(url, "/api/2.0/mlflow/registered-models/create", {"name": cfg.registry.model_name})
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ALICE[0])
@@ -48,13 +56,19 @@ def test_user_without_edit_gets_a_clear_error_and_nothing_is_registered(
     steps.train_teacher(cfg, "auth-run", d["dataset"], d["teacher"])
     steps.distill(cfg, "auth-run", d["dataset"], d["teacher"], d["student"])
     steps.quantize(cfg, "auth-run", d["dataset"], d["student"], d["quantized"])
-    steps.evaluate(cfg, "auth-run", d["dataset"], {"teacher": d["teacher"], "student": d["student"],
-                   "quantized": d["quantized"]}, tmp_path / "evaluation.json")  # fmt: skip
+    steps.evaluate(
+        cfg,
+        "auth-run",
+        d["dataset"],
+        {"teacher": d["teacher"], "student": d["student"], "quantized": d["quantized"]},
+        tmp_path / "evaluation.json",
+    )
     _, action = steps.gate(cfg, "auth-run", d["dataset"], tmp_path / "evaluation.json", tmp_path / "decision.json")
     assert action == "promote"
     with pytest.raises(RegistryError) as err:
-        steps.register(cfg, "auth-run", d["dataset"], d["quantized"], tmp_path / "evaluation.json",
-                       tmp_path / "decision.json")  # fmt: skip
+        steps.register(
+            cfg, "auth-run", d["dataset"], d["quantized"], tmp_path / "evaluation.json", tmp_path / "decision.json"
+        )
     message = str(err.value)
     assert "denied user 'alice' permission to register" in message and "grant EDIT" in message
     assert url in message

@@ -79,7 +79,9 @@ def test_dockerfile_and_lock_agree_with_what_the_pipeline_is_compiled_with() -> 
     )
     assert "sh docker/install.sh /opt/venv/bin/python /src" in text
     assert re.search(r"(?m)^USER\s+\$\{UID\}", text) and "ARG UID=10001" in text
-    pins = dict(line.split("==", 1) for line in LOCK.read_text().splitlines() if "==" in line and not line.startswith("#"))
+    pins = dict(
+        line.split("==", 1) for line in LOCK.read_text().splitlines() if "==" in line and not line.startswith("#")
+    )
     assert pins["kfp"] == kfp.__version__, "the image must run the kfp the pipeline is compiled with"
     assert pins["torch"].endswith("+cpu")
 
@@ -99,8 +101,12 @@ def test_the_image_recipe_runs_a_compiled_step(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     proc = subprocess.run(
         ["sh", "docker/install.sh", str(venv / "bin" / "python"), str(context)],
-        cwd=context, env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        cwd=context,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     timings["install"] = time.perf_counter() - start
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
@@ -175,6 +181,10 @@ def test_the_image_recipe_runs_a_compiled_step(tmp_path: Path) -> None:
     # The step used the installed package, not this checkout.
     where = subprocess.run(
         [str(venv / "bin" / "python"), "-c", "import kd_lib, kfp; print(kd_lib.__file__); print(kfp.__version__)"],
-        cwd=workdir, env=step_env, capture_output=True, text=True, check=True,
-    ).stdout.split()  # fmt: skip
+        cwd=workdir,
+        env=step_env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     assert where[0].startswith(str(venv)) and where[1] == kfp.__version__

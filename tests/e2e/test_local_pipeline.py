@@ -56,8 +56,11 @@ def _champion_predictions(uri: str, name: str, alias: str, tmp_path: Path) -> li
     }
     proc = subprocess.run(
         [sys.executable, "-c", LOAD_CHAMPION, uri, name, alias, str(out)],
-        env=env, capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -107,7 +110,9 @@ def _assert_evaluate_outputs(result: LocalRunResult) -> None:
     assert "quantized_accuracy" in outputs["metrics"]["artifacts"][0]["metadata"]
 
 
-def test_pass_then_fail_then_distill_from_the_champion_on_a_fresh_sqlite_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pass_then_fail_then_distill_from_the_champion_on_a_fresh_sqlite_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg = tiny_config(tmp_path)
     uri = cfg.tracking.tracking_uri
     first = _run(cfg, tmp_path, monkeypatch)

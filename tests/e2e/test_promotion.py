@@ -26,10 +26,23 @@ def test_concurrent_promotion_always_ends_on_the_best(mlflow_server) -> None:
     start = time.time() + 12.0  # time for the workers to import mlflow before round 0
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "tests.e2e.race_worker", mlflow_server.url, prefix, str(i), acc,
-             str(start), str(period), str(ROUNDS)],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "tests.e2e.race_worker",
+                mlflow_server.url,
+                prefix,
+                str(i),
+                acc,
+                str(start),
+                str(period),
+                str(ROUNDS),
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for i, acc in enumerate(WORKERS)
     ]
     outputs = [p.communicate(timeout=300) for p in procs]

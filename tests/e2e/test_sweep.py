@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from kd_lib.evaluate import sweep
 from kd_lib.config import PipelineConfig
+from kd_lib.evaluate import sweep
 from pipelines.cli import format_summary
 from pipelines.local import LocalRunResult, run_local
 from tests.helpers import tiny_config
@@ -27,8 +27,11 @@ def _sweep_config(tmp_path: Path, students: list[int], schemes: list[str], **sec
         tmp_path,
         teacher={"train": {"epochs": 4, "batch_size": 64, "lr": 0.003, "patience": 3}},
         distill={"train": {"epochs": 5, "batch_size": 64, "lr": 0.005, "patience": 4}},
-        sweep={"students": [{"arch": "mlp", "params": {"width": w, "depth": 1}} for w in students], "schemes": schemes,
-               "parallelism": 2},  # fmt: skip
+        sweep={
+            "students": [{"arch": "mlp", "params": {"width": w, "depth": 1}} for w in students],
+            "schemes": schemes,
+            "parallelism": 2,
+        },
         **sections,
     )
 
@@ -60,8 +63,15 @@ def _pareto_pick(runs: dict[str, dict[str, object]]) -> str | None:
         metrics = steps["evaluate"].data.metrics  # type: ignore[attr-defined]
         if steps["gate"].data.metrics["gate.passed"] == 1.0:  # type: ignore[attr-defined]
             index = int(name.split("-", 1)[0][1:])
-            rows.append((metrics["quantized.size_bytes"], -metrics["quantized.accuracy"],
-                         metrics["quantized.latency_b1_p50_ms"], index, name))  # fmt: skip
+            rows.append(
+                (
+                    metrics["quantized.size_bytes"],
+                    -metrics["quantized.accuracy"],
+                    metrics["quantized.latency_b1_p50_ms"],
+                    index,
+                    name,
+                )
+            )
     return min(rows)[-1] if rows else None
 
 
@@ -86,7 +96,9 @@ def test_a_sweep_registers_exactly_the_candidate_the_pareto_rule_picks(
         assert set(steps) - {"register"} == set(CANDIDATE_STEPS), name
         assert {s.info.run_name for s in steps.values()} == {f"{step}[{name}]" for step in steps}  # type: ignore[attr-defined]
         assert all(s.info.status == "FINISHED" for s in steps.values())  # type: ignore[attr-defined]
-    parents = client.search_runs([client.get_run(result.parent_run_id).info.experiment_id], "tags.`kdflow.step` = 'pipeline'")
+    parents = client.search_runs(
+        [client.get_run(result.parent_run_id).info.experiment_id], "tags.`kdflow.step` = 'pipeline'"
+    )
     assert [p.info.run_id for p in parents] == [result.parent_run_id]
 
     # The registered version is exactly the candidate the rule picks from the logged metrics.
@@ -117,7 +129,9 @@ def test_a_sweep_registers_exactly_the_candidate_the_pareto_rule_picks(
     # one of two tasks finishing at the same instant, seen for a gate; the four candidates'
     # runs are counted in MLflow above.)
     tasks = [s["task"] for s in result.steps]
-    assert {"distill", "gate", "select", "register"} <= set(tasks) and all(s["status"] == "SUCCESS" for s in result.steps)
+    assert {"distill", "gate", "select", "register"} <= set(tasks) and all(
+        s["status"] == "SUCCESS" for s in result.steps
+    )
     assert tasks[-3:] == ["select", "register", "finalize"]
     assert result.report_path is not None and "PROMOTED" in result.report_path.read_text()
 
@@ -135,7 +149,9 @@ def _champion_in_process(cfg: PipelineConfig, tmp_path: Path) -> str:
     steps.evaluate(cfg, rid, d / "dataset", models, d / "evaluation.json")
     decision, _ = steps.gate(cfg, rid, d / "dataset", d / "evaluation.json", d / "decision.json")
     assert decision.passed, decision.table()
-    return steps.register(cfg, rid, d / "dataset", d / "quantized", d / "evaluation.json", d / "decision.json")["version"]
+    return steps.register(cfg, rid, d / "dataset", d / "quantized", d / "evaluation.json", d / "decision.json")[
+        "version"
+    ]
 
 
 @pytest.mark.slow  # the no-pass rule is also covered on files by tests/kd_lib/test_sweep_step.py
@@ -144,12 +160,16 @@ def test_a_sweep_where_no_candidate_passes_registers_nothing_and_says_why(
 ) -> None:
     strict = _sweep_config(tmp_path, [6], ["dynamic_int8", "fp16"], gate={"min_accuracy": 1.0})
     monkeypatch.setenv("MLFLOW_TRACKING_URI", strict.tracking.tracking_uri or "")
-    champion = _champion_in_process(strict.model_copy(update={"sweep": None, "gate": tiny_config(tmp_path).gate}), tmp_path)
+    champion = _champion_in_process(
+        strict.model_copy(update={"sweep": None, "gate": tiny_config(tmp_path).gate}), tmp_path
+    )
     client = MlflowClient(tracking_uri=strict.tracking.tracking_uri, registry_uri=strict.tracking.tracking_uri)
 
     second = _run(strict, tmp_path, monkeypatch)
     assert second.succeeded, second.error
-    assert [str(v.version) for v in client.search_model_versions(f"name = '{strict.registry.model_name}'")] == [champion]
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{strict.registry.model_name}'")] == [
+        champion
+    ]
     assert str(client.get_model_version_by_alias(strict.registry.model_name, "champion").version) == champion
     assert "register" not in [s["task"] for s in second.steps]
     assert "registered" not in second.summary and second.summary["sweep"]["chosen"] is None

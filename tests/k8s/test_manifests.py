@@ -130,12 +130,29 @@ def test_checkov_finds_no_failed_check_in_k8s_and_the_dockerfile() -> None:
     tool("kubectl")  # checkov's kustomize framework renders every kustomization with it
     proc = subprocess.run(
         [tool("checkov"), "-d", str(K8S), "--skip-download", "--output", "json", "--compact"],
-        capture_output=True, text=True, timeout=300, env=_tool_env(), cwd=REPO,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_tool_env(),
+        cwd=REPO,
+    )
     docker = subprocess.run(
-        [tool("checkov"), "-f", str(REPO / "Dockerfile"), "--framework", "dockerfile", "--skip-download", "--output", "json"],
-        capture_output=True, text=True, timeout=300, env=_tool_env(), cwd=REPO,
-    )  # fmt: skip
+        [
+            tool("checkov"),
+            "-f",
+            str(REPO / "Dockerfile"),
+            "--framework",
+            "dockerfile",
+            "--skip-download",
+            "--output",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_tool_env(),
+        cwd=REPO,
+    )
     reports = []
     for p in (proc, docker):
         assert p.stdout.strip(), p.stderr[-3000:]
@@ -149,13 +166,17 @@ def test_checkov_finds_no_failed_check_in_k8s_and_the_dockerfile() -> None:
         assert r["summary"]["passed"] > 20 and r["summary"]["parsing_errors"] == 0, (r["check_type"], r["summary"])
         for c in r["results"]["skipped_checks"]:
             assert c["check_id"] in ALLOWED_SKIPS, c["check_id"]
-            assert len((c.get("check_result") or {}).get("suppress_comment", "")) > 20, f"{c['check_id']} needs a reason"
+            assert len((c.get("check_result") or {}).get("suppress_comment", "")) > 20, (
+                f"{c['check_id']} needs a reason"
+            )
 
 
 def test_hadolint_passes_the_dockerfile() -> None:
     text = (REPO / "Dockerfile").read_text()
     assert "hadolint ignore" not in text
-    proc = subprocess.run([tool("hadolint"), "--no-color", "Dockerfile"], capture_output=True, text=True, cwd=REPO, timeout=60)
+    proc = subprocess.run(
+        [tool("hadolint"), "--no-color", "Dockerfile"], capture_output=True, text=True, cwd=REPO, timeout=60
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -195,7 +216,10 @@ def test_no_secret_is_rendered_and_templates_hold_only_placeholders(rendered: di
         for key, value in secret["stringData"].items():
             for line in value.splitlines():
                 if "=" in line or line.strip() in ("", "[default]"):
-                    assert line.strip() in ("", "[default]") or line.split("=", 1)[1].strip() == "REPLACE_ME", (path, line)
+                    assert line.strip() in ("", "[default]") or line.split("=", 1)[1].strip() == "REPLACE_ME", (
+                        path,
+                        line,
+                    )
                 else:
                     assert line.strip() == "REPLACE_ME", (path.name, key)
     for kustomization in K8S.rglob("kustomization.yaml"):
@@ -207,7 +231,9 @@ def test_no_secret_is_rendered_and_templates_hold_only_placeholders(rendered: di
 
 
 def _mlflow_env(objs: list[dict]) -> dict[str, str]:
-    (server,) = [c for c in one(objs, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"] if c["name"] == "mlflow"]
+    (server,) = [
+        c for c in one(objs, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"] if c["name"] == "mlflow"
+    ]
     return {e["name"]: e.get("value") for e in server["env"]}
 
 
@@ -229,8 +255,10 @@ def test_mlflow_server_uses_postgres_s3_its_service_name_and_workers(rendered: d
     assert int(env["MLFLOW_WORKERS"]) >= 1
     assert env["MLFLOW_S3_ENDPOINT_URL"] == "http://minio.kdflow.svc.cluster.local:9000"
     # The password travels as a file, not as env or argument.
-    assert "PGPASSWORD=\"$(cat /etc/kdflow/postgres/password)\"" in script
-    assert not any("valueFrom" in e and "secretKeyRef" in e["valueFrom"] for c in containers(deploy) for e in c.get("env", []))
+    assert 'PGPASSWORD="$(cat /etc/kdflow/postgres/password)"' in script
+    assert not any(
+        "valueFrom" in e and "secretKeyRef" in e["valueFrom"] for c in containers(deploy) for e in c.get("env", [])
+    )
     assert {p["httpGet"]["path"] for p in (server["readinessProbe"], server["livenessProbe"])} == {"/health"}
 
 
@@ -255,14 +283,18 @@ def test_prod_runs_mlflow_replicated_under_a_disruption_budget(rendered: dict) -
     assert mlflow["spec"]["replicas"] > pdb["spec"]["minAvailable"] >= 1
     assert int(_mlflow_env(prod)["MLFLOW_WORKERS"]) > int(_mlflow_env(dev)["MLFLOW_WORKERS"])
     (server,) = [c for c in mlflow["spec"]["template"]["spec"]["containers"] if c["name"] == "mlflow"]
-    (dev_server,) = [c for c in one(dev, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"] if c["name"] == "mlflow"]
+    (dev_server,) = [
+        c for c in one(dev, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"] if c["name"] == "mlflow"
+    ]
     assert server["resources"]["limits"]["memory"] != dev_server["resources"]["limits"]["memory"]
 
 
 # -- who may talk to whom ---------------------------------------------------------------------
 
 
-def _admits(policies: list[dict], namespaces: dict[str, dict], src_ns: str, src: dict, dst_ns: str, dst: dict, port: int) -> bool:
+def _admits(
+    policies: list[dict], namespaces: dict[str, dict], src_ns: str, src: dict, dst_ns: str, dst: dict, port: int
+) -> bool:
     """Kubernetes NetworkPolicy ingress semantics for matchLabels selectors: a pod selected by
     no ingress policy admits everything; otherwise some rule of a selecting policy must match."""
 
@@ -270,10 +302,12 @@ def _admits(policies: list[dict], namespaces: dict[str, dict], src_ns: str, src:
         return selector is not None and selector.get("matchLabels", {}).items() <= labels.items()
 
     selecting = [
-        p for p in policies
-        if p["metadata"]["namespace"] == dst_ns and matches(p["spec"]["podSelector"], dst)
+        p
+        for p in policies
+        if p["metadata"]["namespace"] == dst_ns
+        and matches(p["spec"]["podSelector"], dst)
         and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
-    ]  # fmt: skip
+    ]
     if not selecting:
         return True
     for p in selecting:
@@ -281,7 +315,11 @@ def _admits(policies: list[dict], namespaces: dict[str, dict], src_ns: str, src:
             if rule.get("ports") and port not in [x["port"] for x in rule["ports"]]:
                 continue
             for peer in rule.get("from", []):
-                ns_ok = matches(peer["namespaceSelector"], namespaces[src_ns]) if "namespaceSelector" in peer else src_ns == dst_ns
+                ns_ok = (
+                    matches(peer["namespaceSelector"], namespaces[src_ns])
+                    if "namespaceSelector" in peer
+                    else src_ns == dst_ns
+                )
                 pod_ok = matches(peer["podSelector"], src) if "podSelector" in peer else True
                 if ns_ok and pod_ok:
                     return True
@@ -321,12 +359,16 @@ def test_manifests_match_the_pipeline_config_defaults(rendered: dict) -> None:
     defaults = ClusterConfig()
     runner = one(objs, "ServiceAccount", defaults.service_account)
     binding = one(objs, "RoleBinding", "kdflow-pipeline-runner")
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": runner["metadata"]["name"], "namespace": runner["metadata"]["namespace"]}]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": runner["metadata"]["name"], "namespace": runner["metadata"]["namespace"]}
+    ]
     rules = one(objs, "Role", "kdflow-pipeline-runner")["rules"]
     assert not any("*" in r.get("verbs", []) + r.get("resources", []) for r in rules)
     assert all(r.get("resourceNames") for r in rules if "secrets" in r["resources"]), "secrets only by name"
     # The Secrets every step reads exist as templates, in the pipeline namespace, with those keys.
-    templates = {s["metadata"]["name"]: s for p in (K8S / "secrets").glob("*.yaml") for s in yaml.safe_load_all(p.read_text())}
+    templates = {
+        s["metadata"]["name"]: s for p in (K8S / "secrets").glob("*.yaml") for s in yaml.safe_load_all(p.read_text())
+    }
     for secret in defaults.secrets:
         template = templates[secret.name]
         assert template["metadata"]["namespace"] == runner["metadata"]["namespace"], secret.name
@@ -344,7 +386,11 @@ def test_cronjob_submits_a_valid_config_with_the_deployed_image(rendered: dict, 
     assert container["image"] == submit_env["data"]["KDFLOW_IMAGE"], "images: and KDFLOW_IMAGE must agree"
     assert container["image"] == one(objs, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]["image"]
     # The command line, with the env references the kubelet would expand, parses as `kdflow submit`.
-    env = {e["name"]: submit_env["data"][e["valueFrom"]["configMapKeyRef"]["key"]] for e in container["env"] if "valueFrom" in e}
+    env = {
+        e["name"]: submit_env["data"][e["valueFrom"]["configMapKeyRef"]["key"]]
+        for e in container["env"]
+        if "valueFrom" in e
+    }
     for e in container["env"]:
         assert e["valueFrom"]["configMapKeyRef"]["name"] == submit_env["metadata"]["name"] if "valueFrom" in e else True
     argv = container["command"]

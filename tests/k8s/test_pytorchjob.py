@@ -21,8 +21,8 @@ import pytest
 import yaml
 from torch.distributed.run import get_args_parser
 
-from kd_lib.launch import pytorchjob
 from kd_lib.config import PipelineConfig, PyTorchJobConfig, load_config
+from kd_lib.launch import pytorchjob
 from tests.k8s.test_manifests import K8S, REPO, _tool_env, tool
 
 TRAINING = K8S / "training"
@@ -34,14 +34,18 @@ CONFIGS = {
     "cpu": ["cluster.pytorchjob={workers: 1}", "distill.train.distributed.nproc_per_node=2"],
     # 4 GPU pods x 2 GPUs each, a private registry, digest-pinned image.
     "gpu": [
-        "cluster.pytorchjob={workers: 3, backoff_limit: 2}", "distill.train.device=cuda", "teacher.train.device=cuda",
-        "distill.train.distributed.nproc_per_node=2", "image=registry.example.com/ml/kdflow@sha256:" + "a" * 64,
+        "cluster.pytorchjob={workers: 3, backoff_limit: 2}",
+        "distill.train.device=cuda",
+        "teacher.train.device=cuda",
+        "distill.train.distributed.nproc_per_node=2",
+        "image=registry.example.com/ml/kdflow@sha256:" + "a" * 64,
         "cluster.gpu={accelerator: nvidia.com/gpu, limit: 2, node_selector: {nvidia.com/gpu.present: 'true'}}",
-        "cluster.image_pull_secrets=[regcred]", "cluster.step_resources={distill: {cpu_limit: '8', memory_limit: 32Gi}}",
+        "cluster.image_pull_secrets=[regcred]",
+        "cluster.step_resources={distill: {cpu_limit: '8', memory_limit: 32Gi}}",
     ],
     # One pod, several processes.
     "single-pod": ["cluster.pytorchjob={workers: 0}", "teacher.train.distributed.nproc_per_node=4"],
-}  # fmt: skip
+}
 
 
 def _cfg(name: str) -> PipelineConfig:
@@ -64,12 +68,19 @@ def _as_jobs(job: dict[str, Any]) -> list[dict[str, Any]]:
         template = replica["template"]
         spec = dict(template["spec"], restartPolicy=replica["restartPolicy"])
         meta = template.get("metadata", {})
-        out.append({
-            "apiVersion": "batch/v1", "kind": "Job",
-            "metadata": {"name": f"{job['metadata']['name']}-{role.lower()}", "namespace": job["metadata"]["namespace"],
-                         "labels": meta.get("labels", {}), "annotations": meta.get("annotations", {})},
-            "spec": {"backoffLimit": 0, "template": {"metadata": {"labels": meta.get("labels", {})}, "spec": spec}},
-        })  # fmt: skip
+        out.append(
+            {
+                "apiVersion": "batch/v1",
+                "kind": "Job",
+                "metadata": {
+                    "name": f"{job['metadata']['name']}-{role.lower()}",
+                    "namespace": job["metadata"]["namespace"],
+                    "labels": meta.get("labels", {}),
+                    "annotations": meta.get("annotations", {}),
+                },
+                "spec": {"backoffLimit": 0, "template": {"metadata": {"labels": meta.get("labels", {})}, "spec": spec}},
+            }
+        )
     return out
 
 
@@ -94,8 +105,13 @@ def _schema_errors(docs: list[dict[str, Any]]) -> list[list[str]]:
         "print(json.dumps([[f\"{'.'.join(map(str, e.path))}: {e.message}\" for e in v.iter_errors(d)] for d in data['docs']]))\n"
     )
     python = str(Path(tool("kubernetes-validate")).with_name("python"))
-    proc = subprocess.run([python, "-c", script], input=json.dumps({"schema": schema, "docs": docs}),
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        [python, "-c", script],
+        input=json.dumps({"schema": schema, "docs": docs}),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout)
 
@@ -114,8 +130,14 @@ def test_rendered_jobs_match_the_pytorchjob_schema(jobs: dict) -> None:
 def test_pod_templates_pass_kubernetes_validate(jobs: dict, tmp_path: Path) -> None:
     objs = [j for job in jobs.values() for j in _as_jobs(job)]
     path = tmp_path / "pods.yaml"
-    path.write_text(yaml.safe_dump_all(objs + [yaml.safe_load((TRAINING / f).read_text()) for f in ("staging-pvc.yaml", "network-policy.yaml")]))
-    proc = subprocess.run([tool("kubernetes-validate"), "--strict", str(path)], capture_output=True, text=True, timeout=120)
+    path.write_text(
+        yaml.safe_dump_all(
+            objs + [yaml.safe_load((TRAINING / f).read_text()) for f in ("staging-pvc.yaml", "network-policy.yaml")]
+        )
+    )
+    proc = subprocess.run(
+        [tool("kubernetes-validate"), "--strict", str(path)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count(" passed for resource ") == len(objs) + 2, proc.stdout[-2000:]
 
@@ -126,9 +148,23 @@ def test_pod_templates_pass_checkov(jobs: dict, tmp_path: Path) -> None:
         (tmp_path / f).write_text((TRAINING / f).read_text())
     (tmp_path / "pods.yaml").write_text(yaml.safe_dump_all([j for job in jobs.values() for j in _as_jobs(job)]))
     proc = subprocess.run(
-        [tool("checkov"), "-d", str(tmp_path), "--framework", "kubernetes", "--skip-download", "--output", "json", "--compact"],
-        capture_output=True, text=True, timeout=300, env=_tool_env(), cwd=tmp_path,
-    )  # fmt: skip
+        [
+            tool("checkov"),
+            "-d",
+            str(tmp_path),
+            "--framework",
+            "kubernetes",
+            "--skip-download",
+            "--output",
+            "json",
+            "--compact",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_tool_env(),
+        cwd=tmp_path,
+    )
     report = json.loads(proc.stdout)
     report = report[0] if isinstance(report, list) else report
     failed = [(c["check_id"], c["resource"]) for c in report["results"]["failed_checks"]]
@@ -140,7 +176,11 @@ def test_pod_templates_pass_checkov(jobs: dict, tmp_path: Path) -> None:
 
 
 def _container(job: dict, role: str = "Master") -> dict:
-    (c,) = [c for c in job["spec"]["pytorchReplicaSpecs"][role]["template"]["spec"]["containers"] if c["name"] == pytorchjob.CONTAINER]
+    (c,) = [
+        c
+        for c in job["spec"]["pytorchReplicaSpecs"][role]["template"]["spec"]["containers"]
+        if c["name"] == pytorchjob.CONTAINER
+    ]
     return c
 
 
@@ -156,13 +196,20 @@ def test_the_operator_finds_its_container_and_torchrun_parses_the_command(jobs: 
     assert job["spec"]["nprocPerNode"] == str(train.distributed.nproc_per_node)
     for role in replicas:
         c = _container(job, role)
-        assert [p["containerPort"] for p in c["ports"] if p["name"] == pytorchjob.PORT_NAME] == [cfg.cluster.pytorchjob.master_port]
+        assert [p["containerPort"] for p in c["ports"] if p["name"] == pytorchjob.PORT_NAME] == [
+            cfg.cluster.pytorchjob.master_port
+        ]
         # $(VAR) as the kubelet expands them from the env the operator adds (pod index 1 here).
         env = {"RANK": "1", "MASTER_ADDR": f"{job['metadata']['name']}-master-0", "MASTER_PORT": "23456"}
         argv = [re.sub(r"\$\((\w+)\)", lambda m: env[m[1]], a) for a in c["command"] + c["args"]]
         assert argv[:3] == ["python", "-m", "torch.distributed.run"]
         args = get_args_parser().parse_args(argv[3:])
-        assert (args.nnodes, args.nproc_per_node, args.node_rank, args.max_restarts) == (str(pods), str(train.distributed.nproc_per_node), 1, 0)
+        assert (args.nnodes, args.nproc_per_node, args.node_rank, args.max_restarts) == (
+            str(pods),
+            str(train.distributed.nproc_per_node),
+            1,
+            0,
+        )
         assert args.module and args.training_script == "kd_lib.launch.worker" and args.training_script_args == [REQUEST]
         assert args.master_addr == env["MASTER_ADDR"]
         assert {"name": "KDFLOW_DIST_ERROR_DIR", "value": ERRORS} in c["env"]
@@ -174,7 +221,10 @@ def test_the_job_carries_the_step_settings(jobs: dict) -> None:
     pod = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]
     c = _container(job, "Worker")
     assert pod["metadata"]["labels"].items() >= cfg.cluster.pod_labels.items()  # MLflow's NetworkPolicy admits them
-    assert pod["spec"]["serviceAccountName"] == cfg.cluster.service_account and pod["spec"]["automountServiceAccountToken"] is False
+    assert (
+        pod["spec"]["serviceAccountName"] == cfg.cluster.service_account
+        and pod["spec"]["automountServiceAccountToken"] is False
+    )
     assert pod["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
     assert c["resources"]["limits"] == {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": 2}
     assert pod["spec"]["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
@@ -189,21 +239,36 @@ def test_the_job_carries_the_step_settings(jobs: dict) -> None:
 
 def test_the_cluster_side_agrees_with_the_job(jobs: dict) -> None:
     defaults = PyTorchJobConfig()
-    objs = {o["kind"]: o for o in yaml.safe_load_all(subprocess.run(
-        [tool("kubectl"), "kustomize", str(TRAINING)], capture_output=True, text=True, timeout=60, check=True).stdout)}  # fmt: skip
+    objs = {
+        o["kind"]: o
+        for o in yaml.safe_load_all(
+            subprocess.run(
+                [tool("kubectl"), "kustomize", str(TRAINING)], capture_output=True, text=True, timeout=60, check=True
+            ).stdout
+        )
+    }
     pvc, policy = objs["PersistentVolumeClaim"], objs["NetworkPolicy"]
     assert pvc["metadata"]["name"] == defaults.volume_claim and pvc["spec"]["accessModes"] == ["ReadWriteMany"]
-    runner = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all((K8S / "base" / "pipeline-runner.yaml").read_text())}
+    runner = {
+        (d["kind"], d["metadata"]["name"]): d
+        for d in yaml.safe_load_all((K8S / "base" / "pipeline-runner.yaml").read_text())
+    }
     namespace = runner[("ServiceAccount", "kdflow-pipeline-runner")]["metadata"]["namespace"]
     assert pvc["metadata"]["namespace"] == policy["metadata"]["namespace"] == namespace
     # The launcher (running as kdflow-pipeline-runner) may create, read and delete PyTorchJobs.
     rules = runner[("Role", "kdflow-pipeline-runner")]["rules"]
-    assert any(r["apiGroups"] == [pytorchjob.GROUP] and r["resources"] == [pytorchjob.PLURAL]
-               and set(r["verbs"]) == {"create", "get", "delete"} for r in rules)  # fmt: skip
+    assert any(
+        r["apiGroups"] == [pytorchjob.GROUP]
+        and r["resources"] == [pytorchjob.PLURAL]
+        and set(r["verbs"]) == {"create", "get", "delete"}
+        for r in rules
+    )
     for job in jobs.values():
         pod = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
         assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
-        claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"] if "persistentVolumeClaim" in v]
+        claims = [
+            v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"] if "persistentVolumeClaim" in v
+        ]
         assert claims == [defaults.volume_claim]
         assert {"name": "staging", "mountPath": defaults.mount_path} in _container(job)["volumeMounts"]
     # The image ships the template where the launcher looks for it.

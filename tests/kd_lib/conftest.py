@@ -79,7 +79,9 @@ def s3_server() -> Iterator[str]:
         server.stop()
 
 
-def s3_environment(monkeypatch: pytest.MonkeyPatch, endpoint: str, key_id: str = "testing", secret: str = "testing") -> None:
+def s3_environment(
+    monkeypatch: pytest.MonkeyPatch, endpoint: str, key_id: str = "testing", secret: str = "testing"
+) -> None:
     """Point boto3 at ``endpoint`` with these credentials, ignoring any ~/.aws of the machine."""
     for var in ("AWS_ENDPOINT_URL_S3", "MLFLOW_S3_ENDPOINT_URL", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
         monkeypatch.delenv(var, raising=False)

@@ -12,17 +12,18 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from kd_lib.config import AugmentConfig, DistributedConfig, LossTermConfig, TrainConfig
+from kd_lib.data.augment import Augment, make_augment
+from kd_lib.models.builders import build_model
 from kd_lib.train import distributed
 from kd_lib.train import loop as training
-from kd_lib.data.augment import Augment, make_augment
-from kd_lib.config import AugmentConfig, DistributedConfig, LossTermConfig, TrainConfig
 from kd_lib.train.losses import build_objective
-from kd_lib.models.builders import build_model
 
 # 225 = 7 * 32 + 1: the last global batch holds one sample, so one of two ranks has none.
 N_TRAIN, N_VAL, SHAPE, CLASSES = 225, 91, (1, 4, 4), 3
@@ -119,7 +120,11 @@ def main(out: Path, mode: str) -> None:
         # Preempted after RESUME_EPOCH epochs, then restarted: rank 0 reads its checkpoint and
         # every rank resumes from it.
         try:
-            run_case("supervised", wrap_augment=crash_at(RESUME_EPOCH * BATCHES + 1), checkpoint_dir=out / "resume-checkpoint")
+            run_case(
+                "supervised",
+                wrap_augment=crash_at(RESUME_EPOCH * BATCHES + 1),
+                checkpoint_dir=out / "resume-checkpoint",
+            )
         except Crash:
             pass
         resumed = run_case("supervised", checkpoint_dir=out / "resume-checkpoint")

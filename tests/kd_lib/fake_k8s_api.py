@@ -25,9 +25,10 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 PATH = re.compile(r"^/apis/kubeflow\.org/v1/namespaces/(?P<ns>[^/]+)/pytorchjobs(?:/(?P<name>[^/]+))?$")
@@ -67,7 +68,7 @@ class FakeKubernetesApi:
         self._procs: dict[str, subprocess.Popen] = {}
         self._frozen: dict[str, str] = {}
 
-    def __enter__(self) -> "FakeKubernetesApi":
+    def __enter__(self) -> FakeKubernetesApi:
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -82,8 +83,13 @@ class FakeKubernetesApi:
                 if match is None:
                     status, payload = 404, _status(404, "NotFound", f"{url.path} is not served by the fake")
                 else:
-                    req = Request(self.command, match["ns"], match["name"],
-                                  {k: v[0] for k, v in parse_qs(url.query).items()}, json.loads(raw) if raw else None)  # fmt: skip
+                    req = Request(
+                        self.command,
+                        match["ns"],
+                        match["name"],
+                        {k: v[0] for k, v in parse_qs(url.query).items()},
+                        json.loads(raw) if raw else None,
+                    )
                     fake.requests.append(req)
                     status, payload = fake.route(req)
                 data = json.dumps(payload).encode()
@@ -189,15 +195,27 @@ class FakeKubernetesApi:
                 ref = e["valueFrom"]["secretKeyRef"]
                 value = self.secrets.get(ref["name"], {}).get(ref["key"])
                 if value is None and not ref.get("optional"):
-                    raise AssertionError(f"the pod needs Secret {ref['name']}/{ref['key']}, which the test did not provide")
+                    raise AssertionError(
+                        f"the pod needs Secret {ref['name']}/{ref['key']}, which the test did not provide"
+                    )
                 if value is not None:
                     env[e["name"]] = value
-        argv = [re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), a) for a in container["command"] + container["args"]]
+        argv = [
+            re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), a) for a in container["command"] + container["args"]
+        ]
         argv[0] = sys.executable if argv[0] == "python" else argv[0]  # the image's python is this venv's here
         log = open(os.devnull, "w") if not self.master_log else open(self.master_log, "w")  # noqa: SIM115
-        self._procs[job["metadata"]["name"]] = subprocess.Popen(argv, env=os.environ | env, stdout=log, stderr=subprocess.STDOUT)
+        self._procs[job["metadata"]["name"]] = subprocess.Popen(
+            argv, env=os.environ | env, stdout=log, stderr=subprocess.STDOUT
+        )
 
 
 def _status(code: int, reason: str, message: str) -> dict:
-    return {"kind": "Status", "apiVersion": "v1", "status": "Failure" if code >= 400 else "Success",
-            "message": message, "reason": reason, "code": code}  # fmt: skip
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "status": "Failure" if code >= 400 else "Success",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }

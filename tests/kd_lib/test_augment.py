@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd_lib.data.augment import augment_for, gaussian_noise, make_augment, random_crop, random_hflip
 from kd_lib.config import AugmentConfig, parse_config
+from kd_lib.data.augment import augment_for, gaussian_noise, make_augment, random_crop, random_hflip
 
 
 def _images(b: int = 64, c: int = 2, h: int = 5, w: int = 6) -> torch.Tensor:
@@ -43,7 +43,9 @@ def test_random_crop_shifts_each_image_by_at_most_the_padding_and_fills_with_zer
 
 def test_augmentation_is_reproducible_from_the_generator_and_advances_it() -> None:
     x = _images()
-    augment = make_augment(AugmentConfig(random_crop_padding=1, horizontal_flip=True, noise_std=0.1), tuple(x.shape[1:]))
+    augment = make_augment(
+        AugmentConfig(random_crop_padding=1, horizontal_flip=True, noise_std=0.1), tuple(x.shape[1:])
+    )
     assert augment is not None
     g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
     first = augment(x, g1)
@@ -72,12 +74,16 @@ def test_make_augment_is_none_when_everything_is_off_and_refuses_image_transform
     assert make_augment(AugmentConfig(), (1, 8, 8)) is None
     # Noise needs no image shape.
     assert make_augment(AugmentConfig(noise_std=0.1), (64,)) is not None
-    with pytest.raises(ValueError, match=r"distill.train.augment.horizontal_flip needs image inputs .*\[64\]: turn it off"):
+    with pytest.raises(
+        ValueError, match=r"distill.train.augment.horizontal_flip needs image inputs .*\[64\]: turn it off"
+    ):
         make_augment(AugmentConfig(horizontal_flip=True), (64,), "distill.train.augment")
 
 
 def test_augment_for_uses_the_steps_own_augment_and_names_it_in_errors() -> None:
-    cfg = parse_config({"data": {"augment": {"noise_std": 0.1}}, "teacher": {"train": {"augment": {"random_crop_padding": 1}}}})
+    cfg = parse_config(
+        {"data": {"augment": {"noise_std": 0.1}}, "teacher": {"train": {"augment": {"random_crop_padding": 1}}}}
+    )
     x = _images(b=8, c=1)
     teacher = augment_for(cfg, "teacher", (1, 5, 6))
     student = augment_for(cfg, "distill", (1, 5, 6))

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd_lib.train import loop as training
-from kd_lib.data.augment import make_augment
 from kd_lib.config import AugmentConfig, LossTermConfig, TrainConfig
-from kd_lib.train.losses import build_objective
+from kd_lib.data.augment import make_augment
 from kd_lib.models.builders import build_model
+from kd_lib.train import loop as training
+from kd_lib.train.losses import build_objective
 
 CFG = TrainConfig(epochs=8, batch_size=32, lr=0.01, patience=100, seed=3, scheduler="cosine")
 

@@ -40,9 +40,19 @@ def test_every_error_is_reported_not_only_the_first(tmp_path: Path) -> None:
 
 
 def test_dotted_overrides_are_parsed_as_yaml_and_validated(tmp_path: Path) -> None:
-    path = _write(tmp_path, "distill:\n  train: {epochs: 3}\n  losses:\n    - {name: kd, weight: 0.9, params: {temperature: 2}}\n    - {name: ce, weight: 0.1}\n")
-    cfg = load_config(path, ["distill.train.epochs=4", "student.model.params={width: 8, depth: 1}",
-                             "distill.losses.0.params.temperature=6", "distill.losses.1.weight=0.5"])  # fmt: skip
+    path = _write(
+        tmp_path,
+        "distill:\n  train: {epochs: 3}\n  losses:\n    - {name: kd, weight: 0.9, params: {temperature: 2}}\n    - {name: ce, weight: 0.1}\n",
+    )
+    cfg = load_config(
+        path,
+        [
+            "distill.train.epochs=4",
+            "student.model.params={width: 8, depth: 1}",
+            "distill.losses.0.params.temperature=6",
+            "distill.losses.1.weight=0.5",
+        ],
+    )
     assert cfg.distill.train.epochs == 4
     assert cfg.student.model.params == {"width": 8, "depth": 1}
     assert cfg.distill.losses[0].params == {"temperature": 6} and cfg.distill.losses[1].weight == 0.5
@@ -73,7 +83,9 @@ def test_teacher_source_needs_a_matching_uri() -> None:
         parse_config({"teacher": {"source": "checkpoint"}})
     with pytest.raises(ConfigError, match="uri is only read when source"):
         parse_config({"teacher": {"uri": "models:/t@champion"}})
-    assert parse_config({"teacher": {"source": "mlflow", "uri": "models:/t@champion"}}).teacher.uri == "models:/t@champion"
+    assert (
+        parse_config({"teacher": {"source": "mlflow", "uri": "models:/t@champion"}}).teacher.uri == "models:/t@champion"
+    )
 
 
 def test_unreadable_files_name_the_file(tmp_path: Path) -> None:
@@ -86,7 +98,9 @@ def test_unreadable_files_name_the_file(tmp_path: Path) -> None:
 
 
 def test_a_step_augment_replaces_data_augment_for_that_step_only() -> None:
-    cfg = parse_config({"data": {"augment": {"noise_std": 0.1}}, "teacher": {"train": {"augment": {"random_crop_padding": 2}}}})
+    cfg = parse_config(
+        {"data": {"augment": {"noise_std": 0.1}}, "teacher": {"train": {"augment": {"random_crop_padding": 2}}}}
+    )
     teacher, where = cfg.augment_of("teacher")
     assert (teacher.random_crop_padding, teacher.noise_std, where) == (2, 0.0, "teacher.train.augment")
     student, where = cfg.augment_of("distill")
@@ -140,7 +154,8 @@ def test_json_round_trip_and_hash() -> None:
 def test_flat_params_use_dotted_keys() -> None:
     flat = PipelineConfig().flat()
     assert flat["distill.losses"] == [
-        {"name": "kd", "weight": 0.9, "params": {"temperature": 4.0}}, {"name": "ce", "weight": 0.1, "params": {}}
+        {"name": "kd", "weight": 0.9, "params": {"temperature": 4.0}},
+        {"name": "ce", "weight": 0.1, "params": {}},
     ]
     assert flat["teacher.model.params.width"] == 256
     assert flat["evaluate.batch_sizes"] == [1, 64]

@@ -3,8 +3,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kd_lib.data import dataset as data
 from kd_lib.config import DataConfig
+from kd_lib.data import dataset as data
 
 
 def _npz(tmp_path: Path, name: str = "d.npz", **arrays: np.ndarray) -> Path:
@@ -92,7 +92,9 @@ def test_labels_beyond_declared_classes_and_empty_classes(tmp_path: Path) -> Non
     # (the fuzz test once drew a label of about 3e9 and the old code ran out of memory).
     y[0] = 5_000_000
     path = _npz(tmp_path, x=x, y=y)
-    with pytest.raises(data.DataError, match=r"class\(es\) \[3, 4, 5, 6, 7, 8, 9, 10, 11, 12\] and 4999987 more have no samples") as err:
+    with pytest.raises(
+        data.DataError, match=r"class\(es\) \[3, 4, 5, 6, 7, 8, 9, 10, 11, 12\] and 4999987 more have no samples"
+    ) as err:
         data.prepare(DataConfig(source=str(path)))
     assert len(str(err.value)) < 300
 

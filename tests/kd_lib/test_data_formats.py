@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from kd_lib.data import dataset as data
 from kd_lib.adapters import storage
 from kd_lib.config import DataConfig
+from kd_lib.data import dataset as data
 from tests.kd_lib.conftest import S3
 
 CLASSES = ["cat", "dog", "fish"]
@@ -195,7 +195,9 @@ def test_separate_test_source(tmp_path: Path) -> None:
     raw_train = x.reshape(len(x), -1)
     idx, _, _ = data.stratified_split(y, 0.2, 0.0, 0)
     assert got.meta.normalization["mean"] == pytest.approx(float(raw_train[idx].mean()), rel=1e-6)
-    np.testing.assert_allclose(data.denormalize(got.x["test"], got.meta.normalization), xt[:4].reshape(4, -1), atol=1e-3)
+    np.testing.assert_allclose(
+        data.denormalize(got.x["test"], got.meta.normalization), xt[:4].reshape(4, -1), atol=1e-3
+    )
     # Another test file gives another fingerprint, even with the same train file.
     other = _write(_table(xt[4:8], [CLASSES[i] for i in yt[4:8]]), tmp_path / "test2.csv")
     assert _prepare(source=str(train_csv), test_source=str(other)).meta.fingerprint != got.meta.fingerprint
@@ -206,12 +208,16 @@ def test_test_class_missing_from_train_names_both_files(tmp_path: Path) -> None:
     keep = y < 2
     train = _write(_table(x[keep], [CLASSES[i] for i in y[keep]]), tmp_path / "train.csv")
     test = _write(_table(x, [CLASSES[i] for i in y]), tmp_path / "test.csv")
-    with pytest.raises(data.DataError, match=f"{test}: class\\(es\\) \\['fish'\\] are in the test set but not in the train set {train}"):
+    with pytest.raises(
+        data.DataError, match=f"{test}: class\\(es\\) \\['fish'\\] are in the test set but not in the train set {train}"
+    ):
         _prepare(source=str(train), test_source=str(test))
     # Integer labels and image folders say the same.
     train_ids = _write(_table(x[keep], y[keep]), tmp_path / "train_ids.csv")
     test_ids = _write(_table(x, y), tmp_path / "test_ids.csv")
-    with pytest.raises(data.DataError, match=f"{test_ids}: class\\(es\\) \\[2\\] are in the test set but not in the train set"):
+    with pytest.raises(
+        data.DataError, match=f"{test_ids}: class\\(es\\) \\[2\\] are in the test set but not in the train set"
+    ):
         _prepare(source=str(train_ids), test_source=str(test_ids))
     folder_train = _folder(tmp_path / "ftrain", x[keep], y[keep])
     folder_test = _folder(tmp_path / "ftest", x, y)
@@ -304,7 +310,9 @@ def test_non_numeric_feature_column_is_named(tmp_path: Path) -> None:
     df = _table(x, y)
     df["colour"] = "red"
     path = _write(df, tmp_path / "d.parquet")
-    with pytest.raises(data.DataError, match=f"{path}: feature column 'colour' is not numeric.*'red'.*data.feature_columns"):
+    with pytest.raises(
+        data.DataError, match=f"{path}: feature column 'colour' is not numeric.*'red'.*data.feature_columns"
+    ):
         _prepare(source=str(path))
     df["colour"] = np.nan
     df.loc[3, "p2"] = np.nan
@@ -327,7 +335,10 @@ def test_bad_labels_are_named(tmp_path: Path) -> None:
 def test_pixel_count_must_match_image_shape(tmp_path: Path, suffix: str) -> None:
     x, y = _images()
     path = _pixel_table(x, y, tmp_path / f"d{suffix}")
-    with pytest.raises(data.DataError, match=r"pixel column 'pixels' has 20 values in data row 0 but data.image_shape \[1, 4, 4\] needs 16"):
+    with pytest.raises(
+        data.DataError,
+        match=r"pixel column 'pixels' has 20 values in data row 0 but data.image_shape \[1, 4, 4\] needs 16",
+    ):
         _prepare(source=str(path), pixel_column="pixels", image_shape=[1, 4, 4])
     with pytest.raises(data.DataError, match=r"samples have 21 features but data.image_shape \[1, 4, 5\] needs 20"):
         _prepare(source=str(_write(_table(x, y).assign(extra=1.0), tmp_path / f"wide{suffix}")), image_shape=[1, 4, 5])
@@ -352,7 +363,9 @@ def test_folder_layout_errors(tmp_path: Path) -> None:
     flat = tmp_path / "flat"
     flat.mkdir()
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(flat / "a.png")
-    with pytest.raises(data.DataError, match=f"{flat}: no class sub-folders; lay the images out as {flat}/<class name>/"):
+    with pytest.raises(
+        data.DataError, match=f"{flat}: no class sub-folders; lay the images out as {flat}/<class name>/"
+    ):
         _prepare(source=str(flat))
     with pytest.raises(data.DataError, match="no such directory"):
         _prepare(source=str(tmp_path / "nowhere"))
@@ -362,7 +375,10 @@ def test_folder_layout_errors(tmp_path: Path) -> None:
     ("fields", "message"),
     [
         ({"source": "d.csv", "pixel_column": "px"}, "pixel_column 'px' needs image_shape"),
-        ({"source": "d.csv", "pixel_column": "px", "image_shape": [1, 2, 2], "feature_columns": ["a"]}, "either pixel_column"),
+        (
+            {"source": "d.csv", "pixel_column": "px", "image_shape": [1, 2, 2], "feature_columns": ["a"]},
+            "either pixel_column",
+        ),
         ({"source": "d.csv", "feature_columns": ["label", "a"]}, "also listed in feature_columns"),
         ({"source": "d.npz", "feature_columns": ["a"]}, "apply to .csv and .parquet"),
         ({"source": "imgs/", "image_shape": [1, 4, 4]}, "already holds images"),
@@ -390,8 +406,11 @@ def test_prepare_data_step_fetches_from_s3_and_logs_class_names(s3: S3, tmp_path
 
     x, y = _images(channels=3)
     storage.put(_folder(tmp_path / "imgs", x, y), s3.uri("imgs"))
-    cfg = tiny_config(tmp_path, data={"source": s3.uri("imgs/"), "image_mode": "RGB"},
-                      tracking={"retry": {"max_attempts": 2, "timeout_s": 5.0}})  # fmt: skip
+    cfg = tiny_config(
+        tmp_path,
+        data={"source": s3.uri("imgs/"), "image_mode": "RGB"},
+        tracking={"retry": {"max_attempts": 2, "timeout_s": 5.0}},
+    )
     meta = steps.prepare_data(cfg, "pipe-s3", tmp_path / "dataset")
     assert meta["class_names"] == CLASSES and meta["input_shape"] == [3, 4, 5]
     assert steps.class_names(data.load_splits(tmp_path / "dataset").meta) == CLASSES

@@ -20,9 +20,9 @@ import torch
 from mlflow import MlflowClient
 
 from kd_lib import steps
-from kd_lib.train import distributed
 from kd_lib.compress import quantization
 from kd_lib.config import DistributedConfig
+from kd_lib.train import distributed
 from tests.helpers import tiny_config
 from tests.kd_lib import ddp_cases
 
@@ -82,7 +82,10 @@ def test_two_processes_end_with_the_weights_of_one(two_ranks: Path, case: str) -
 def test_only_rank_0_writes_checkpoints_and_reports_epochs(two_ranks: Path) -> None:
     epochs = ddp_cases.CFG.epochs * len(ddp_cases.CASES)
     # + the preempted and the resumed run: one checkpoint per epoch between them.
-    assert json.loads((two_ranks / "rank-0.json").read_text()) == {"checkpoints": epochs + ddp_cases.CFG.epochs, "epochs": epochs}
+    assert json.loads((two_ranks / "rank-0.json").read_text()) == {
+        "checkpoints": epochs + ddp_cases.CFG.epochs,
+        "epochs": epochs,
+    }
     assert json.loads((two_ranks / "rank-1.json").read_text()) == {"checkpoints": 0, "epochs": 0}
     assert not (two_ranks / "errors").exists()
 
@@ -125,8 +128,15 @@ def test_distill_step_on_two_processes_records_once_like_one_process(tmp_path: P
         run_cfg = cfg.model_copy(deep=True)
         run_cfg.distill.train.distributed = distributed_cfg
         out = {k: tmp_path / f"{name}-{k}" for k in ("student", "baseline")}
-        summary = steps.distill(run_cfg, f"{name}-process", tmp_path / "dataset", tmp_path / "teacher", out["student"],
-                                tmp_path / f"{name}-history.json", out["baseline"])  # fmt: skip
+        summary = steps.distill(
+            run_cfg,
+            f"{name}-process",
+            tmp_path / "dataset",
+            tmp_path / "teacher",
+            out["student"],
+            tmp_path / f"{name}-history.json",
+            out["baseline"],
+        )
         outputs[name] = (summary, {k: quantization.load_model(v) for k, v in out.items()})
 
     summary, models = outputs["two"]

@@ -11,19 +11,41 @@ import numpy as np
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from kd_lib.data import dataset as data
 from kd_lib.config import ConfigError, DataConfig, PipelineConfig, parse_config
+from kd_lib.data import dataset as data
 
 SECTIONS = list(PipelineConfig.model_fields)
 leaf = st.one_of(
-    st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=20), st.lists(st.integers(-5, 100), max_size=3),
-)  # fmt: skip
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**12), 10**12),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=20),
+    st.lists(st.integers(-5, 100), max_size=3),
+)
 # Real section and field names mixed with junk, so validation of real fields is exercised too.
 field_names = st.sampled_from(
-    ["source", "epochs", "lr", "temperature", "alpha", "scheme", "min_accuracy", "model", "params", "arch",
-     "train", "batch_size", "model_name", "tracking_uri", "retry", "max_attempts", "bogus", ""]
-)  # fmt: skip
+    [
+        "source",
+        "epochs",
+        "lr",
+        "temperature",
+        "alpha",
+        "scheme",
+        "min_accuracy",
+        "model",
+        "params",
+        "arch",
+        "train",
+        "batch_size",
+        "model_name",
+        "tracking_uri",
+        "retry",
+        "max_attempts",
+        "bogus",
+        "",
+    ]
+)
 tree = st.recursive(leaf, lambda inner: st.dictionaries(field_names, inner, max_size=4), max_leaves=12)
 configs = st.dictionaries(st.sampled_from(SECTIONS + ["junk"]), tree, max_size=5)
 
@@ -51,7 +73,15 @@ values = st.one_of(st.floats(-255, 255), special)
 def datasets(draw) -> tuple[np.ndarray, np.ndarray]:
     n = draw(st.integers(0, 40))
     shape = draw(st.sampled_from([(n,), (n, 4), (n, 1, 3, 3), (max(n - 1, 0), 4), (n, 0)]))
-    x = np.asarray(draw(st.lists(values if draw(st.booleans()) else st.floats(0, 255), min_size=int(np.prod(shape)), max_size=int(np.prod(shape))))).reshape(shape)
+    x = np.asarray(
+        draw(
+            st.lists(
+                values if draw(st.booleans()) else st.floats(0, 255),
+                min_size=int(np.prod(shape)),
+                max_size=int(np.prod(shape)),
+            )
+        )
+    ).reshape(shape)
     x = x.astype(draw(dtypes)) if draw(st.booleans()) and np.isfinite(x).all() else x
     y_len = draw(st.sampled_from([n, n + 1, max(n - 1, 0)]))
     labels = st.integers(-2, 12) if draw(st.booleans()) else st.integers(0, 3)
@@ -82,9 +112,11 @@ def test_random_datasets_prepare_or_raise_data_error(arrays: tuple[np.ndarray, n
 
 
 cells = st.one_of(
-    st.integers(-3, 12), st.floats(allow_nan=True, allow_infinity=True), st.sampled_from(["", "cat", "1e3", " ", "NaN", "1 2"]),
+    st.integers(-3, 12),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from(["", "cat", "1e3", " ", "NaN", "1 2"]),
     st.none(),
-)  # fmt: skip
+)
 
 
 @st.composite
@@ -99,13 +131,17 @@ def csv_tables(draw) -> tuple[dict[str, list], list[str] | None]:
         kind = draw(st.sampled_from(["int", "int", "float", "any"]))
         values = {"int": st.integers(0, 3), "float": st.floats(-5, 5), "any": cells}[kind]
         table[name] = draw(st.lists(values, min_size=n, max_size=n))
-    features = draw(st.one_of(st.none(), st.lists(st.sampled_from(["a", "b", "c", "d"]), min_size=1, max_size=2, unique=True)))
+    features = draw(
+        st.one_of(st.none(), st.lists(st.sampled_from(["a", "b", "c", "d"]), min_size=1, max_size=2, unique=True))
+    )
     return table, features
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(csv_tables(), st.booleans())
-def test_random_csv_prepare_or_raise_data_error(table: tuple[dict[str, list], list[str] | None], as_parquet: bool) -> None:
+def test_random_csv_prepare_or_raise_data_error(
+    table: tuple[dict[str, list], list[str] | None], as_parquet: bool
+) -> None:
     import pandas as pd
     from pydantic import ValidationError
 

@@ -56,9 +56,7 @@ def test_each_check_at_and_around_its_threshold(
 
 
 def test_values_and_units() -> None:
-    decision = decide(
-        _cand(0.95, 500_000), TEACHER, GateConfig(**LENIENT), fp32_student={"accuracy": 0.955}
-    )
+    decision = decide(_cand(0.95, 500_000), TEACHER, GateConfig(**LENIENT), fp32_student={"accuracy": 0.955})
     values = {c.name: (c.value, c.op, c.unit) for c in decision.checks}
     assert values == {
         "min_accuracy": (0.95, ">=", "fraction"),

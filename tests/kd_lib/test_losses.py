@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from kd_lib.config import ConfigError, LossTermConfig
 from kd_lib.train.losses import (
@@ -20,7 +21,6 @@ from kd_lib.train.losses import (
     hint_loss,
     kd,
 )
-from torch import nn
 
 # Two samples, three classes, explicit numbers so the expected values can be checked by hand.
 STUDENT = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
@@ -79,8 +79,12 @@ def test_dkd_matches_hand_computed_terms() -> None:
     # Sample 2 (y = 0): b_t = (0.78699, 0.21301), b_s = (1/3, 2/3):
     #   TCKD = 0.78699 * 0.85907 + 0.21301 * (-1.14094) = 0.43305; non-targets both uniform: NCKD = 0.
     # Means: TCKD 0.58148, NCKD 0.23106.
-    assert dkd(STUDENT, TEACHER, LABELS, alpha=1.0, beta=0.0, temperature=1.0).item() == pytest.approx(0.58148, abs=1e-4)
-    assert dkd(STUDENT, TEACHER, LABELS, alpha=0.0, beta=1.0, temperature=1.0).item() == pytest.approx(0.23106, abs=1e-4)
+    assert dkd(STUDENT, TEACHER, LABELS, alpha=1.0, beta=0.0, temperature=1.0).item() == pytest.approx(
+        0.58148, abs=1e-4
+    )
+    assert dkd(STUDENT, TEACHER, LABELS, alpha=0.0, beta=1.0, temperature=1.0).item() == pytest.approx(
+        0.23106, abs=1e-4
+    )
     assert dkd(STUDENT, TEACHER, LABELS, alpha=1.0, beta=8.0, temperature=1.0).item() == pytest.approx(
         0.58148 + 8 * 0.23106, abs=1e-3
     )
@@ -156,10 +160,12 @@ def test_capture_features_returns_named_outputs_and_removes_hooks() -> None:
 
 
 def test_objective_is_the_weighted_sum_and_reports_each_term() -> None:
-    objective = build_objective([
-        LossTermConfig(name="kd", weight=0.9, params={"temperature": 2.0}),
-        LossTermConfig(name="ce", weight=0.1),
-    ])  # fmt: skip
+    objective = build_objective(
+        [
+            LossTermConfig(name="kd", weight=0.9, params={"temperature": 2.0}),
+            LossTermConfig(name="ce", weight=0.1),
+        ]
+    )
     total = objective(LossInputs(STUDENT, LABELS, TEACHER)).item()
     assert total == pytest.approx(0.9 * kd(STUDENT, TEACHER, 2.0).item() + 0.1 * ce(STUDENT, LABELS).item(), rel=1e-6)
     means = objective.epoch_means()
@@ -201,7 +207,10 @@ def test_at_refuses_flat_features() -> None:
     ("terms", "match"),
     [
         ([{"name": "hinton"}], r"distill.losses\[0\].name: unknown loss 'hinton'"),
-        ([{"name": "ce"}, {"name": "kd", "params": {"temp": 4}}], r"distill.losses\[1\].params: \['temp'\] not accepted"),
+        (
+            [{"name": "ce"}, {"name": "kd", "params": {"temp": 4}}],
+            r"distill.losses\[1\].params: \['temp'\] not accepted",
+        ),
         ([{"name": "kd", "params": {"temperature": -1}}], r"distill.losses\[0\].params: temperature must be > 0"),
         ([{"name": "dkd", "params": {"beta": -2}}], r"distill.losses\[0\].params"),
     ],
@@ -234,4 +243,6 @@ def test_fitnets_compares_maps_of_different_resolution_after_pooling() -> None:
     term = objective.terms[0]
     pooled = F.adaptive_avg_pool2d(term.regressor(s_feats["0"]), (4, 4))
     expected = hint_loss(pooled, t_feats["2"])
-    assert objective(LossInputs(logits, torch.zeros(3, dtype=torch.long), t_logits, s_feats, t_feats)).item() == pytest.approx(expected.item())
+    assert objective(
+        LossInputs(logits, torch.zeros(3, dtype=torch.long), t_logits, s_feats, t_feats)
+    ).item() == pytest.approx(expected.item())

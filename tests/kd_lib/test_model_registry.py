@@ -9,12 +9,12 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from kd_lib.compress import quantization
-from kd_lib.evaluate.gates import decide
-from kd_lib.config import GateConfig
 from kd_lib.adapters.model_registry import ModelRegistry, RegistryError, gate_tags, log_pyfunc, pip_requirements
-from kd_lib.models.builders import build_model
 from kd_lib.adapters.tracking import fluent_run
+from kd_lib.compress import quantization
+from kd_lib.config import GateConfig
+from kd_lib.evaluate.gates import decide
+from kd_lib.models.builders import build_model
 
 
 @pytest.fixture
@@ -22,15 +22,17 @@ def saved_model(tmp_path: Path) -> tuple[Path, dict, torch.nn.Module]:
     torch.manual_seed(0)
     model = quantization.quantize(build_model("mlp", {"width": 8, "depth": 1}, (1, 4, 4), 3), "dynamic_int8")
     spec = {
-        "arch": "mlp", "params": {"width": 8, "depth": 1}, "input_shape": [1, 4, 4], "num_classes": 3,
-        "quantization": "dynamic_int8", "normalization": {"mean": 2.0, "std": 4.0},
-    }  # fmt: skip
+        "arch": "mlp",
+        "params": {"width": 8, "depth": 1},
+        "input_shape": [1, 4, 4],
+        "num_classes": 3,
+        "quantization": "dynamic_int8",
+        "normalization": {"mean": 2.0, "std": 4.0},
+    }
     return quantization.save_model(model, spec, tmp_path / "m"), spec, model
 
 
-def test_register_promote_and_load_without_pickle(
-    tmp_path: Path, saved_model, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_register_promote_and_load_without_pickle(tmp_path: Path, saved_model, monkeypatch: pytest.MonkeyPatch) -> None:
     model_dir, spec, model = saved_model
     uri = f"sqlite:///{tmp_path / 'r.db'}"
     client = MlflowClient(uri, uri)

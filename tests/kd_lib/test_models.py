@@ -148,4 +148,6 @@ def test_renormalized_handles_per_channel_statistics() -> None:
     ours = {"mean": 115.0, "std": 55.0}
     t_mean, t_std = torch.tensor(theirs["mean"]).view(3, 1, 1), torch.tensor(theirs["std"]).view(3, 1, 1)
     with torch.no_grad():
-        assert torch.allclose(for_data(model, theirs, ours)((raw - 115.0) / 55.0), model((raw - t_mean) / t_std), atol=1e-4)
+        assert torch.allclose(
+            for_data(model, theirs, ours)((raw - 115.0) / 55.0), model((raw - t_mean) / t_std), atol=1e-4
+        )

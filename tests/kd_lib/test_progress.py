@@ -15,7 +15,14 @@ class FakeTerminal(io.StringIO):
 
 
 ROWS = [
-    {"epoch": e, "train_loss": 1.0 / e, "val_loss": 0.5 / e, "val_accuracy": 0.8 + 0.05 * e, "lr": 1e-3, "seconds": 0.25}
+    {
+        "epoch": e,
+        "train_loss": 1.0 / e,
+        "val_loss": 0.5 / e,
+        "val_accuracy": 0.8 + 0.05 * e,
+        "lr": 1e-3,
+        "seconds": 0.25,
+    }
     for e in (1, 2, 3)
 ]
 

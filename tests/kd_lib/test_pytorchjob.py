@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from kd_lib import steps
-from kd_lib.launch import pytorchjob
 from kd_lib.compress import quantization
 from kd_lib.config import ConfigError, GpuConfig, PipelineConfig, parse_config
+from kd_lib.launch import pytorchjob
 from tests.helpers import tiny_config
 from tests.kd_lib.fake_k8s_api import FakeKubernetesApi
 
@@ -72,7 +72,9 @@ def test_the_job_is_created_followed_and_its_outputs_collected(tmp_path: Path) -
     cfg = _cfg(tmp_path)
     lines: list[str] = []
     with FakeKubernetesApi(on_phase=_play_rank_0(cfg)) as k8s:
-        summary = pytorchjob.run_step(cfg, "distill", RUN, _inputs(tmp_path), _outputs(tmp_path), api=k8s.api(), log=lines.append)
+        summary = pytorchjob.run_step(
+            cfg, "distill", RUN, _inputs(tmp_path), _outputs(tmp_path), api=k8s.api(), log=lines.append
+        )
 
     assert summary["best_val_accuracy"] == 0.9 and summary["run_id"] == "r0"
     assert (tmp_path / "artifacts" / "student" / "weights.safetensors").read_bytes() == b"student"
@@ -102,25 +104,46 @@ def test_a_failed_job_fails_the_task_with_the_failing_rank_error(tmp_path: Path)
         if phase == "Running":
             errors = _stage(cfg) / "errors"
             errors.mkdir(parents=True)
-            (errors / "rank-2.json").write_text(json.dumps({
-                "rank": "2", "world_size": "4", "host": "kdflow-distill-x-worker-0", "time": time.time(),
-                "type": "ValueError", "message": "the student does not fit the data", "traceback": "Traceback ...",
-                "terminated": False,
-            }))  # fmt: skip
+            (errors / "rank-2.json").write_text(
+                json.dumps(
+                    {
+                        "rank": "2",
+                        "world_size": "4",
+                        "host": "kdflow-distill-x-worker-0",
+                        "time": time.time(),
+                        "type": "ValueError",
+                        "message": "the student does not fit the data",
+                        "traceback": "Traceback ...",
+                        "terminated": False,
+                    }
+                )
+            )
 
     with FakeKubernetesApi(phases=["Created", "Running", "Failed"], on_phase=rank_2_dies) as k8s:
-        with pytest.raises(pytorchjob.PyTorchJobError, match=r"failed: rank 2 of 4 \(on kdflow-distill-x-worker-0\) failed: ValueError: the student does not fit"):
-            pytorchjob.run_step(cfg, "distill", RUN, _inputs(tmp_path), _outputs(tmp_path), api=k8s.api(), log=lambda _: None)
+        with pytest.raises(
+            pytorchjob.PyTorchJobError,
+            match=r"failed: rank 2 of 4 \(on kdflow-distill-x-worker-0\) failed: ValueError: the student does not fit",
+        ):
+            pytorchjob.run_step(
+                cfg, "distill", RUN, _inputs(tmp_path), _outputs(tmp_path), api=k8s.api(), log=lambda _: None
+            )
     assert (_stage(cfg) / "in" / "dataset_dir" / "payload.bin").is_file(), "kept for a retry to resume"
 
 
 def test_a_job_that_does_not_finish_in_time_is_deleted(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, timeout_s=0.3)
     with FakeKubernetesApi(phases=["Created", "Running"]) as k8s:
-        with pytest.raises(pytorchjob.PyTorchJobError, match=r"did not finish within cluster.pytorchjob.timeout_s = 0.3 s \(last state Running\); deleted it"):
-            pytorchjob.run_step(cfg, "distill", RUN, _inputs(tmp_path), _outputs(tmp_path), api=k8s.api(), log=lambda _: None)
+        with pytest.raises(
+            pytorchjob.PyTorchJobError,
+            match=r"did not finish within cluster.pytorchjob.timeout_s = 0.3 s \(last state Running\); deleted it",
+        ):
+            pytorchjob.run_step(
+                cfg, "distill", RUN, _inputs(tmp_path), _outputs(tmp_path), api=k8s.api(), log=lambda _: None
+            )
         (deleted,) = k8s.calls("DELETE")
-        assert deleted.name == pytorchjob.job_name(RUN, "distill") and deleted.query["propagationPolicy"] == "Background"
+        assert (
+            deleted.name == pytorchjob.job_name(RUN, "distill") and deleted.query["propagationPolicy"] == "Background"
+        )
         assert not k8s.jobs
 
 
@@ -131,12 +154,16 @@ def test_a_retried_task_follows_a_live_job_and_replaces_a_failed_one(tmp_path: P
     with FakeKubernetesApi(on_phase=_play_rank_0(cfg)) as k8s:
         k8s.add_existing(name, NS, "Running")
         k8s.route = _finish_after(k8s, name, reads=3)  # type: ignore[method-assign]
-        assert pytorchjob.run_step(cfg, "distill", RUN, _inputs(tmp_path / "a"), _outputs(tmp_path / "a"), api=k8s.api(), log=print)
+        assert pytorchjob.run_step(
+            cfg, "distill", RUN, _inputs(tmp_path / "a"), _outputs(tmp_path / "a"), api=k8s.api(), log=print
+        )
         assert len(k8s.calls("POST")) == 1 and not k8s.calls("DELETE")  # the one answered 409
     # Failed: replaced by a fresh job (which resumes from rank 0's checkpoint on the volume).
     with FakeKubernetesApi(on_phase=_play_rank_0(cfg)) as k8s:
         k8s.add_existing(name, NS, "Failed")
-        assert pytorchjob.run_step(cfg, "distill", RUN, _inputs(tmp_path / "b"), _outputs(tmp_path / "b"), api=k8s.api(), log=print)
+        assert pytorchjob.run_step(
+            cfg, "distill", RUN, _inputs(tmp_path / "b"), _outputs(tmp_path / "b"), api=k8s.api(), log=print
+        )
         assert [r.method for r in k8s.requests if r.method != "GET"] == ["POST", "DELETE", "POST"]
 
 
@@ -157,22 +184,32 @@ def _finish_after(k8s: FakeKubernetesApi, name: str, reads: int):
 
 @pytest.mark.parametrize(
     ("status", "reason", "fix"),
-    [(403, "Forbidden", "pytorchjobs rule of the kdflow-pipeline-runner Role"), (404, "NotFound", "install the Kubeflow Training Operator")],
+    [
+        (403, "Forbidden", "pytorchjobs rule of the kdflow-pipeline-runner Role"),
+        (404, "NotFound", "install the Kubeflow Training Operator"),
+    ],
 )
 def test_api_refusals_say_what_to_fix(tmp_path: Path, status: int, reason: str, fix: str) -> None:
     cfg = _cfg(tmp_path)
     with FakeKubernetesApi(create_error=(status, reason)) as k8s:
         with pytest.raises(pytorchjob.PyTorchJobError, match=rf"HTTP {status}.*{fix}"):
-            pytorchjob.run_step(cfg, "distill", RUN, _inputs(tmp_path), _outputs(tmp_path), api=k8s.api(), log=lambda _: None)
+            pytorchjob.run_step(
+                cfg, "distill", RUN, _inputs(tmp_path), _outputs(tmp_path), api=k8s.api(), log=lambda _: None
+            )
 
 
 def test_a_gpu_named_by_a_kfp_accelerator_type_is_refused(tmp_path: Path) -> None:
-    gpu = {"distill": {"train": {"device": "cuda"}}, "cluster": {"pytorchjob": {}, "gpu": {"accelerator": "NVIDIA_TESLA_T4"}}}
+    gpu = {
+        "distill": {"train": {"device": "cuda"}},
+        "cluster": {"pytorchjob": {}, "gpu": {"accelerator": "NVIDIA_TESLA_T4"}},
+    }
     with pytest.raises(ConfigError, match="cluster.gpu.accelerator 'NVIDIA_TESLA_T4' is a KFP accelerator type"):
         parse_config(gpu | {"teacher": {"train": {"device": "cuda"}}})  # at config load, before anything runs
     cfg = _cfg(tmp_path)
     cfg.distill.train.device = "cuda"
-    cfg.cluster.gpu = GpuConfig(accelerator="NVIDIA_TESLA_T4", steps=["distill"])  # assignment is not re-validated above
+    cfg.cluster.gpu = GpuConfig(
+        accelerator="NVIDIA_TESLA_T4", steps=["distill"]
+    )  # assignment is not re-validated above
     with pytest.raises(ConfigError, match="cluster.gpu.accelerator 'NVIDIA_TESLA_T4' is a KFP accelerator type"):
         pytorchjob.render(cfg, "distill", "kdflow-distill-x", NS, "/mnt/r.json", "/mnt/e")
     with pytest.raises(ConfigError, match="cluster.pytorchjob is not set"):
@@ -186,17 +223,41 @@ def test_the_rendered_master_command_runs_the_step_on_two_ranks(tmp_path: Path) 
     rendered arguments, kdflow's worker, the Secrets as env) as a local process."""
     cfg = tiny_config(
         tmp_path,
-        teacher={"train": {"epochs": 2, "batch_size": 64, "distributed": {"nproc_per_node": 2, "threads_per_process": 1}}},
-        cluster={"pytorchjob": {"mount_path": str(tmp_path / "pvc"), "namespace": NS, "poll_s": 0.2, "workers": 0,
-                                "timeout_s": 300}},
+        teacher={
+            "train": {"epochs": 2, "batch_size": 64, "distributed": {"nproc_per_node": 2, "threads_per_process": 1}}
+        },
+        cluster={
+            "pytorchjob": {
+                "mount_path": str(tmp_path / "pvc"),
+                "namespace": NS,
+                "poll_s": 0.2,
+                "workers": 0,
+                "timeout_s": 300,
+            }
+        },
         tracking={"tracking_uri": None},  # from the kdflow-mlflow Secret, as on the cluster
-    )  # fmt: skip
+    )
     secrets = {"kdflow-mlflow": {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}}
     dataset = tmp_path / "dataset"
-    steps.prepare_data(cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"tracking_uri": secrets["kdflow-mlflow"]["MLFLOW_TRACKING_URI"]})}), RUN, dataset)
-    outputs = {"teacher_dir": tmp_path / "artifacts" / "teacher", "history_path": tmp_path / "artifacts" / "history.json"}
+    steps.prepare_data(
+        cfg.model_copy(
+            update={
+                "tracking": cfg.tracking.model_copy(
+                    update={"tracking_uri": secrets["kdflow-mlflow"]["MLFLOW_TRACKING_URI"]}
+                )
+            }
+        ),
+        RUN,
+        dataset,
+    )
+    outputs = {
+        "teacher_dir": tmp_path / "artifacts" / "teacher",
+        "history_path": tmp_path / "artifacts" / "history.json",
+    }
     with FakeKubernetesApi(run_master=True, secrets=secrets, master_log=str(tmp_path / "master.log")) as k8s:
-        summary = pytorchjob.run_step(cfg, "train_teacher", RUN, {"dataset_dir": dataset}, outputs, api=k8s.api(), log=print)
+        summary = pytorchjob.run_step(
+            cfg, "train_teacher", RUN, {"dataset_dir": dataset}, outputs, api=k8s.api(), log=print
+        )
     assert summary["epochs_run"] == 2
     model, spec = quantization.load_model(outputs["teacher_dir"])
     assert spec["mlflow_run_id"] == summary["run_id"]

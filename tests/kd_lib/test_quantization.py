@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
+from kd_lib.compress.quantization import QUANTIZERS, ArtifactError, load_model, quantize, save_model
 from kd_lib.evaluate.metrics import artifact_size_bytes
 from kd_lib.models.builders import build_model
-from kd_lib.compress.quantization import QUANTIZERS, ArtifactError, load_model, quantize, save_model
 from kd_lib.plugins import UnknownNameError
 
 SPEC = {"arch": "mlp", "params": {"width": 128, "depth": 2}, "input_shape": [64], "num_classes": 10}

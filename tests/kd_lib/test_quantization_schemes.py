@@ -15,8 +15,6 @@ import pytest
 import torch
 from torch import nn
 
-from kd_lib.evaluate.metrics import artifact_size_bytes
-from kd_lib.models.builders import build_model
 from kd_lib.compress.quantization import (
     QUANTIZERS,
     SCHEMES,
@@ -31,11 +29,18 @@ from kd_lib.compress.quantization import (
     quantize,
     save_model,
 )
+from kd_lib.evaluate.metrics import artifact_size_bytes
+from kd_lib.models.builders import build_model
 
 ARCHS = {
     "mlp": {"arch": "mlp", "params": {"width": 48, "depth": 2}, "input_shape": [1, 8, 8], "num_classes": 5},
-    "cnn": {"arch": "cnn", "params": {"channels": 4, "depth": 2, "hidden": 16}, "input_shape": [1, 8, 8], "num_classes": 5},
-}  # fmt: skip
+    "cnn": {
+        "arch": "cnn",
+        "params": {"channels": 4, "depth": 2, "hidden": 16},
+        "input_shape": [1, 8, 8],
+        "num_classes": 5,
+    },
+}
 CASES = [(arch, scheme, backend) for arch in ARCHS for scheme in SCHEMES for backend in backends(scheme)]
 
 
@@ -249,7 +254,11 @@ def test_int8_artifacts_are_at_most_027x_and_half_precision_about_half(tmp_path:
 
 
 def test_spec_records_backend_engine_and_versions(tmp_path: Path) -> None:
-    save_model(quantize(_build("mlp"), "static_int8", _context()), {**ARCHS["mlp"], "quantization": "static_int8"}, tmp_path / "a")
+    save_model(
+        quantize(_build("mlp"), "static_int8", _context()),
+        {**ARCHS["mlp"], "quantization": "static_int8"},
+        tmp_path / "a",
+    )
     spec = json.loads((tmp_path / "a" / "spec.json").read_text())
     assert spec["backend"] == "torch.ao.quantization.eager[x86]"
     assert spec["versions"] == {"torch": torch.__version__, "quantized_engine": "x86"}

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 from kd_lib import steps
-from kd_lib.evaluate import gates
-from kd_lib.config import PipelineConfig
-from kd_lib.compress.quantization import QuantizationError, load_model
 from kd_lib.adapters.tracking import client_for
+from kd_lib.compress.quantization import QuantizationError, load_model
+from kd_lib.config import PipelineConfig
+from kd_lib.evaluate import gates
 from tests.helpers import tiny_config
 
 
@@ -59,9 +59,14 @@ def _quantize(trained: dict[str, Path], tmp_path: Path, arch: str = "mlp", **qua
     cfg = _cfg(trained["root"], quantize=dict(quantize))
     out = tmp_path / "quantized"
     info = steps.quantize(
-        cfg, f"run-{tmp_path.name}", trained["dataset"], trained[arch], out,
-        teacher_dir=trained["teacher"], onnx_dir=tmp_path / "onnx",
-    )  # fmt: skip
+        cfg,
+        f"run-{tmp_path.name}",
+        trained["dataset"],
+        trained[arch],
+        out,
+        teacher_dir=trained["teacher"],
+        onnx_dir=tmp_path / "onnx",
+    )
     return cfg, info, out
 
 
@@ -77,8 +82,9 @@ def _step_run(cfg: PipelineConfig, pipeline_run_id: str) -> dict:
 
 
 def test_static_int8_calibrates_on_the_dataset(trained, tmp_path: Path) -> None:
-    cfg, info, out = _quantize(trained, tmp_path, arch="cnn", scheme="static_int8", calibration_batches=3,
-                               calibration_batch_size=32)  # fmt: skip
+    cfg, info, out = _quantize(
+        trained, tmp_path, arch="cnn", scheme="static_int8", calibration_batches=3, calibration_batch_size=32
+    )
     spec = json.loads((out / "spec.json").read_text())
     assert spec["quantization"] == "static_int8" and spec["backend"] == "torch.ao.quantization.eager[x86]"
     assert spec["calibration"] == {"batches": 3, "batch_size": 32}
@@ -161,8 +167,10 @@ def test_onnx_export_is_checked_with_onnxruntime_on_the_test_split(trained, tmp_
     assert report["quantized_onnx"].startswith("onnxruntime quantize_static, QDQ, per-channel")
     assert report["quantized"]["test_accuracy"] > report["fp32"]["test_accuracy"] - 0.05
     assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == [
-        "onnx_check.json", "student_fp32.onnx", "student_quantized.onnx"
-    ]  # fmt: skip
+        "onnx_check.json",
+        "student_fp32.onnx",
+        "student_quantized.onnx",
+    ]
     # The ONNX files are not part of the quantized artifact (its size is what the gate measures).
     assert sorted(p.name for p in out.iterdir()) == ["spec.json", "weights.bin"]
 
@@ -210,7 +218,11 @@ def test_pyfunc_of_each_kind_of_artifact_loads_without_pickle(trained, tmp_path:
     }
     proc = subprocess.run(
         [sys.executable, "-c", LOAD_PYFUNC, json.dumps(uris), str(tmp_path / "x.npy")],
-        capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == expected

@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from kd_lib.report import render as report
+from kd_lib.adapters.tracking import _params
 from kd_lib.config import PipelineConfig
 from kd_lib.evaluate.gates import decide
+from kd_lib.report import render as report
 from kd_lib.report.render import ReportData
-from kd_lib.adapters.tracking import _params
 
 CM_TEACHER = [[9, 1, 0], [0, 10, 0], [0, 1, 9]]
 CM_STUDENT = [[8, 2, 0], [0, 10, 0], [1, 1, 8]]
@@ -24,18 +24,33 @@ CM_STUDENT = [[8, 2, 0], [0, 10, 0], [1, 1, 8]]
 
 def _model(acc: float, size: int, params: int, cm: list[list[int]], quant: str = "none") -> dict[str, Any]:
     return {
-        "accuracy": acc, "macro_f1": acc - 0.01, "size_bytes": size, "num_params": params,
-        "latency_b1_p50_ms": 0.03, "latency_b1_p95_ms": 0.05, "latency_b64_p50_ms": 0.1, "latency_b64_p95_ms": 0.2,
-        "predictions": [0] * 30, "confusion_matrix": cm, "quantization": quant, "mlflow_run_id": "r",
-    }  # fmt: skip
+        "accuracy": acc,
+        "macro_f1": acc - 0.01,
+        "size_bytes": size,
+        "num_params": params,
+        "latency_b1_p50_ms": 0.03,
+        "latency_b1_p95_ms": 0.05,
+        "latency_b64_p50_ms": 0.1,
+        "latency_b64_p95_ms": 0.2,
+        "predictions": [0] * 30,
+        "confusion_matrix": cm,
+        "quantization": quant,
+        "mlflow_run_id": "r",
+    }
 
 
 def _history(epochs: int, start_acc: float) -> list[dict[str, Any]]:
     return [
-        {"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.2 / e, "val_accuracy": min(1.0, start_acc + 0.05 * e),
-         "lr": 1e-3, "seconds": 0.1}
+        {
+            "epoch": e,
+            "train_loss": 1.0 / e,
+            "val_loss": 1.2 / e,
+            "val_accuracy": min(1.0, start_acc + 0.05 * e),
+            "lr": 1e-3,
+            "seconds": 0.1,
+        }
         for e in range(1, epochs + 1)
-    ]  # fmt: skip
+    ]
 
 
 @pytest.fixture
@@ -47,9 +62,13 @@ def data() -> ReportData:
         "quantized": _model(0.8667, 6_600, 2_410, CM_STUDENT, quant="dynamic_int8"),
     }
     evaluation["quantized"]["vs_teacher"] = {
-        "agreement": 0.9, "n_disagree": 3, "other_right": 1, "reference_right": 2, "both_wrong": 0,
+        "agreement": 0.9,
+        "n_disagree": 3,
+        "other_right": 1,
+        "reference_right": 2,
+        "both_wrong": 0,
         "pairs": [[0, 1, 0], [0, 0, 0], [1, 1, 0]],
-    }  # fmt: skip
+    }
     gate = decide(evaluation["quantized"], evaluation["teacher"], cfg.gate, fp32_student=evaluation["student"])
     return ReportData(
         name="kdflow-demo",
@@ -111,8 +130,18 @@ def test_every_section_is_present_and_every_image_decodes(data: ReportData) -> N
         assert image.format == "PNG"
         assert image.width > 400 and image.height > 200
     text = " ".join(page.text)
-    for expected in ("93.33%", "86.67%", "6.6 KB", "85,002", "51.5x", "PROMOTED",
-                     "kdflow-demo-student version 7", "@champion", "min_compression_ratio", "PASS"):  # fmt: skip
+    for expected in (
+        "93.33%",
+        "86.67%",
+        "6.6 KB",
+        "85,002",
+        "51.5x",
+        "PROMOTED",
+        "kdflow-demo-student version 7",
+        "@champion",
+        "min_compression_ratio",
+        "PASS",
+    ):
         assert expected in text, expected
     # Self-contained: nothing is fetched from anywhere.
     assert not any(tag in page.tags for tag in ("script", "link", "iframe"))
@@ -229,13 +258,17 @@ def test_rebuilt_from_what_mlflow_records(data: ReportData) -> None:
     record = {
         "parent_run_id": "abc123",
         "params": params,
-        "tags": {"kdflow.registered_version": "3", "kdflow.alias": "champion", "kdflow.pipeline_state": "SUCCEEDED",
-                 "kdflow.pipeline_run_id": "kdflow-distillation-1"},
+        "tags": {
+            "kdflow.registered_version": "3",
+            "kdflow.alias": "champion",
+            "kdflow.pipeline_state": "SUCCEEDED",
+            "kdflow.pipeline_run_id": "kdflow-distillation-1",
+        },
         "evaluation": json.loads(json.dumps(data.evaluation)),
         "gate": data.gate,
         "histories": data.histories,
         "dataset_meta": {"num_classes": 3},
-    }  # fmt: skip
+    }
     rebuilt = report.from_pipeline_record(record)
     assert rebuilt.registration == {"model_name": cfg.registry.model_name, "version": "3", "alias": "champion"}
     assert rebuilt.state == "SUCCEEDED" and rebuilt.stage == report.STAGE_FINAL

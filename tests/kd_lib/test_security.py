@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from kd_lib.data import dataset as data
 from kd_lib.compress import quantization
-from kd_lib.train import loop as training
 from kd_lib.config import DataConfig
+from kd_lib.data import dataset as data
 from kd_lib.models.builders import build_model
+from kd_lib.train import loop as training
 
 
 class Payload:
@@ -38,10 +38,15 @@ def test_malicious_weights_file_is_rejected_and_never_executed(tmp_path: Path, n
     marker = tmp_path / "pwned"
     model_dir = quantization.save_model(
         build_model("mlp", {"width": 4, "depth": 1}, (1, 2, 2), 2),
-        {"arch": "mlp", "params": {"width": 4, "depth": 1}, "input_shape": [1, 2, 2], "num_classes": 2,
-         "quantization": "none"},
+        {
+            "arch": "mlp",
+            "params": {"width": 4, "depth": 1},
+            "input_shape": [1, 2, 2],
+            "num_classes": 2,
+            "quantization": "none",
+        },
         tmp_path / "m",
-    )  # fmt: skip
+    )
     # A pickle where the weights file goes, or (older artifacts) as weights.pt with no weights.bin.
     (model_dir / quantization.WEIGHTS_FILE).unlink()
     _evil_file(model_dir / name, marker)

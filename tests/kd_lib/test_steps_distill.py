@@ -13,12 +13,12 @@ import torch
 from mlflow import MlflowClient
 
 from kd_lib import steps
-from kd_lib.compress import quantization
-from kd_lib.config import ConfigError
-from kd_lib.data.dataset import load_splits
 from kd_lib.adapters.model_registry import ModelRegistry, log_pyfunc, pip_requirements
 from kd_lib.adapters.storage import StorageError
 from kd_lib.adapters.tracking import fluent_run
+from kd_lib.compress import quantization
+from kd_lib.config import ConfigError
+from kd_lib.data.dataset import load_splits
 from tests.helpers import tiny_config
 
 CNN_TEACHER = {"model": {"arch": "cnn", "params": {"channels": 8, "depth": 2, "hidden": 32}}, "train": {"epochs": 3}}
@@ -61,7 +61,9 @@ def _predict(model_dir: Path, dataset: Path) -> torch.Tensor:
 def test_every_method_runs_through_the_step_and_logs_its_terms(prepared: dict, tmp_path: Path, losses: list) -> None:
     cfg = prepared["cfg"].model_copy(deep=True)
     cfg.distill.losses = [type(cfg.distill.losses[0])(**t) for t in losses]
-    summary = steps.distill(cfg, "methods", prepared["dataset"], prepared["teacher"], tmp_path / "student", tmp_path / "h.json")
+    summary = steps.distill(
+        cfg, "methods", prepared["dataset"], prepared["teacher"], tmp_path / "student", tmp_path / "h.json"
+    )
     history = json.loads((tmp_path / "h.json").read_text())
     assert summary["epochs_run"] == 2 and 0.0 <= summary["best_val_accuracy"] <= 1.0
     assert {f"loss_{t['name']}" for t in losses} <= set(history[0])
@@ -109,7 +111,9 @@ def test_import_from_a_checkpoint_reproduces_the_teacher(prepared: dict, tmp_pat
     torch.save(model.state_dict(), ckpt)
     cfg = _with_teacher(prepared["cfg"], "checkpoint", str(ckpt))
     out = steps.import_teacher(cfg, "ckpt", prepared["dataset"], tmp_path / "imported", tmp_path / "history.json")
-    assert torch.equal(_predict(tmp_path / "imported", prepared["dataset"]), _predict(prepared["teacher"], prepared["dataset"]))
+    assert torch.equal(
+        _predict(tmp_path / "imported", prepared["dataset"]), _predict(prepared["teacher"], prepared["dataset"])
+    )
     assert out["imported_from"] == str(ckpt) and out["best_val_accuracy"] > 0.5
     assert json.loads((tmp_path / "history.json").read_text()) == []
     # The same weights under another architecture: named, not silently half-loaded.
@@ -124,7 +128,9 @@ def test_import_from_an_s3_checkpoint(prepared: dict, tmp_path: Path, s3) -> Non
     s3.client().upload_file(str(tmp_path / "teacher.pt"), s3.bucket, "teachers/v1/teacher.pt")
     cfg = _with_teacher(prepared["cfg"], "checkpoint", s3.uri("teachers/v1/teacher.pt"))
     steps.import_teacher(cfg, "s3", prepared["dataset"], tmp_path / "imported")
-    assert torch.equal(_predict(tmp_path / "imported", prepared["dataset"]), _predict(prepared["teacher"], prepared["dataset"]))
+    assert torch.equal(
+        _predict(tmp_path / "imported", prepared["dataset"]), _predict(prepared["teacher"], prepared["dataset"])
+    )
     missing = _with_teacher(prepared["cfg"], "checkpoint", s3.uri("teachers/v2/teacher.pt"))
     with pytest.raises(StorageError, match="teachers/v2/teacher.pt"):
         steps.import_teacher(missing, "s3-missing", prepared["dataset"], tmp_path / "missing")
@@ -159,7 +165,10 @@ def test_import_from_the_registry_by_alias_and_version(prepared: dict, tmp_path:
         cfg = _with_teacher(cfg, "mlflow", ref)
         out = steps.import_teacher(cfg, "reg", prepared["dataset"], tmp_path / ref.split("/")[-1])
         assert out["imported_from"] == f"models:/{name}/{version}"
-        assert torch.equal(_predict(tmp_path / ref.split("/")[-1], prepared["dataset"]), _predict(prepared["teacher"], prepared["dataset"]))
+        assert torch.equal(
+            _predict(tmp_path / ref.split("/")[-1], prepared["dataset"]),
+            _predict(prepared["teacher"], prepared["dataset"]),
+        )
     cfg = _with_teacher(cfg, "mlflow", f"models:/{name}@nobody")
     with pytest.raises(steps.StepError, match="has no alias 'nobody'"):
         steps.import_teacher(cfg, "reg-missing", prepared["dataset"], tmp_path / "missing")

@@ -22,21 +22,34 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("promotion")
     cfg = tiny_config(
         tmp,
-        gate={"champion_policy": "must_not_regress", "champion_tolerance": 1.0, "min_accuracy": 0.5,
-              "max_accuracy_drop": 40.0, "max_quantization_drop": 5.0},
-        teacher={"train": {"epochs": 3}}, distill={"train": {"epochs": 3}},
-    )  # fmt: skip
+        gate={
+            "champion_policy": "must_not_regress",
+            "champion_tolerance": 1.0,
+            "min_accuracy": 0.5,
+            "max_accuracy_drop": 40.0,
+            "max_quantization_drop": 5.0,
+        },
+        teacher={"train": {"epochs": 3}},
+        distill={"train": {"epochs": 3}},
+    )
     d = {name: tmp / name for name in ("dataset", "teacher", "student", "quantized")}
     steps.prepare_data(cfg, "setup", d["dataset"])
     steps.train_teacher(cfg, "setup", d["dataset"], d["teacher"])
     steps.distill(cfg, "setup", d["dataset"], d["teacher"], d["student"])
     steps.quantize(cfg, "setup", d["dataset"], d["student"], d["quantized"])
-    steps.evaluate(cfg, "setup", d["dataset"], {"teacher": d["teacher"], "student": d["student"],
-                   "quantized": d["quantized"]}, tmp / "evaluation.json")  # fmt: skip
+    steps.evaluate(
+        cfg,
+        "setup",
+        d["dataset"],
+        {"teacher": d["teacher"], "student": d["student"], "quantized": d["quantized"]},
+        tmp / "evaluation.json",
+    )
     return {"cfg": cfg, "dirs": d, "evaluation": json.loads((tmp / "evaluation.json").read_text()), "tmp": tmp}
 
 
-def _candidate(trained: dict, run_id: str, tmp: Path, keep_rejected: bool = False, **quantized) -> tuple[str, dict | None]:
+def _candidate(
+    trained: dict, run_id: str, tmp: Path, keep_rejected: bool = False, **quantized
+) -> tuple[str, dict | None]:
     cfg = trained["cfg"].model_copy(deep=True)
     cfg.registry.keep_rejected = keep_rejected
     evaluation = json.loads(json.dumps(trained["evaluation"]))
@@ -46,7 +59,9 @@ def _candidate(trained: dict, run_id: str, tmp: Path, keep_rejected: bool = Fals
     decision, action = steps.gate(cfg, run_id, d["dataset"], tmp / f"{run_id}.json", tmp / f"{run_id}.decision.json")
     out = None
     if action != "reject":
-        out = steps.register(cfg, run_id, d["dataset"], d["quantized"], tmp / f"{run_id}.json", tmp / f"{run_id}.decision.json")
+        out = steps.register(
+            cfg, run_id, d["dataset"], d["quantized"], tmp / f"{run_id}.json", tmp / f"{run_id}.decision.json"
+        )
     return action, out
 
 
@@ -70,8 +85,14 @@ def test_champion_challenger_sequence(trained: dict, tmp_path: Path) -> None:
     assert (action, out) == ("reject", None)
     assert len(client.search_model_versions(f"name = '{name}'")) == 2
     with pytest.raises(steps.StepError, match="champion_accuracy_drop"):
-        steps.register(cfg, "run-3", trained["dirs"]["dataset"], trained["dirs"]["quantized"],
-                       tmp_path / "run-3.json", tmp_path / "run-3.decision.json")  # fmt: skip
+        steps.register(
+            cfg,
+            "run-3",
+            trained["dirs"]["dataset"],
+            trained["dirs"]["quantized"],
+            tmp_path / "run-3.json",
+            tmp_path / "run-3.decision.json",
+        )
 
     # Kept as challenger when asked: registered, tagged rejected, never champion.
     action, challenger = _candidate(trained, "run-4", tmp_path, keep_rejected=True, accuracy=acc - 0.03)
@@ -92,8 +113,14 @@ def test_champion_challenger_sequence(trained: dict, tmp_path: Path) -> None:
     assert action == "promote" and bigger["champion"] == bigger["version"]
 
     # Re-running a pipeline run that already registered reuses its version: no duplicate.
-    again = steps.register(cfg, "run-6", trained["dirs"]["dataset"], trained["dirs"]["quantized"],
-                           tmp_path / "run-6.json", tmp_path / "run-6.decision.json")  # fmt: skip
+    again = steps.register(
+        cfg,
+        "run-6",
+        trained["dirs"]["dataset"],
+        trained["dirs"]["quantized"],
+        tmp_path / "run-6.json",
+        tmp_path / "run-6.decision.json",
+    )
     assert again["version"] == bigger["version"] and again["reused"] == "true"
     versions = client.search_model_versions(f"name = '{name}'")
     assert len(versions) == 4

@@ -175,7 +175,10 @@ def test_interrupted_download_leaves_nothing_behind(tmp_path: Path, monkeypatch:
     try:
         endpoint = f"http://127.0.0.1:{server.server_address[1]}"
         s3_environment(monkeypatch, endpoint)
-        with pytest.raises(storage.StorageError, match="s3://kdflow-data/train.csv: S3 request to .* failed \\((IncompleteRead|ResponseStreaming)"):
+        with pytest.raises(
+            storage.StorageError,
+            match="s3://kdflow-data/train.csv: S3 request to .* failed \\((IncompleteRead|ResponseStreaming)",
+        ):
             storage.fetch("s3://kdflow-data/train.csv", tmp_path / "dl", FAST)
     finally:
         server.shutdown()

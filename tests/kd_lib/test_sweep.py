@@ -7,11 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from kd_lib.evaluate import sweep
 from kd_lib.config import ConfigError, PipelineConfig, parse_config
+from kd_lib.evaluate import sweep
 from kd_lib.evaluate.gates import GateCheck, GateDecision
 
-STUDENTS = [{"arch": "mlp", "params": {"width": 16, "depth": 1}}, {"arch": "cnn", "params": {"channels": 4, "depth": 1, "hidden": 16}}]
+STUDENTS = [
+    {"arch": "mlp", "params": {"width": 16, "depth": 1}},
+    {"arch": "cnn", "params": {"channels": 4, "depth": 1, "hidden": 16}},
+]
 LOSSES = [
     {"name": "kd", "weight": 0.5, "params": {"temperature": 4.0}},
     {"name": "dkd", "weight": 0.4, "params": {"temperature": 4.0, "alpha": 1.0}},
@@ -21,8 +24,13 @@ LOSSES = [
 
 def _cfg(**sweep_section) -> PipelineConfig:
     section = {"students": STUDENTS, "schemes": ["dynamic_int8", "static_int8"]} | sweep_section
-    return parse_config({"distill": {"losses": LOSSES}, "quantize": {"scheme": "dynamic_int8", "backend": "torch.ao.quantization.quantize_dynamic"},
-                         "sweep": section})  # fmt: skip
+    return parse_config(
+        {
+            "distill": {"losses": LOSSES},
+            "quantize": {"scheme": "dynamic_int8", "backend": "torch.ao.quantization.quantize_dynamic"},
+            "sweep": section,
+        }
+    )
 
 
 # ---------------------------------------------------------------- expansion
@@ -32,11 +40,15 @@ def test_candidates_are_the_product_with_overrides_applied() -> None:
     cfg = _cfg(temperatures=[2, 8.5])
     candidates = sweep.expand(cfg)
     assert [c.name for c in candidates] == [
-        "c0-mlp-w16d1-dynamic_int8-T2", "c1-mlp-w16d1-dynamic_int8-T8.5",
-        "c2-mlp-w16d1-static_int8-T2", "c3-mlp-w16d1-static_int8-T8.5",
-        "c4-cnn-c4d1h16-dynamic_int8-T2", "c5-cnn-c4d1h16-dynamic_int8-T8.5",
-        "c6-cnn-c4d1h16-static_int8-T2", "c7-cnn-c4d1h16-static_int8-T8.5",
-    ]  # fmt: skip
+        "c0-mlp-w16d1-dynamic_int8-T2",
+        "c1-mlp-w16d1-dynamic_int8-T8.5",
+        "c2-mlp-w16d1-static_int8-T2",
+        "c3-mlp-w16d1-static_int8-T8.5",
+        "c4-cnn-c4d1h16-dynamic_int8-T2",
+        "c5-cnn-c4d1h16-dynamic_int8-T8.5",
+        "c6-cnn-c4d1h16-static_int8-T2",
+        "c7-cnn-c4d1h16-static_int8-T8.5",
+    ]
     c5 = candidates[5].config
     assert c5.sweep is None and c5.candidate == "c5-cnn-c4d1h16-dynamic_int8-T8.5"
     assert c5.student.model.arch == "cnn" and c5.student.model.params == {"channels": 4, "depth": 1, "hidden": 16}
@@ -74,12 +86,18 @@ def test_the_candidate_name_is_a_label_not_part_of_the_recipe_hash() -> None:
 def test_a_config_without_a_sweep_hashes_as_it_did_before() -> None:
     cfg = parse_config({})
     dumped = cfg.model_dump(mode="json", exclude={"tracking", "image", "cluster", "sweep", "candidate"})
-    for step in ("teacher", "distill"):  # per-step augment and keep came later still; at their defaults they are left out too
+    for step in (
+        "teacher",
+        "distill",
+    ):  # per-step augment and keep came later still; at their defaults they are left out too
         assert dumped[step]["train"].pop("augment") is None
         assert dumped[step]["train"].pop("keep") == "best"
     import hashlib
 
-    assert cfg.config_hash() == hashlib.sha256(json.dumps(dumped, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    assert (
+        cfg.config_hash()
+        == hashlib.sha256(json.dumps(dumped, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    )
     with pytest.raises(ValueError, match="no sweep section"):
         sweep.expand(cfg)
 
@@ -95,7 +113,10 @@ def test_names_abbreviate_known_params_and_keep_others() -> None:
 @pytest.mark.parametrize(
     "section, message",
     [
-        ({"schemes": ["dynamic_int8", "int3"]}, r"sweep.schemes: .*unknown scheme\(s\) \['int3'\]; use names of quantize.scheme: "),
+        (
+            {"schemes": ["dynamic_int8", "int3"]},
+            r"sweep.schemes: .*unknown scheme\(s\) \['int3'\]; use names of quantize.scheme: ",
+        ),
         ({"schemes": []}, r"sweep.schemes: List should have at least 1 item"),
         ({"students": []}, r"sweep.students: List should have at least 1 item"),
         ({"temperatures": []}, r"sweep.temperatures: List should have at least 1 item"),
@@ -104,7 +125,10 @@ def test_names_abbreviate_known_params_and_keep_others() -> None:
         ({"students": [{"arch": "transformer"}]}, r"sweep.students: .*students.0.arch 'transformer' is not a model"),
         ({"temperatures": [2, 2.0]}, r"sweep.temperatures: .*\[2.0\] listed more than once"),
         ({"temperatures": [0]}, r"sweep.temperatures: .*not > 0"),
-        ({"max_candidates": 3}, r"2 students x 2 schemes = 4 candidates, above max_candidates=3; shorten a list or raise sweep.max_candidates"),
+        (
+            {"max_candidates": 3},
+            r"2 students x 2 schemes = 4 candidates, above max_candidates=3; shorten a list or raise sweep.max_candidates",
+        ),
         ({"parallelism": 0}, r"sweep.parallelism"),
         ({"schemes": ["fp16"], "student": {}}, r"sweep.student: unknown field"),
     ],
@@ -115,9 +139,15 @@ def test_invalid_sweeps_name_the_field_and_the_fix(section: dict, message: str) 
 
 
 def test_temperatures_need_a_kd_term_and_candidate_is_not_for_users() -> None:
-    with pytest.raises(ConfigError, match="sweep.temperatures sets the temperature of kd/dkd terms, and distill.losses has none"):
-        parse_config({"distill": {"losses": [{"name": "ce"}]},
-                      "sweep": {"students": STUDENTS, "schemes": ["fp16"], "temperatures": [2]}})  # fmt: skip
+    with pytest.raises(
+        ConfigError, match="sweep.temperatures sets the temperature of kd/dkd terms, and distill.losses has none"
+    ):
+        parse_config(
+            {
+                "distill": {"losses": [{"name": "ce"}]},
+                "sweep": {"students": STUDENTS, "schemes": ["fp16"], "temperatures": [2]},
+            }
+        )
     with pytest.raises(ConfigError, match="candidate is set by the sweep"):
         parse_config({"candidate": "c0-x", "sweep": {"students": STUDENTS, "schemes": ["fp16"]}})
     with pytest.raises(ConfigError, match="candidate"):
@@ -138,8 +168,18 @@ def test_the_example_sweep_config_expands(tmp_path: Path) -> None:
 def _decision(*failed: str, champion_only: bool = False) -> GateDecision:
     names = ["min_accuracy", "max_size_mb", *failed]
     group = "champion" if champion_only else "threshold"
-    checks = [GateCheck(n, value=1.0, threshold=0.5, op="<=", passed=n not in failed, unit="x",
-                        group=group if n in failed else "threshold") for n in dict.fromkeys(names)]  # fmt: skip
+    checks = [
+        GateCheck(
+            n,
+            value=1.0,
+            threshold=0.5,
+            op="<=",
+            passed=n not in failed,
+            unit="x",
+            group=group if n in failed else "threshold",
+        )
+        for n in dict.fromkeys(names)
+    ]
     return GateDecision(passed=not failed, checks=checks)
 
 
@@ -147,9 +187,14 @@ def _r(name: str, accuracy: float, size: float, latency: float | None = 1.0, *fa
     index = int(name[1:])
     decision = _decision(*failed, champion_only=action == "challenger")
     return sweep.CandidateResult(
-        name=name, index=index, accuracy=accuracy, size_bytes=size, latency_ms=latency, decision=decision,
+        name=name,
+        index=index,
+        accuracy=accuracy,
+        size_bytes=size,
+        latency_ms=latency,
+        decision=decision,
         action=action or ("promote" if decision.passed else "reject"),
-    )  # fmt: skip
+    )
 
 
 def test_pareto_front_keeps_non_dominated_points_and_ties() -> None:
@@ -188,7 +233,10 @@ def test_ties_in_size_go_to_accuracy_then_latency_then_order() -> None:
     # Equally small: the more accurate one, even though it is slower.
     assert sweep.select([_r("c0", 0.90, 1000, 0.1), _r("c1", 0.93, 1000, 0.9)]).chosen.name == "c1"
     # Equally small and accurate: the faster at batch 1; unmeasured latency counts as slowest.
-    assert sweep.select([_r("c0", 0.9, 1000, 0.5), _r("c1", 0.9, 1000, 0.2), _r("c2", 0.9, 1000, None)]).chosen.name == "c1"
+    assert (
+        sweep.select([_r("c0", 0.9, 1000, 0.5), _r("c1", 0.9, 1000, 0.2), _r("c2", 0.9, 1000, None)]).chosen.name
+        == "c1"
+    )
     assert sweep.select([_r("c0", 0.9, 1000, None), _r("c1", 0.9, 1000, 0.7)]).chosen.name == "c1"
     # Identical in everything: the first listed.
     assert sweep.select([_r("c3", 0.9, 1000, 0.5), _r("c1", 0.9, 1000, 0.5)]).chosen.name == "c1"
@@ -208,12 +256,18 @@ def test_challengers_are_picked_only_when_nothing_passes() -> None:
 
 
 def test_no_passing_candidate_means_reject_with_a_table_of_why() -> None:
-    results = [_r("c0", 0.70, 500, 1.0, "min_accuracy"), _r("c1", 0.95, 90000, 2.0, "max_size_mb", "min_compression_ratio")]
+    results = [
+        _r("c0", 0.70, 500, 1.0, "min_accuracy"),
+        _r("c1", 0.95, 90000, 2.0, "max_size_mb", "min_compression_ratio"),
+    ]
     selection = sweep.select(results)
     assert selection.chosen is None and selection.action == "reject"
     decision = selection.decision()
     assert not decision.passed
-    assert [(c.name, c.value, c.passed) for c in decision.checks] == [("candidate c0", 1.0, False), ("candidate c1", 2.0, False)]
+    assert [(c.name, c.value, c.passed) for c in decision.checks] == [
+        ("candidate c0", 1.0, False),
+        ("candidate c1", 2.0, False),
+    ]
     assert "max_size_mb 1 x, needs at most 0.5" in decision.checks[1].detail
     summary = selection.to_dict()
     assert summary["chosen"] is None and summary["action"] == "reject"
@@ -232,7 +286,10 @@ def test_select_refuses_empty_and_duplicate_results() -> None:
 
 
 def test_result_from_step_outputs_and_the_rendered_outputs() -> None:
-    evaluation = {"quantized": {"accuracy": 0.91, "size_bytes": 5000, "latency_b1_p50_ms": 0.12}, "student": {"accuracy": 0.92}}
+    evaluation = {
+        "quantized": {"accuracy": 0.91, "size_bytes": 5000, "latency_b1_p50_ms": 0.12},
+        "student": {"accuracy": 0.92},
+    }
     decision = _decision().to_dict() | {"action": "promote", "candidate": "c0"}
     r = sweep.result_from("c0", 0, evaluation, decision, {"scheme": "fp16"})
     assert (r.accuracy, r.size_bytes, r.latency_ms, r.action) == (0.91, 5000.0, 0.12, "promote")

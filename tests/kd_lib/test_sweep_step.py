@@ -11,11 +11,11 @@ import pytest
 from mlflow import MlflowClient
 
 from kd_lib import steps
-from kd_lib.report import render as report
-from kd_lib.evaluate import sweep
 from kd_lib.adapters import tracking
 from kd_lib.config import PipelineConfig
+from kd_lib.evaluate import sweep
 from kd_lib.evaluate.gates import GateCheck, GateDecision
+from kd_lib.report import render as report
 from tests.helpers import tiny_config
 
 STUDENTS = [{"arch": "mlp", "params": {"width": w, "depth": 1}} for w in (8, 16, 32)]
@@ -25,15 +25,19 @@ def _cfg(tmp_path: Path) -> PipelineConfig:
     return tiny_config(tmp_path, sweep={"students": STUDENTS, "schemes": ["dynamic_int8"]})
 
 
-def _outputs(tmp_path: Path, cfg: PipelineConfig, measured: dict[str, tuple[float, int, list[str]]]) -> dict[str, list[Path]]:
+def _outputs(
+    tmp_path: Path, cfg: PipelineConfig, measured: dict[str, tuple[float, int, list[str]]]
+) -> dict[str, list[Path]]:
     """Files as evaluate, quantize and gate write them, for candidate name -> (accuracy, bytes, failed checks)."""
     out: dict[str, list[Path]] = {"evaluations": [], "decisions": [], "quantized": []}
     for candidate in sweep.expand(cfg):
         accuracy, size, failed = measured[candidate.name]
         run_id = f"quantize-run-{candidate.index}"
-        evaluation = {"teacher": {"accuracy": 0.97, "size_bytes": 400_000},
-                      "student": {"accuracy": accuracy, "size_bytes": size * 4},
-                      "quantized": {"accuracy": accuracy, "size_bytes": size, "latency_b1_p50_ms": 0.1, "mlflow_run_id": run_id}}  # fmt: skip
+        evaluation = {
+            "teacher": {"accuracy": 0.97, "size_bytes": 400_000},
+            "student": {"accuracy": accuracy, "size_bytes": size * 4},
+            "quantized": {"accuracy": accuracy, "size_bytes": size, "latency_b1_p50_ms": 0.1, "mlflow_run_id": run_id},
+        }
         path = tmp_path / f"{candidate.name}.evaluation.json"
         path.write_text(json.dumps(evaluation))
         out["evaluations"].append(path)
@@ -42,7 +46,11 @@ def _outputs(tmp_path: Path, cfg: PipelineConfig, measured: dict[str, tuple[floa
         (model / "spec.json").write_text(json.dumps({"mlflow_run_id": run_id, "candidate_marker": candidate.name}))
         checks = [GateCheck(n, 0.5, 0.8, ">=", n not in failed, "fraction") for n in ("min_accuracy", "max_size_mb")]
         decision = GateDecision(all(c.passed for c in checks), checks).to_dict()
-        decision |= {"action": "promote" if not failed else "reject", "candidate": candidate.name, "quantized_run_id": run_id}
+        decision |= {
+            "action": "promote" if not failed else "reject",
+            "candidate": candidate.name,
+            "quantized_run_id": run_id,
+        }
         path = tmp_path / f"{candidate.name}.decision.json"
         path.write_text(json.dumps(decision))
         out["decisions"].append(path)
@@ -55,9 +63,17 @@ def _outputs(tmp_path: Path, cfg: PipelineConfig, measured: dict[str, tuple[floa
 def _select(cfg: PipelineConfig, tmp_path: Path, files: dict[str, list[Path]]):
     out = tmp_path / "out"
     result = steps.select(
-        cfg, "sweep-run-1", sweep.candidate_configs(cfg), files["evaluations"], files["decisions"], files["quantized"],
-        out / "quantized", out / "evaluation.json", out / "decision.json", out / "summary.md",
-    )  # fmt: skip
+        cfg,
+        "sweep-run-1",
+        sweep.candidate_configs(cfg),
+        files["evaluations"],
+        files["decisions"],
+        files["quantized"],
+        out / "quantized",
+        out / "evaluation.json",
+        out / "decision.json",
+        out / "summary.md",
+    )
     return result, out
 
 
@@ -95,7 +111,9 @@ def test_the_chosen_candidate_is_handed_on_and_recorded_on_the_parent(tmp_path: 
 def test_no_passing_candidate_leaves_placeholders_and_a_table_of_why(tmp_path: Path, capsys) -> None:
     cfg = _cfg(tmp_path)
     names = [c.name for c in sweep.expand(cfg)]
-    measured = {n: (0.5, 3000 * (i + 1), ["min_accuracy"] + (["max_size_mb"] if i else [])) for i, n in enumerate(names)}
+    measured = {
+        n: (0.5, 3000 * (i + 1), ["min_accuracy"] + (["max_size_mb"] if i else [])) for i, n in enumerate(names)
+    }
     (selection, chosen_config), out = _select(cfg, tmp_path, _outputs(tmp_path, cfg, measured))
 
     assert selection.chosen is None and selection.action == "reject"
@@ -123,5 +141,7 @@ def test_outputs_that_do_not_match_the_candidates_are_refused(tmp_path: Path) ->
     with pytest.raises(steps.StepError, match="results for"):
         _select(cfg, tmp_path, files)
     files["evaluations"] = files["evaluations"][:1]
-    with pytest.raises(steps.StepError, match="does not name a candidate whose evaluation and quantized model were collected"):
+    with pytest.raises(
+        steps.StepError, match="does not name a candidate whose evaluation and quantized model were collected"
+    ):
         _select(cfg, tmp_path, files)

@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from kd_lib.data.augment import make_augment
 from kd_lib.config import AugmentConfig, ConfigError, LossTermConfig, TrainConfig
-from kd_lib.train.losses import build_objective
+from kd_lib.data.augment import make_augment
 from kd_lib.models.builders import mlp
 from kd_lib.train.loop import _fit, compute_logits, distill, resolve_device, train_supervised
+from kd_lib.train.losses import build_objective
 from tests.helpers import TableTeacher
 
 Data = tuple[Tensor, Tensor, Tensor, Tensor]
@@ -148,7 +148,9 @@ def test_the_cache_changes_nothing_but_the_teacher_calls(blobs: Data, fast_cfg: 
     teacher = TableTeacher(x_train, torch.randn(len(x_train), 3, generator=torch.Generator().manual_seed(1)))
     cached = distill(_student(), teacher, _kd(ce_weight=0.5), x_train, y_train, x_val, y_val, cfg)
     calls_cached, teacher.calls = teacher.calls, 0
-    live = distill(_student(), teacher, _kd(ce_weight=0.5), x_train, y_train, x_val, y_val, cfg, cache_teacher_logits=False)
+    live = distill(
+        _student(), teacher, _kd(ce_weight=0.5), x_train, y_train, x_val, y_val, cfg, cache_teacher_logits=False
+    )
     assert calls_cached == 1 and teacher.calls == 2 * 8  # 240 samples / 32 per batch, 2 epochs
     assert torch.allclose(cached.model[1].weight, live.model[1].weight, atol=1e-5)
 

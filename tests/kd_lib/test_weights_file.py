@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from kd_lib.artifacts import weights_file
+from kd_lib.artifacts.weights_file import encode_state_dict, read_state_dict, write_state_dict
+from kd_lib.compress.quantization import ArtifactError, QuantizeContext, load_model, quantize, save_model
 from kd_lib.evaluate.metrics import artifact_size_bytes
 from kd_lib.models.builders import build_model
-from kd_lib.compress.quantization import ArtifactError, QuantizeContext, load_model, quantize, save_model
-from kd_lib.artifacts.weights_file import encode_state_dict, read_state_dict, write_state_dict
 
 # torch 2.13 deprecates creating quantized tensors, which these tests do to have some.
 pytestmark = pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")
@@ -57,8 +57,9 @@ def _every_kind() -> OrderedDict[str, Any]:
         1,
         torch.quint8,
     )
-    symmetric = torch.quantize_per_channel(w, torch.tensor([0.5, 0.25, 0.125, 0.0625, 1.0, 2.0]).double(),
-                                           torch.zeros(6, dtype=torch.long), 0, torch.qint8)  # fmt: skip
+    symmetric = torch.quantize_per_channel(
+        w, torch.tensor([0.5, 0.25, 0.125, 0.0625, 1.0, 2.0]).double(), torch.zeros(6, dtype=torch.long), 0, torch.qint8
+    )
     return OrderedDict(
         [
             ("f32", torch.randn(3, 5, generator=gen)),
@@ -109,8 +110,13 @@ def test_scales_and_zero_points_are_stored_narrow_when_exact() -> None:
 
 
 def test_a_model_loads_with_no_pickle_and_no_torch_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    spec = {"arch": "cnn", "params": {"channels": 4, "depth": 2, "hidden": 16}, "input_shape": [1, 8, 8],
-            "num_classes": 3, "quantization": "static_int8"}  # fmt: skip
+    spec = {
+        "arch": "cnn",
+        "params": {"channels": 4, "depth": 2, "hidden": 16},
+        "input_shape": [1, 8, 8],
+        "num_classes": 3,
+        "quantization": "static_int8",
+    }
     torch.manual_seed(0)
     fp32 = build_model("cnn", spec["params"], (1, 8, 8), 3)
     quantized = quantize(fp32, "static_int8", QuantizeContext(calibration=[torch.randn(16, 1, 8, 8)]))
@@ -132,8 +138,12 @@ def test_a_model_loads_with_no_pickle_and_no_torch_load(tmp_path: Path, monkeypa
 
 
 def _small_file(tmp_path: Path) -> tuple[Path, bytes]:
-    state = {"w": torch.quantize_per_channel(torch.randn(3, 2), torch.ones(3).double(), torch.zeros(3).long(), 0,
-                                             torch.qint8), "b": torch.randn(3)}  # fmt: skip
+    state = {
+        "w": torch.quantize_per_channel(
+            torch.randn(3, 2), torch.ones(3).double(), torch.zeros(3).long(), 0, torch.qint8
+        ),
+        "b": torch.randn(3),
+    }
     path = tmp_path / "weights.bin"
     write_state_dict(state, path)
     return path, path.read_bytes()
@@ -174,12 +184,21 @@ def _forge(header: Any, data: bytes = b"", raw_header: bytes | None = None) -> b
         ({"state": [["w", {"t": "f32", "s": [1] * 17}]]}, b"\0" * 4, "bad shape"),
         ({"state": [["w", {"t": "i64", "s": [1], "as": "f32"}]]}, b"\0" * 4, None),  # harmless: a 0
         ({"state": [["w", {"t": "i64", "s": [1], "as": "obj"}]]}, b"\0" * 4, "unknown storage dtype"),
-        ({"state": [["w", {"q": "qint8", "s": [2, 2], "axis": 2, "scales": "f32", "zps": 0}]]}, b"\0" * 12,
-         "axis 2 out of range"),
-        ({"state": [["w", {"q": "qint8", "s": [2], "axis": 0, "scales": "i8", "zps": 0}]]}, b"\0" * 4,
-         "scales stored as 'i8'"),
-        ({"state": [["w", {"q": "qint8", "s": [2], "axis": 0, "scales": "f32", "zps": "f32"}]]}, b"\0" * 12,
-         "zero points .f32. are not"),
+        (
+            {"state": [["w", {"q": "qint8", "s": [2, 2], "axis": 2, "scales": "f32", "zps": 0}]]},
+            b"\0" * 12,
+            "axis 2 out of range",
+        ),
+        (
+            {"state": [["w", {"q": "qint8", "s": [2], "axis": 0, "scales": "i8", "zps": 0}]]},
+            b"\0" * 4,
+            "scales stored as 'i8'",
+        ),
+        (
+            {"state": [["w", {"q": "qint8", "s": [2], "axis": 0, "scales": "f32", "zps": "f32"}]]},
+            b"\0" * 12,
+            "zero points .f32. are not",
+        ),
         ({"state": [["w", {"q": "qint4", "s": [2]}]]}, b"\0" * 2, "unknown quantized dtype"),
         ({"state": [["w", {"q": "qint8", "s": [2], "scale": "x", "zp": 0}]]}, b"\0" * 2, "scale/zero point"),
         ({"state": [["w", {"t": "bool", "s": [2]}]]}, b"\x01\x07", "bytes other than 0 and 1"),
@@ -271,8 +290,9 @@ def test_int8_artifacts_are_at_most_027x_the_fp32_artifact(
 ) -> None:
     fp32, fp32_dir = fp32_dirs[name]
     gen = torch.Generator().manual_seed(1)
-    context = QuantizeContext(calibration=[torch.rand(32, 1, 28, 28, generator=gen) for _ in range(2)],
-                              finetune=lambda prepared: None)  # fmt: skip  (QAT's training does not change sizes)
+    context = QuantizeContext(
+        calibration=[torch.rand(32, 1, 28, 28, generator=gen) for _ in range(2)], finetune=lambda prepared: None
+    )  # QAT's training does not change sizes
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quantized = quantize(fp32, scheme, context)

@@ -44,7 +44,7 @@ class FakeKfpApi:
     recurring_runs: dict[str, dict] = field(default_factory=dict)
     fail_with: tuple[int, str] | None = None  # answer every non-healthz call with this status and message
 
-    def __enter__(self) -> "FakeKfpApi":
+    def __enter__(self) -> FakeKfpApi:
         api = self
 
         class Handler(BaseHTTPRequestHandler):

@@ -38,7 +38,9 @@ def run_pipeline_in_process(cfg: PipelineConfig, work: Path, pipeline_run_id: st
     steps.evaluate(cfg, pipeline_run_id, d / "dataset", models, d / "evaluation.json")
     decision, action = steps.gate(cfg, pipeline_run_id, d / "dataset", d / "evaluation.json", d / "decision.json")
     if action != "reject":
-        steps.register(cfg, pipeline_run_id, d / "dataset", models["quantized"], d / "evaluation.json", d / "decision.json")
+        steps.register(
+            cfg, pipeline_run_id, d / "dataset", models["quantized"], d / "evaluation.json", d / "decision.json"
+        )
     parent = steps.finalize(cfg, pipeline_run_id, "SUCCEEDED")
     assert parent is not None
     return Run(pipeline_run_id, parent, decision.passed)
@@ -106,8 +108,9 @@ def test_models_without_a_name_lists_the_registered_models(store, capsys) -> Non
 def test_report_rebuilds_the_final_report_from_mlflow(store, capsys, tmp_path: Path) -> None:
     cfg, runs = store
     out_file = tmp_path / "nested" / "report.html"
-    code, out, _ = _kdflow(capsys, "report", runs[1].parent_run_id, "-o", str(out_file), "--tracking-uri",
-                           cfg.tracking.tracking_uri)  # fmt: skip
+    code, out, _ = _kdflow(
+        capsys, "report", runs[1].parent_run_id, "-o", str(out_file), "--tracking-uri", cfg.tracking.tracking_uri
+    )
     assert code == 0
     assert out.strip() == f"wrote {out_file} (pipeline run kdflow-cli-run-2: PROMOTED)"
     page = out_file.read_text()
@@ -127,8 +130,9 @@ def test_report_rebuilds_the_final_report_from_mlflow(store, capsys, tmp_path: P
 def test_report_of_a_rejected_run_by_pipeline_run_id_as_markdown(store, capsys, tmp_path: Path) -> None:
     cfg, runs = store
     out_file = tmp_path / "rejected.md"
-    code, out, _ = _kdflow(capsys, "report", runs[2].pipeline_run_id, "-o", str(out_file), "--tracking-uri",
-                           cfg.tracking.tracking_uri)  # fmt: skip
+    code, out, _ = _kdflow(
+        capsys, "report", runs[2].pipeline_run_id, "-o", str(out_file), "--tracking-uri", cfg.tracking.tracking_uri
+    )
     assert code == 0 and out.strip().endswith("REJECTED)")
     md = out_file.read_text()
     assert "**Decision: REJECTED**" in md
@@ -177,4 +181,6 @@ def test_every_command_and_option_is_explained_with_an_example(capsys) -> None:
             if action.dest == "help":
                 continue
             assert action.help and len(action.help) > 15, (name, action.dest)
-            assert "e.g." in action.help, f"kdflow {name} {action.option_strings or action.dest}: no example in its help"
+            assert "e.g." in action.help, (
+                f"kdflow {name} {action.option_strings or action.dest}: no example in its help"
+            )

@@ -35,7 +35,9 @@ def test_dag_matches_the_diagram(tmp_path: Path) -> None:
     assert _deps(inner["evaluate"]) == {"prepare-data", "train-teacher", "distill", "quantize"}
     assert _deps(inner["gate"]) == {"prepare-data", "evaluate"}
     condition = inner["condition-2"]
-    assert condition["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--gate-Output'] != 'reject'"
+    assert (
+        condition["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--gate-Output'] != 'reject'"
+    )
     register = spec["components"]["comp-condition-2"]["dag"]["tasks"]
     assert set(register) == {"register"}
 

@@ -129,7 +129,10 @@ def test_gpu_node_selector_and_tolerations_only_on_training_steps(compiled: Comp
             assert (acc.resource_type, acc.resource_count) == ("nvidia.com/gpu", "2"), step
             assert dict(k8s.node_selector.labels) == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
             tolerations = [(t.key, t.operator, t.value, t.effect, t.toleration_seconds) for t in k8s.tolerations]
-            assert tolerations == [("nvidia.com/gpu", "Exists", "", "NoSchedule", 0), ("pool", "Equal", "ml", "NoExecute", 60)]
+            assert tolerations == [
+                ("nvidia.com/gpu", "Exists", "", "NoSchedule", 0),
+                ("pool", "Equal", "ml", "NoExecute", 60),
+            ]
         else:
             assert not acc.resource_type and not acc.resource_count, step
             assert not k8s.node_selector.labels and not k8s.tolerations, step
@@ -138,9 +141,7 @@ def test_gpu_node_selector_and_tolerations_only_on_training_steps(compiled: Comp
 def test_secrets_become_env_and_pods_carry_the_network_policy_label(compiled: Compiled) -> None:
     for step in DAG_STEPS:
         k8s = compiled.k8s(step)
-        mapped = {
-            (s.secret_name, m.secret_key, m.env_var, s.optional) for s in k8s.secret_as_env for m in s.key_to_env
-        }
+        mapped = {(s.secret_name, m.secret_key, m.env_var, s.optional) for s in k8s.secret_as_env for m in s.key_to_env}
         assert mapped == {
             ("kdflow-mlflow", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI", False),
             ("kdflow-s3", "access_key", "AWS_ACCESS_KEY_ID", True),
@@ -165,7 +166,10 @@ def test_defaults_image_from_package_version_and_no_gpu(tmp_path: Path) -> None:
 
 
 def test_cluster_settings_do_not_change_the_config_hash(gpu_cfg: PipelineConfig) -> None:
-    assert gpu_cfg.config_hash() == load_config(DEMO, ["teacher.train.device=cuda", "distill.train.device=auto"]).config_hash()
+    assert (
+        gpu_cfg.config_hash()
+        == load_config(DEMO, ["teacher.train.device=cuda", "distill.train.device=auto"]).config_hash()
+    )
 
 
 @pytest.mark.parametrize(

@@ -54,18 +54,28 @@ def test_one_line_per_task_with_time_and_result() -> None:
     display, out, err, log = _run(lines, live=False)
     shown = out.splitlines()
     assert [line.split()[:2] for line in shown] == [
-        ["▸", "prepare-data"], ["✓", "prepare-data"], ["▸", "train-teacher"], ["✓", "train-teacher"],
+        ["▸", "prepare-data"],
+        ["✓", "prepare-data"],
+        ["▸", "train-teacher"],
+        ["✓", "train-teacher"],
         ["–", "condition-1"],
-    ]  # fmt: skip
+    ]
     assert shown[3].endswith("s  best val_acc 0.9100 at epoch 2 of 2")
     assert "skipped" in shown[4]
-    assert [(s["task"], s["status"]) for s in display.steps] == [("prepare-data", "SUCCESS"), ("train-teacher", "SUCCESS")]
+    assert [(s["task"], s["status"]) for s in display.steps] == [
+        ("prepare-data", "SUCCESS"),
+        ("train-teacher", "SUCCESS"),
+    ]
     assert err == ""
     assert "Got executor_input" in log and "\x1b[" not in log  # everything kept, colours stripped
 
 
 def test_a_failed_task_shows_its_own_log_without_the_executor_input() -> None:
-    body = ["Traceback (most recent call last):", '  File "x.py", line 1', "kd_lib.data.dataset.DataError: nope.npz: no such file"]
+    body = [
+        "Traceback (most recent call last):",
+        '  File "x.py", line 1',
+        "kd_lib.data.dataset.DataError: nope.npz: no such file",
+    ]
     lines = _task_lines("prepare-data", Status.FAILURE, body)
     display, out, err, _ = _run(lines, live=False)
     assert out.splitlines()[-1].split()[:2] == ["✗", "prepare-data"] and out.rstrip().endswith("FAILED")

@@ -19,8 +19,10 @@ from pipelines.compile import compile_pipeline
 from pipelines.distillation import build_pipeline
 from tests.pipelines.test_compiled_spec import DEMO, GPU_AND_SECRETS, Compiled
 
-PYTORCHJOB = ["cluster.pytorchjob={workers: 3, volume_claim: shared-rwx, mount_path: /mnt/stage}",
-              "distill.train.distributed.nproc_per_node=2"]  # fmt: skip
+PYTORCHJOB = [
+    "cluster.pytorchjob={workers: 3, volume_claim: shared-rwx, mount_path: /mnt/stage}",
+    "distill.train.distributed.nproc_per_node=2",
+]
 
 
 def _compiled(tmp_path: Path, *overrides: str) -> Compiled:

@@ -30,8 +30,13 @@ SECRET = "s3cr3t-value-that-must-never-leave-this-process"
 def _isolated_client_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # kfp.Client reads ~/.config/kfp/context.json; credentials in the environment must stay here.
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    for var in ("KDFLOW_KFP_TOKEN", "KF_PIPELINES_SA_TOKEN_PATH", "KF_PIPELINES_ENDPOINT",
-                "KF_PIPELINES_DEFAULT_EXPERIMENT_NAME", "KF_PIPELINES_OVERRIDE_EXPERIMENT_NAME"):  # fmt: skip
+    for var in (
+        "KDFLOW_KFP_TOKEN",
+        "KF_PIPELINES_SA_TOKEN_PATH",
+        "KF_PIPELINES_ENDPOINT",
+        "KF_PIPELINES_DEFAULT_EXPERIMENT_NAME",
+        "KF_PIPELINES_OVERRIDE_EXPERIMENT_NAME",
+    ):
         monkeypatch.delenv(var, raising=False)
     for var in ("AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD"):
         monkeypatch.setenv(var, SECRET)
@@ -107,7 +112,9 @@ def test_schedule_refuses_a_taken_name_then_replaces_it(api: FakeKfpApi, cfg: Pi
     assert second.replaced == [first.id]
     assert list(api.recurring_runs) == [second.id]
     # Created before the old one was deleted: never a moment without a schedule.
-    order = [(r.method, r.path.rsplit("/", 1)[-1]) for r in api.requests if "recurringruns" in r.path and r.method != "GET"]
+    order = [
+        (r.method, r.path.rsplit("/", 1)[-1]) for r in api.requests if "recurringruns" in r.path and r.method != "GET"
+    ]
     assert order[-2:] == [("POST", "recurringruns"), ("DELETE", first.id)]
 
 
@@ -130,7 +137,9 @@ def test_schedule_refuses_a_taken_name_then_replaces_it(api: FakeKfpApi, cfg: Pi
         ("@daily", "1 fields"),
     ],
 )
-def test_invalid_cron_is_refused_before_any_request(api: FakeKfpApi, cfg: PipelineConfig, cron: str, message: str) -> None:
+def test_invalid_cron_is_refused_before_any_request(
+    api: FakeKfpApi, cfg: PipelineConfig, cron: str, message: str
+) -> None:
     with pytest.raises(CronError, match=message):
         schedule_run(cfg, api.url, cron)
     assert api.requests == []
@@ -138,7 +147,14 @@ def test_invalid_cron_is_refused_before_any_request(api: FakeKfpApi, cfg: Pipeli
 
 @pytest.mark.parametrize(
     "cron",
-    ["0 0 3 * * *", "*/30 * * * * *", "0 0 9 ? * MON-FRI", "0 0 0 1 jan,jul ?", "0 15,45 8-18/2 * * 1-5", "0 0 3 31 12 6"],
+    [
+        "0 0 3 * * *",
+        "*/30 * * * * *",
+        "0 0 9 ? * MON-FRI",
+        "0 0 0 1 jan,jul ?",
+        "0 15,45 8-18/2 * * 1-5",
+        "0 0 3 31 12 6",
+    ],
 )
 def test_valid_cron_passes(cron: str) -> None:
     assert validate_cron(f"  {cron} ") == cron

@@ -12,8 +12,8 @@ from kfp.local import logging_utils
 from kfp.local.status import Status
 from kfp.pipeline_spec import pipeline_spec_pb2 as pb
 
-from kd_lib.evaluate import sweep
 from kd_lib.config import PipelineConfig, load_config
+from kd_lib.evaluate import sweep
 from pipelines.compile import compile_pipeline
 from pipelines.distillation import build_pipeline
 from pipelines.local import StepDisplay
@@ -55,7 +55,9 @@ def test_the_candidates_fan_out_in_a_parallel_for_with_the_configured_parallelis
     items = [v.string_value for v in constant.list_value.values]
     assert items == sweep.candidate_configs(cfg) and len(items) == 6
     assert [json.loads(i)["candidate"] for i in items] == [c.name for c in sweep.expand(cfg)]
-    assert items_task.inputs.parameters["pipeline_run_id"].runtime_value.constant.string_value == "{{$.pipeline_job_name}}"
+    assert (
+        items_task.inputs.parameters["pipeline_run_id"].runtime_value.constant.string_value == "{{$.pipeline_job_name}}"
+    )
 
     body = compiled.dag(loop.component_ref.name)
     assert {n: set(t.dependent_tasks) for n, t in body.items()} == {
@@ -74,13 +76,17 @@ def test_the_candidates_fan_out_in_a_parallel_for_with_the_configured_parallelis
         assert not task.caching_options.enable_cache
 
 
-def test_select_collects_every_candidate_and_register_takes_the_chosen_one(compiled: Compiled, cfg: PipelineConfig) -> None:
+def test_select_collects_every_candidate_and_register_takes_the_chosen_one(
+    compiled: Compiled, cfg: PipelineConfig
+) -> None:
     loop_name, _ = _loop(compiled)
     inner = compiled.dag("comp-exit-handler-1")
     select = inner["select"]
     assert list(select.dependent_tasks) == [loop_name]
-    collected = {k: (a.task_output_artifact.producer_task, a.task_output_artifact.output_artifact_key)
-                 for k, a in select.inputs.artifacts.items()}  # fmt: skip
+    collected = {
+        k: (a.task_output_artifact.producer_task, a.task_output_artifact.output_artifact_key)
+        for k, a in select.inputs.artifacts.items()
+    }
     assert collected == {
         "evaluations": (loop_name, "pipelinechannel--evaluate-evaluation"),
         "decisions": (loop_name, "pipelinechannel--gate-decision"),
@@ -95,7 +101,9 @@ def test_select_collects_every_candidate_and_register_takes_the_chosen_one(compi
     branch = next(t for t in inner.values() if t.task_info.name == "candidate-passed")
     assert branch.trigger_policy.condition == "inputs.parameter_values['pipelinechannel--select-Output'] != 'reject'"
     register = compiled.dag(branch.component_ref.name)["register"]
-    assert register.inputs.parameters["config_json"].component_input_parameter == "pipelinechannel--select-selected_config"
+    assert (
+        register.inputs.parameters["config_json"].component_input_parameter == "pipelinechannel--select-selected_config"
+    )
     assert {k: a.component_input_artifact for k, a in register.inputs.artifacts.items()} == {
         "dataset": "pipelinechannel--prepare-data-dataset",
         "quantized": "pipelinechannel--select-quantized",
@@ -137,10 +145,17 @@ def test_tasks_running_side_by_side_each_get_their_line() -> None:
     out, err, log = io.StringIO(), io.StringIO(), io.StringIO()
     display = StepDisplay(out, err, log, live=True)
     lines = [
-        _start("prepare-data"), "    distill done: best val_acc 0.9 at epoch 1 of 1", _finish("prepare-data"),
-        _start("distill"), _start("distill"), "    distill epoch 1/8  loss 1.0  val_acc 0.5",
-        _finish("distill"), _start("quantize"), _finish("distill"), _finish("quantize", Status.FAILURE),
-    ]  # fmt: skip
+        _start("prepare-data"),
+        "    distill done: best val_acc 0.9 at epoch 1 of 1",
+        _finish("prepare-data"),
+        _start("distill"),
+        _start("distill"),
+        "    distill epoch 1/8  loss 1.0  val_acc 0.5",
+        _finish("distill"),
+        _start("quantize"),
+        _finish("distill"),
+        _finish("quantize", Status.FAILURE),
+    ]
     for line in lines:
         display.write(line + "\n")
     shown = [line for line in out.getvalue().replace("\r\x1b[K", "\n").splitlines() if line.strip()]
@@ -163,7 +178,9 @@ def test_local_candidate_tasks_share_the_cores_and_cluster_tasks_set_no_env(
     monkeypatch.setattr(sweep_pipeline.os, "cpu_count", lambda: 8)
     assert sweep_pipeline.local_threads(3) == 4  # kfp.local runs 2 at a time: 8 cores / 2
     assert sweep_pipeline.local_threads(1) == 8
-    executors = json_format.MessageToDict(build_pipeline(cfg, for_cluster=False).pipeline_spec.deployment_spec)["executors"]
+    executors = json_format.MessageToDict(build_pipeline(cfg, for_cluster=False).pipeline_spec.deployment_spec)[
+        "executors"
+    ]
     env = {name: {e["name"]: e["value"] for e in ex["container"].get("env", [])} for name, ex in executors.items()}
     assert {n for n, e in env.items() if e} == {f"exec-{step}" for step in CANDIDATE_STEPS}
     assert env["exec-distill"] == {"OMP_NUM_THREADS": "4"}
