@@ -13,7 +13,7 @@ CHECKS_STAMP := $(CHECKS)/.kdflow-installed
 IMAGE  ?= kdflow:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 LOCK   := requirements/image.txt
 
-.PHONY: demo test test-slow test-fast bench bench-distributed install checks-tools lock image clean
+.PHONY: demo lint test test-slow test-fast bench bench-distributed install checks-tools lock image clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,8 +37,15 @@ checks-tools: $(CHECKS_STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/kdflow run --local configs/demo.yaml
 
-# Every test, the cluster-side checks included (they fail, not skip, when their tools are missing).
-test: $(STAMP) $(CHECKS_STAMP)
+# Lint, format and type checks (config in pyproject.toml); the first part of `make test`.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+# Lint first (a failure stops here), then every test, the cluster-side checks included (they
+# fail, not skip, when their tools are missing).
+test: lint $(STAMP) $(CHECKS_STAMP)
 	KDFLOW_REQUIRE_CLUSTER_CHECKS=1 $(PY) -m pytest -q -m "not slow"
 
 # The cases `make test` leaves out (marker slow): more failure paths and a second sweep.

@@ -36,9 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kd_lib.config import DataConfig, DistributedConfig, LossTermConfig, TrainConfig  # noqa: E402
 from kd_lib.data import dataset as data_lib  # noqa: E402
+from kd_lib.launch import torchrun  # noqa: E402
 from kd_lib.models.builders import build_model  # noqa: E402
-from kd_lib.train import distributed
 from kd_lib.train import loop as training  # noqa: E402
+from kd_lib.train import ranks  # noqa: E402
 from kd_lib.train.losses import build_objective  # noqa: E402
 
 CASES = {
@@ -82,9 +83,9 @@ def _worker(args: argparse.Namespace) -> None:
     """One rank: train the case, rank 0 writes its history and weights."""
     splits = data_lib.load_splits(args.splits)
     dcfg = DistributedConfig(nproc_per_node=args.procs, threads_per_process=args.threads)
-    with distributed.recording_errors(), distributed.init(dcfg, "cpu") as ranks:
+    with ranks.recording_errors(), ranks.init(dcfg, "cpu") as group:
         result = run_case(args.case, splits, args.epochs, args.batch_size)
-        if ranks.is_main:
+        if group.is_main:
             torch.save(result.model.state_dict(), Path(args.result).with_suffix(".pt"))
             Path(args.result).write_text(json.dumps(result.history))
 
@@ -123,7 +124,7 @@ def _measure(
             "--batch-size",
             str(args.batch_size),
         ]
-        distributed.launch(str(Path(__file__).resolve()), worker_args, dcfg, tmp / "errors")
+        torchrun.launch(str(Path(__file__).resolve()), worker_args, dcfg, tmp / "errors")
         history, state = json.loads(out.read_text()), torch.load(out.with_suffix(".pt"), weights_only=True)
     wall = time.perf_counter() - start
     epoch_s = statistics.median(h["seconds"] for h in history)

@@ -26,10 +26,18 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kd_lib import steps
 from kd_lib.adapters import tracking  # noqa: E402
 from kd_lib.config import PipelineConfig, parse_config  # noqa: E402
 from kd_lib.evaluate import sweep
+from kd_lib.steps.distill import distill
+from kd_lib.steps.evaluate import evaluate, evaluation_report
+from kd_lib.steps.finalize import finalize
+from kd_lib.steps.gate import gate
+from kd_lib.steps.prepare_data import prepare_data
+from kd_lib.steps.quantize import quantize
+from kd_lib.steps.register import register
+from kd_lib.steps.select import select
+from kd_lib.steps.train_teacher import train_teacher
 
 STUDENTS = [
     {"arch": "mlp", "params": {"width": 16, "depth": 1}},
@@ -89,27 +97,27 @@ def run_sequential(cfg: PipelineConfig, work: Path) -> dict[str, Any]:
     timings: dict[str, float] = {}
     start = time.perf_counter()
     dataset, teacher = work / "dataset", work / "teacher"
-    steps.prepare_data(cfg, rid, dataset)
-    steps.train_teacher(cfg, rid, dataset, teacher, work / "teacher_history.json")
+    prepare_data(cfg, rid, dataset)
+    train_teacher(cfg, rid, dataset, teacher, work / "teacher_history.json")
     timings["shared steps"] = time.perf_counter() - start
     evaluations, decisions, quantized = [], [], []
     for candidate in sweep.expand(cfg):
         t0 = time.perf_counter()
         c, d = candidate.config, work / candidate.name
-        steps.distill(c, rid, dataset, teacher, d / "student", d / "student_history.json")
-        steps.quantize(c, rid, dataset, d / "student", d / "quantized", teacher_dir=teacher)
+        distill(c, rid, dataset, teacher, d / "student", d / "student_history.json")
+        quantize(c, rid, dataset, d / "student", d / "quantized", teacher_dir=teacher)
         models = {"teacher": teacher, "student": d / "student", "quantized": d / "quantized"}
-        steps.evaluate(c, rid, dataset, models, d / "evaluation.json")
+        evaluate(c, rid, dataset, models, d / "evaluation.json")
         histories = {"teacher": work / "teacher_history.json", "student": d / "student_history.json"}
-        steps.evaluation_report(c, rid, dataset, d / "evaluation.json", histories, d / "report.html", d / "summary.md")
-        steps.gate(c, rid, dataset, d / "evaluation.json", d / "decision.json")
+        evaluation_report(c, rid, dataset, d / "evaluation.json", histories, d / "report.html", d / "summary.md")
+        gate(c, rid, dataset, d / "evaluation.json", d / "decision.json")
         evaluations.append(d / "evaluation.json")
         decisions.append(d / "decision.json")
         quantized.append(d / "quantized")
         timings[candidate.name] = time.perf_counter() - t0
     t0 = time.perf_counter()
     out = work / "selected"
-    selection, chosen_config = steps.select(
+    selection, chosen_config = select(
         cfg,
         rid,
         sweep.candidate_configs(cfg),
@@ -123,7 +131,7 @@ def run_sequential(cfg: PipelineConfig, work: Path) -> dict[str, Any]:
     )
     registered = None
     if selection.action != "reject":
-        registered = steps.register(
+        registered = register(
             parse_config(json.loads(chosen_config)),
             rid,
             dataset,
@@ -131,7 +139,7 @@ def run_sequential(cfg: PipelineConfig, work: Path) -> dict[str, Any]:
             out / "evaluation.json",
             out / "decision.json",
         )
-    steps.finalize(cfg, rid, "SUCCEEDED")
+    finalize(cfg, rid, "SUCCEEDED")
     timings["select, register, finalize"] = time.perf_counter() - t0
     return {
         "wall_s": time.perf_counter() - start,

@@ -16,10 +16,10 @@ def quantize(
 ) -> int:
     """Quantize the fp32 student with quantize.scheme (calibration data and, for QAT, the
     teacher come from the inputs); returns the artifact's bytes."""
-    from kd_lib import steps
     from kd_lib.config import config_from_json
+    from kd_lib.steps.quantize import quantize as run_step
 
-    info = steps.quantize(
+    info = run_step(
         config_from_json(config_json),
         pipeline_run_id,
         dataset.path,

@@ -22,10 +22,10 @@ def select(
     outputs the chosen one's model, evaluation, decision and config; returns the action."""
     from pathlib import Path
 
-    from kd_lib import steps
     from kd_lib.config import config_from_json
+    from kd_lib.steps.select import select as run_step
 
-    selection, chosen_config = steps.select(
+    selection, chosen_config = run_step(
         config_from_json(config_json),
         pipeline_run_id,
         candidate_configs,

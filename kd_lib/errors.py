@@ -10,7 +10,10 @@ This module is the bottom layer: it imports nothing from kdflow.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import contextlib
+import sys
+from collections.abc import Iterable, Iterator
+from typing import Any, ClassVar, TextIO
 
 
 class KdflowError(Exception):
@@ -34,3 +37,52 @@ class KdflowError(Exception):
     def __reduce__(self) -> tuple[Any, ...]:
         # Keep cause and fix apart across processes (torchrun ranks, multiprocessing).
         return (self.__class__, (self.cause, self._explicit_fix))
+
+
+# A failed pipeline task prints its error's cause and fix on lines that start with these
+# (``reported``); the local runner reads them back from the task's log (``read_reported``) and
+# ends the run with them, instead of KFP's "Inner task failed".
+CAUSE_MARKER = "kdflow-error: "
+FIX_MARKER = "kdflow-fix: "
+
+
+def report_lines(err: KdflowError) -> list[str]:
+    """The marker lines of ``err``: one per non-blank line of its cause, then of its fix."""
+    cause = [line for line in str(err.cause).splitlines() if line.strip()] or [type(err).__name__]
+    fix = [line for line in err.fix.splitlines() if line.strip()]
+    return [CAUSE_MARKER + line for line in cause] + [FIX_MARKER + line for line in fix]
+
+
+@contextlib.contextmanager
+def reported(stream: TextIO | None = None) -> Iterator[None]:
+    """Print the cause and fix of a ``KdflowError`` leaving the block as marker lines (to
+    ``stream``, default stderr), then let it propagate.
+
+    A KFP component's body runs in this block: its task's log then names the error in a form
+    the local runner (``read_reported``) and a person reading a pod's log can find.
+    """
+    try:
+        yield
+    except KdflowError as err:
+        print("\n".join(report_lines(err)), file=stream or sys.stderr, flush=True)
+        raise
+
+
+def read_reported(lines: Iterable[str]) -> tuple[str, str] | None:
+    """The ``(cause, fix)`` of the last error ``reported`` printed among ``lines`` (a task's log;
+    its lines may be indented), or None when there is none."""
+    blocks: list[tuple[list[str], list[str]]] = []  # (cause lines, fix lines) per report
+    in_block = False
+    for line in lines:
+        text = line.strip()
+        for index, marker in enumerate((CAUSE_MARKER, FIX_MARKER)):
+            if text.startswith(marker):
+                if not in_block:
+                    blocks.append(([], []))
+                blocks[-1][index].append(text[len(marker) :])
+                break
+        in_block = text.startswith((CAUSE_MARKER, FIX_MARKER))
+    if not blocks or not blocks[-1][0]:
+        return None
+    cause, fix = blocks[-1]
+    return "\n".join(cause), "\n".join(fix)

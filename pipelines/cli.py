@@ -68,7 +68,8 @@ def _config_args(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="PATH=VALUE",
-        help="override one field by its dotted path (repeatable; the value is YAML), e.g. --set distill.train.epochs=30",
+        help="override one field by its dotted path (repeatable; the value is YAML), "
+        "e.g. --set distill.train.epochs=30",
     )
 
 
@@ -133,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
         "-v",
         "--verbose",
         action="store_true",
-        help="show kfp.local's own full output instead of one line per step, e.g. kdflow run --local -v configs/demo.yaml",
+        help="show kfp.local's own full output instead of one line per step, "
+        "e.g. kdflow run --local -v configs/demo.yaml",
     )
 
     p = _sub(
@@ -255,7 +257,7 @@ def _fmt(value: Any, digits: int = 4) -> str:
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
     cells = [headers] + [[_fmt(v) for v in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -378,6 +380,13 @@ def _cmd_run(cfg: PipelineConfig, args: argparse.Namespace) -> int:
         print(f"kfp.local log: {result.log_path}")
     if not result.succeeded:
         where = f" (full log: {result.log_path})" if result.log_path else ""
+        if result.failure_cause:
+            # End with the failed task's own error: what went wrong in it, and what to do.
+            print(f"Nothing was registered and no alias moved; the failed task's log is above{where}.")
+            raise CliError(
+                f"task {result.failed_task} failed: {result.failure_cause}",
+                result.failure_fix or f"read the failed task's log above{where}",
+            )
         raise CliError(
             result.error.splitlines()[-1] if result.error else "the pipeline failed",
             f"read the failed task's log above{where}; nothing was registered and no alias moved",

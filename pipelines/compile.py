@@ -9,7 +9,7 @@ from pathlib import Path
 from kfp import compiler
 
 from kd_lib.config import PipelineConfig
-from pipelines.distillation import build_pipeline
+from pipelines.build import build_pipeline
 
 
 def compile_pipeline(cfg: PipelineConfig, output: str | Path) -> Path:

@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 
 from kd_lib.adapters import tracking
 from kd_lib.config import PipelineConfig
+from kd_lib.errors import read_reported
 
 LOG_FILE = "kfp-local.log"
 
@@ -35,6 +36,10 @@ class LocalRunResult:
     steps: list[dict[str, Any]] = field(default_factory=list)
     log_path: Path | None = None
     report_path: Path | None = None
+    # The first failed task and its own error, read from its log (see ``task_error``).
+    failed_task: str = ""
+    failure_cause: str = ""
+    failure_fix: str = ""
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -44,6 +49,28 @@ _SKIP = re.compile(r"Skipping (?:conditional )?task (\S+)")
 # The plain progress lines of kd_lib.train.progress, as a task prints them into its log.
 _EPOCH = re.compile(r"^\s*\S+ epoch (\d+)/(\d+)\s+.*?val_acc (\S+)")
 _DONE = re.compile(r"^\s*\S+ done: (.*)$")
+_TRACEBACK = "Traceback (most recent call last):"
+
+
+def task_error(log: list[str]) -> tuple[str, str] | None:
+    """The ``(cause, fix)`` of a failed task, from its log.
+
+    The marker lines ``kd_lib.errors.reported`` prints for a kdflow error give both; without
+    them (an error no kdflow code raised), the cause is the last traceback's exception line
+    (``Type: message``) and the fix is empty.
+    """
+    if reported := read_reported(log):
+        return reported
+    starts = [i for i, line in enumerate(log) if line.strip() == _TRACEBACK]
+    if not starts:
+        return None
+    indent = log[starts[-1]].index(_TRACEBACK)
+    # The exception line is the first after the frames at the traceback's own indent.
+    for line in log[starts[-1] + 1 :]:
+        if line.strip() and len(line) - len(line.lstrip()) == indent:
+            kind, sep, message = line.strip().partition(": ")
+            return f"{kind.rsplit('.', 1)[-1]}{sep}{message}", ""
+    return None
 
 
 class StepDisplay:
@@ -80,6 +107,7 @@ class StepDisplay:
         self._in_executor_input: str | None = None
         self._running: list[list[Any]] = []  # [task, start, overlapped], in start order
         self._lock = threading.Lock()
+        self.failures: list[tuple[str, list[str]]] = []  # (task, its log lines), in finish order
 
     # file-like interface
     def write(self, text: str) -> int:
@@ -163,6 +191,7 @@ class StepDisplay:
         prefix = "\r\x1b[K" if self.live and not entry[2] else ""
         self._show(f"{prefix}  {mark} {task:<16} {seconds:6.1f} s{detail}" + ("" if ok else "  FAILED") + "\n")
         if not ok:
+            self.failures.append((task, list(self._task_log)))
             tail = [line for line in self._task_log if line.strip()][-60:]
             mixed = " (interleaved with the tasks that ran beside it)" if entry[2] else ""
             self.err.write(f"--- log of the failed task {task} (last {len(tail)} lines){mixed} ---\n")
@@ -173,6 +202,23 @@ class StepDisplay:
     def _show(self, text: str) -> None:
         self.out.write(text)
         self.out.flush()
+
+
+class _Tee:
+    """File-like: writes go to ``out`` unchanged and to ``display`` (which only reads them)."""
+
+    def __init__(self, out: TextIO, display: StepDisplay) -> None:
+        self.out, self.display = out, display
+
+    def write(self, text: str) -> int:
+        self.display.write(text)
+        return self.out.write(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+    def isatty(self) -> bool:
+        return self.out.isatty()
 
 
 def _report_path(client: Any, parent_run_id: str) -> Path | None:
@@ -199,7 +245,7 @@ def run_local(cfg: PipelineConfig, root: str | Path = ".kdflow/runs", verbose: b
     """
     from kfp import local
 
-    from pipelines.distillation import build_pipeline
+    from pipelines.build import build_pipeline
 
     uri = tracking.absolute_tracking_uri(tracking.resolve_tracking_uri(cfg))
     tracking.check_reachable(uri)
@@ -215,9 +261,14 @@ def run_local(cfg: PipelineConfig, root: str | Path = ".kdflow/runs", verbose: b
     start = time.perf_counter()
     error = ""
     log_path = invocation / LOG_FILE
-    display: StepDisplay | None = None
     with contextlib.ExitStack() as stack:
-        if not verbose:
+        if verbose:
+            # kfp.local's output passes through untouched; a display that shows nothing reads
+            # it too, for the failed task's own error.
+            quiet = stack.enter_context(open(os.devnull, "w"))
+            display = StepDisplay(quiet, quiet, quiet, live=False)
+            stack.enter_context(contextlib.redirect_stdout(_Tee(sys.stdout, display)))  # type: ignore[type-var]
+        else:
             log = stack.enter_context(log_path.open("w"))
             display = StepDisplay(sys.stdout, sys.stderr, log)
             stack.enter_context(contextlib.redirect_stdout(display))  # type: ignore[type-var]
@@ -234,14 +285,16 @@ def run_local(cfg: PipelineConfig, root: str | Path = ".kdflow/runs", verbose: b
             error = _ANSI.sub("", str(err))
         finally:
             builtins.print = original_print
-            if display is not None:
-                display.close_partial()
+            display.close_partial()
     wall = time.perf_counter() - start
     jobs = [p.name for p in invocation.iterdir() if p.is_dir()]
     run_id = jobs[0] if len(jobs) == 1 else ""
     client = tracking.client_for(cfg)
     parent = tracking.find_parent_run(client, cfg.tracking.experiment, run_id) if run_id else None
     summary = tracking.pipeline_summary(cfg, parent) if parent else {}
+    # The first task that failed caused the run's failure (the exit handler may fail after it).
+    failed_task, failed_log = display.failures[0] if display.failures else ("", [])
+    cause, fix = task_error(failed_log) or ("", "")
     return LocalRunResult(
         pipeline_run_id=run_id,
         succeeded=not error,
@@ -250,7 +303,10 @@ def run_local(cfg: PipelineConfig, root: str | Path = ".kdflow/runs", verbose: b
         wall_s=wall,
         parent_run_id=parent,
         summary=summary,
-        steps=display.steps if display else [],
+        steps=[] if verbose else display.steps,
         log_path=None if verbose else log_path,
         report_path=_report_path(client, parent) if parent else None,
+        failed_task=failed_task,
+        failure_cause=cause,
+        failure_fix=fix,
     )

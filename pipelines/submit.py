@@ -102,7 +102,7 @@ def validate_cron(expression: str) -> str:
         )
     if len(fields) != 6:
         raise CronError(f"cron {expression!r} has {len(fields)} fields; KFP's cron has {CRON_HELP}")
-    for text, field in zip(fields, _CRON_FIELDS):
+    for text, field in zip(fields, _CRON_FIELDS, strict=True):
         _check_cron_field(text, field)
     return " ".join(fields)
 

@@ -2,7 +2,8 @@
 
 prepare_data -> train_teacher (or import_teacher) -> ParallelFor(candidates) { distill ->
 quantize -> evaluate -> gate } -> select (Collected) -[a candidate passed]-> register, inside
-the exit handler that closes the MLflow parent run.
+the exit handler that closes the MLflow parent run. The candidate's chain is
+pipelines/chain.py's, the very one the single DAG runs.
 
 The candidates' configs are computed here, when the pipeline is built (kd_lib.evaluate.sweep.expand),
 and (through sweep_items) become the ParallelFor's items: each candidate's tasks get its own
@@ -15,14 +16,15 @@ import os
 from kfp import dsl
 from kfp.dsl.graph_component import GraphComponent
 
-from components import evaluate, finalize, gate, prepare_data, quantize, register, select, sweep_items
+from components import finalize, prepare_data, register, select, sweep_items
 from kd_lib.config import PipelineConfig
 from kd_lib.evaluate import sweep
+from pipelines.chain import CHAIN_STEPS, RUN_ID, candidate_chain, training_steps
 from pipelines.cluster import finish_tasks
-from pipelines.distillation import RUN_ID, training_steps
 
 PIPELINE_NAME = "kdflow-sweep"
-CANDIDATE_STEPS = ("distill", "quantize", "evaluate", "gate")
+# The steps each candidate runs: the shared chain (pipelines/chain.py).
+CANDIDATE_STEPS = CHAIN_STEPS
 # kfp.local runs at most this many ParallelFor iterations at once, whatever the parallelism.
 KFP_LOCAL_MAX_PARALLELISM = 2
 
@@ -45,10 +47,12 @@ def build_sweep_pipeline(cfg: PipelineConfig, for_cluster: bool = True) -> Graph
 
     ``teacher.source`` picks train_teacher or import_teacher, ``cluster.pytorchjob`` the
     PyTorchJob launchers, and ``for_cluster`` applies the cluster settings, exactly as in
-    ``build_pipeline``.
+    ``pipelines.distillation.build_distillation_pipeline``.
     """
     if cfg.sweep is None:
-        raise ValueError("build_sweep_pipeline needs a config with a sweep section; use build_pipeline otherwise")
+        raise ValueError(
+            "build_sweep_pipeline needs a config with a sweep section; use build_distillation_pipeline otherwise"
+        )
     candidates = sweep.candidate_configs(cfg)
     teacher_step, teacher_step_name, distill_step = training_steps(cfg, for_cluster)
 
@@ -59,56 +63,26 @@ def build_sweep_pipeline(cfg: PipelineConfig, for_cluster: bool = True) -> Graph
         finalize_task = finalize(config_json=config_json, pipeline_run_id=RUN_ID).set_display_name("finalize")
         with dsl.ExitHandler(finalize_task, name="kdflow"):
             prepare_data_task = prepare_data(config_json=config_json, pipeline_run_id=RUN_ID)
-            teacher_task = teacher_step(
-                config_json=config_json, pipeline_run_id=RUN_ID, dataset=prepare_data_task.outputs["dataset"]
-            )
+            dataset = prepare_data_task.outputs["dataset"]
+            teacher_task = teacher_step(config_json=config_json, pipeline_run_id=RUN_ID, dataset=dataset)
             # Each item: a candidate's config JSON and the run id (see components/sweep_items.py).
             sweep_items_task = sweep_items(candidate_configs=candidates, pipeline_run_id=RUN_ID)
             with dsl.ParallelFor(sweep_items_task.output, parallelism=cfg.sweep.parallelism, name="candidates") as item:
-                distill_task = distill_step(
-                    config_json=item.config_json,
-                    pipeline_run_id=item.pipeline_run_id,
-                    dataset=prepare_data_task.outputs["dataset"],
-                    teacher=teacher_task.outputs["teacher"],
-                )
-                quantize_task = quantize(
-                    config_json=item.config_json,
-                    pipeline_run_id=item.pipeline_run_id,
-                    dataset=prepare_data_task.outputs["dataset"],
-                    teacher=teacher_task.outputs["teacher"],
-                    student=distill_task.outputs["student"],
-                )
-                evaluate_task = evaluate(
-                    config_json=item.config_json,
-                    pipeline_run_id=item.pipeline_run_id,
-                    dataset=prepare_data_task.outputs["dataset"],
-                    teacher=teacher_task.outputs["teacher"],
-                    student=distill_task.outputs["student"],
-                    quantized=quantize_task.outputs["quantized"],
-                    baseline=distill_task.outputs["baseline"],
-                    teacher_history=teacher_task.outputs["history"],
-                    student_history=distill_task.outputs["history"],
-                )
-                gate_task = gate(
-                    config_json=item.config_json,
-                    pipeline_run_id=item.pipeline_run_id,
-                    dataset=prepare_data_task.outputs["dataset"],
-                    evaluation=evaluate_task.outputs["evaluation"],
-                )
+                chain = candidate_chain(item.config_json, item.pipeline_run_id, dataset, teacher_task, distill_step)
             select_task = select(
                 config_json=config_json,
                 pipeline_run_id=RUN_ID,
                 candidate_configs=candidates,
-                evaluations=dsl.Collected(evaluate_task.outputs["evaluation"]),
-                decisions=dsl.Collected(gate_task.outputs["decision"]),
-                quantized_models=dsl.Collected(quantize_task.outputs["quantized"]),
+                evaluations=dsl.Collected(chain["evaluate"].outputs["evaluation"]),
+                decisions=dsl.Collected(chain["gate"].outputs["decision"]),
+                quantized_models=dsl.Collected(chain["quantize"].outputs["quantized"]),
             )
             # The chosen candidate only, with its own config: promote -> champion; challenger -> never.
             with dsl.If(select_task.outputs["Output"] != "reject", name="candidate-passed"):
                 register_task = register(
                     config_json=select_task.outputs["selected_config"],
                     pipeline_run_id=RUN_ID,
-                    dataset=prepare_data_task.outputs["dataset"],
+                    dataset=dataset,
                     quantized=select_task.outputs["quantized"],
                     evaluation=select_task.outputs["evaluation"],
                     decision=select_task.outputs["decision"],
@@ -119,10 +93,7 @@ def build_sweep_pipeline(cfg: PipelineConfig, for_cluster: bool = True) -> Graph
             "prepare_data": prepare_data_task,
             teacher_step_name: teacher_task,
             "sweep_items": sweep_items_task,
-            "distill": distill_task,
-            "quantize": quantize_task,
-            "evaluate": evaluate_task,
-            "gate": gate_task,
+            **chain,
             "select": select_task,
             "register": register_task,
         }

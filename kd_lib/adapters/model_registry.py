@@ -13,6 +13,7 @@ import random
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import numpy as np
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models.signature import ModelSignature
+from mlflow.pyfunc import PythonModel, PythonModelContext
 from mlflow.types.schema import Schema, TensorSpec
 
 import kd_lib
@@ -37,7 +39,7 @@ class RegistryError(KdflowError, RuntimeError):
     default_fix = "check the model's versions with `kdflow models NAME`; nothing was promoted"
 
 
-class KdflowPyfunc(mlflow.pyfunc.PythonModel):
+class KdflowPyfunc(PythonModel):
     """Serves a kdflow model: raw features in (as in the source data), class ids out.
 
     Input: float32 array ``[N, *input_shape]`` (the logged signature enforces it), *unnormalized*
@@ -46,12 +48,20 @@ class KdflowPyfunc(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context: Any) -> None:
+        # lazy: torch (imported by quantization) costs seconds; `kdflow models` imports this module and serves nothing
         from kd_lib.compress.quantization import load_model
 
         self.model, self.spec = load_model(context.artifacts[MODEL_ARTIFACT_KEY])
 
-    # No type hints on predict: MLflow parses them as a schema and warns about Any.
-    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+    # np.ndarray is a hint MLflow accepts without deriving a schema or validation from it (as
+    # for pandas frames): the logged TensorSpec signature stays the one that is enforced, and
+    # MLflow no longer warns "Add type hints to the `predict` method" in every process that
+    # defines this class. A hint MLflow would parse (list[...], Any) would change validation.
+    def predict(
+        self, context: PythonModelContext, model_input: np.ndarray, params: dict[str, Any] | None = None
+    ) -> np.ndarray:
+        """Class ids ``[N]`` (int64) for raw features ``model_input`` ``[N, *input_shape]``."""
+        # lazy: torch costs seconds at import; only a process that serves the model needs it
         import torch
 
         from kd_lib.data.dataset import normalize  # the very transform prepare_data applied (scalar or per channel)
@@ -65,12 +75,11 @@ class KdflowPyfunc(mlflow.pyfunc.PythonModel):
 def pip_requirements(spec: dict[str, Any] | None = None) -> list[str]:
     """What the served model needs, pinned to the versions that produced it (plus the
     quantization library its spec records, e.g. torchao for a torchao backend)."""
-    from importlib.metadata import version
-
+    # lazy: torch costs seconds at import; only the step that logs a model asks for its pins
     import torch
 
     pins = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"]
-    pins += [f"{pkg}=={version(pkg)}" for pkg in ("numpy", "pydantic", "pyyaml")]
+    pins += [f"{pkg}=={metadata.version(pkg)}" for pkg in ("numpy", "pydantic", "pyyaml")]
     extra = {k: v for k, v in ((spec or {}).get("versions") or {}).items() if k == "torchao"}
     return pins + [f"{pkg}=={ver}" for pkg, ver in sorted(extra.items())]
 

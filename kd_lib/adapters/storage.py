@@ -9,9 +9,10 @@ environment, never from the config (the config becomes MLflow params and KFP par
   so one variable serves both.
 
 Retries and timeouts come from ``tracking.retry``. Every failure a user can cause is a
-``StorageError`` naming the URI (and the endpoint) and the fix. Downloads go to a temporary
-name beside the destination and are renamed into place only when complete, so a failed or
-interrupted download never leaves a half-written file that a later run would trust.
+``StorageError`` naming the URI (and the endpoint) and the fix. Downloads are boto3's managed
+transfers (s3transfer), which also ask again for a body that breaks off mid-stream. They go to
+a temporary name beside the destination and are renamed into place only when complete, so a
+failed or interrupted download never leaves a half-written file that a later run would trust.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path, PurePosixPath
 
 import boto3
 from boto3.exceptions import S3UploadFailedError
+from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
@@ -35,6 +37,7 @@ from botocore.exceptions import (
     PartialCredentialsError,
     ReadTimeoutError,
 )
+from s3transfer.exceptions import RetriesExceededError
 
 from kd_lib.config import RetryConfig
 from kd_lib.errors import KdflowError
@@ -157,16 +160,42 @@ def _temp_beside(dest: Path) -> Path:
     return dest.with_name(f".{dest.name}.part-{uuid.uuid4().hex[:8]}")
 
 
-def _get_object(s3, bucket: str, key: str, dest: Path) -> None:  # noqa: ANN001
-    """Stream one object into ``dest`` via a temporary file; nothing is left on failure."""
-    # get_object rather than download_file: download_file starts with a HEAD request, whose
-    # error response has no body, so every refusal would read as a bare "403 Forbidden".
+def _transfer_config(retry: RetryConfig) -> TransferConfig:
+    """s3transfer's settings: ``retry.max_attempts`` also bounds the re-downloads of a body that
+    fails mid-stream (botocore's own retries end once the response headers have arrived)."""
+    # classic: s3transfer itself, whose retry of a broken body this module relies on; "auto"
+    # would switch to the CRT client (which ignores these settings) wherever awscrt is installed.
+    return TransferConfig(num_download_attempts=retry.max_attempts, preferred_transfer_client="classic")
+
+
+def _refusal(err: ClientError, s3, bucket: str, key: str) -> ClientError:  # noqa: ANN001
+    """The managed download starts with a HEAD request, whose error response has no body: a
+    refusal reads as a bare "403". A GET of the same object returns the reason
+    (InvalidAccessKeyId, SignatureDoesNotMatch, AccessDenied...); return that error instead."""
+    code = str(err.response.get("Error", {}).get("Code", ""))
+    if err.operation_name != "HeadObject" or not code.isdigit() or code in _NOT_FOUND_KEY:
+        return err
+    try:
+        s3.get_object(Bucket=bucket, Key=key)["Body"].close()
+    except ClientError as reason:
+        return reason
+    return err  # the GET went through (a passing glitch): report what the download saw
+
+
+def _get_object(s3, bucket: str, key: str, dest: Path, retry: RetryConfig) -> None:  # noqa: ANN001
+    """Download one object into ``dest`` via a temporary file; nothing is left on failure.
+
+    Raises:
+        ClientError, BotoCoreError: as botocore raised them, for ``_error`` to translate.
+        RetriesExceededError: the body broke off on every attempt; ``last_exception`` says how.
+    """
     part = _temp_beside(dest)
     try:
-        body = s3.get_object(Bucket=bucket, Key=key)["Body"]
         with open(part, "wb") as f:
-            for chunk in body.iter_chunks(chunk_size=1 << 20):
-                f.write(chunk)
+            try:
+                s3.download_fileobj(bucket, key, f, Config=_transfer_config(retry))
+            except ClientError as err:
+                raise _refusal(err, s3, bucket, key) from None
         os.replace(part, dest)
     finally:
         part.unlink(missing_ok=True)
@@ -188,7 +217,9 @@ def _relative(key: str, prefix: str, uri: str) -> PurePosixPath:
     return rel
 
 
-def _download_prefix(s3, uri: str, bucket: str, prefix: str, keys: list[str], dest: Path) -> Path:  # noqa: ANN001
+def _download_prefix(  # noqa: ANN001
+    s3, uri: str, bucket: str, prefix: str, keys: list[str], dest: Path, retry: RetryConfig
+) -> Path:
     """Download ``keys`` (all under ``prefix``) into directory ``dest``, renamed into place at the end."""
     part = _temp_beside(dest)
     part.mkdir(parents=True)
@@ -196,7 +227,7 @@ def _download_prefix(s3, uri: str, bucket: str, prefix: str, keys: list[str], de
         for key in keys:
             target = part / _relative(key, prefix, uri)
             target.parent.mkdir(parents=True, exist_ok=True)
-            _get_object(s3, bucket, key, target)
+            _get_object(s3, bucket, key, target, retry)
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(part, dest)
@@ -232,12 +263,13 @@ def fetch(uri: str | Path, dest_dir: str | Path, retry: RetryConfig | None = Non
     bucket, key = parse_uri(uri)
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
+    retry = retry or RetryConfig()
     s3 = client(retry)
     try:
         if key and not key.endswith("/"):
             dest = dest_dir / PurePosixPath(key).name
             try:
-                _get_object(s3, bucket, key, dest)
+                _get_object(s3, bucket, key, dest, retry)
                 return dest
             except ClientError as err:
                 if err.response.get("Error", {}).get("Code") not in _NOT_FOUND_KEY:
@@ -250,9 +282,11 @@ def fetch(uri: str | Path, dest_dir: str | Path, retry: RetryConfig | None = Non
                 "check the URI (list it with `aws s3 ls`) or upload the data first",
             )
         name = PurePosixPath(key.rstrip("/")).name or bucket
-        return _download_prefix(s3, uri, bucket, key, keys, dest_dir / name)
+        return _download_prefix(s3, uri, bucket, key, keys, dest_dir / name, retry)
     except (ClientError, BotoCoreError) as err:
         raise _error(err, uri, s3) from None
+    except RetriesExceededError as err:
+        raise _error(err.last_exception or err, uri, s3) from None
 
 
 def put(local_path: str | Path, uri: str, retry: RetryConfig | None = None) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import tempfile
@@ -48,7 +49,10 @@ _MAX_PARAM_LEN = 6000
 class TrackingError(KdflowError, RuntimeError):
     """MLflow is unreachable or refused a request; the message names the server and the fix."""
 
-    default_fix = "start the MLflow server, or point --tracking-uri / MLFLOW_TRACKING_URI / tracking.tracking_uri at the right one"
+    default_fix = (
+        "start the MLflow server, or point --tracking-uri / MLFLOW_TRACKING_URI / tracking.tracking_uri "
+        "at the right one"
+    )
 
 
 def resolve_tracking_uri(cfg: PipelineConfig | None = None) -> str:
@@ -98,7 +102,9 @@ def apply_retry_policy(retry: RetryConfig) -> None:
     exponential backoff) from ``tracking.retry``; it reads these variables on every request."""
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(retry.max_attempts - 1)
     os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = str(retry.backoff_s)
-    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(retry.timeout_s))
+    # MLflow parses this variable as an int (a "0.5" would not parse) and a 0 s timeout makes
+    # every request fail: round up, so 0.5 s becomes 1 s and 2.1 s becomes 3 s, never less.
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, math.ceil(retry.timeout_s)))
 
 
 def wait_reachable(uri: str, retry: RetryConfig) -> None:
@@ -253,15 +259,16 @@ def fluent_run(client: MlflowClient, run_id: str) -> Iterator[None]:
     """
     saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(client.tracking_uri)
-    mlflow.set_registry_uri(client._registry_uri)
+    mlflow.set_registry_uri(client._registry_uri)  # type: ignore[arg-type]  # resolved to a URI by MlflowClient
     try:
         with mlflow.start_run(run_id=run_id):
             yield
     finally:
         # set_*_uri always export their env var, so clearing the globals and restoring the
         # variables brings URI resolution back to exactly what it was.
-        mlflow.set_tracking_uri(None)
-        mlflow.set_registry_uri(None)
+        # None resets each to its default at run time; MLflow's annotations only admit a URI.
+        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
+        mlflow.set_registry_uri(None)  # type: ignore[arg-type]
         for key, value in saved_env.items():
             if value is None:
                 os.environ.pop(key, None)

@@ -56,12 +56,12 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
-from kd_lib.errors import KdflowError
+from kd_lib.artifacts.errors import ArtifactError
 
 MAGIC = b"KDFLOWW1"
 _PREFIX = struct.Struct("<8sII")  # magic, header length, CRC-32
@@ -95,10 +95,6 @@ _MAX_DIMS = 16
 # A header decompressing beyond this is refused (a deflate bomb, not a model): at about 50
 # bytes of JSON per tensor it allows a million tensors.
 _MAX_HEADER_BYTES = 64 * 2**20
-
-
-class ArtifactError(KdflowError, ValueError):
-    """A saved model directory is missing a file, or a file is corrupt or does not match its spec."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -318,7 +314,7 @@ class _Reader:
         scale, zp = node.get("scale"), node.get("zp")
         if type(scale) not in (int, float) or type(zp) is not int:
             raise _Corrupt(f"entry {key!r}: per-tensor scale/zero point missing or not numbers")
-        return torch._make_per_tensor_quantized_tensor(ints, float(scale), zp)
+        return torch._make_per_tensor_quantized_tensor(ints, float(cast(float, scale)), zp)
 
     def _subclass(self, node: dict[str, Any], key: str) -> Tensor:
         # The file names the class only to be checked: the class and its non-tensor
@@ -330,14 +326,14 @@ class _Reader:
                 f"entry {key!r} holds a {node['sub']} but the model built from the spec has "
                 f"{cls.__module__}.{cls.__qualname__} there"
             )
-        names, ctx = example.__tensor_flatten__()
+        names, ctx = example.__tensor_flatten__()  # type: ignore[attr-defined]  # the subclass protocol
         inner_nodes = node.get("inner")
         if not isinstance(inner_nodes, list) or [pair[0] for pair in inner_nodes if isinstance(pair, list)] != names:
             raise _Corrupt(f"entry {key!r}: inner tensors do not match {names}")
         inner = {name: self._raw(sub, f"{key}.{name}") for name, sub in inner_nodes}
         shape = self._shape(node, key)
         stride = torch.empty(shape, device="meta").stride()
-        return cls.__tensor_unflatten__(inner, ctx, torch.Size(shape), stride)
+        return cls.__tensor_unflatten__(inner, ctx, torch.Size(shape), stride)  # type: ignore[union-attr]
 
     def node(self, node: Any, key: str) -> Any:
         if node is None or isinstance(node, (bool, int, float, str)):

@@ -32,6 +32,7 @@ class OnnxUnavailableError(KdflowError, RuntimeError):
 
 def _require() -> Any:
     try:
+        # lazy: optional dependencies (kdflow[onnx]), imported only when an export is asked for.
         import onnx  # noqa: F401
         import onnxruntime
         import onnxscript  # noqa: F401  (torch's exporter needs it)
@@ -99,7 +100,7 @@ def quantize_onnx(
         ``(path, how)``, or ``(None, why not)`` for schemes without a counterpart.
     """
     _require()
-    from onnxruntime import quantization as ortq
+    from onnxruntime import quantization as ortq  # lazy: optional (kdflow[onnx]), only to quantize an export
 
     out = Path(out_path)
     if scheme == "dynamic_int8":

@@ -12,30 +12,42 @@ Sources (``data.source``, and optionally ``data.test_source``), each a local pat
 Arrays on disk and between steps are numpy; ``x`` is float32 ``[N, *input_shape]`` (images
 as ``[N, C, H, W]``), ``y`` is int64 ``[N]``. Nothing here is pickled: npz files are read with
 ``allow_pickle=False``. pandas, pyarrow, Pillow and boto3 are imported only by the loaders
-that need them, so the served model (which imports ``normalize`` from here) needs none of them.
+that need them. The train-split normalization (what the served model applies too) is
+``kd_lib.data.normalization``; the prepared dataset directory is ``kd_lib.artifacts.dataset_dir``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import tempfile
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from kd_lib.artifacts.dataset_dir import META_FILE, SPLIT_NAMES, DatasetMeta, Splits, load_splits, save_splits
 from kd_lib.config import DataConfig, RetryConfig, source_kind
+from kd_lib.data.normalization import denormalize, normalization_stats, normalize
 from kd_lib.errors import KdflowError
 
 if TYPE_CHECKING:
     import pandas as pd
 
-SPLITS_FILE = "splits.npz"
-META_FILE = "meta.json"
-SPLIT_NAMES = ("train", "val", "test")
+# The prepared dataset directory (splits.npz + meta.json) is kd_lib.artifacts.dataset_dir and the
+# normalization kd_lib.data.normalization; their names are re-exported for code that imports them here.
+__all__ = [
+    "META_FILE",
+    "SPLIT_NAMES",
+    "DatasetMeta",
+    "Splits",
+    "denormalize",
+    "load_splits",
+    "normalization_stats",
+    "normalize",
+    "save_splits",
+]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
@@ -43,23 +55,6 @@ class DataError(KdflowError, ValueError):
     """The dataset is missing, corrupt or mislabeled; the message names the file and the fix."""
 
     default_fix = "fix the data named above, or point data.source at another dataset"
-
-
-@dataclass
-class DatasetMeta:
-    """What later steps (and the registered model) need to know about the data."""
-
-    source: str
-    fingerprint: str
-    num_classes: int
-    input_shape: list[int]
-    sizes: dict[str, int]
-    class_counts: dict[str, list[int]]
-    # {"mean": m, "std": s} of the train split: floats, or one per channel for colour images.
-    normalization: dict[str, float | list[float]] = field(default_factory=dict)
-    # Index -> name (image sub-folders, or label names in a table); empty when labels are ids.
-    class_names: list[str] = field(default_factory=list)
-    test_source: str | None = None
 
 
 @dataclass
@@ -72,18 +67,9 @@ class Labeled:
     class_names: list[str] = field(default_factory=list)
 
 
-@dataclass
-class Splits:
-    """Normalized train/val/test arrays plus their metadata."""
-
-    x: dict[str, np.ndarray]
-    y: dict[str, np.ndarray]
-    meta: DatasetMeta
-
-
 def _load_digits() -> tuple[np.ndarray, np.ndarray]:
     # scikit-learn ships the 1,797 8x8 digits inside the wheel: no download.
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # lazy: scikit-learn only for the builtin digits
 
     bunch = load_digits()
     x = bunch.images.astype(np.float32)[:, None, :, :]  # [N, 1, 8, 8], values 0..16
@@ -130,6 +116,7 @@ def _load_npz(path: Path, origin: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _read_table(path: Path, kind: str, origin: str) -> pd.DataFrame:
+    # lazy: pandas and pyarrow only for CSV / parquet sources (the served model imports neither).
     import pandas as pd
     import pyarrow
 
@@ -145,7 +132,7 @@ def _read_table(path: Path, kind: str, origin: str) -> pd.DataFrame:
 
 def _table_labels(column: pd.Series, name: str, origin: str) -> tuple[np.ndarray, list[str]]:
     """A label column -> (``y`` [N] int64, class names): integer ids as they are, names sorted."""
-    import pandas as pd
+    import pandas as pd  # lazy: pandas only for CSV / parquet sources
 
     missing = column.isna().to_numpy()
     if missing.any():
@@ -198,7 +185,7 @@ def _pixel_column(column: pd.Series, name: str, image_shape: list[int], origin: 
 
 def _load_table(path: Path, kind: str, cfg: DataConfig, origin: str) -> Labeled:
     """A CSV/parquet table: ``cfg.label_column`` plus feature columns (or one pixel column)."""
-    import pandas as pd
+    import pandas as pd  # lazy: pandas only for CSV / parquet sources
 
     df = _read_table(path, kind, origin)
     columns = [str(c) for c in df.columns]
@@ -238,11 +225,11 @@ def _load_table(path: Path, kind: str, cfg: DataConfig, origin: str) -> Labeled:
 
 def _read_image(path: Path, shown: str, mode: str, size: list[int] | None) -> np.ndarray:
     """One image file -> ``[C, H, W]`` float32 (0..255); C is 1 for mode L, 3 for RGB."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError  # lazy: Pillow only for image-folder sources
 
     try:
-        with Image.open(path) as img:
-            img = img.convert(mode)  # decodes: truncated or corrupt data fails here
+        with Image.open(path) as opened:
+            img = opened.convert(mode)  # decodes: truncated or corrupt data fails here
             if size is not None:
                 img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
             arr = np.asarray(img, dtype=np.float32)
@@ -299,7 +286,7 @@ def read_source(source: str, cfg: DataConfig, scratch: str | Path, retry: RetryC
     kind = source_kind(source)
     if kind == "digits":
         return Labeled(*_load_digits())
-    from kd_lib.adapters import storage  # boto3 only for s3:// sources
+    from kd_lib.adapters import storage  # lazy: boto3 only for s3:// sources
 
     local = storage.fetch(source, scratch, retry) if storage.is_remote(source) else Path(source).expanduser()
     if local.is_dir() and kind in ("folder", "unknown"):
@@ -342,10 +329,10 @@ def _align_test(train: Labeled, test: Labeled, source: str, test_source: str) ->
             )
         remap = np.array([ids[n] for n in test.class_names], dtype=np.int64)
         return Labeled(test.x, remap[test.y], list(train.class_names))
-    unknown = sorted({int(c) for c in np.unique(test.y)} - {int(c) for c in np.unique(train.y)})
-    if unknown:
+    unknown_ids = sorted({int(c) for c in np.unique(test.y)} - {int(c) for c in np.unique(train.y)})
+    if unknown_ids:
         raise DataError(
-            f"{test_source}: class(es) {unknown[:10]} are in the test set but not in the train set {source}; "
+            f"{test_source}: class(es) {unknown_ids[:10]} are in the test set but not in the train set {source}; "
             "add training samples for them or remove them from the test set"
         )
     return test
@@ -371,7 +358,8 @@ def validate(x: np.ndarray, y: np.ndarray, num_classes: int | None, origin: str)
     if bad.any():
         first = int(np.argwhere(bad.reshape(x.shape[0], -1).any(axis=1))[0, 0])
         raise DataError(
-            f"{origin}: 'x' contains {int(bad.sum())} NaN/inf value(s) (first in sample {first}); clean or drop those samples"
+            f"{origin}: 'x' contains {int(bad.sum())} NaN/inf value(s) (first in sample {first}); "
+            "clean or drop those samples"
         )
     inferred = int(y.max()) + 1
     n = num_classes if num_classes is not None else inferred
@@ -434,41 +422,6 @@ def stratified_split(
     return train, val, test
 
 
-def normalization_stats(x_train: np.ndarray) -> dict[str, float | list[float]]:
-    """Mean and std of the training samples ``x_train`` ``[N, ...]``.
-
-    One scalar pair for features and grayscale images; one value per channel for images with
-    several channels (``[N, C, H, W]``, C > 1), where channels have different scales (RGB).
-    A zero std (a constant input) becomes 1.0 so normalizing never divides by zero.
-    """
-    if x_train.ndim == 4 and x_train.shape[1] > 1:
-        mean = x_train.mean(axis=(0, 2, 3), dtype=np.float64)
-        std = x_train.std(axis=(0, 2, 3), dtype=np.float64)
-        return {"mean": [float(m) for m in mean], "std": [float(s) or 1.0 for s in std]}
-    return {"mean": float(x_train.mean()), "std": float(x_train.std()) or 1.0}
-
-
-def _stat(value: float | list[float], ndim: int) -> np.ndarray:
-    # A per-channel list becomes [C, 1, 1] so it broadcasts over [N, C, H, W].
-    arr = np.asarray(value, dtype=np.float32)
-    return arr.reshape(-1, *([1] * (ndim - 2))) if arr.ndim == 1 else arr
-
-
-def normalize(x: np.ndarray, norm: dict[str, Any]) -> np.ndarray:
-    """``(x - mean) / std`` with ``norm`` from ``normalization_stats`` (scalar or per channel);
-    an empty ``norm`` is the identity. ``x``: ``[N, *input_shape]``; returns float32."""
-    x = np.asarray(x, dtype=np.float32)
-    mean, std = _stat(norm.get("mean", 0.0), x.ndim), _stat(norm.get("std", 1.0), x.ndim)
-    return ((x - mean) / std).astype(np.float32)
-
-
-def denormalize(x: np.ndarray, norm: dict[str, Any]) -> np.ndarray:
-    """Inverse of ``normalize``: back to the values of the source data."""
-    x = np.asarray(x, dtype=np.float32)
-    mean, std = _stat(norm.get("mean", 0.0), x.ndim), _stat(norm.get("std", 1.0), x.ndim)
-    return (x * std + mean).astype(np.float32)
-
-
 def prepare(cfg: DataConfig, retry: RetryConfig | None = None) -> Splits:
     """Load, validate, split and normalize ``cfg.source`` (and ``cfg.test_source``).
 
@@ -502,7 +455,7 @@ def prepare(cfg: DataConfig, retry: RetryConfig | None = None) -> Splits:
         )
     fp = fingerprint(x, y)
     if test is None:
-        idx = dict(zip(SPLIT_NAMES, stratified_split(y, cfg.val_fraction, cfg.test_fraction, cfg.seed)))
+        idx = dict(zip(SPLIT_NAMES, stratified_split(y, cfg.val_fraction, cfg.test_fraction, cfg.seed), strict=True))
         xs = {name: x[i] for name, i in idx.items()}
         ys = {name: y[i] for name, i in idx.items()}
     else:
@@ -532,27 +485,4 @@ def prepare(cfg: DataConfig, retry: RetryConfig | None = None) -> Splits:
         class_names=list(train.class_names),
         test_source=cfg.test_source,
     )
-    return Splits(x=xs, y=ys, meta=meta)
-
-
-def save_splits(splits: Splits, directory: str | Path) -> Path:
-    """Write ``splits.npz`` and ``meta.json`` into ``directory`` (a KFP Dataset artifact)."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    arrays = {f"x_{n}": splits.x[n] for n in SPLIT_NAMES} | {f"y_{n}": splits.y[n] for n in SPLIT_NAMES}
-    np.savez(d / SPLITS_FILE, **arrays)
-    (d / META_FILE).write_text(json.dumps(asdict(splits.meta), indent=2))
-    return d
-
-
-def load_splits(directory: str | Path) -> Splits:
-    """Inverse of save_splits; raises DataError naming the file when it is missing or corrupt."""
-    d = Path(directory)
-    try:
-        meta = DatasetMeta(**json.loads((d / META_FILE).read_text()))
-        with np.load(d / SPLITS_FILE, allow_pickle=False) as npz:
-            xs = {n: npz[f"x_{n}"] for n in SPLIT_NAMES}
-            ys = {n: npz[f"y_{n}"] for n in SPLIT_NAMES}
-    except (OSError, KeyError, TypeError, ValueError, zipfile.BadZipFile) as err:
-        raise DataError(f"{d}: not a prepared kdflow dataset ({err}); re-run the prepare_data step") from None
     return Splits(x=xs, y=ys, meta=meta)

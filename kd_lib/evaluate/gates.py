@@ -1,7 +1,9 @@
 """Promotion gates: is the quantized student good and small enough to become the champion?
 
 ``decide`` compares measured metrics with the thresholds of ``GateConfig`` and returns every
-check with its value, so a failed run says exactly which bar it missed and by how much.
+check with its value, so a failed run says exactly which bar it missed and by how much. The
+metrics are rows of the evaluate step's record (``kd_lib.artifacts.records.ModelMetrics``, or
+plain dicts of the same shape); the decision is written as a ``DecisionRecord``.
 """
 
 from __future__ import annotations
@@ -10,6 +12,12 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from pydantic import ValidationError
+from tabulate import tabulate
+
+from kd_lib.artifacts.base import describe
+from kd_lib.artifacts.errors import ArtifactError
+from kd_lib.artifacts.records import DecisionRecord, ModelMetrics, parse_decision
 from kd_lib.config import GateConfig
 
 # Values are rounded before comparing so that float noise cannot fail a run sitting exactly on
@@ -69,30 +77,50 @@ class GateDecision:
             return "challenger"
         return "reject"
 
+    def to_record(
+        self, action: str | None = None, candidate: str | None = None, quantized_run_id: str | None = None
+    ) -> DecisionRecord:
+        """The ``decision.json`` record: the checks, plus the action and (in a sweep) the
+        candidate and its quantize run, each only when given."""
+        extra = {"action": action, "candidate": candidate, "quantized_run_id": quantized_run_id}
+        return DecisionRecord.model_validate(
+            {"passed": self.passed, "checks": [asdict(c) for c in self.checks]}
+            | {key: value for key, value in extra.items() if value is not None}
+        )
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able form; ``GateDecision.from_dict`` inverts it."""
-        return {"passed": self.passed, "checks": [asdict(c) for c in self.checks]}
+        """JSON-able form (what ``gate.json`` holds); ``GateDecision.from_dict`` inverts it."""
+        return self.to_record().to_dict()
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> GateDecision:
-        """Rebuild a decision from ``to_dict`` output (e.g. after a JSON round trip)."""
+    def from_record(cls, record: DecisionRecord) -> GateDecision:
+        """The decision a ``DecisionRecord`` (a read ``decision.json``) holds."""
+        checks = [
+            GateCheck(
+                name=c.name,
+                value=float(c.value),
+                threshold=float(c.threshold),
+                op=c.op,
+                passed=c.passed,
+                unit=c.unit,
+                detail=c.detail,
+                group=c.group,
+            )
+            for c in record.checks
+        ]
+        return cls(passed=record.passed, checks=checks)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | DecisionRecord) -> GateDecision:
+        """Rebuild a decision from ``to_dict`` output (e.g. after a JSON round trip).
+
+        Raises:
+            ArtifactError: ``data`` is not a decision (naming the field); a ValueError.
+        """
         try:
-            checks = [
-                GateCheck(
-                    name=str(c["name"]),
-                    value=float(c["value"]),
-                    threshold=float(c["threshold"]),
-                    op=str(c["op"]),
-                    passed=bool(c["passed"]),
-                    unit=str(c["unit"]),
-                    detail=str(c.get("detail", "")),
-                    group=str(c.get("group", "threshold")),
-                )
-                for c in data["checks"]
-            ]
-            return cls(passed=bool(data["passed"]), checks=checks)
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"not a GateDecision dict ({type(err).__name__}: {err})") from None
+            return cls.from_record(parse_decision(data))
+        except ArtifactError as err:
+            raise ArtifactError(f"not a GateDecision dict ({err.cause})") from None
 
     def table(self) -> str:
         """Plain-text aligned table, one row per check, for logs and run descriptions."""
@@ -107,9 +135,7 @@ class GateDecision:
             )
             for c in self.checks
         ]
-        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
-        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines = [tabulate(rows, header, tablefmt="simple", disable_numparse=True)]
         lines += [f"{c.name}: {c.detail}" for c in self.checks if c.detail and not c.passed]
         lines.append(f"overall: {'PASS' if self.passed else 'FAIL'}")
         return "\n".join(lines)
@@ -121,7 +147,7 @@ def _check(name: str, value: float, threshold: float, op: str, unit: str, group:
     return GateCheck(name=name, value=value, threshold=float(threshold), op=op, passed=passed, unit=unit, group=group)
 
 
-def _champion_checks(cand_acc: float, cand_size: float, champion: Mapping[str, Any], t: GateConfig) -> list[GateCheck]:
+def _champion_checks(cand_acc: float, cand_size: float, champion: ModelMetrics, t: GateConfig) -> list[GateCheck]:
     champ_acc = _metric(champion, "accuracy", "champion")
     champ_size = _metric(champion, "size_bytes", "champion")
     drop = _check(
@@ -134,19 +160,30 @@ def _champion_checks(cand_acc: float, cand_size: float, champion: Mapping[str, A
     return [drop, size]
 
 
-def _metric(metrics: Mapping[str, Any], key: str, role: str) -> float:
-    if key not in metrics:
-        raise ValueError(f"{role} metrics lack {key!r}; got keys {sorted(metrics)}")
-    return float(metrics[key])
+def _row(metrics: ModelMetrics | Mapping[str, Any], role: str) -> ModelMetrics:
+    """``metrics`` as a validated evaluation row."""
+    if isinstance(metrics, ModelMetrics):
+        return metrics
+    try:
+        return ModelMetrics.model_validate(metrics)
+    except ValidationError as err:
+        raise ValueError(f"{role} metrics: {describe(err)}") from None
+
+
+def _metric(metrics: ModelMetrics, key: str, role: str) -> float:
+    value = metrics.get(key)
+    if value is None:
+        raise ValueError(f"{role} metrics lack {key!r}; got keys {sorted(metrics.to_dict())}")
+    return float(value)
 
 
 def decide(
-    candidate: Mapping[str, Any],
-    teacher: Mapping[str, Any],
+    candidate: ModelMetrics | Mapping[str, Any],
+    teacher: ModelMetrics | Mapping[str, Any],
     thresholds: GateConfig,
     *,
-    fp32_student: Mapping[str, Any] | None = None,
-    champion: Mapping[str, Any] | None = None,
+    fp32_student: ModelMetrics | Mapping[str, Any] | None = None,
+    champion: ModelMetrics | Mapping[str, Any] | None = None,
 ) -> GateDecision:
     """Check a candidate (the quantized student) against the configured bars.
 
@@ -179,8 +216,9 @@ def decide(
         GateDecision with every check; ``passed`` only if all passed.
 
     Raises:
-        ValueError: a required metric is missing, or the candidate size is not positive.
+        ValueError: a required metric is missing or not a number, or the candidate size is not positive.
     """
+    candidate, teacher = _row(candidate, "candidate"), _row(teacher, "teacher")
     cand_acc = _metric(candidate, "accuracy", "candidate")
     cand_size = _metric(candidate, "size_bytes", "candidate")
     teacher_acc = _metric(teacher, "accuracy", "teacher")
@@ -193,7 +231,7 @@ def decide(
         _check("max_accuracy_drop", (teacher_acc - cand_acc) * 100, thresholds.max_accuracy_drop, "<=", "points"),
     ]
     if fp32_student is not None:
-        fp32_acc = _metric(fp32_student, "accuracy", "fp32_student")
+        fp32_acc = _metric(_row(fp32_student, "fp32_student"), "accuracy", "fp32_student")
         quantization_drop = (fp32_acc - cand_acc) * 100
         checks.append(
             _check("max_quantization_drop", quantization_drop, thresholds.max_quantization_drop, "<=", "points")
@@ -202,10 +240,10 @@ def decide(
         _check("max_size_mb", cand_size / 1e6, thresholds.max_size_mb, "<=", "MB"),
         _check("min_compression_ratio", teacher_size / cand_size, thresholds.min_compression_ratio, ">=", "x"),
     ]
-    if "quantization_auto_found" in candidate:
-        found = bool(candidate["quantization_auto_found"])
+    if "quantization_auto_found" in candidate.model_fields_set:
+        found = bool(candidate.quantization_auto_found)
         check = _check("quantization_auto_found", float(found), 1.0, ">=", "bool")
         checks.append(replace(check, detail="" if found else str(candidate.get("quantization_auto_reason", ""))))
     if champion is not None and thresholds.champion_policy == "must_not_regress":
-        checks += _champion_checks(cand_acc, cand_size, champion, thresholds)
+        checks += _champion_checks(cand_acc, cand_size, _row(champion, "champion"), thresholds)
     return GateDecision(passed=all(c.passed for c in checks), checks=checks)

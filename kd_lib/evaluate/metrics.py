@@ -6,7 +6,6 @@ gates reason about is a CPU server.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,6 +45,15 @@ def accuracy(pred: Tensor, y: Tensor) -> float:
     return (pred == y).double().mean().item()
 
 
+def _check_labels(pred: Tensor, y: Tensor, num_classes: int) -> None:
+    _check_pair(pred, y)
+    for name, t in (("pred", pred), ("y", y)):
+        if t.min() < 0 or t.max() >= num_classes:
+            raise ValueError(
+                f"{name} has labels outside [0, {num_classes}): min {t.min().item()}, max {t.max().item()}"
+            )
+
+
 def confusion_matrix(pred: Tensor, y: Tensor, num_classes: int) -> list[list[int]]:
     """Counts ``m[true][predicted]``: rows are true classes, columns predicted classes.
 
@@ -57,14 +65,14 @@ def confusion_matrix(pred: Tensor, y: Tensor, num_classes: int) -> list[list[int
     Returns:
         A C x C nested list of ints (JSON-able, as KFP and MLflow want it).
     """
-    _check_pair(pred, y)
-    for name, t in (("pred", pred), ("y", y)):
-        if t.min() < 0 or t.max() >= num_classes:
-            raise ValueError(
-                f"{name} has labels outside [0, {num_classes}): min {t.min().item()}, max {t.max().item()}"
-            )
-    flat = y.long() * num_classes + pred.long()
-    return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes).tolist()
+    # lazy: sklearn.metrics takes ~2 s to import; the steps that import this module for
+    # predict/latency alone (quantize, inputs) should not pay it.
+    from sklearn import metrics as skm
+
+    _check_labels(pred, y, num_classes)
+    # labels= fixes the C x C shape, absent classes included (checked above: nothing falls outside).
+    cm = skm.confusion_matrix(y.cpu().numpy(), pred.cpu().numpy(), labels=np.arange(num_classes))
+    return cm.tolist()
 
 
 def macro_f1(pred: Tensor, y: Tensor, num_classes: int) -> float:
@@ -82,13 +90,15 @@ def macro_f1(pred: Tensor, y: Tensor, num_classes: int) -> float:
     Returns:
         Macro F1 in [0, 1].
     """
-    cm = np.asarray(confusion_matrix(pred, y, num_classes), dtype=np.float64)
-    tp = np.diag(cm)
-    fp = cm.sum(axis=0) - tp  # predicted as the class, truly another
-    fn = cm.sum(axis=1) - tp  # truly the class, predicted as another
-    denominator = 2 * tp + fp + fn
-    present = denominator > 0
-    return float(np.mean(2 * tp[present] / denominator[present]))
+    # lazy: sklearn.metrics takes ~2 s to import (see confusion_matrix).
+    from sklearn import metrics as skm
+
+    _check_labels(pred, y, num_classes)
+    # labels=None: scikit-learn averages over the classes present in y or pred, as documented
+    # above. zero_division only applies to a class with 2 TP + FP + FN = 0, which is then
+    # absent from both and never averaged; precision or recall alone being undefined (a class
+    # only in pred, or only in y) does not matter, as F1 is computed from the counts directly.
+    return float(skm.f1_score(y.cpu().numpy(), pred.cpu().numpy(), average="macro", zero_division=0.0))
 
 
 def latency_ms(
@@ -270,13 +280,17 @@ def mcnemar_p_value(b: int, c: int) -> float:
     Returns:
         The two-sided p-value in (0, 1]; 1.0 when the models never disagree in correctness.
     """
+    # lazy: scipy.stats takes ~1 s to import; only evaluate's comparison with a no-KD baseline uses it.
+    from scipy.stats import binomtest
+
     if b < 0 or c < 0:
         raise ValueError(f"counts must be >= 0, got b={b}, c={c}")
     n = b + c
     if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, k) for k in range(min(b, c) + 1))
-    return min(1.0, 2 * tail / 2**n)
+        return 1.0  # binomtest needs n >= 1; no discordant sample is no evidence at all
+    # With p = 1/2 the distribution is symmetric, so scipy's two-sided p (every outcome no more
+    # likely than the observed one) is the doubled tail above, capped at 1.
+    return float(binomtest(min(b, c), n, 0.5, alternative="two-sided").pvalue)
 
 
 def paired_gain(with_kd: Tensor, without: Tensor, y: Tensor) -> dict[str, Any]:

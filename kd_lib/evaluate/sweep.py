@@ -25,6 +25,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from tabulate import tabulate
+
+from kd_lib.artifacts.records import (
+    DecisionRecord,
+    EvaluationRecord,
+    ModelMetrics,
+    parse_decision,
+    parse_evaluation,
+)
 from kd_lib.config import TEMPERATURE_LOSSES, ModelConfig, PipelineConfig, parse_config
 from kd_lib.evaluate.gates import GateCheck, GateDecision
 
@@ -102,7 +111,7 @@ def expand(cfg: PipelineConfig) -> list[Candidate]:
     if cfg.sweep is None:
         raise ValueError("the config has no sweep section; add sweep: {students: [...], schemes: [...]}")
     base = cfg.model_dump(mode="json", exclude={"sweep"})
-    temperatures: list[float | None] = list(cfg.sweep.temperatures or [None])
+    temperatures: list[float | None] = list(cfg.sweep.temperatures) if cfg.sweep.temperatures else [None]
     candidates = []
     combos = itertools.product(cfg.sweep.students, cfg.sweep.schemes, temperatures)
     for index, (student, scheme, temperature) in enumerate(combos):
@@ -166,31 +175,46 @@ class CandidateResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+def _measured(row: ModelMetrics, key: str) -> float:
+    value = row.get(key)
+    if value is None:
+        raise ValueError(f"the evaluation's quantized row lacks {key!r}; got keys {sorted(row.to_dict())}")
+    return float(value)
+
+
 def result_from(
     name: str,
     index: int,
-    evaluation: Mapping[str, Any],
-    decision: Mapping[str, Any],
+    evaluation: EvaluationRecord | Mapping[str, Any],
+    decision: DecisionRecord | Mapping[str, Any],
     info: Mapping[str, Any] | None = None,
 ) -> CandidateResult:
-    """A CandidateResult from the evaluate step's JSON and the gate step's decision JSON.
+    """A CandidateResult from the evaluate step's record and the gate step's decision record.
 
     Args:
-        evaluation: Role -> metrics, as ``steps.evaluate`` writes it; its ``quantized`` row is used.
+        evaluation: Role -> metrics, as ``steps.evaluate`` writes it (a record or its dict);
+            its ``quantized`` row is used.
         decision: ``GateDecision.to_dict()`` plus ``action``, as ``steps.gate`` writes it.
+
+    Raises:
+        ArtifactError: either is malformed (naming the field).
+        ValueError: the evaluation has no quantized accuracy or size.
     """
-    quantized = evaluation["quantized"]
-    latency = quantized.get("latency_b1_p50_ms")
-    gate = GateDecision.from_dict(decision)
+    record = parse_evaluation(evaluation)
+    quantized = record.quantized
+    if quantized is None:
+        raise ValueError(f"the evaluation of candidate {name} has no quantized row; got roles {list(record.roles())}")
+    written = parse_decision(decision)
+    gate = GateDecision.from_record(written)
     return CandidateResult(
         name=name,
         index=index,
-        accuracy=float(quantized["accuracy"]),
-        size_bytes=float(quantized["size_bytes"]),
-        latency_ms=float(latency) if latency is not None else None,
+        accuracy=_measured(quantized, "accuracy"),
+        size_bytes=_measured(quantized, "size_bytes"),
+        latency_ms=quantized.latency_ms(1),
         decision=gate,
-        action=str(decision.get("action") or ("promote" if gate.passed else "reject")),
-        info=dict(info or {}) | {"fp32_accuracy": evaluation.get("student", {}).get("accuracy")},
+        action=written.action or ("promote" if gate.passed else "reject"),
+        info=dict(info or {}) | {"fp32_accuracy": record.student.get("accuracy") if record.student else None},
     )
 
 
@@ -350,10 +374,9 @@ _HEADERS = ["candidate", "accuracy", "size", "latency b1 p50 (ms)", "front", "ga
 def table_text(summary: Mapping[str, Any]) -> str:
     """Plain-text table of ``Selection.to_dict()``: every candidate, ``*`` marks the chosen one,
     with the failed checks that explain each FAIL."""
-    cells = [_HEADERS] + [_cells(r) for r in summary["candidates"]]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(_HEADERS))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    rows = [_cells(r) for r in summary["candidates"]]
+    # preserve_whitespace: the two spaces before an unchosen name line it up with "* chosen".
+    lines = [tabulate(rows, _HEADERS, tablefmt="simple", disable_numparse=True, preserve_whitespace=True)]
     chosen = summary.get("chosen")
     if chosen:
         lines.append(f"chosen: {chosen} ({summary['action']}), {summary.get('rule', RULE)}")
@@ -378,11 +401,12 @@ def table_markdown(summary: Mapping[str, Any], plot_png_b64: str | None = None) 
         out.append(
             "**No candidate passed every gate**: nothing is registered; each candidate's failed checks are below."
         )
-    out += ["", "| " + " | ".join(_HEADERS) + " |", "|" + "---|" * len(_HEADERS)]
+    rows = []
     for row in summary["candidates"]:
         cells = _cells(row)
         cells[0] = ("**" + row["candidate"] + "**") if row["chosen"] else row["candidate"]
-        out.append("| " + " | ".join(_md(c) for c in cells) + " |")
+        rows.append([_md(c) for c in cells])
+    out += ["", tabulate(rows, _HEADERS, tablefmt="github", disable_numparse=True)]
     if plot_png_b64:
         out += ["", f"![accuracy versus size, Pareto front](data:image/png;base64,{plot_png_b64})"]
     return "\n".join(out) + "\n"
@@ -392,9 +416,9 @@ def plot_front(summary: Mapping[str, Any]) -> bytes:
     """Accuracy versus artifact size of every candidate with the Pareto front; PNG bytes.
 
     Green dots pass every gate, red crosses fail; the chosen one is a star. matplotlib's
-    object API with the Agg canvas (no pyplot, no display), as in kd_lib.report.render.
+    object API with the Agg canvas (no pyplot, no display), as in kd_lib.report.plots.
     """
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # lazy: matplotlib (slow to import) only for the plot
 
     rows = list(summary["candidates"])
     fig = Figure(figsize=(8.5, 5.0))

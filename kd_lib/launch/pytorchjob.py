@@ -37,7 +37,7 @@ import yaml
 
 from kd_lib.config import ConfigError, PipelineConfig
 from kd_lib.errors import KdflowError
-from kd_lib.train import distributed
+from kd_lib.launch import torchrun
 
 GROUP, VERSION, PLURAL, KIND = "kubeflow.org", "v1", "pytorchjobs", "PyTorchJob"
 CONTAINER = "pytorch"  # the Training Operator finds the training container by this name
@@ -158,7 +158,7 @@ def render(
         # A failed rank fails the job at once; the operator's backoffLimit restarts it whole.
         "--max-restarts=0",
         "-m",
-        distributed.WORKER_MODULE,
+        torchrun.WORKER_MODULE,
         request_path,
     ]
     for port in container["ports"]:
@@ -167,8 +167,8 @@ def render(
     for mount in container["volumeMounts"]:
         if any(v["name"] == mount["name"] and "persistentVolumeClaim" in v for v in pod_spec["volumes"]):
             mount["mountPath"] = pj.mount_path
-    env = [e for e in container.get("env", []) if e["name"] != distributed.ERROR_DIR_ENV]
-    env.append({"name": distributed.ERROR_DIR_ENV, "value": error_dir})
+    env = [e for e in container.get("env", []) if e["name"] != torchrun.ERROR_DIR_ENV]
+    env.append({"name": torchrun.ERROR_DIR_ENV, "value": error_dir})
     # Credentials reach the ranks as the step's do: env resolved by the kubelet from Secrets.
     for secret in cluster.secrets:
         for key, var in secret.env.items():
@@ -261,7 +261,8 @@ def _api_error(err: Exception, action: str, namespace: str) -> PyTorchJobError:
     hint = {
         403: f"the task's service account may not do this in {namespace}: give it the pytorchjobs rule of the "
         "kdflow-pipeline-runner Role (k8s/base/pipeline-runner.yaml)",
-        404: "no PyTorchJob resource in this cluster: install the Kubeflow Training Operator (kubeflow.org/v1 PyTorchJob)",
+        404: "no PyTorchJob resource in this cluster: "
+        "install the Kubeflow Training Operator (kubeflow.org/v1 PyTorchJob)",
     }.get(status or 0, "")
     return PyTorchJobError(f"{action} failed (HTTP {status}): {body}" + (f"; {hint}" if hint else ""))
 
@@ -366,8 +367,8 @@ def wait(api: Any, namespace: str, name: str, timeout_s: float, poll_s: float, l
             delete(api, namespace, name)
             raise PyTorchJobError(
                 f"PyTorchJob {namespace}/{name} did not finish within cluster.pytorchjob.timeout_s = {timeout_s:g} s "
-                f"(last state {phase}); deleted it. Raise the timeout, or check the pods: kubectl -n {namespace} get pods "
-                f"-l training.kubeflow.org/job-name={name}"
+                f"(last state {phase}); deleted it. Raise the timeout, or check the pods: "
+                f"kubectl -n {namespace} get pods -l training.kubeflow.org/job-name={name}"
             )
         time.sleep(poll_s)
 
@@ -463,14 +464,13 @@ def run_step(
     job = render(cfg, step, name, namespace, str(root / "request.json"), str(errors), pipeline_run_id)
     api = api if api is not None else default_api()
     world = (1 + pj.workers) * _train_cfg(cfg, step).distributed.nproc_per_node
-    log(
-        f"{step}: PyTorchJob {namespace}/{name}, {1 + pj.workers} pod(s) x {job['spec']['nprocPerNode']} process(es) = world size {world}"
-    )
+    pods, nproc = 1 + pj.workers, job["spec"]["nprocPerNode"]
+    log(f"{step}: PyTorchJob {namespace}/{name}, {pods} pod(s) x {nproc} process(es) = world size {world}")
     with _deleted_when_stopped(api, namespace, name):
         create(api, job, log)
         phase, message = wait(api, namespace, name, pj.timeout_s, pj.poll_s, log)
     if phase != "Succeeded" or not summary.is_file():
-        cause = distributed.first_error(errors) or message or "no rank recorded an error; see the pods' logs"
+        cause = torchrun.first_error(errors) or message or "no rank recorded an error; see the pods' logs"
         raise PyTorchJobError(f"{step} as PyTorchJob {namespace}/{name} {phase.lower()}: {cause}")
     for key, dst in outputs.items():
         src = root / "out" / key

@@ -23,6 +23,7 @@ from kd_lib.plugins import Registry
 
 ModelBuilder = Callable[..., nn.Module]
 
+# kd_lib.plugins.PROVIDERS names this registry by module path (config lists its names that way).
 MODELS: Registry[ModelBuilder] = Registry("model")
 
 
@@ -236,6 +237,10 @@ class Renormalized(nn.Module):
     undo one normalization, apply the other. Statistics are scalars or per-channel lists
     (``kd_lib.data.dataset.normalization_stats``). ``model`` stays a child named ``model``.
     """
+
+    # Registered buffers, declared so type checkers know them as tensors (not nn.Module attributes).
+    scale: Tensor
+    shift: Tensor
 
     def __init__(self, model: nn.Module, data_norm: dict[str, Any], model_norm: dict[str, Any]) -> None:
         super().__init__()

@@ -10,17 +10,15 @@ Teacher logits are cached (computed once per training set, reused every epoch) w
 changes the teacher's input or needs more than its logits; with augmentation, or a
 feature-based loss, the teacher runs live on every batch.
 
-Under torchrun (``kd_lib.train.distributed``) the same loop runs on every rank, data-parallel, with
+Under torchrun (``kd_lib.train.ranks``) the same loop runs on every rank, data-parallel, with
 the global batches of a single process: see ``_fit``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import itertools
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,8 +31,16 @@ from torch import Tensor, nn
 
 from kd_lib.config import ConfigError, TrainConfig
 from kd_lib.data.augment import Augment
-from kd_lib.train import distributed
+from kd_lib.train import ddp
+from kd_lib.train.checkpoint import (
+    CHECKPOINT_FILE,
+    load_checkpoint,
+    restore_training_state,
+    save_checkpoint,
+    training_state,
+)
 from kd_lib.train.losses import LossInputs, Objective, capture_features
+from kd_lib.train.ranks import current, resolve_device
 
 EpochCallback = Callable[[dict[str, Any]], None]
 # (model, input batch [B, *input_shape] on the device, sample indices of the batch [B] int64 on
@@ -64,30 +70,6 @@ class TrainResult:
     best_val_accuracy: float = 0.0
     stopped_early: bool = False
     keep: Literal["best", "last"] = "best"
-
-
-def resolve_device(name: str) -> torch.device:
-    """Turn a config device name into a torch.device.
-
-    Args:
-        name: ``"cpu"``, ``"cuda"`` (or ``"cuda:N"``), or ``"auto"`` (cuda when available).
-
-    Raises:
-        ConfigError: cuda was requested on a machine without it, or the name is not a device.
-    """
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device {name!r} is not a device; use 'cpu', 'cuda' or 'auto'") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            f"device {name!r} was requested but CUDA is not available on this machine; use 'cpu' or 'auto'"
-        )
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device {name!r} is not supported; use 'cpu', 'cuda' or 'auto'")
-    return device
 
 
 def _home_device(model: nn.Module) -> torch.device:
@@ -202,15 +184,15 @@ def _fit(
     targets it needs (labels, cached teacher logits) by those indices. ``objective``'s own
     parameters (FitNets' regressor) are optimized and checkpointed with the model's.
 
-    Inside a rank of a multi-process step (``kd_lib.train.distributed.current()`` is set) every rank
+    Inside a rank of a multi-process step (``kd_lib.train.ranks.current()`` is set) every rank
     calls this with the same arguments: each computes its slice of every global batch under
-    DistributedDataParallel (``_ddp_step``), the epoch's numbers are all-reduced
-    (``_reduce_epoch``), and only rank 0 calls ``on_epoch`` and writes the checkpoint.
+    DistributedDataParallel (``kd_lib.train.ddp.step``), the epoch's numbers are all-reduced
+    (``ddp.reduce_epoch``), and only rank 0 calls ``on_epoch`` and writes the checkpoint.
     """
     # Seeds dropout and anything else drawing from the global RNG during training. The model's
     # initial weights were drawn by the caller when it built the model, so seeding before
     # build_model is the caller's job.
-    ranks = distributed.current()  # None: one process, the loop exactly as it always was
+    ranks = current()  # None: one process, the loop exactly as it always was
     torch.manual_seed(cfg.seed if ranks is None else ranks.seed(cfg.seed))
     # Private generators make the batch order and the augmentation depend on cfg.seed alone
     # (the same on every rank: each draws the global order and augments the global batch).
@@ -221,10 +203,10 @@ def _fit(
     optimizer = _optimizer(params, cfg)
     scheduler = _scheduler(optimizer, cfg)
     if ranks is not None:
-        _check_world(ranks, len(x_train), len(x_val), cfg)
+        ddp.check_world(ranks, len(x_train), len(x_val), cfg)
         # DDP wraps model and objective together so the objective's learnable parts (FitNets'
         # regressor) get averaged gradients too; it starts every rank from rank 0's weights.
-        ddp_loss = _ddp(_BatchLoss(model, objective, loss_fn), ranks)
+        ddp_loss = ddp.wrap(ddp.BatchLossModule(model, objective, loss_fn), ranks)
 
     history: list[dict[str, Any]] = []
     best_state = copy.deepcopy(model.state_dict())
@@ -236,18 +218,8 @@ def _fit(
         # Rank 0 reads, every rank resumes: the other ranks may not see rank 0's disk (other pods).
         state = ranks.broadcast(state)
     if state is not None:
-        model.load_state_dict(state["model"])
-        if objective is not None:
-            objective.load_state_dict(state["objective"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
-        augment_generator.set_state(state["augment_generator"])
-        rng_per_rank = state.get("torch_rng_ranks") or [state["torch_rng"]]
-        torch.set_rng_state(
-            rng_per_rank[ranks.rank] if ranks is not None and ranks.rank < len(rng_per_rank) else state["torch_rng"]
-        )
+        rank = ranks.rank if ranks is not None else None
+        restore_training_state(state, model, optimizer, scheduler, generator, augment_generator, objective, rank)
         best_state, best_epoch, best_acc = state["best_state"], state["best_epoch"], state["best_acc"]
         best_loss = state.get("best_loss", math.inf)  # checkpoints written before the tie-break
         since_best, history = state["since_best"], state["history"]
@@ -265,7 +237,7 @@ def _fit(
         for i in range(0, n, cfg.batch_size):
             idx = order[i : i + cfg.batch_size]
             if ranks is not None:
-                loss_sum += _ddp_step(
+                loss_sum += ddp.step(
                     ddp_loss, ranks, x_train, idx, augment, augment_generator, optimizer, objective, device
                 )
             else:
@@ -279,9 +251,9 @@ def _fit(
             val_acc = (val_logits.argmax(dim=1) == y_val).float().mean().item()
             term_means = objective.epoch_means() if objective is not None else {}
         else:
-            loss_sum, val_loss, val_acc, term_means = _reduce_epoch(
-                ranks, model, x_val, y_val, device, loss_sum, objective
-            )
+            lo, hi = ranks.bounds(len(x_val))  # each rank validates its shard
+            shard_logits = compute_logits(model, x_val[lo:hi], device=device)
+            loss_sum, val_loss, val_acc, term_means = ddp.reduce_epoch(ranks, shard_logits, y_val, loss_sum, objective)
         record = {
             "epoch": epoch,
             "train_loss": loss_sum / n,
@@ -311,26 +283,28 @@ def _fit(
         # Every rank's dropout stream, so a resumed run continues each (a collective: all ranks).
         rng_per_rank = ranks.all_gather_bytes(torch.get_rng_state()) if ranks is not None else None
         if ckpt is not None and (ranks is None or ranks.is_main):
+            progress = {
+                "best_state": best_state,
+                "best_epoch": best_epoch,
+                "best_acc": best_acc,
+                "best_loss": best_loss,
+                "since_best": since_best,
+                "history": history,
+                "stopped_early": stopped_early,
+            }
             save_checkpoint(
                 ckpt,
-                {
-                    "epoch": epoch,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "generator": generator.get_state(),
-                    "augment_generator": augment_generator.get_state(),
-                    "torch_rng": torch.get_rng_state(),
-                    "objective": objective.state_dict() if objective is not None else None,
-                    "best_state": best_state,
-                    "best_epoch": best_epoch,
-                    "best_acc": best_acc,
-                    "best_loss": best_loss,
-                    "since_best": since_best,
-                    "history": history,
-                    "stopped_early": stopped_early,
-                }
-                | ({"torch_rng_ranks": rng_per_rank} if rng_per_rank is not None else {}),
+                training_state(
+                    epoch,
+                    model,
+                    optimizer,
+                    scheduler,
+                    generator,
+                    augment_generator,
+                    objective,
+                    rng_per_rank,
+                    **progress,
+                ),
             )
         if stopped_early:
             break
@@ -345,134 +319,6 @@ def _fit(
         stopped_early=stopped_early,
         keep=cfg.keep,
     )
-
-
-class _BatchLoss(nn.Module):
-    """The model and the objective behind one forward that returns the batch loss.
-
-    DistributedDataParallel synchronizes the gradients of the module it wraps, so the
-    objective's learnable parts must sit in it beside the model.
-    """
-
-    def __init__(self, model: nn.Module, objective: Objective | None, loss_fn: BatchLoss) -> None:
-        super().__init__()
-        self.model = model
-        self.objective = objective
-        self.loss_fn = loss_fn
-
-    def forward(self, xb: Tensor, idx: Tensor) -> Tensor:
-        return self.loss_fn(self.model, xb, idx)
-
-
-def _ddp(module: nn.Module, ranks: distributed.Ranks) -> nn.Module:
-    from torch.nn.parallel import DistributedDataParallel
-
-    device_ids = [ranks.device.index] if ranks.device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=device_ids)
-
-
-def _check_world(ranks: distributed.Ranks, n_train: int, n_val: int, cfg: TrainConfig) -> None:
-    if cfg.batch_size < ranks.world_size:
-        raise ConfigError(
-            f"train.batch_size {cfg.batch_size} is smaller than the {ranks.world_size} processes of train.distributed: "
-            "every process needs a sample of each batch; raise batch_size or lower nproc_per_node"
-        )
-    if min(n_train, n_val) < ranks.world_size:
-        raise ValueError(
-            f"{n_train} training / {n_val} validation samples cannot be split over {ranks.world_size} processes"
-        )
-
-
-def _ddp_step(
-    ddp_loss: nn.Module,
-    ranks: distributed.Ranks,
-    x_train: Tensor,
-    idx: Tensor,
-    augment: Augment | None,
-    augment_generator: torch.Generator,
-    optimizer: torch.optim.Optimizer,
-    objective: Objective | None,
-    device: torch.device,
-) -> float:
-    """One optimizer step on the global batch ``idx`` [B], this rank computing its slice.
-
-    The loss of every term is a mean over the batch, and DDP averages gradients over the W
-    ranks; scaling this rank's mean loss by ``b_r * W / B`` (b_r: its samples) makes that
-    average the gradient of the mean over the whole global batch, also when B is not a
-    multiple of W. A rank left without samples (a last batch smaller than W) still joins the
-    all-reduce, with one sample weighted 0.
-
-    Returns:
-        This rank's sum of per-sample losses (for the epoch's train_loss).
-    """
-    lo, hi = ranks.bounds(len(idx))
-    if augment is not None:
-        # Augment the whole global batch with the shared generator: the random stream and the
-        # augmented samples are a single process's, whatever the slice.
-        xb = augment(x_train[idx].to(device), augment_generator)
-        mine = xb[lo:hi] if hi > lo else xb[:1]
-    else:
-        mine = x_train[idx[lo:hi] if hi > lo else idx[:1]].to(device)
-    mine_idx = idx[lo:hi] if hi > lo else idx[:1]
-    count = hi - lo
-    untracked = objective.untracked() if objective is not None and count == 0 else contextlib.nullcontext()
-    with untracked:
-        loss = ddp_loss(mine, mine_idx.to(device))
-    optimizer.zero_grad(set_to_none=True)
-    (loss * (count * ranks.world_size / len(idx))).backward()
-    optimizer.step()
-    return loss.item() * count
-
-
-def _reduce_epoch(
-    ranks: distributed.Ranks,
-    model: nn.Module,
-    x_val: Tensor,
-    y_val: Tensor,
-    device: torch.device,
-    loss_sum: float,
-    objective: Objective | None,
-) -> tuple[float, float, float, dict[str, float]]:
-    """The epoch's numbers over all ranks: (train loss sum, val loss, val accuracy, term means).
-
-    Each rank validates its shard of the validation set; the sums are all-reduced, so every
-    rank gets the same accuracy (an exact count) and takes the same early-stopping decision.
-    """
-    lo, hi = ranks.bounds(len(x_val))
-    logits = compute_logits(model, x_val[lo:hi], device=device)
-    ce_sum = F.cross_entropy(logits, y_val[lo:hi], reduction="sum").item()
-    correct = (logits.argmax(dim=1) == y_val[lo:hi]).sum().item()
-    # Per-term sums over this rank's samples (the zero-weighted stand-in samples are not counted).
-    terms, count = objective.epoch_sums() if objective is not None else ({}, 0)
-    keys = sorted(terms)  # the same on every rank: each computed every active term
-    totals = ranks.all_reduce_sum([loss_sum, ce_sum, float(correct), float(count)] + [terms[k] for k in keys])
-    loss_sum, ce_sum, correct, count = totals[:4]
-    m = len(x_val)
-    # As one process computes it (a float32 mean of 0/1), so the logged value is the same.
-    val_acc = (torch.tensor(correct, dtype=torch.float32) / m).item()
-    means = {k: v / count for k, v in zip(keys, totals[4:])} if count else {}
-    return loss_sum, ce_sum / m, val_acc, means
-
-
-CHECKPOINT_FILE = "checkpoint.pt"
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write atomically (temp file + rename): a kill mid-write leaves the previous checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint with ``weights_only=True``: tensors and plain containers, never code."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 (torch raises many types for a bad file)
-        raise ValueError(
-            f"{path}: unreadable training checkpoint ({type(err).__name__}: {err}); delete it to restart"
-        ) from None
 
 
 def train_supervised(
@@ -558,7 +404,8 @@ def _distill_loss(
             logits, s_feats = capture_features(net, s_layers, xb)
         else:
             logits, s_feats = net(xb), {}
-        t_logits, t_feats = None, {}
+        t_logits: Tensor | None = None
+        t_feats: dict[str, Tensor] = {}
         if cache is not None:
             t_logits = cache[idx]
         elif live:
@@ -576,7 +423,7 @@ def _teacher_cache(teacher: nn.Module, x_train: Tensor, device: torch.device) ->
     training set only, and the shards are all-gathered: every rank ends with the full table,
     because the global batches it slices index the whole set.
     """
-    ranks = distributed.current()
+    ranks = current()
     if ranks is None:
         return compute_logits(teacher, x_train, device=device).to(device)
     lo, hi = ranks.bounds(len(x_train))

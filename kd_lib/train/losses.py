@@ -1,29 +1,21 @@
-"""Distillation losses: pure tensor math, and the registry a config names them from.
+"""Distillation losses: the pure tensor math, and the named terms a config picks them by.
 
 Two layers:
 
 * Pure functions (``ce``, ``kd``, ``dkd``, ``hint_loss``, ``attention_transfer``): tensors in,
   scalar out, formula and paper in the docstring, unit-tested against hand-computed values.
-* One ``LossTerm`` module per registered name wrapping a function with its parameters (and,
-  for FitNets, the learned regressor). ``Objective`` is the weighted sum a config describes::
+* One registered ``LossTerm`` per name in ``LOSSES`` wrapping a function with its parameters
+  (and, for FitNets, the learned regressor); ``build_objective`` turns a config's
+  ``distill.losses`` into their weighted sum.
 
-      distill:
-        losses:
-          - {name: kd, weight: 0.9, params: {temperature: 4}}
-          - {name: ce, weight: 0.1}
-
-The training loop builds ``LossInputs`` per batch (student logits, labels, and whatever the
-terms need: teacher logits from the cache or a live teacher, intermediate feature maps) and
-calls the objective; the terms never see the models or the data pipeline.
+How terms combine (``LossTerm``, ``LossInputs``, ``Objective``, feature capture, ``describe``,
+``as_params``) lives in ``kd_lib.train.objective``; those names are re-exported here, so
+``from kd_lib.train.losses import Objective`` keeps working.
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +23,38 @@ from torch import Tensor, nn
 
 from kd_lib.config import ConfigError, LossTermConfig
 from kd_lib.plugins import Registry, UnknownNameError
+from kd_lib.train.objective import (
+    LossInputs,
+    LossTerm,
+    Objective,
+    as_params,
+    capture_features,
+    default_feature_layer,
+    describe,
+)
+
+__all__ = [
+    "LOSSES",
+    "AttentionTransferTerm",
+    "CrossEntropyTerm",
+    "DKDTerm",
+    "FitNetsTerm",
+    "KDTerm",
+    "LossInputs",
+    "LossTerm",
+    "Objective",
+    "as_params",
+    "attention_map",
+    "attention_transfer",
+    "build_objective",
+    "capture_features",
+    "ce",
+    "default_feature_layer",
+    "describe",
+    "dkd",
+    "hint_loss",
+    "kd",
+]
 
 # ---------------------------------------------------------------------------------------------
 # Pure functions
@@ -182,7 +206,8 @@ def hint_loss(regressed_student: Tensor, teacher_features: Tensor) -> Tensor:
     """
     if regressed_student.shape != teacher_features.shape:
         raise ValueError(
-            f"hint_loss shapes differ: student {tuple(regressed_student.shape)} vs teacher {tuple(teacher_features.shape)}"
+            f"hint_loss shapes differ: student {tuple(regressed_student.shape)} "
+            f"vs teacher {tuple(teacher_features.shape)}"
         )
     return 0.5 * (regressed_student - teacher_features).pow(2).mean()
 
@@ -234,50 +259,11 @@ def attention_transfer(student_features: Tensor, teacher_features: Tensor, p: fl
 
 
 # ---------------------------------------------------------------------------------------------
-# Registered terms and the weighted objective
+# Registered terms
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class LossInputs:
-    """What one batch offers the loss terms.
-
-    Attributes:
-        student_logits: ``[B, C]``.
-        labels: ``[B]`` int64.
-        teacher_logits: ``[B, C]`` or None when no term needs the teacher.
-        student_features: Layer name -> student activations captured during the forward pass.
-        teacher_features: Layer name -> teacher activations.
-    """
-
-    student_logits: Tensor
-    labels: Tensor
-    teacher_logits: Tensor | None = None
-    student_features: dict[str, Tensor] = field(default_factory=dict)
-    teacher_features: dict[str, Tensor] = field(default_factory=dict)
-
-
-class LossTerm(nn.Module):
-    """Base of every registered loss: parameters in ``__init__``, one batch in ``forward``.
-
-    Class attributes tell the training loop what to compute: ``needs_teacher`` (teacher
-    logits), ``needs_features`` (intermediate feature maps of both models, hence a live teacher).
-    Feature terms name their layers (``student_layer``, ``teacher_layer``); None means the
-    model's default feature layer, resolved by ``Objective.bind``.
-    """
-
-    needs_teacher: ClassVar[bool] = True
-    needs_features: ClassVar[bool] = False
-    student_layer: str | None = None
-    teacher_layer: str | None = None
-
-    def bind(self, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]) -> None:
-        """Create learnable parts from the per-sample feature shapes (FitNets' regressor)."""
-
-    def forward(self, inputs: LossInputs) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-
+# kd_lib.plugins.PROVIDERS names this registry by module path (config lists its names that way).
 LOSSES: Registry[type[LossTerm]] = Registry("loss")
 
 
@@ -318,8 +304,8 @@ class DKDTerm(LossTerm):
     def forward(self, inputs: LossInputs) -> Tensor:
         return dkd(
             inputs.student_logits,
-            inputs.teacher_logits,
-            inputs.labels,  # type: ignore[arg-type]
+            inputs.teacher_logits,  # type: ignore[arg-type]
+            inputs.labels,
             alpha=self.alpha,
             beta=self.beta,
             temperature=self.temperature,
@@ -351,7 +337,8 @@ class FitNetsTerm(LossTerm):
             self.regressor = nn.Linear(student_shape[0], teacher_shape[0])
         else:
             raise ValueError(
-                f"fitnets needs both layers to be [C, H, W] maps or both flat vectors; got {student_shape} and {teacher_shape}"
+                "fitnets needs both layers to be [C, H, W] maps or both flat vectors; "
+                f"got {student_shape} and {teacher_shape}"
             )
 
     def forward(self, inputs: LossInputs) -> Tensor:
@@ -394,153 +381,6 @@ class AttentionTransferTerm(LossTerm):
         )
 
 
-def default_feature_layer(model: nn.Module) -> str:
-    """Name of the module whose output is the model's last feature map: the one before its Flatten.
-
-    Searches nested containers too, so a model wrapped for quantization or input
-    normalization (``QuantWrapper(model)`` -> ``"module.3"``) resolves the same layer.
-
-    Raises:
-        ValueError: the model has no ``nn.Flatten`` preceded by a sibling layer; name one in
-            the term's ``student_layer`` / ``teacher_layer`` params instead.
-    """
-    for prefix, parent in model.named_modules():
-        children = list(parent.named_children())
-        for i, (_, child) in enumerate(children):
-            if isinstance(child, nn.Flatten) and i > 0:
-                return f"{prefix}.{children[i - 1][0]}" if prefix else children[i - 1][0]
-    raise ValueError(
-        f"{type(model).__name__} has no Flatten after a feature layer to default to; set the loss term's "
-        "student_layer/teacher_layer params to module names from model.named_modules()"
-    )
-
-
-class Objective(nn.Module):
-    """The weighted sum of loss terms a config describes.
-
-    Holds the terms as submodules, so learnable parts (FitNets' regressor) are trained with
-    the student (pass ``objective.parameters()`` to the optimizer) and checkpointed with it.
-
-    Args:
-        terms: ``(name, weight, term)`` triples; zero-weight terms are kept (they are logged)
-            but not computed.
-    """
-
-    def __init__(self, terms: list[tuple[str, float, LossTerm]]) -> None:
-        super().__init__()
-        if not terms:
-            raise ValueError("an objective needs at least one loss term")
-        self.names = [name for name, _, _ in terms]
-        self.weights = [float(w) for _, w, _ in terms]
-        self.terms = nn.ModuleList([term for _, _, term in terms])
-        # Per-term sums over the batches since the last ``epoch_means()``, kept as tensors: an
-        # ``.item()`` per batch would synchronize a GPU every step.
-        self._sums: dict[str, Tensor] = {}
-        self._count = 0
-
-    def _active(self) -> list[tuple[str, float, LossTerm]]:
-        return [(n, w, t) for n, w, t in zip(self.names, self.weights, self.terms) if w > 0]  # type: ignore[misc]
-
-    @property
-    def needs_teacher(self) -> bool:
-        return any(t.needs_teacher for _, _, t in self._active())
-
-    @property
-    def needs_features(self) -> bool:
-        return any(t.needs_features for _, _, t in self._active())
-
-    def feature_layers(self) -> tuple[set[str], set[str]]:
-        """(student layer names, teacher layer names) the active terms read; call after ``bind``."""
-        active = [t for _, _, t in self._active() if t.needs_features]
-        return {t.student_layer for t in active}, {t.teacher_layer for t in active}  # type: ignore[misc]
-
-    def bind(self, student: nn.Module, teacher: nn.Module | None, sample: Tensor) -> None:
-        """Resolve default layer names and create learnable parts from one forward pass.
-
-        Args:
-            student: The student (its mode and weights are not changed).
-            teacher: The teacher, required when a term needs it.
-            sample: ``[b, *input_shape]`` a few training inputs, on the models' device.
-        """
-        if self.needs_teacher and teacher is None:
-            raise ValueError(f"loss terms {self.names} need a teacher, but none was given")
-        feature_terms = [t for _, _, t in self._active() if t.needs_features]
-        if not feature_terms:
-            return
-        for term in feature_terms:
-            term.student_layer = term.student_layer or default_feature_layer(student)
-            term.teacher_layer = term.teacher_layer or default_feature_layer(teacher)  # type: ignore[arg-type]
-        s_layers, t_layers = self.feature_layers()
-        with torch.no_grad():
-            s_feats = capture_features(student, s_layers, sample)[1]
-            t_feats = capture_features(teacher, t_layers, sample)[1]  # type: ignore[arg-type]
-        for term in feature_terms:
-            term.bind(tuple(s_feats[term.student_layer].shape[1:]), tuple(t_feats[term.teacher_layer].shape[1:]))
-        self.to(sample.device)
-
-    def forward(self, inputs: LossInputs) -> Tensor:
-        """Weighted sum of the active terms on one batch: a scalar to backpropagate."""
-        total: Tensor | None = None
-        batch = len(inputs.labels)
-        for name, weight, term in self._active():
-            value = term(inputs)
-            key = f"loss_{name}"
-            self._sums[key] = self._sums.get(key, 0.0) + value.detach() * batch  # type: ignore[operator]
-            total = weight * value if total is None else total + weight * value
-        self._count += batch
-        return total  # type: ignore[return-value]
-
-    def epoch_means(self) -> dict[str, float]:
-        """Mean of each (unweighted) term per sample since the last call, e.g. ``{"loss_kd": 0.31}``; resets."""
-        means = {k: float(v) / self._count for k, v in self._sums.items()} if self._count else {}
-        self._sums, self._count = {}, 0
-        return means
-
-    def epoch_sums(self) -> tuple[dict[str, float], int]:
-        """(sum of each term over the samples since the last call, number of samples); resets.
-
-        What ranks of a multi-process run add up before dividing, instead of ``epoch_means``.
-        """
-        sums, count = {k: float(v) for k, v in self._sums.items()}, self._count
-        self._sums, self._count = {}, 0
-        return sums, count
-
-    @contextlib.contextmanager
-    def untracked(self) -> Iterator[None]:
-        """Forward passes inside are left out of the epoch's sums (a zero-weighted stand-in batch)."""
-        sums, count = dict(self._sums), self._count
-        try:
-            yield
-        finally:
-            self._sums, self._count = sums, count
-
-
-def capture_features(model: nn.Module, layers: set[str], x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-    """Run ``model(x)`` and return its output plus the outputs of the named submodules.
-
-    Forward hooks are removed again, whatever happens.
-
-    Raises:
-        ValueError: a layer name is not a submodule of the model (lists the valid names).
-    """
-    modules = dict(model.named_modules())
-    missing = sorted(n for n in layers if n not in modules)
-    if missing:
-        valid = [n for n in modules if n]
-        raise ValueError(f"no layer(s) {missing} in {type(model).__name__}; valid names: {valid}")
-    captured: dict[str, Tensor] = {}
-    handles = [
-        modules[name].register_forward_hook(lambda _m, _i, out, name=name: captured.__setitem__(name, out))
-        for name in layers
-    ]
-    try:
-        out = model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return out, captured
-
-
 def build_objective(terms: list[LossTermConfig], where: str = "distill.losses") -> Objective:
     """Build the objective from config, naming the entry that is wrong.
 
@@ -564,21 +404,3 @@ def build_objective(terms: list[LossTermConfig], where: str = "distill.losses") 
         except (TypeError, ValueError) as err:
             raise ConfigError(f"{where}[{i}].params: {err}") from None
     return Objective(built)
-
-
-def describe(terms: list[LossTermConfig]) -> str:
-    """``"0.9*kd(temperature=4) + 0.1*ce"``: the objective in one line, for logs and reports."""
-    parts = []
-    for spec in terms:
-        args = ",".join(f"{k}={v}" for k, v in sorted(spec.params.items()))
-        parts.append(f"{spec.weight:g}*{spec.name}" + (f"({args})" if args else ""))
-    return " + ".join(parts)
-
-
-def as_params(terms: list[LossTermConfig]) -> dict[str, Any]:
-    """Flat MLflow params of the objective, e.g. ``{"loss.0.kd.weight": 0.9, "loss.0.kd.temperature": 4}``."""
-    out: dict[str, Any] = {"objective": describe(terms)}
-    for i, spec in enumerate(terms):
-        out[f"loss.{i}.{spec.name}.weight"] = spec.weight
-        out |= {f"loss.{i}.{spec.name}.{k}": v for k, v in spec.params.items()}
-    return out

@@ -10,8 +10,14 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from kd_lib import steps
 from kd_lib.adapters.model_registry import RegistryError
+from kd_lib.steps.distill import distill
+from kd_lib.steps.evaluate import evaluate
+from kd_lib.steps.gate import gate
+from kd_lib.steps.prepare_data import prepare_data
+from kd_lib.steps.quantize import quantize
+from kd_lib.steps.register import register
+from kd_lib.steps.train_teacher import train_teacher
 from tests.conftest import ADMIN
 from tests.helpers import tiny_config
 
@@ -52,21 +58,21 @@ def test_user_without_edit_gets_a_clear_error_and_nothing_is_registered(
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ALICE[1])
 
     d = {n: tmp_path / n for n in ("dataset", "teacher", "student", "quantized")}
-    steps.prepare_data(cfg, "auth-run", d["dataset"])  # alice may create her own runs
-    steps.train_teacher(cfg, "auth-run", d["dataset"], d["teacher"])
-    steps.distill(cfg, "auth-run", d["dataset"], d["teacher"], d["student"])
-    steps.quantize(cfg, "auth-run", d["dataset"], d["student"], d["quantized"])
-    steps.evaluate(
+    prepare_data(cfg, "auth-run", d["dataset"])  # alice may create her own runs
+    train_teacher(cfg, "auth-run", d["dataset"], d["teacher"])
+    distill(cfg, "auth-run", d["dataset"], d["teacher"], d["student"])
+    quantize(cfg, "auth-run", d["dataset"], d["student"], d["quantized"])
+    evaluate(
         cfg,
         "auth-run",
         d["dataset"],
         {"teacher": d["teacher"], "student": d["student"], "quantized": d["quantized"]},
         tmp_path / "evaluation.json",
     )
-    _, action = steps.gate(cfg, "auth-run", d["dataset"], tmp_path / "evaluation.json", tmp_path / "decision.json")
+    _, action = gate(cfg, "auth-run", d["dataset"], tmp_path / "evaluation.json", tmp_path / "decision.json")
     assert action == "promote"
     with pytest.raises(RegistryError) as err:
-        steps.register(
+        register(
             cfg, "auth-run", d["dataset"], d["quantized"], tmp_path / "evaluation.json", tmp_path / "decision.json"
         )
     message = str(err.value)

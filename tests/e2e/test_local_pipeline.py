@@ -218,6 +218,8 @@ def test_a_failing_step_closes_the_parent_run_as_failed(tmp_path: Path, monkeypa
     result = _run(cfg, tmp_path, monkeypatch)
     assert not result.succeeded
     assert "prepare-data" in result.error or "prepare_data" in result.error
+    # The run ends with the failed task's own error (kfp.local says only "Inner task failed").
+    assert result.failed_task == "prepare-data" and f"{missing}: no such file" in result.failure_cause
     client = MlflowClient(tracking_uri=cfg.tracking.tracking_uri)
     parent = client.get_run(result.parent_run_id)
     assert parent.info.status == "FAILED"

@@ -138,20 +138,24 @@ def test_a_sweep_registers_exactly_the_candidate_the_pareto_rule_picks(
 
 def _champion_in_process(cfg: PipelineConfig, tmp_path: Path) -> str:
     """Register a champion by calling the steps of a single run directly (no subprocesses)."""
-    from kd_lib import steps
+    from kd_lib.steps.distill import distill
+    from kd_lib.steps.evaluate import evaluate
+    from kd_lib.steps.gate import gate
+    from kd_lib.steps.prepare_data import prepare_data
+    from kd_lib.steps.quantize import quantize
+    from kd_lib.steps.register import register
+    from kd_lib.steps.train_teacher import train_teacher
 
     rid, d = "champion-run", tmp_path / "champion"
-    steps.prepare_data(cfg, rid, d / "dataset")
-    steps.train_teacher(cfg, rid, d / "dataset", d / "teacher")
-    steps.distill(cfg, rid, d / "dataset", d / "teacher", d / "student")
-    steps.quantize(cfg, rid, d / "dataset", d / "student", d / "quantized", teacher_dir=d / "teacher")
+    prepare_data(cfg, rid, d / "dataset")
+    train_teacher(cfg, rid, d / "dataset", d / "teacher")
+    distill(cfg, rid, d / "dataset", d / "teacher", d / "student")
+    quantize(cfg, rid, d / "dataset", d / "student", d / "quantized", teacher_dir=d / "teacher")
     models = {"teacher": d / "teacher", "student": d / "student", "quantized": d / "quantized"}
-    steps.evaluate(cfg, rid, d / "dataset", models, d / "evaluation.json")
-    decision, _ = steps.gate(cfg, rid, d / "dataset", d / "evaluation.json", d / "decision.json")
+    evaluate(cfg, rid, d / "dataset", models, d / "evaluation.json")
+    decision, _ = gate(cfg, rid, d / "dataset", d / "evaluation.json", d / "decision.json")
     assert decision.passed, decision.table()
-    return steps.register(cfg, rid, d / "dataset", d / "quantized", d / "evaluation.json", d / "decision.json")[
-        "version"
-    ]
+    return register(cfg, rid, d / "dataset", d / "quantized", d / "evaluation.json", d / "decision.json")["version"]
 
 
 @pytest.mark.slow  # the no-pass rule is also covered on files by tests/kd_lib/test_sweep_step.py

@@ -21,8 +21,8 @@ import torch
 from kd_lib.config import AugmentConfig, DistributedConfig, LossTermConfig, TrainConfig
 from kd_lib.data.augment import Augment, make_augment
 from kd_lib.models.builders import build_model
-from kd_lib.train import distributed
 from kd_lib.train import loop as training
+from kd_lib.train import ranks as distributed
 from kd_lib.train.losses import build_objective
 
 # 225 = 7 * 32 + 1: the last global batch holds one sample, so one of two ranks has none.

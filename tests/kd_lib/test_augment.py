@@ -28,7 +28,7 @@ def test_random_crop_shifts_each_image_by_at_most_the_padding_and_fills_with_zer
     out = random_crop(x, padding, torch.Generator().manual_seed(0))
     assert out.shape == x.shape
     shifts = []
-    for img, got in zip(x, out):
+    for img, got in zip(x, out, strict=True):
         matches = [
             (dy, dx)
             for dy in range(-padding, padding + 1)
@@ -57,9 +57,9 @@ def test_augmentation_is_reproducible_from_the_generator_and_advances_it() -> No
 def test_random_hflip_mirrors_about_half_of_the_images() -> None:
     x = _images(b=200)
     out = random_hflip(x, torch.Generator().manual_seed(0))
-    flipped = [bool(torch.equal(o, i.flip(-1))) for o, i in zip(out, x)]
-    kept = [bool(torch.equal(o, i)) for o, i in zip(out, x)]
-    assert all(f != k for f, k in zip(flipped, kept)), "each image is either mirrored or left as it was"
+    flipped = [bool(torch.equal(o, i.flip(-1))) for o, i in zip(out, x, strict=True)]
+    kept = [bool(torch.equal(o, i)) for o, i in zip(out, x, strict=True)]
+    assert all(f != k for f, k in zip(flipped, kept, strict=True)), "each image is either mirrored or left as it was"
     assert 70 < sum(flipped) < 130
 
 

@@ -1,5 +1,7 @@
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,7 +44,8 @@ def test_every_error_is_reported_not_only_the_first(tmp_path: Path) -> None:
 def test_dotted_overrides_are_parsed_as_yaml_and_validated(tmp_path: Path) -> None:
     path = _write(
         tmp_path,
-        "distill:\n  train: {epochs: 3}\n  losses:\n    - {name: kd, weight: 0.9, params: {temperature: 2}}\n    - {name: ce, weight: 0.1}\n",
+        "distill:\n  train: {epochs: 3}\n  losses:\n"
+        "    - {name: kd, weight: 0.9, params: {temperature: 2}}\n    - {name: ce, weight: 0.1}\n",
     )
     cfg = load_config(
         path,
@@ -159,3 +162,30 @@ def test_flat_params_use_dotted_keys() -> None:
     ]
     assert flat["teacher.model.params.width"] == 256
     assert flat["evaluate.batch_sizes"] == [1, 64]
+
+
+def test_importing_config_loads_no_heavy_library_and_nothing_above_it() -> None:
+    # A gate task only reads the config: it must not pay for torch or mlflow. And config sits
+    # below models/compress: it may load kd_lib's errors and plugins modules, nothing else.
+    probe = (
+        "import json, sys; import kd_lib.config; "
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('torch', 'mlflow', 'numpy', 'pandas', 'kd_lib'))))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
+    loaded = json.loads(done.stdout)
+    heavy = [m for m in loaded if not m.startswith("kd_lib")]
+    assert heavy == [], f"import kd_lib.config loaded {heavy}"
+    allowed = ("kd_lib", "kd_lib.errors", "kd_lib.plugins")
+    above = [m for m in loaded if m.startswith("kd_lib") and m not in allowed and not m.startswith("kd_lib.config")]
+    assert above == [], f"kd_lib.config imports layers above it: {above}"
+
+
+def test_the_package_re_exports_every_section() -> None:
+    import kd_lib.config as config
+
+    for name in config.__all__:
+        assert getattr(config, name) is not None, name
+    # Each section's models are importable from the package, whatever module now holds them.
+    assert config.SweepConfig.__module__ == "kd_lib.config.sweep"
+    assert config.PipelineConfig.__module__ == "kd_lib.config.pipeline"

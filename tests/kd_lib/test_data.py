@@ -3,6 +3,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from kd_lib.artifacts import ArtifactError
 from kd_lib.config import DataConfig
 from kd_lib.data import dataset as data
 
@@ -47,9 +48,9 @@ def test_split_is_seeded_disjoint_and_complete() -> None:
     a = data.stratified_split(y, 0.2, 0.2, seed=1)
     b = data.stratified_split(y, 0.2, 0.2, seed=1)
     c = data.stratified_split(y, 0.2, 0.2, seed=2)
-    for u, v in zip(a, b):
+    for u, v in zip(a, b, strict=True):
         np.testing.assert_array_equal(u, v)
-    assert not all(np.array_equal(u, v) for u, v in zip(a, c))
+    assert not all(np.array_equal(u, v) for u, v in zip(a, c, strict=True))
     joined = np.concatenate(a)
     assert sorted(joined.tolist()) == list(range(y.size))
 
@@ -108,7 +109,10 @@ def test_corrupt_and_missing_files(tmp_path: Path) -> None:
         data.prepare(DataConfig(source=str(tmp_path / "absent.npz")))
     with pytest.raises(data.DataError, match="unsupported source"):
         data.prepare(DataConfig(source=str(tmp_path / "file.txt")))
-    with pytest.raises(data.DataError, match="re-run the prepare_data step"):
+    # A prepared dataset directory is an artifact between steps: its errors are ArtifactErrors.
+    with pytest.raises(
+        ArtifactError, match=r"not a prepared kdflow dataset \(.*meta\.json: missing\); re-run the prepare_data step"
+    ):
         data.load_splits(tmp_path)
 
 

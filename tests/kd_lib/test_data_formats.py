@@ -74,7 +74,7 @@ def _pixel_table(x: np.ndarray, y: np.ndarray, path: Path) -> Path:
 
 def _folder(root: Path, x: np.ndarray, y: np.ndarray, suffix: str = ".png", names: list[str] = CLASSES) -> Path:
     """root/<class>/<i>.png, file names sorting in sample order."""
-    for i, (img, label) in enumerate(zip(x, y)):
+    for i, (img, label) in enumerate(zip(x, y, strict=True)):
         d = root / names[label]
         d.mkdir(parents=True, exist_ok=True)
         arr = img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
@@ -401,7 +401,8 @@ def test_incompatible_options_are_config_errors(fields: dict, message: str) -> N
 def test_prepare_data_step_fetches_from_s3_and_logs_class_names(s3: S3, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
-    from kd_lib import steps
+    from kd_lib.steps.evaluate import class_names
+    from kd_lib.steps.prepare_data import prepare_data
     from tests.helpers import tiny_config
 
     x, y = _images(channels=3)
@@ -411,9 +412,9 @@ def test_prepare_data_step_fetches_from_s3_and_logs_class_names(s3: S3, tmp_path
         data={"source": s3.uri("imgs/"), "image_mode": "RGB"},
         tracking={"retry": {"max_attempts": 2, "timeout_s": 5.0}},
     )
-    meta = steps.prepare_data(cfg, "pipe-s3", tmp_path / "dataset")
+    meta = prepare_data(cfg, "pipe-s3", tmp_path / "dataset")
     assert meta["class_names"] == CLASSES and meta["input_shape"] == [3, 4, 5]
-    assert steps.class_names(data.load_splits(tmp_path / "dataset").meta) == CLASSES
+    assert class_names(data.load_splits(tmp_path / "dataset").meta) == CLASSES
     client = MlflowClient(cfg.tracking.tracking_uri)
     run = client.search_runs(
         [client.get_experiment_by_name(cfg.tracking.experiment).experiment_id],

@@ -1,6 +1,6 @@
 """Two CPU processes (torchrun, gloo) train like one process on the same global batch.
 
-Real processes, a real process group, no mocks: ``kd_lib.train.distributed.launch`` starts torchrun
+Real processes, a real process group, no mocks: ``kd_lib.launch.torchrun.launch`` starts torchrun
 with the ranks of ``tests/kd_lib/ddp_cases.py`` (or, for the step, ``kd_lib.launch.worker``),
 and the result is compared with the single-process loop run here on the same problem.
 Equal up to float reduction order: the gradient of a global batch is summed over two halves
@@ -19,10 +19,12 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from kd_lib import steps
 from kd_lib.compress import quantization
 from kd_lib.config import DistributedConfig
-from kd_lib.train import distributed
+from kd_lib.launch import torchrun as distributed
+from kd_lib.steps.distill import distill
+from kd_lib.steps.prepare_data import prepare_data
+from kd_lib.steps.train_teacher import train_teacher
 from tests.helpers import tiny_config
 from tests.kd_lib import ddp_cases
 
@@ -114,21 +116,21 @@ def test_a_rank_that_stops_answering_times_the_others_out(tmp_path: Path) -> Non
 
 @pytest.mark.slow
 def test_distill_step_on_two_processes_records_once_like_one_process(tmp_path: Path) -> None:
-    """The step path: steps.distill starts torchrun; rank 0 runs the step (MLflow, outputs), the
-    other rank mirrors its training runs, the no-teacher baseline included."""
+    """The step path: the distill step starts torchrun; every rank runs the step, rank 0 alone
+    records (MLflow, outputs), the no-teacher baseline included."""
     cfg = tiny_config(
         tmp_path,
         teacher={"train": {"epochs": 2}},
         distill={"train": {"epochs": 3, "batch_size": 64, "lr": 0.005, "patience": 3}, "baseline": True},
     )
-    steps.prepare_data(cfg, "ddp-setup", tmp_path / "dataset")
-    steps.train_teacher(cfg, "ddp-setup", tmp_path / "dataset", tmp_path / "teacher")
+    prepare_data(cfg, "ddp-setup", tmp_path / "dataset")
+    train_teacher(cfg, "ddp-setup", tmp_path / "dataset", tmp_path / "teacher")
     outputs = {}
     for name, distributed_cfg in (("one", DistributedConfig()), ("two", TWO)):
         run_cfg = cfg.model_copy(deep=True)
         run_cfg.distill.train.distributed = distributed_cfg
         out = {k: tmp_path / f"{name}-{k}" for k in ("student", "baseline")}
-        summary = steps.distill(
+        summary = distill(
             run_cfg,
             f"{name}-process",
             tmp_path / "dataset",

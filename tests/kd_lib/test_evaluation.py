@@ -56,6 +56,15 @@ def test_macro_f1_counts_a_class_with_zero_precision_and_recall_as_zero() -> Non
     assert macro_f1(Y, Y, 4) == pytest.approx(1.0)
 
 
+def test_macro_f1_counts_a_true_class_never_predicted_as_zero() -> None:
+    y, pred = torch.tensor([0, 1, 1, 2]), torch.tensor([0, 0, 1, 0])
+    # class 0: TP 1, FP 2, FN 0 -> 2/4; class 1: TP 1, FP 0, FN 1 -> 2/3; class 2: TP 0, FN 1 -> 0.
+    assert macro_f1(pred, y, 3) == pytest.approx((0.5 + 2 / 3 + 0.0) / 3)
+    assert confusion_matrix(pred, y, 3) == [[1, 0, 0], [1, 1, 0], [1, 0, 0]]
+    with pytest.raises(ValueError, match="outside"):
+        macro_f1(torch.tensor([0, 3]), torch.tensor([0, 1]), 3)
+
+
 def test_predict_returns_int64_labels() -> None:
     model = nn.Linear(2, 3)
     with torch.no_grad():
@@ -126,6 +135,12 @@ def test_mcnemar_exact_p_values_match_hand_computed_binomial_tails() -> None:
     # 10 against 0: 2 / 2^10, significant; an even split is as likely as can be (capped at 1).
     assert mcnemar_p_value(10, 0) == pytest.approx(2 / 1024)
     assert mcnemar_p_value(3, 3) == 1.0 and mcnemar_p_value(0, 0) == 1.0
+    # n = 9 split 7/2: 2 * (C(9,0) + C(9,1) + C(9,2)) / 2^9 = 2 * 46 / 512.
+    assert mcnemar_p_value(7, 2) == pytest.approx(92 / 512)
+    # n = 9 split 4/5: the tail up to 4 is exactly half of the mass, so p = 1.
+    assert mcnemar_p_value(4, 5) == pytest.approx(1.0)
+    # n = 1: one discordant sample cannot tell anything (2 * 1/2).
+    assert mcnemar_p_value(1, 0) == pytest.approx(1.0)
     # Large counts stay exact and finite (a 10,000-sample test split).
     assert 0.0 < mcnemar_p_value(600, 480) < 0.001
     with pytest.raises(ValueError, match="counts must be >= 0"):

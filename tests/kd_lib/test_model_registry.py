@@ -1,6 +1,9 @@
 """Registry behaviour on a real sqlite MLflow store: tags at creation, guarded promotion."""
 
 import os
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -15,6 +18,9 @@ from kd_lib.compress import quantization
 from kd_lib.config import GateConfig
 from kd_lib.evaluate.gates import decide
 from kd_lib.models.builders import build_model
+from tests.kd_lib.conftest import REPO_ROOT
+
+TYPE_HINT_WARNING = "Add type hints to the `predict` method"
 
 
 @pytest.fixture
@@ -40,12 +46,14 @@ def test_register_promote_and_load_without_pickle(tmp_path: Path, saved_model, m
     run = client.create_run(client.create_experiment("reg"))
     passed = decide({"accuracy": 0.9, "size_bytes": 10}, {"accuracy": 0.91, "size_bytes": 100}, GateConfig())
     failed = decide({"accuracy": 0.1, "size_bytes": 10}, {"accuracy": 0.91, "size_bytes": 100}, GateConfig())
-    with fluent_run(client, run.info.run_id):
+    with fluent_run(client, run.info.run_id), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         source, model_id = log_pyfunc(model_dir, spec, pip_requirements())
         v1 = registry.register(source, run.info.run_id, gate_tags(passed), model_id=model_id)
         registry.promote(v1, "champion")
         v2 = registry.register(source, run.info.run_id, gate_tags(failed), model_id=model_id)
     assert "MLFLOW_REGISTRY_URI" not in os.environ, "fluent_run must not leak the registry URI"
+    assert not [w for w in caught if TYPE_HINT_WARNING in str(w.message)]
     assert client.get_model_version("reg-test", v1).tags["validation_status"] == "passed"
     assert registry.alias_version("champion") == v1
     with pytest.raises(RegistryError, match="not tagged validation_status=passed"):
@@ -55,6 +63,13 @@ def test_register_promote_and_load_without_pickle(tmp_path: Path, saved_model, m
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
+    # The logged signature is the explicit tensor schema, not one inferred from predict's hints.
+    signature = mlflow.models.get_model_info(source).signature.to_dict()
+    assert signature == {
+        "inputs": '[{"type": "tensor", "tensor-spec": {"dtype": "float32", "shape": [-1, 1, 4, 4]}}]',
+        "outputs": '[{"type": "tensor", "tensor-spec": {"dtype": "int64", "shape": [-1]}}]',
+        "params": None,
+    }
     loaded = mlflow.pyfunc.load_model("models:/reg-test@champion")
     raw = np.random.default_rng(0).uniform(0, 4, size=(6, 1, 4, 4)).astype(np.float32)
     expected = model(torch.from_numpy((raw - 2.0) / 4.0)).argmax(1).numpy()
@@ -67,3 +82,17 @@ def test_gate_tags_record_each_check() -> None:
     assert tags["validation_status"] == "rejected"
     assert tags["gate.min_accuracy"] == "0.5 >= 0.8 FAIL"
     assert tags["gate.min_compression_ratio"].endswith("PASS")
+
+
+def test_defining_the_pyfunc_emits_no_type_hint_warning() -> None:
+    """MLflow checks predict's type hints when the class is defined, i.e. on the first import of
+    the module in every task process: a fresh interpreter shows whether it warns."""
+    code = (
+        "import warnings\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import kd_lib.adapters.model_registry\n"
+        "print('\\n'.join(str(w.message) for w in caught))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    assert TYPE_HINT_WARNING not in out.stdout

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from kd_lib import steps
 from kd_lib.compress import quantization
 from kd_lib.config import ConfigError, GpuConfig, PipelineConfig, parse_config
 from kd_lib.launch import pytorchjob
+from kd_lib.steps.prepare_data import prepare_data
 from tests.helpers import tiny_config
 from tests.kd_lib.fake_k8s_api import FakeKubernetesApi
 
@@ -239,7 +239,7 @@ def test_the_rendered_master_command_runs_the_step_on_two_ranks(tmp_path: Path) 
     )
     secrets = {"kdflow-mlflow": {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}}
     dataset = tmp_path / "dataset"
-    steps.prepare_data(
+    prepare_data(
         cfg.model_copy(
             update={
                 "tracking": cfg.tracking.model_copy(

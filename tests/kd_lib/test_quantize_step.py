@@ -15,11 +15,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kd_lib import steps
 from kd_lib.adapters.tracking import client_for
 from kd_lib.compress.quantization import QuantizationError, load_model
 from kd_lib.config import PipelineConfig
 from kd_lib.evaluate import gates
+from kd_lib.steps.distill import distill
+from kd_lib.steps.evaluate import evaluate
+from kd_lib.steps.gate import gate
+from kd_lib.steps.prepare_data import prepare_data
+from kd_lib.steps.quantize import quantize as quantize_step
+from kd_lib.steps.train_teacher import train_teacher
 from tests.helpers import tiny_config
 
 
@@ -39,12 +44,12 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path
 def _train(root: Path) -> dict[str, Path]:
     cfg = tiny_config(root)
     paths = {"root": root, "dataset": root / "dataset", "teacher": root / "teacher"}
-    steps.prepare_data(cfg, "prep", paths["dataset"])
-    steps.train_teacher(cfg, "prep", paths["dataset"], paths["teacher"])
+    prepare_data(cfg, "prep", paths["dataset"])
+    train_teacher(cfg, "prep", paths["dataset"], paths["teacher"])
     for arch, params in (("mlp", {"width": 24, "depth": 1}), ("cnn", {"channels": 4, "depth": 1, "hidden": 16})):
         student_cfg = _cfg(root, student={"model": {"arch": arch, "params": params}})
         paths[arch] = root / f"student_{arch}"
-        steps.distill(student_cfg, "prep", paths["dataset"], paths["teacher"], paths[arch])
+        distill(student_cfg, "prep", paths["dataset"], paths["teacher"], paths[arch])
     return paths
 
 
@@ -58,7 +63,7 @@ def _cfg(root: Path, **sections: dict) -> PipelineConfig:
 def _quantize(trained: dict[str, Path], tmp_path: Path, arch: str = "mlp", **quantize: object):
     cfg = _cfg(trained["root"], quantize=dict(quantize))
     out = tmp_path / "quantized"
-    info = steps.quantize(
+    info = quantize_step(
         cfg,
         f"run-{tmp_path.name}",
         trained["dataset"],
@@ -141,8 +146,8 @@ def test_auto_without_a_passing_scheme_keeps_fp32_and_fails_the_gate_with_the_re
 
     models = {"teacher": trained["teacher"], "student": trained["cnn"], "quantized": out}
     cfg.evaluate.latency_iters = 1
-    steps.evaluate(cfg, f"run-{tmp_path.name}", trained["dataset"], models, tmp_path / "evaluation.json")
-    decision, action = steps.gate(
+    evaluate(cfg, f"run-{tmp_path.name}", trained["dataset"], models, tmp_path / "evaluation.json")
+    decision, action = gate(
         cfg, f"run-{tmp_path.name}", trained["dataset"], tmp_path / "evaluation.json", tmp_path / "decision.json"
     )
     assert not decision.passed and action == "reject"

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import pytest
 
+from kd_lib import plugins
+from kd_lib.errors import KdflowError
 from kd_lib.plugins import Registry, UnknownNameError
 
 
@@ -48,3 +50,37 @@ def test_registries_are_independent() -> None:
     second: Registry = Registry("two")
     first.register("x")(1)
     assert "x" not in second
+
+
+def test_names_imports_the_provider_by_module_path() -> None:
+    from kd_lib.compress.quantization import QUANTIZERS
+    from kd_lib.models.builders import MODELS
+    from kd_lib.train.losses import LOSSES
+
+    assert plugins.names("model") == MODELS.names()
+    assert {"cnn", "mlp"} <= set(plugins.names("model"))
+    assert plugins.names("quantizer") == QUANTIZERS.names()
+    assert "dynamic_int8" in plugins.names("quantizer")
+    assert plugins.names("loss") == LOSSES.names()
+    assert {"ce", "kd"} <= set(plugins.names("loss"))
+
+
+def test_every_declared_provider_fills_a_registry_of_its_kind() -> None:
+    for kind in plugins.PROVIDERS:
+        found = plugins.registry(kind)
+        assert isinstance(found, Registry) and found.kind == kind and len(found) > 0
+
+
+def test_unknown_kind_names_the_declared_kinds() -> None:
+    with pytest.raises(UnknownNameError) as info:
+        plugins.names("widget")
+    assert isinstance(info.value, KdflowError)
+    assert info.value.cause == "unknown plugin kind 'widget'; available: loss, model, quantizer"
+    assert "PROVIDERS" in info.value.fix
+
+
+def test_a_stale_provider_entry_is_a_type_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The attribute exists but is not the model registry (renamed, or pointed at the wrong kind).
+    monkeypatch.setitem(plugins.PROVIDERS, "model", "kd_lib.compress.quantization:QUANTIZERS")
+    with pytest.raises(TypeError, match="not a Registry of kind 'model'"):
+        plugins.names("model")

@@ -6,17 +6,19 @@ import base64
 import copy
 import io
 import json
+import subprocess
+import sys
 from html.parser import HTMLParser
 from typing import Any
 
 import pytest
 from PIL import Image
 
+from kd_lib import report
 from kd_lib.adapters.tracking import _params
 from kd_lib.config import PipelineConfig
 from kd_lib.evaluate.gates import decide
-from kd_lib.report import render as report
-from kd_lib.report.render import ReportData
+from kd_lib.report import ReportData
 
 CM_TEACHER = [[9, 1, 0], [0, 10, 0], [0, 1, 9]]
 CM_STUDENT = [[8, 2, 0], [0, 10, 0], [1, 1, 8]]
@@ -219,8 +221,9 @@ def test_missing_teacher_history_is_said_not_drawn(data: ReportData) -> None:
 def test_gate_thresholds_are_drawn_on_the_tradeoff_plot(data: ReportData) -> None:
     fig = report.tradeoff_figure(data)
     ax = fig.axes[0]
-    horizontal = {round(line.get_ydata()[0], 6) for line in ax.lines if line.get_ydata()[0] == line.get_ydata()[1]}
-    vertical = {round(line.get_xdata()[0], 6) for line in ax.lines if line.get_xdata()[0] == line.get_xdata()[1]}
+    lines: list[Any] = list(ax.lines)  # matplotlib types get_xdata() as ArrayLike, which mypy cannot index
+    horizontal = {round(line.get_ydata()[0], 6) for line in lines if line.get_ydata()[0] == line.get_ydata()[1]}
+    vertical = {round(line.get_xdata()[0], 6) for line in lines if line.get_xdata()[0] == line.get_xdata()[1]}
     th = report.thresholds_of(data)
     assert round(th["min_accuracy"] * 100, 6) in horizontal
     assert round(93.33 - th["max_accuracy_drop"], 6) in horizontal
@@ -283,17 +286,38 @@ def test_from_dict_rejects_unknown_fields() -> None:
         ReportData.from_dict({"evalutaion": {}})
 
 
+def _gain_line(evaluation: dict[str, Any]) -> str:
+    line = report.kd_gain_line(evaluation)
+    assert line is not None
+    return line
+
+
 def test_the_kd_gain_line_says_whether_the_test_split_can_tell_the_two_apart() -> None:
-    evaluation = {"student": {"accuracy": 0.9, "kd_gain_points": 2.0}, "baseline": {"accuracy": 0.88}}
+    evaluation: dict[str, dict[str, Any]] = {
+        "student": {"accuracy": 0.9, "kd_gain_points": 2.0},
+        "baseline": {"accuracy": 0.88},
+    }
     assert report.kd_gain_line({"student": evaluation["student"]}) is None  # no baseline trained
     # An evaluation written before the paired test existed keeps its one sentence.
-    assert report.kd_gain_line(evaluation).startswith("KD gain: +2.00 points")
-    assert "McNemar" not in report.kd_gain_line(evaluation)
+    assert _gain_line(evaluation).startswith("KD gain: +2.00 points")
+    assert "McNemar" not in _gain_line(evaluation)
     small = {"n": 100, "kd_only_right": 3, "baseline_only_right": 1, "p_value": 0.625, "significant": False}
     evaluation["student"]["kd_gain"] = small
-    line = report.kd_gain_line(evaluation)
+    line = _gain_line(evaluation)
     assert "only the KD student is right on 3 and only the baseline on 1" in line
     assert "p = 0.625, not significant at 5%" in line
     clear = {"kd_only_right": 12, "baseline_only_right": 0, "p_value": 0.00049, "significant": True}
     evaluation["student"]["kd_gain"] = small | clear
-    assert report.kd_gain_line(evaluation).endswith("exact McNemar p = 0.00049, significant at 5%")
+    assert _gain_line(evaluation).endswith("exact McNemar p = 0.00049, significant at 5%")
+
+
+def test_the_text_summary_loads_no_plotting_tensor_or_tracking_library() -> None:
+    # A fresh interpreter: what importing the report and writing its Markdown pulls in.
+    code = (
+        "import sys, json\n"
+        "from kd_lib import report\n"
+        "report.render_markdown(report.ReportData(name='x'))\n"
+        "print(json.dumps(sorted(m for m in ('matplotlib', 'torch', 'mlflow', 'kfp') if m in sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert json.loads(out) == []

@@ -12,13 +12,17 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from kd_lib import steps
 from kd_lib.adapters.model_registry import ModelRegistry, log_pyfunc, pip_requirements
 from kd_lib.adapters.storage import StorageError
 from kd_lib.adapters.tracking import fluent_run
 from kd_lib.compress import quantization
 from kd_lib.config import ConfigError
 from kd_lib.data.dataset import load_splits
+from kd_lib.steps.common import StepError
+from kd_lib.steps.distill import distill
+from kd_lib.steps.import_teacher import import_teacher
+from kd_lib.steps.prepare_data import prepare_data
+from kd_lib.steps.train_teacher import train_teacher
 from tests.helpers import tiny_config
 
 CNN_TEACHER = {"model": {"arch": "cnn", "params": {"channels": 8, "depth": 2, "hidden": 32}}, "train": {"epochs": 3}}
@@ -30,8 +34,8 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Digits split and a small CNN teacher trained once for the module."""
     tmp = tmp_path_factory.mktemp("distill-steps")
     cfg = tiny_config(tmp, teacher=CNN_TEACHER, student=CNN_STUDENT, distill={"train": {"epochs": 2}})
-    steps.prepare_data(cfg, "setup", tmp / "dataset")
-    steps.train_teacher(cfg, "setup", tmp / "dataset", tmp / "teacher")
+    prepare_data(cfg, "setup", tmp / "dataset")
+    train_teacher(cfg, "setup", tmp / "dataset", tmp / "teacher")
     return {"cfg": cfg, "tmp": tmp, "dataset": tmp / "dataset", "teacher": tmp / "teacher"}
 
 
@@ -61,7 +65,7 @@ def _predict(model_dir: Path, dataset: Path) -> torch.Tensor:
 def test_every_method_runs_through_the_step_and_logs_its_terms(prepared: dict, tmp_path: Path, losses: list) -> None:
     cfg = prepared["cfg"].model_copy(deep=True)
     cfg.distill.losses = [type(cfg.distill.losses[0])(**t) for t in losses]
-    summary = steps.distill(
+    summary = distill(
         cfg, "methods", prepared["dataset"], prepared["teacher"], tmp_path / "student", tmp_path / "h.json"
     )
     history = json.loads((tmp_path / "h.json").read_text())
@@ -81,13 +85,13 @@ def test_a_feature_loss_on_an_mlp_is_a_config_error(prepared: dict, tmp_path: Pa
     cfg.student.model.arch, cfg.student.model.params = "mlp", {"width": 8, "depth": 1}
     cfg.distill.losses = [type(cfg.distill.losses[0])(name="at")]
     with pytest.raises(ConfigError, match=r"distill.losses \(1\*at\).*student_layer"):
-        steps.distill(cfg, "bad-at", prepared["dataset"], prepared["teacher"], tmp_path / "student")
+        distill(cfg, "bad-at", prepared["dataset"], prepared["teacher"], tmp_path / "student")
 
 
 def test_augmentation_on_flat_features_is_a_config_error(prepared: dict, tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path, data={"source": "digits", "augment": {"random_crop_padding": 2}})
     cfg.teacher.model.arch = "mlp"
-    steps.prepare_data(cfg, "aug", tmp_path / "dataset")  # digits are [1, 8, 8] images: crop is fine
+    prepare_data(cfg, "aug", tmp_path / "dataset")  # digits are [1, 8, 8] images: crop is fine
     cfg.data.augment.random_crop_padding = 0
     cfg.data.augment.horizontal_flip = True
     flat = tmp_path / "flat.npz"
@@ -95,14 +99,14 @@ def test_augmentation_on_flat_features_is_a_config_error(prepared: dict, tmp_pat
 
     np.savez(flat, x=np.random.default_rng(0).normal(size=(60, 5)).astype("float32"), y=np.arange(60) % 3)
     cfg.data.source = str(flat)
-    steps.prepare_data(cfg, "aug", tmp_path / "flat")
+    prepare_data(cfg, "aug", tmp_path / "flat")
     with pytest.raises(ConfigError, match="data.augment.horizontal_flip needs image inputs"):
-        steps.train_teacher(cfg, "aug", tmp_path / "flat", tmp_path / "teacher")
+        train_teacher(cfg, "aug", tmp_path / "flat", tmp_path / "teacher")
     # A step's own augment is named as such.
     cfg.data.augment.horizontal_flip = False
     cfg.teacher.train.augment = type(cfg.data.augment)(random_crop_padding=1)
     with pytest.raises(ConfigError, match="teacher.train.augment.random_crop_padding needs image inputs"):
-        steps.train_teacher(cfg, "aug", tmp_path / "flat", tmp_path / "teacher")
+        train_teacher(cfg, "aug", tmp_path / "flat", tmp_path / "teacher")
 
 
 def test_import_from_a_checkpoint_reproduces_the_teacher(prepared: dict, tmp_path: Path) -> None:
@@ -110,7 +114,7 @@ def test_import_from_a_checkpoint_reproduces_the_teacher(prepared: dict, tmp_pat
     ckpt = tmp_path / "teacher.pt"
     torch.save(model.state_dict(), ckpt)
     cfg = _with_teacher(prepared["cfg"], "checkpoint", str(ckpt))
-    out = steps.import_teacher(cfg, "ckpt", prepared["dataset"], tmp_path / "imported", tmp_path / "history.json")
+    out = import_teacher(cfg, "ckpt", prepared["dataset"], tmp_path / "imported", tmp_path / "history.json")
     assert torch.equal(
         _predict(tmp_path / "imported", prepared["dataset"]), _predict(prepared["teacher"], prepared["dataset"])
     )
@@ -118,8 +122,8 @@ def test_import_from_a_checkpoint_reproduces_the_teacher(prepared: dict, tmp_pat
     assert json.loads((tmp_path / "history.json").read_text()) == []
     # The same weights under another architecture: named, not silently half-loaded.
     cfg.teacher.model.params = {"channels": 4, "depth": 2, "hidden": 32}
-    with pytest.raises(steps.StepError, match=r"teacher.pt: not a state_dict of teacher.model cnn"):
-        steps.import_teacher(cfg, "ckpt-bad", prepared["dataset"], tmp_path / "bad")
+    with pytest.raises(StepError, match=r"teacher.pt: not a state_dict of teacher.model cnn"):
+        import_teacher(cfg, "ckpt-bad", prepared["dataset"], tmp_path / "bad")
 
 
 def test_import_from_an_s3_checkpoint(prepared: dict, tmp_path: Path, s3) -> None:  # noqa: ANN001
@@ -127,13 +131,13 @@ def test_import_from_an_s3_checkpoint(prepared: dict, tmp_path: Path, s3) -> Non
     torch.save(model.state_dict(), tmp_path / "teacher.pt")
     s3.client().upload_file(str(tmp_path / "teacher.pt"), s3.bucket, "teachers/v1/teacher.pt")
     cfg = _with_teacher(prepared["cfg"], "checkpoint", s3.uri("teachers/v1/teacher.pt"))
-    steps.import_teacher(cfg, "s3", prepared["dataset"], tmp_path / "imported")
+    import_teacher(cfg, "s3", prepared["dataset"], tmp_path / "imported")
     assert torch.equal(
         _predict(tmp_path / "imported", prepared["dataset"]), _predict(prepared["teacher"], prepared["dataset"])
     )
     missing = _with_teacher(prepared["cfg"], "checkpoint", s3.uri("teachers/v2/teacher.pt"))
     with pytest.raises(StorageError, match="teachers/v2/teacher.pt"):
-        steps.import_teacher(missing, "s3-missing", prepared["dataset"], tmp_path / "missing")
+        import_teacher(missing, "s3-missing", prepared["dataset"], tmp_path / "missing")
 
 
 def test_a_pickled_checkpoint_is_refused(prepared: dict, tmp_path: Path) -> None:
@@ -144,8 +148,8 @@ def test_a_pickled_checkpoint_is_refused(prepared: dict, tmp_path: Path) -> None
     ckpt = tmp_path / "evil.pt"
     torch.save({"weights": Payload()}, ckpt)
     cfg = _with_teacher(prepared["cfg"], "checkpoint", str(ckpt))
-    with pytest.raises(steps.StepError, match="evil.pt: not a state_dict"):
-        steps.import_teacher(cfg, "evil", prepared["dataset"], tmp_path / "imported")
+    with pytest.raises(StepError, match="evil.pt: not a state_dict"):
+        import_teacher(cfg, "evil", prepared["dataset"], tmp_path / "imported")
 
 
 def test_import_from_the_registry_by_alias_and_version(prepared: dict, tmp_path: Path) -> None:
@@ -163,12 +167,12 @@ def test_import_from_the_registry_by_alias_and_version(prepared: dict, tmp_path:
 
     for ref in (f"models:/{name}@champion", f"models:/{name}/{version}"):
         cfg = _with_teacher(cfg, "mlflow", ref)
-        out = steps.import_teacher(cfg, "reg", prepared["dataset"], tmp_path / ref.split("/")[-1])
+        out = import_teacher(cfg, "reg", prepared["dataset"], tmp_path / ref.split("/")[-1])
         assert out["imported_from"] == f"models:/{name}/{version}"
         assert torch.equal(
             _predict(tmp_path / ref.split("/")[-1], prepared["dataset"]),
             _predict(prepared["teacher"], prepared["dataset"]),
         )
     cfg = _with_teacher(cfg, "mlflow", f"models:/{name}@nobody")
-    with pytest.raises(steps.StepError, match="has no alias 'nobody'"):
-        steps.import_teacher(cfg, "reg-missing", prepared["dataset"], tmp_path / "missing")
+    with pytest.raises(StepError, match="has no alias 'nobody'"):
+        import_teacher(cfg, "reg-missing", prepared["dataset"], tmp_path / "missing")

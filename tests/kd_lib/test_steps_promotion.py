@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from kd_lib import steps
+from kd_lib.steps.common import StepError
+from kd_lib.steps.distill import distill
+from kd_lib.steps.evaluate import evaluate
+from kd_lib.steps.gate import gate
+from kd_lib.steps.prepare_data import prepare_data
+from kd_lib.steps.quantize import quantize
+from kd_lib.steps.register import register
+from kd_lib.steps.train_teacher import train_teacher
 from tests.helpers import tiny_config
 
 
@@ -33,11 +40,11 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
         distill={"train": {"epochs": 3}},
     )
     d = {name: tmp / name for name in ("dataset", "teacher", "student", "quantized")}
-    steps.prepare_data(cfg, "setup", d["dataset"])
-    steps.train_teacher(cfg, "setup", d["dataset"], d["teacher"])
-    steps.distill(cfg, "setup", d["dataset"], d["teacher"], d["student"])
-    steps.quantize(cfg, "setup", d["dataset"], d["student"], d["quantized"])
-    steps.evaluate(
+    prepare_data(cfg, "setup", d["dataset"])
+    train_teacher(cfg, "setup", d["dataset"], d["teacher"])
+    distill(cfg, "setup", d["dataset"], d["teacher"], d["student"])
+    quantize(cfg, "setup", d["dataset"], d["student"], d["quantized"])
+    evaluate(
         cfg,
         "setup",
         d["dataset"],
@@ -56,10 +63,10 @@ def _candidate(
     evaluation["quantized"].update(quantized)
     (tmp / f"{run_id}.json").write_text(json.dumps(evaluation))
     d = trained["dirs"]
-    decision, action = steps.gate(cfg, run_id, d["dataset"], tmp / f"{run_id}.json", tmp / f"{run_id}.decision.json")
+    decision, action = gate(cfg, run_id, d["dataset"], tmp / f"{run_id}.json", tmp / f"{run_id}.decision.json")
     out = None
     if action != "reject":
-        out = steps.register(
+        out = register(
             cfg, run_id, d["dataset"], d["quantized"], tmp / f"{run_id}.json", tmp / f"{run_id}.decision.json"
         )
     return action, out
@@ -84,8 +91,8 @@ def test_champion_challenger_sequence(trained: dict, tmp_path: Path) -> None:
     action, out = _candidate(trained, "run-3", tmp_path, accuracy=acc - 0.03)
     assert (action, out) == ("reject", None)
     assert len(client.search_model_versions(f"name = '{name}'")) == 2
-    with pytest.raises(steps.StepError, match="champion_accuracy_drop"):
-        steps.register(
+    with pytest.raises(StepError, match="champion_accuracy_drop"):
+        register(
             cfg,
             "run-3",
             trained["dirs"]["dataset"],
@@ -113,7 +120,7 @@ def test_champion_challenger_sequence(trained: dict, tmp_path: Path) -> None:
     assert action == "promote" and bigger["champion"] == bigger["version"]
 
     # Re-running a pipeline run that already registered reuses its version: no duplicate.
-    again = steps.register(
+    again = register(
         cfg,
         "run-6",
         trained["dirs"]["dataset"],

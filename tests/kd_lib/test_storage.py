@@ -6,11 +6,13 @@ the server enforces credentials (signature and IAM policy) in the tests that swi
 
 from __future__ import annotations
 
+import http.client
 import http.server
 import socket
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 
@@ -154,7 +156,13 @@ def test_silent_server_times_out_within_the_retry_budget(tmp_path: Path, monkeyp
 
 
 class _Truncating(http.server.BaseHTTPRequestHandler):
-    """Promises 100 kB, sends 10 bytes, hangs up: a connection lost mid-download."""
+    """Promises 100 kB, sends 10 bytes, hangs up: a connection lost mid-download, on every try.
+    (A HEAD, which the managed download sends first, gets the headers as a real server would.)"""
+
+    def do_HEAD(self) -> None:  # noqa: N802 - http.server's naming
+        self.send_response(200)
+        self.send_header("Content-Length", "100000")
+        self.end_headers()
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         self.send_response(200)
@@ -184,3 +192,70 @@ def test_interrupted_download_leaves_nothing_behind(tmp_path: Path, monkeypatch:
         server.shutdown()
         thread.join()
     assert list((tmp_path / "dl").iterdir()) == []  # neither train.csv nor its temporary name
+
+
+class _FlakyProxy(http.server.BaseHTTPRequestHandler):
+    """Forwards every request to the real S3 server; the first GET of an object's body is cut
+    off half-way (full Content-Length promised, half sent, connection closed), once."""
+
+    upstream: tuple[str, int]
+    gets = 0
+    cut = False
+
+    def _forward(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+        conn = http.client.HTTPConnection(*self.upstream, timeout=10)
+        try:
+            # The Host header goes through unchanged: the client signed it.
+            conn.request(self.command, self.path, body=body, headers=dict(self.headers.items()))
+            resp = conn.getresponse()
+            payload = resp.read()
+        finally:
+            conn.close()
+        self.send_response(resp.status)
+        for name, value in resp.getheaders():
+            if name.lower() not in ("transfer-encoding", "connection", "server", "date"):
+                self.send_header(name, value)
+        self.end_headers()
+        if self.command == "HEAD":
+            return
+        if self.command == "GET" and resp.status == 200 and "list-type" not in self.path:
+            type(self).gets += 1
+            if not type(self).cut:
+                type(self).cut = True
+                self.wfile.write(payload[: len(payload) // 2])
+                self.wfile.flush()
+                self.close_connection = True
+                return
+        self.wfile.write(payload)
+
+    do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_body_lost_mid_download_is_retried(s3: S3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real S3 server behind a proxy that drops the connection half-way through the first
+    download: the managed transfer asks again and the file arrives whole, nothing left over."""
+    src = tmp_path / "train.csv"
+    src.write_bytes(bytes(range(256)) * 1200)  # 300 kB
+    storage.put(src, s3.uri("data/train.csv"))
+    target = urlparse(s3.endpoint)
+
+    class Proxy(_FlakyProxy):  # counters of its own, for this test alone
+        upstream = (target.hostname or "127.0.0.1", target.port or 80)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        s3_environment(monkeypatch, f"http://127.0.0.1:{server.server_address[1]}")
+        got = storage.fetch(s3.uri("data/train.csv"), tmp_path / "dl", FAST)
+    finally:
+        server.shutdown()
+        thread.join()
+    assert Proxy.cut and Proxy.gets == 2  # cut once, asked again once
+    assert got.read_bytes() == src.read_bytes()
+    assert [p.name for p in (tmp_path / "dl").iterdir()] == ["train.csv"]

@@ -72,7 +72,7 @@ def test_without_temperatures_the_base_ones_stay_and_names_have_no_T() -> None:
 def test_candidate_configs_are_stable_json_that_round_trips() -> None:
     first, second = sweep.candidate_configs(_cfg()), sweep.candidate_configs(_cfg())
     assert first == second and len(first) == 4
-    for text, candidate in zip(first, sweep.expand(_cfg())):
+    for text, candidate in zip(first, sweep.expand(_cfg()), strict=True):
         assert PipelineConfig.model_validate(json.loads(text)) == candidate.config
 
 

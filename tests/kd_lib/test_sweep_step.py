@@ -1,4 +1,4 @@
-"""steps.select on hand-made candidate outputs (no training) against a real sqlite MLflow store:
+"""The select step on hand-made candidate outputs (no training) against a real sqlite MLflow store:
 pairing by content whatever the order, the chosen one handed on, the record on the parent run."""
 
 from __future__ import annotations
@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from kd_lib import steps
 from kd_lib.adapters import tracking
 from kd_lib.config import PipelineConfig
 from kd_lib.evaluate import sweep
 from kd_lib.evaluate.gates import GateCheck, GateDecision
 from kd_lib.report import render as report
+from kd_lib.steps.common import StepError
+from kd_lib.steps.select import select
 from tests.helpers import tiny_config
 
 STUDENTS = [{"arch": "mlp", "params": {"width": w, "depth": 1}} for w in (8, 16, 32)]
@@ -62,7 +63,7 @@ def _outputs(
 
 def _select(cfg: PipelineConfig, tmp_path: Path, files: dict[str, list[Path]]):
     out = tmp_path / "out"
-    result = steps.select(
+    result = select(
         cfg,
         "sweep-run-1",
         sweep.candidate_configs(cfg),
@@ -138,10 +139,10 @@ def test_outputs_that_do_not_match_the_candidates_are_refused(tmp_path: Path) ->
     names = [c.name for c in sweep.expand(cfg)]
     files = _outputs(tmp_path, cfg, {n: (0.9, 1000, []) for n in names})
     files["decisions"] = files["decisions"][:2]
-    with pytest.raises(steps.StepError, match="results for"):
+    with pytest.raises(StepError, match="results for"):
         _select(cfg, tmp_path, files)
     files["evaluations"] = files["evaluations"][:1]
     with pytest.raises(
-        steps.StepError, match="does not name a candidate whose evaluation and quantized model were collected"
+        StepError, match="does not name a candidate whose evaluation and quantized model were collected"
     ):
         _select(cfg, tmp_path, files)

@@ -1,5 +1,6 @@
 """Tracking against a real sqlite MLflow store (no mocks)."""
 
+import os
 import socket
 import time
 from pathlib import Path
@@ -8,7 +9,8 @@ import pytest
 from mlflow import MlflowClient
 
 from kd_lib.adapters import tracking
-from kd_lib.config import PipelineConfig
+from kd_lib.config import PipelineConfig, RetryConfig
+from tests.conftest import MlflowServer
 from tests.helpers import tiny_config
 
 
@@ -59,3 +61,19 @@ def test_steps_nest_under_one_parent_run(tmp_path: Path) -> None:
     parent = client.get_run(a.parent_run_id)
     assert parent.info.status == "FAILED"
     assert parent.data.tags["kdflow.pipeline_error"] == "task x failed"
+
+
+def test_sub_second_timeout_still_reaches_the_server(
+    tmp_path: Path, mlflow_server: MlflowServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLflow reads MLFLOW_HTTP_REQUEST_TIMEOUT as a whole number of seconds: 0.5 s must become 1 s
+    (rounded up), never 0, with which every HTTP request to the server would fail."""
+    for var in ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"):
+        monkeypatch.setenv(var, "")  # apply_retry_policy sets them; monkeypatch puts them back afterwards
+    cfg = tiny_config(tmp_path, tracking={"tracking_uri": mlflow_server.url, "retry": {"timeout_s": 0.5}})
+    with tracking.step_run(cfg, "pipe-fast", "prepare_data") as run:
+        run.log_metrics({"n": 3})
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "1"
+    assert MlflowClient(mlflow_server.url).get_run(run.run_id).data.metrics["n"] == 3
+    tracking.apply_retry_policy(RetryConfig(timeout_s=2.1))
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "3"

@@ -14,8 +14,15 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from kd_lib import steps
 from kd_lib.config import PipelineConfig
+from kd_lib.steps.distill import distill
+from kd_lib.steps.evaluate import evaluate
+from kd_lib.steps.finalize import finalize
+from kd_lib.steps.gate import gate
+from kd_lib.steps.prepare_data import prepare_data
+from kd_lib.steps.quantize import quantize
+from kd_lib.steps.register import register
+from kd_lib.steps.train_teacher import train_teacher
 from pipelines.cli import COMMANDS, build_parser, main
 from tests.helpers import tiny_config
 
@@ -31,17 +38,15 @@ def run_pipeline_in_process(cfg: PipelineConfig, work: Path, pipeline_run_id: st
     """prepare -> teacher -> distill -> quantize -> evaluate -> gate -[passed]-> register, then finalize."""
     d = work / pipeline_run_id
     models = {"teacher": d / "teacher", "student": d / "student", "quantized": d / "quantized"}
-    steps.prepare_data(cfg, pipeline_run_id, d / "dataset")
-    steps.train_teacher(cfg, pipeline_run_id, d / "dataset", models["teacher"], d / "teacher_history.json")
-    steps.distill(cfg, pipeline_run_id, d / "dataset", models["teacher"], models["student"], d / "student_history.json")
-    steps.quantize(cfg, pipeline_run_id, d / "dataset", models["student"], models["quantized"])
-    steps.evaluate(cfg, pipeline_run_id, d / "dataset", models, d / "evaluation.json")
-    decision, action = steps.gate(cfg, pipeline_run_id, d / "dataset", d / "evaluation.json", d / "decision.json")
+    prepare_data(cfg, pipeline_run_id, d / "dataset")
+    train_teacher(cfg, pipeline_run_id, d / "dataset", models["teacher"], d / "teacher_history.json")
+    distill(cfg, pipeline_run_id, d / "dataset", models["teacher"], models["student"], d / "student_history.json")
+    quantize(cfg, pipeline_run_id, d / "dataset", models["student"], models["quantized"])
+    evaluate(cfg, pipeline_run_id, d / "dataset", models, d / "evaluation.json")
+    decision, action = gate(cfg, pipeline_run_id, d / "dataset", d / "evaluation.json", d / "decision.json")
     if action != "reject":
-        steps.register(
-            cfg, pipeline_run_id, d / "dataset", models["quantized"], d / "evaluation.json", d / "decision.json"
-        )
-    parent = steps.finalize(cfg, pipeline_run_id, "SUCCEEDED")
+        register(cfg, pipeline_run_id, d / "dataset", models["quantized"], d / "evaluation.json", d / "decision.json")
+    parent = finalize(cfg, pipeline_run_id, "SUCCEEDED")
     assert parent is not None
     return Run(pipeline_run_id, parent, decision.passed)
 

@@ -15,7 +15,7 @@ from kfp.pipeline_spec import pipeline_spec_pb2 as pb
 from kd_lib.config import PipelineConfig, load_config
 from kd_lib.evaluate import sweep
 from pipelines.compile import compile_pipeline
-from pipelines.distillation import build_pipeline
+from pipelines.build import build_pipeline
 from pipelines.local import StepDisplay
 from tests.pipelines.test_compiled_spec import Compiled
 

@@ -1,17 +1,14 @@
-"""Data-parallel training over several processes: what a rank needs, and how a step starts them.
+"""What a training process knows of its place among the ranks of a multi-process step.
 
-A step whose ``train.distributed.nproc_per_node`` is above 1 does not train in its own
-process: ``launch_step`` starts ``python -m torch.distributed.run`` (torchrun) with that many
-ranks, each running ``kd_lib.launch.worker``, waits for them, and returns what rank 0 wrote.
-Inside a rank, ``init`` joins the process group and ``current()`` returns the ``Ranks`` that
-the training loop (``kd_lib.train.loop._fit``) uses to split every global batch, all-reduce
-the epoch's sums and share the teacher-logit cache. Outside torchrun ``current()`` is None
-and training is exactly the single-process loop.
+Inside a rank (started by ``kd_lib.launch.torchrun`` or by a PyTorchJob's pods), ``init``
+joins the process group torchrun describes in the environment and ``current()`` returns the
+``Ranks`` the training loop (``kd_lib.train.loop._fit``, ``kd_lib.train.ddp``) uses to split
+every global batch, all-reduce the epoch's sums and share the teacher-logit cache. Outside
+torchrun ``current()`` is None and training is exactly the single-process loop.
 
-Failures are never hangs: each rank records an exception it dies of in a file the launcher
-reads (so the step fails with *that* rank's message, not with the collective error the others
-then see), torchrun stops the surviving ranks when one exits, and every collective gives up
-after ``distributed.timeout_s``.
+Failures are never hangs: each rank records the exception it dies of in a file the launcher
+reads (``recording_errors``; ``kd_lib.launch.torchrun.first_error`` names the rank that failed
+first), and every collective gives up after ``distributed.timeout_s``.
 """
 
 from __future__ import annotations
@@ -21,13 +18,8 @@ import datetime
 import json
 import os
 import signal
-import subprocess
-import sys
-import tempfile
-import threading
 import time
 import traceback
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,8 +34,6 @@ from kd_lib.errors import KdflowError
 
 # Where each rank writes the exception it died of (one JSON file per rank); set by the launcher.
 ERROR_DIR_ENV = "KDFLOW_DIST_ERROR_DIR"
-# The module every rank of a kdflow step runs.
-WORKER_MODULE = "kd_lib.launch.worker"
 # Seeds the global RNG (dropout) of rank r with seed + r * _RANK_SEED_STRIDE: rank 0 keeps the
 # single-process seed, and the other ranks' streams are neither rank 0's nor the
 # augmentation generator's (seeded seed + 1).
@@ -133,9 +123,38 @@ def current() -> Ranks | None:
     return _current
 
 
+def is_main() -> bool:
+    """Whether this process writes: a single process, or rank 0 of a multi-process step."""
+    return _current is None or _current.is_main
+
+
 def should_launch(cfg: DistributedConfig) -> bool:
     """True when a step must start torchrun: several processes wanted and not already a rank."""
     return cfg.nproc_per_node > 1 and _current is None
+
+
+def resolve_device(name: str) -> torch.device:
+    """Turn a config device name into a torch.device.
+
+    Args:
+        name: ``"cpu"``, ``"cuda"`` (or ``"cuda:N"``), or ``"auto"`` (cuda when available).
+
+    Raises:
+        ConfigError: cuda was requested on a machine without it, or the name is not a device.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device {name!r} is not a device; use 'cpu', 'cuda' or 'auto'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"device {name!r} was requested but CUDA is not available on this machine; use 'cpu' or 'auto'"
+        )
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {name!r} is not supported; use 'cpu', 'cuda' or 'auto'")
+    return device
 
 
 def backend_for(cfg: DistributedConfig, device: torch.device) -> str:
@@ -169,14 +188,10 @@ def init(cfg: DistributedConfig, device_name: str) -> Iterator[Ranks]:
         DistributedError: not started by torchrun (RANK / WORLD_SIZE / LOCAL_RANK missing).
     """
     global _current
-    from kd_lib.train.loop import resolve_device  # training imports this module
-
     try:
         rank, world, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     except KeyError as err:
-        raise DistributedError(
-            f"{err.args[0]} is not set: {WORKER_MODULE} runs under torchrun, not on its own"
-        ) from None
+        raise DistributedError(f"{err.args[0]} is not set: a kdflow rank runs under torchrun, not on its own") from None
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     device = resolve_device(device_name)
     if device.type == "cuda":
@@ -244,122 +259,3 @@ def _write_error(err: BaseException) -> None:
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record))
-
-
-def first_error(error_dir: str | Path) -> str | None:
-    """The message of the rank that failed first (a killed rank only when no other failed), or None.
-
-    When one rank dies, the others then fail too, in a collective ("connection closed by
-    peer") or by torchrun's SIGTERM; the earliest real exception is the cause.
-    """
-    records = []
-    for path in sorted(Path(error_dir).glob("rank-*.json")):
-        with contextlib.suppress(OSError, ValueError):
-            records.append(json.loads(path.read_text()))
-    if not records:
-        return None
-    records.sort(key=lambda r: (bool(r.get("terminated")), float(r.get("time", 0))))
-    cause = records[0]
-    message = f"rank {cause['rank']} of {cause['world_size']} (on {cause['host']}) failed: {cause['type']}: {cause['message']}"
-    others = [f"rank {r['rank']}: {r['type']}" for r in records[1:]]
-    if others:
-        message += f"\n  then: {'; '.join(others)}"
-    return message + "\n" + _last_frames(cause["traceback"])
-
-
-def _last_frames(tb: str, lines: int = 6) -> str:
-    return "\n".join("  | " + line for line in tb.rstrip().splitlines()[-lines:])
-
-
-# ---------------------------------------------------------------------------------------------
-# The launcher: torchrun as a child process of the step.
-# ---------------------------------------------------------------------------------------------
-
-
-def torchrun_command(target: str, args: list[str], nproc_per_node: int) -> list[str]:
-    """``python -m torch.distributed.run --standalone ...``: one node, a rendezvous on a free port.
-
-    ``target`` is a module (``kd_lib.launch.worker``) or a script path ending in ``.py``.
-    """
-    program = [target] if target.endswith(".py") else ["-m", target]
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc_per_node}",
-        # A failed rank fails the step: restarting the group would only repeat the error (a
-        # preempted step is retried by KFP and resumes from its checkpoint instead).
-        "--max-restarts=0",
-        "--monitor-interval=0.5",
-        *program,
-        *args,
-    ]
-
-
-def launch(
-    target: str,
-    args: list[str],
-    cfg: DistributedConfig,
-    error_dir: str | Path,
-    env: dict[str, str] | None = None,
-) -> None:
-    """Run ``target`` (a module, or a ``.py`` script) on ``cfg.nproc_per_node`` ranks under
-    torchrun and wait for all of them.
-
-    Rank output goes straight to this process's stdout (progress lines stay live); torchrun's
-    own stderr is echoed and its tail kept for errors no rank could record (an import error,
-    a crash in native code).
-
-    Raises:
-        DistributedError: a rank failed; the message is the first failing rank's exception.
-    """
-    threads = threads_per_process(cfg, cfg.nproc_per_node)
-    child_env = dict(os.environ) | {ERROR_DIR_ENV: str(error_dir), "OMP_NUM_THREADS": str(threads)} | (env or {})
-    tail: deque[str] = deque(maxlen=40)
-    proc = subprocess.Popen(
-        torchrun_command(target, args, cfg.nproc_per_node), env=child_env, stderr=subprocess.PIPE, text=True
-    )
-
-    def echo() -> None:
-        for line in proc.stderr:  # type: ignore[union-attr]
-            sys.stderr.write(line)
-            tail.append(line.rstrip())
-
-    reader = threading.Thread(target=echo, daemon=True)
-    reader.start()
-    try:
-        code = proc.wait()
-    except BaseException:
-        proc.terminate()  # this step is being stopped: take the ranks down with it
-        proc.wait(timeout=30)
-        raise
-    reader.join(timeout=5)
-    if code != 0:
-        cause = first_error(error_dir)
-        if cause is None:
-            cause = "no rank recorded an error; torchrun's last lines:\n" + "\n".join("  | " + t for t in tail)
-        elif "timed out" in cause.lower() or "timeout" in cause.lower():
-            cause += (
-                f"\n  (a rank waited longer than train.distributed.timeout_s = {cfg.timeout_s:g} s for the others: "
-                "one of them hangs or is far slower; its log shows where it was)"
-            )
-        raise DistributedError(
-            f"distributed training with {cfg.nproc_per_node} processes failed (exit code {code}): {cause}"
-        )
-
-
-def launch_step(step: str, request: dict[str, Any], cfg: DistributedConfig) -> dict[str, Any]:
-    """Run a kdflow step on ``cfg.nproc_per_node`` ranks and return rank 0's summary.
-
-    Args:
-        step: ``train_teacher`` or ``distill``.
-        request: The step's arguments as JSON (``config_json``, ``pipeline_run_id``, ``paths``).
-        cfg: The step's ``train.distributed``.
-    """
-    with tempfile.TemporaryDirectory(prefix=f"kdflow-{step}-") as tmp:
-        work = Path(tmp)
-        summary = work / "summary.json"
-        (work / "request.json").write_text(json.dumps(request | {"step": step, "summary_path": str(summary)}))
-        launch(WORKER_MODULE, [str(work / "request.json")], cfg, work / "errors")
-        return json.loads(summary.read_text())

@@ -1,0 +1,112 @@
+"""A prepared dataset directory: ``splits.npz`` (the arrays) + ``meta.json`` (what they are).
+
+``prepare_data`` writes it (``kd_lib.data.dataset.prepare`` makes the Splits); every later
+step reads it. ``splits.npz`` holds ``x_{train,val,test}`` float32 ``[N, *input_shape]``
+(normalized with the train split's statistics) and ``y_{train,val,test}`` int64 ``[N]``; it
+is read with ``allow_pickle=False``. ``meta.json`` is ``DatasetMeta`` as indented JSON.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kd_lib.artifacts.base import Int, Number, Str, describe, read_json, write_json
+from kd_lib.artifacts.errors import ArtifactError
+
+SPLITS_FILE = "splits.npz"
+META_FILE = "meta.json"
+SPLIT_NAMES = ("train", "val", "test")
+_FIX = "re-run the prepare_data step"
+
+
+class DatasetMeta(BaseModel):
+    """What later steps (and the registered model) need to know about the data.
+
+    Attributes:
+        source: ``data.source`` as configured.
+        fingerprint: sha256 of the arrays (and of the test file's, with ``test_source``).
+        num_classes: Number of classes.
+        input_shape: One sample's shape.
+        sizes: Split name -> number of samples.
+        class_counts: Split name -> samples per class.
+        normalization: ``{"mean": m, "std": s}`` of the train split: floats, or one per
+            channel for colour images.
+        class_names: Index -> name (image sub-folders, or label names in a table); empty
+            when labels are ids.
+        test_source: ``data.test_source``, when the test split came from its own file.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: Str
+    fingerprint: Str
+    num_classes: Int
+    input_shape: list[Int]
+    sizes: dict[str, Int]
+    class_counts: dict[str, list[Int]]
+    normalization: dict[str, Number | list[Number]] = Field(default_factory=dict)
+    class_names: list[Str] = Field(default_factory=list)
+    test_source: Str | None = None
+
+
+@dataclass
+class Splits:
+    """Normalized train/val/test arrays plus their metadata: ``x[name]`` float32
+    ``[N, *input_shape]``, ``y[name]`` int64 ``[N]`` for each of SPLIT_NAMES."""
+
+    x: dict[str, np.ndarray]
+    y: dict[str, np.ndarray]
+    meta: DatasetMeta
+
+
+def _not_prepared(directory: Path, detail: str) -> ArtifactError:
+    return ArtifactError(f"{directory}: not a prepared kdflow dataset ({detail})", _FIX)
+
+
+def save_splits(splits: Splits, directory: str | Path) -> Path:
+    """Write ``splits.npz`` and ``meta.json`` into ``directory`` (a KFP Dataset artifact)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    arrays: dict[str, Any] = {f"x_{n}": splits.x[n] for n in SPLIT_NAMES} | {f"y_{n}": splits.y[n] for n in SPLIT_NAMES}
+    np.savez(d / SPLITS_FILE, **arrays)
+    write_json(d / META_FILE, splits.meta.model_dump(), indent=2)
+    return d
+
+
+def read_meta(directory: str | Path) -> DatasetMeta:
+    """``meta.json`` of a prepared dataset directory, without loading the arrays.
+
+    Raises:
+        ArtifactError: it is missing, not JSON, or a field is missing or of the wrong type (named).
+    """
+    d = Path(directory)
+    try:
+        raw = read_json(d / META_FILE)
+        return DatasetMeta.model_validate(raw)
+    except ArtifactError as err:
+        raise _not_prepared(d, err.cause) from None
+    except ValidationError as err:
+        raise _not_prepared(d, f"{d / META_FILE}: {describe(err)}") from None
+
+
+def load_splits(directory: str | Path) -> Splits:
+    """Inverse of ``save_splits``.
+
+    Raises:
+        ArtifactError: a file is missing or corrupt, naming it (and the field of ``meta.json``).
+    """
+    d = Path(directory)
+    meta = read_meta(d)
+    try:
+        with np.load(d / SPLITS_FILE, allow_pickle=False) as npz:
+            xs = {n: npz[f"x_{n}"] for n in SPLIT_NAMES}
+            ys = {n: npz[f"y_{n}"] for n in SPLIT_NAMES}
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
+        raise _not_prepared(d, f"{d / SPLITS_FILE}: {err}") from None
+    return Splits(x=xs, y=ys, meta=meta)

@@ -1,0 +1,39 @@
+"""How the quantized student is measured (``evaluate:``) and the thresholds it must pass (``gate:``).
+
+Accuracies are fractions in [0, 1]; *drops* are percentage points (teacher 0.97 and student
+0.95 is a drop of 2.0 points).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from kd_lib.config.base import _Strict
+
+
+class EvaluateConfig(_Strict):
+    latency_warmup: int = Field(5, ge=0)
+    latency_iters: int = Field(30, ge=1)
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 64])
+    threads: int = Field(1, ge=1, description="torch CPU threads while timing latency.")
+
+
+class GateConfig(_Strict):
+    min_accuracy: float = Field(0.80, ge=0, le=1, description="Quantized student test accuracy, fraction.")
+    max_accuracy_drop: float = Field(5.0, ge=0, description="Teacher minus quantized student accuracy, points.")
+    max_quantization_drop: float = Field(
+        1.0, ge=0, description="fp32 student minus quantized student accuracy, points."
+    )
+    max_size_mb: float = Field(1.0, gt=0, description="Quantized student artifact size, MB (10^6 bytes).")
+    min_compression_ratio: float = Field(
+        4.0, gt=0, description="Teacher artifact bytes / quantized student artifact bytes."
+    )
+    champion_policy: Literal["ignore", "must_not_regress"] = Field(
+        "ignore",
+        description="must_not_regress: the candidate's test accuracy may be at most champion_tolerance points below "
+        "the current @champion's (both measured on this run's test split), and it may not be larger unless it is "
+        "more accurate.",
+    )
+    champion_tolerance: float = Field(0.0, ge=0, description="Allowed accuracy drop against the champion, points.")

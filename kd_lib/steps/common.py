@@ -1,0 +1,91 @@
+"""What every step module shares, torch-free (the gate, select, register and finalize tasks
+start without loading torch): the step error, JSON outputs, a model's spec, the gate record."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Protocol
+
+from kd_lib.adapters.model_registry import gate_tags
+from kd_lib.config import PipelineConfig
+from kd_lib.data.dataset import DatasetMeta
+from kd_lib.errors import KdflowError
+from kd_lib.evaluate import gates
+
+
+class StepError(KdflowError, RuntimeError):
+    """A step was asked to do something its inputs do not allow (e.g. register a failed gate)."""
+
+
+class Recorder(Protocol):
+    """What the steps log through: ``kd_lib.adapters.tracking.StepRun``, or on a non-main rank
+    of a training step a stand-in that records nothing (``kd_lib.steps.training.NullRun``)."""
+
+    run_id: str
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+    def log_params(self, params: dict[str, Any]) -> None: ...
+    def set_tags(self, tags: dict[str, Any], on_parent: bool = False) -> None: ...
+    def log_dict(self, obj: Any, filename: str, on_parent: bool = False) -> None: ...
+    def log_text(self, text: str, filename: str, on_parent: bool = False) -> None: ...
+    def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None: ...
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """``obj`` as JSON at ``path``, its directory made first (KFP hands out paths, not directories)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(obj))
+
+
+def owns_parent(cfg: PipelineConfig) -> bool:
+    """Whether this step may write the parent run's record (gate table, tags).
+
+    Not a sweep candidate's step: the candidates run side by side under one parent, and the
+    select step writes the chosen one's record there.
+    """
+    return cfg.candidate is None
+
+
+def model_spec(model_cfg: Any, meta: DatasetMeta, role: str, run_id: str) -> dict[str, Any]:
+    """The ``spec.json`` of a model a step trained (or imported from a checkpoint) on this data.
+
+    Args:
+        model_cfg: The ``ModelConfig`` it was built from (architecture and parameters).
+        meta: The dataset it was trained on (input shape, classes, normalization, fingerprint).
+        role: ``teacher``, ``student`` or ``baseline``.
+        run_id: The MLflow run of the step that made it.
+    """
+    return {
+        "role": role,
+        "arch": model_cfg.arch,
+        "params": dict(model_cfg.params),
+        "input_shape": list(meta.input_shape),
+        "num_classes": meta.num_classes,
+        "quantization": "none",
+        "normalization": dict(meta.normalization),
+        "dataset_fingerprint": meta.fingerprint,
+        "mlflow_run_id": run_id,
+    }
+
+
+def gate_decision(
+    cfg: PipelineConfig, results: dict[str, dict[str, Any]], champion: dict[str, Any] | None = None
+) -> gates.GateDecision:
+    """The gate's pure decision on the evaluate step's measurements (and the champion's)."""
+    return gates.decide(
+        results["quantized"], results["teacher"], cfg.gate, fp32_student=results["student"], champion=champion
+    )
+
+
+def log_gate(run: Recorder, decision: gates.GateDecision, action: str, table: str, on_parent: bool) -> None:
+    """The gate's table and JSON on the step's run and, with ``on_parent``, its record on the
+    parent run (tags and failed checks included)."""
+    for parent in (False, True) if on_parent else (False,):
+        run.log_text(table, "gate.txt", on_parent=parent)
+        run.log_dict(decision.to_dict(), "gate.json", on_parent=parent)
+    parent_tags = {"kdflow.gate_status": "passed" if decision.passed else "failed", "kdflow.gate_action": action}
+    if not decision.passed:
+        parent_tags["kdflow.gate_failed_checks"] = ",".join(c.name for c in decision.failed())
+        parent_tags |= {k: v for k, v in gate_tags(decision).items() if k.startswith("gate.")}
+    run.set_tags(parent_tags, on_parent=on_parent)

@@ -1,0 +1,133 @@
+"""The ``distill`` step: the student trained from the teacher with ``distill.losses``, and
+optionally the same student without the teacher (the no-KD baseline)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kd_lib.compress import quantization
+from kd_lib.config import ConfigError, LossTermConfig, PipelineConfig
+from kd_lib.data import dataset as data_lib
+from kd_lib.models.builders import build_model, count_parameters
+from kd_lib.steps.common import model_spec
+from kd_lib.steps.inputs import augment, load_teacher, tensors
+from kd_lib.steps.training_run import checkpoint_dir, epoch_logger, launch_ranks, log_result, progress, recorder
+from kd_lib.train import loop as training
+from kd_lib.train import losses, ranks
+
+# What the baseline directory holds when no baseline was trained (a KFP output always exists).
+BASELINE_ABSENT = "NOT_TRAINED"
+
+
+def distill(
+    cfg: PipelineConfig,
+    pipeline_run_id: str,
+    dataset_dir: str | Path,
+    teacher_dir: str | Path,
+    student_dir: str | Path,
+    history_path: str | Path | None = None,
+    baseline_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Distill the student from the teacher with ``distill.losses``.
+
+    The teacher's logits are cached (computed once, indexed by sample) unless augmentation or
+    a feature loss needs it live. The per-epoch history (with each loss term) goes to the
+    MLflow run and, when given, to ``history_path`` (JSON). With ``distill.baseline`` the same
+    student is also trained without the teacher into ``baseline_dir`` (otherwise that
+    directory only gets a ``NOT_TRAINED`` marker, so a KFP artifact always exists). With
+    ``distill.train.distributed.nproc_per_node > 1`` both train on that many processes: every
+    rank runs this function, rank 0 alone records (``kd_lib.steps.training_run``).
+
+    Returns:
+        ``best_epoch``, ``best_val_accuracy``, ``epochs_run``, ``stopped_early``, the step's
+        ``run_id`` and, with a baseline, ``baseline_best_val_accuracy``.
+    """
+    if ranks.should_launch(cfg.distill.train.distributed):
+        return launch_ranks(
+            cfg,
+            "distill",
+            pipeline_run_id,
+            dataset_dir=dataset_dir,
+            teacher_dir=teacher_dir,
+            student_dir=student_dir,
+            history_path=history_path,
+            baseline_dir=baseline_dir,
+        )
+    main = ranks.is_main()
+    with recorder(cfg, pipeline_run_id, "distill") as run, progress("distill", cfg.distill.train.epochs) as bar:
+        splits = data_lib.load_splits(dataset_dir)
+        meta = splits.meta
+        objective = losses.build_objective(cfg.distill.losses)
+        teacher = load_teacher(teacher_dir, meta) if objective.needs_teacher else None
+        student_augment = augment(cfg, meta, "distill")
+        run.log_params(
+            {
+                "teacher_logit_cache": student_augment is None and not objective.needs_features,
+                "baseline": cfg.distill.baseline,
+            }
+            | losses.as_params(cfg.distill.losses)
+        )
+
+        result = _train_student(cfg, splits, teacher, objective, student_augment, student_dir, epoch_logger(run, bar))
+        if main:
+            quantization.save_model(
+                result.model, model_spec(cfg.student.model, meta, "student", run.run_id), student_dir
+            )
+        run.log_params({"num_params": count_parameters(result.model)})
+        summary = log_result(run, result, bar, history_path) | {"run_id": run.run_id}
+
+        if baseline_dir is None:
+            return summary
+        if main:
+            Path(baseline_dir).mkdir(parents=True, exist_ok=True)
+        if cfg.distill.baseline:
+            # Same seed, data, augmentation and loop, cross-entropy alone: what the teacher adds.
+            ce_only = losses.build_objective([LossTermConfig(name="ce")])
+            logger = epoch_logger(run, prefix="baseline.")
+            base = _train_student(cfg, splits, None, ce_only, student_augment, baseline_dir, logger)
+            if main:
+                spec = model_spec(cfg.student.model, meta, "baseline", run.run_id)
+                quantization.save_model(base.model, spec, baseline_dir)
+            run.log_metrics({"baseline.best_val_accuracy": base.best_val_accuracy})
+            summary["baseline_best_val_accuracy"] = base.best_val_accuracy
+        elif main:
+            (Path(baseline_dir) / BASELINE_ABSENT).write_text("distill.baseline is false\n")
+        return summary
+
+
+def _train_student(
+    cfg: PipelineConfig,
+    splits: data_lib.Splits,
+    teacher: torch.nn.Module | None,
+    objective: losses.Objective,
+    student_augment: Any,
+    output_dir: str | Path,
+    on_epoch: Any,
+) -> training.TrainResult:
+    """One student training run: same seed, hence same initial weights, for KD and baseline."""
+    torch.manual_seed(cfg.distill.train.seed)
+    meta = splits.meta
+    student = build_model(cfg.student.model.arch, cfg.student.model.params, tuple(meta.input_shape), meta.num_classes)
+    ckpt = checkpoint_dir(output_dir)
+    try:
+        result = training.distill(
+            student,
+            teacher,
+            objective,
+            *tensors(splits, "train"),
+            *tensors(splits, "val"),
+            cfg.distill.train,
+            augment=student_augment,
+            on_epoch=on_epoch,
+            checkpoint_dir=ckpt,
+        )
+    except ValueError as err:
+        # A feature loss on layers that do not fit (an MLP under `at`, mismatched maps).
+        raise ConfigError(f"distill.losses ({losses.describe(cfg.distill.losses)}): {err}") from None
+    if ranks.is_main():
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return result

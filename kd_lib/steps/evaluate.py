@@ -1,0 +1,157 @@
+"""The ``evaluate`` step: every model measured on the test split, and the report as it then stands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kd_lib.adapters.tracking import step_run
+from kd_lib.compress import quantization
+from kd_lib.config import PipelineConfig
+from kd_lib.data import dataset as data_lib
+from kd_lib.evaluate import metrics as evaluation
+from kd_lib.models.builders import build_model, count_parameters, for_data
+from kd_lib.report import render as report
+from kd_lib.steps.common import gate_decision, write_json
+from kd_lib.steps.inputs import tensors
+
+# The models every evaluation has; the no-KD baseline joins them when distill trained one.
+MODEL_ROLES = ("teacher", "student", "quantized")
+
+
+def evaluate(
+    cfg: PipelineConfig,
+    pipeline_run_id: str,
+    dataset_dir: str | Path,
+    model_dirs: dict[str, str | Path],
+    evaluation_path: str | Path,
+) -> dict[str, dict[str, Any]]:
+    """Accuracy, macro-F1, artifact bytes, parameters and latency of each model on the test split.
+
+    ``model_dirs`` maps each of MODEL_ROLES (and optionally ``baseline``) to a saved model
+    directory. Writes the result (predictions included, and for each student ``vs_teacher``:
+    where it disagrees with the teacher) as JSON to ``evaluation_path``.
+
+    Returns:
+        Role -> its measurements, as written.
+    """
+    with step_run(cfg, pipeline_run_id, "evaluate") as run:
+        splits = data_lib.load_splits(dataset_dir)
+        meta = splits.meta
+        x_test, y_test = tensors(splits, "test")
+
+        results: dict[str, dict[str, Any]] = {}
+        roles = [*MODEL_ROLES, *(["baseline"] if _has_model(model_dirs.get("baseline")) else [])]
+        for role in roles:
+            model, spec = quantization.load_model(model_dirs[role])
+            model = for_data(model, spec.get("normalization"), meta.normalization)  # an imported teacher's own
+            # Dynamic int8 packs Linear weights out of .parameters(): count on the fp32 architecture.
+            fp32 = build_model(spec["arch"], spec["params"], tuple(spec["input_shape"]), spec["num_classes"])
+            results[role] = evaluation.evaluate_model(
+                model,
+                x_test,
+                y_test,
+                spec["num_classes"],
+                model_dirs[role],
+                num_params=count_parameters(fp32),
+                batch_sizes=tuple(cfg.evaluate.batch_sizes),
+                warmup=cfg.evaluate.latency_warmup,
+                iters=cfg.evaluate.latency_iters,
+                threads=cfg.evaluate.threads,
+            )
+            results[role]["mlflow_run_id"] = spec.get("mlflow_run_id", "")
+            results[role]["quantization"] = spec.get("quantization", "none")
+            results[role]["backend"] = spec.get("backend", "none")
+            auto = spec.get("quantization_auto")
+            if isinstance(auto, dict):
+                results[role]["quantization_auto_found"] = bool(auto.get("found"))
+                results[role]["quantization_auto_reason"] = str(auto.get("reason", ""))
+            scalars = {
+                k: v for k, v in results[role].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
+            run.log_metrics({f"{role}.{k}": v for k, v in scalars.items()})
+
+        # Where each student departs from its teacher (same accuracy can hide different mistakes).
+        teacher_pred = torch.tensor(results["teacher"]["predictions"])
+        if "baseline" in results:
+            # What the teacher bought: same student, same everything, with and without KD; and
+            # whether this test split is large enough to tell (paired test on the same samples).
+            paired = evaluation.paired_gain(
+                torch.tensor(results["student"]["predictions"]),
+                torch.tensor(results["baseline"]["predictions"]),
+                y_test,
+            )
+            results["student"]["kd_gain_points"] = paired["gain_points"]
+            results["student"]["kd_gain"] = paired
+            run.log_metrics({"kd_gain_points": paired["gain_points"], "kd_gain_p_value": paired["p_value"]})
+        for role in ("student", "quantized"):
+            vs = evaluation.agreement(
+                teacher_pred, torch.tensor(results[role]["predictions"]), y_test, meta.num_classes
+            )
+            results[role]["vs_teacher"] = vs
+            run.log_metrics({f"{role}.agreement_with_teacher": vs["agreement"]})
+
+        write_json(evaluation_path, results)
+        run.log_dict(results, "evaluation.json")
+        return results
+
+
+def _has_model(directory: str | Path | None) -> bool:
+    return directory is not None and (Path(directory) / quantization.SPEC_FILE).is_file()
+
+
+def class_names(meta: data_lib.DatasetMeta | dict[str, Any]) -> list[str]:
+    """The dataset's class names when it has them, else the class indices as strings."""
+    fields = meta if isinstance(meta, dict) else meta.__dict__
+    names = fields.get("class_names")
+    return [str(n) for n in names] if names else [str(i) for i in range(int(fields["num_classes"]))]
+
+
+def evaluation_report(
+    cfg: PipelineConfig,
+    pipeline_run_id: str,
+    dataset_dir: str | Path,
+    evaluation_path: str | Path,
+    history_paths: dict[str, str | Path],
+    html_path: str | Path,
+    markdown_path: str | Path,
+) -> report.ReportData:
+    """The report as the evaluate step knows it: measurements, curves, matrices and gate checks.
+
+    The checks are the gate's own pure ``decide`` on the same measurements, so they are what
+    the gate step will find; the decision and the registered version come later and are in
+    the final report that ``finalize`` logs to the MLflow parent run.
+
+    Args:
+        history_paths: ``teacher`` / ``student`` -> the JSON history a training step wrote;
+            a missing or empty file (an imported teacher) leaves that curve out.
+    """
+    results = json.loads(Path(evaluation_path).read_text())
+    meta = json.loads((Path(dataset_dir) / data_lib.META_FILE).read_text())
+    histories = {}
+    for role, path in history_paths.items():
+        text = Path(path).read_text() if Path(path).is_file() else ""
+        if text.strip():
+            histories[role] = json.loads(text)
+    data = report.ReportData(
+        name=cfg.name,
+        evaluation=results,
+        histories=histories,
+        gate=gate_decision(cfg, results).to_dict(),
+        thresholds=cfg.gate.model_dump(),
+        stage=report.STAGE_EVALUATE,
+        run={
+            "pipeline_run_id": pipeline_run_id,
+            "dataset_fingerprint": meta.get("fingerprint", ""),
+            "config_hash": cfg.config_hash(),
+        },
+        config=cfg.model_dump(mode="json", exclude={"tracking"}),
+        class_names=class_names(meta),
+    )
+    for path, text in ((html_path, report.render_html(data)), (markdown_path, report.render_markdown(data))):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text)
+    return data
