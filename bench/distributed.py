@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kd_lib.artifacts.dataset_dir import Splits, load_splits, save_splits  # noqa: E402
 from kd_lib.config import DataConfig, DistributedConfig, LossTermConfig, TrainConfig  # noqa: E402
 from kd_lib.data import dataset as data_lib  # noqa: E402
 from kd_lib.launch import torchrun  # noqa: E402
@@ -52,7 +53,7 @@ TEACHER = ("cnn", {"channels": 16, "depth": 2, "hidden": 128})
 LAYOUTS = [("1 proc x 1 thread", 1, 1), ("1 proc x 2 threads", 1, 2), ("2 procs x 1 thread", 2, 1)]
 
 
-def _tensors(splits: data_lib.Splits) -> dict[str, torch.Tensor]:
+def _tensors(splits: Splits) -> dict[str, torch.Tensor]:
     return {
         f"{kind}_{name}": torch.from_numpy(getattr(splits, kind)[name])
         for kind in ("x", "y")
@@ -60,7 +61,7 @@ def _tensors(splits: data_lib.Splits) -> dict[str, torch.Tensor]:
     }
 
 
-def run_case(case: str, splits: data_lib.Splits, epochs: int, batch_size: int) -> training.TrainResult:
+def run_case(case: str, splits: Splits, epochs: int, batch_size: int) -> training.TrainResult:
     """Train one case in this process (under torchrun: as one rank of the group)."""
     t = _tensors(splits)
     shape, classes = tuple(splits.meta.input_shape), splits.meta.num_classes
@@ -81,7 +82,7 @@ def run_case(case: str, splits: data_lib.Splits, epochs: int, batch_size: int) -
 
 def _worker(args: argparse.Namespace) -> None:
     """One rank: train the case, rank 0 writes its history and weights."""
-    splits = data_lib.load_splits(args.splits)
+    splits = load_splits(args.splits)
     dcfg = DistributedConfig(nproc_per_node=args.procs, threads_per_process=args.threads)
     with ranks.recording_errors(), ranks.init(dcfg, "cpu") as group:
         result = run_case(args.case, splits, args.epochs, args.batch_size)
@@ -94,7 +95,7 @@ def _measure(
     case: str,
     layout: tuple[str, int, int],
     args: argparse.Namespace,
-    splits: data_lib.Splits,
+    splits: Splits,
     splits_dir: Path,
     tmp: Path,
 ) -> dict[str, Any]:
@@ -170,7 +171,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         splits_dir = Path(tmp) / "splits"
-        data_lib.save_splits(splits, splits_dir)
+        save_splits(splits, splits_dir)
         for case in CASES:
             base = None
             for layout in LAYOUTS:
@@ -180,7 +181,8 @@ def main() -> None:
                 row["max_abs_weight_diff_vs_1_proc"] = max((state[k] - base[k]).abs().max().item() for k in state)
                 rows.append(row)
                 print(
-                    f"  {case:22s} {row['layout']:20s} {row['samples_per_s']:8.0f} samples/s  wall {row['wall_s']:5.1f}s",
+                    f"  {case:22s} {row['layout']:20s} {row['samples_per_s']:8.0f} samples/s  "
+                    f"wall {row['wall_s']:5.1f}s",
                     flush=True,
                 )
     for row in rows:
@@ -188,12 +190,16 @@ def main() -> None:
         # intra-op threads alone give on the same cores).
         ref = next(r for r in rows if r["case"] == row["case"] and r["layout"] == LAYOUTS[0][0])
         row["speedup_vs_1_proc_1_thread"] = row["samples_per_s"] / ref["samples_per_s"]
-    header = f"{'case':22s} {'layout':20s} {'samples/s':>10s} {'speedup':>8s} {'epoch s':>8s} {'wall s':>7s} {'val acc':>8s} {'max|dw|':>9s}"
+    header = (
+        f"{'case':22s} {'layout':20s} {'samples/s':>10s} {'speedup':>8s} {'epoch s':>8s} {'wall s':>7s} "
+        f"{'val acc':>8s} {'max|dw|':>9s}"
+    )
     print("\n" + header + "\n" + "-" * len(header))
     for r in rows:
         print(
             f"{r['case']:22s} {r['layout']:20s} {r['samples_per_s']:10.0f} {r['speedup_vs_1_proc_1_thread']:7.2f}x "
-            f"{r['median_epoch_s']:8.2f} {r['wall_s']:7.1f} {r['final_val_accuracy']:8.4f} {r['max_abs_weight_diff_vs_1_proc']:9.1e}"
+            f"{r['median_epoch_s']:8.2f} {r['wall_s']:7.1f} {r['final_val_accuracy']:8.4f} "
+            f"{r['max_abs_weight_diff_vs_1_proc']:9.1e}"
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kd_lib.artifacts.dataset_dir import DatasetMeta, Splits  # noqa: E402
 from kd_lib.compress import quantization
 from kd_lib.config import AugmentConfig, DataConfig, LossTermConfig, TrainConfig  # noqa: E402
 from kd_lib.data import dataset as data_lib  # noqa: E402
@@ -94,7 +95,7 @@ SETUPS: dict[str, dict[str, Any]] = {
 }
 
 
-def _tensors(splits: data_lib.Splits) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def _tensors(splits: Splits) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     return (
         {k: torch.from_numpy(v) for k, v in splits.x.items()},
         {k: torch.from_numpy(v) for k, v in splits.y.items()},
@@ -115,7 +116,7 @@ def _quantized_accuracy(model: torch.nn.Module, scheme: str, x: dict, y: dict, s
 
 
 @functools.lru_cache(maxsize=4)
-def _load(source: str, val_fraction: float, test_fraction: float) -> tuple[dict, dict, data_lib.DatasetMeta]:
+def _load(source: str, val_fraction: float, test_fraction: float) -> tuple[dict, dict, DatasetMeta]:
     """The fixed split (seed 0) as tensors, once per process."""
     splits = data_lib.prepare(DataConfig(source=source, val_fraction=val_fraction, test_fraction=test_fraction, seed=0))
     x, y = _tensors(splits)
@@ -128,7 +129,8 @@ def _student_run(task: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(task["threads"])
     x, y, meta = _load(task["source"], task["val_fraction"], task["test_fraction"])
     shape, classes = tuple(meta.input_shape), meta.num_classes
-    teacher = build_model(*task["teacher"], shape, classes)
+    teacher_arch, teacher_params = task["teacher"]
+    teacher = build_model(teacher_arch, teacher_params, shape, classes)
     teacher.load_state_dict(torch.load(task["teacher_weights"], weights_only=True))
     teacher.eval()
     augment = make_augment(AugmentConfig(random_crop_padding=task["crop"]), shape) if task["crop"] else None
@@ -143,7 +145,8 @@ def _student_run(task: dict[str, Any]) -> dict[str, Any]:
         seed=task["seed"],
     )
     torch.manual_seed(task["seed"])  # same initial student weights for every method of this seed
-    student = build_model(*task["student"], shape, classes)
+    student_arch, student_params = task["student"]
+    student = build_model(student_arch, student_params, shape, classes)
     start = time.perf_counter()
     result = training.distill(
         student, teacher, build_objective(losses), x["train"], y["train"], x["val"], y["val"], cfg, augment=augment
@@ -246,7 +249,7 @@ def run_dataset(name: str, source: str, args: argparse.Namespace) -> dict[str, A
         "student": {
             "arch": student[0],
             "params": student[1],
-            "num_params": count_parameters(build_model(*student, shape, classes)),
+            "num_params": count_parameters(build_model(student[0], student[1], shape, classes)),
         },
         "grid_epochs": grid,
         "chosen_epochs": chosen,
@@ -311,7 +314,10 @@ def print_table(result: dict[str, Any]) -> None:
         f"(1/{t['num_params'] / result['student']['num_params']:.0f} of the teacher)"
     )
     print(f"each method's epochs chosen on validation from {result['grid_epochs']}; last epoch kept")
-    header = f"{'method':9s} {'epochs':>6s} {'test acc (mean±sd)':>20s} {'vs scratch':>16s} {'gap rec.':>9s} {'>2sd':>5s} {'int8 acc':>16s}"
+    header = (
+        f"{'method':9s} {'epochs':>6s} {'test acc (mean±sd)':>20s} {'vs scratch':>16s} {'gap rec.':>9s} "
+        f"{'>2sd':>5s} {'int8 acc':>16s}"
+    )
     print(header)
     print("-" * len(header))
     for method, row in result["summary"].items():
@@ -321,7 +327,8 @@ def print_table(result: dict[str, Any]) -> None:
         gap = f"{100 * row['gap_recovered']:.0f}%" if "gap_recovered" in row else ""
         beats = ("yes" if row["beats_scratch_2sd"] else "no") if "beats_scratch_2sd" in row else ""
         print(
-            f"{method:9s} {row['epochs']:6d} {100 * row['mean']:13.2f}±{100 * row['std']:.2f}% {delta:>16s} {gap:>9s} {beats:>5s} "
+            f"{method:9s} {row['epochs']:6d} {100 * row['mean']:13.2f}±{100 * row['std']:.2f}% "
+            f"{delta:>16s} {gap:>9s} {beats:>5s} "
             f"{100 * row['int8_mean']:9.2f}±{100 * row['int8_std']:.2f}%"
         )
 

@@ -16,9 +16,10 @@ first), through KFP's own executor with the executor input the run logged, again
 MLflow store: ``in-process`` is the step's time there, and ``overhead`` = ``wall`` -
 ``in-process``. ``imports`` is a fresh interpreter doing what a task does before the step
 (KFP's executor and the component body's import statements, ``_KFP_RUNTIME=true`` as in a
-task), median of ``--repeats``, with the heavy packages that loaded.
+task), the fastest of ``--repeats``, with the heavy packages that loaded.
 
-With ``--runs N`` it runs N times and keeps, per task, its fastest run (load only adds time).
+With ``--runs N`` it runs (and replays) N times and keeps, per task, the fastest of each
+(load only adds time).
 Prints a table and writes JSON (load average included: the numbers move with the machine's
 load). Not part of `make test`.
 
@@ -39,7 +40,6 @@ import os
 import pkgutil
 import platform
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -168,7 +168,7 @@ print(json.dumps([m for m in {heavy!r} if m in sys.modules]))
 
 
 def time_imports(code: str, env: dict[str, str], cwd: Path, repeats: int) -> tuple[float, list[str]]:
-    """Median wall time of a fresh interpreter running ``code`` (start to exit) and the heavy
+    """Shortest wall time of a fresh interpreter running ``code`` (start to exit) and the heavy
     packages it loaded. ``cwd`` must not hold a checkout: ``python -c`` imports from it first."""
     walls, heavy = [], []
     for _ in range(repeats):
@@ -183,7 +183,7 @@ def time_imports(code: str, env: dict[str, str], cwd: Path, repeats: int) -> tup
         )
         walls.append(time.perf_counter() - start)
         heavy = json.loads(proc.stdout.strip().splitlines()[-1])
-    return statistics.median(walls), heavy
+    return min(walls), heavy
 
 
 def _git(repo: Path, *args: str) -> str:
@@ -199,6 +199,14 @@ def _versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[dist] = "-"
     return out
+
+
+def _settle(max_load: float, max_wait: float) -> None:
+    """Wait (at most ``max_wait`` seconds) until the 1-minute load average is below ``max_load``:
+    on a shared machine, other jobs' load is most of the noise."""
+    deadline = time.monotonic() + max_wait
+    while os.getloadavg()[0] >= max_load and time.monotonic() < deadline:
+        time.sleep(10)
 
 
 def _load() -> dict[str, float]:
@@ -223,6 +231,15 @@ def _run(config: Path, overrides: list[str], work: Path, env: dict[str, str]) ->
     return wall, parse_run_log(text)
 
 
+def _replay(tasks: list[dict[str, Any]], work: Path, env: dict[str, str]) -> dict[str, float]:
+    """The run's steps again, in one warm process (``replay``) against a fresh store: seconds per task."""
+    (work / "tasks.json").write_text(json.dumps(tasks))
+    store = f"sqlite:///{work / 'replay.db'}"
+    command = [sys.executable, str(HERE), "--replay", str(work / "tasks.json"), "--store", store]
+    subprocess.run(command, cwd=work, env=env, check=True, stdout=subprocess.DEVNULL)
+    return json.loads((work / "replay.json").read_text())
+
+
 def _wall_of(tasks: list[dict[str, Any]], name: str) -> float:
     return next(t["end"] - t["start"] for t in tasks if t["task"] == name)
 
@@ -234,32 +251,22 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
     load_before = _load()
 
-    # 1. The run(s), each in a scratch directory (MLflow's artifacts land there), against a fresh store.
-    runs = [_run(config, args.overrides, work / f"run{i}", env) for i in range(args.runs)]
-    run_walls = [wall for wall, _ in runs]
-    tasks = runs[0][1]
-    # Per task, the run where it was fastest: the machine's load only ever adds time.
-    fastest = {t["task"]: min((r[1] for r in runs), key=lambda ts: _wall_of(ts, t["task"])) for t in tasks}
-
-    # 2. Each step again, in one warm process.
-    in_process: dict[str, float] = {}
-    if not args.no_replay:
-        (work / "tasks.json").write_text(json.dumps(tasks))
-        subprocess.run(
-            [
-                sys.executable,
-                str(HERE),
-                "--replay",
-                str(work / "tasks.json"),
-                "--store",
-                f"sqlite:///{work / 'replay.db'}",
-            ],
-            cwd=work,
-            env=env,
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
-        in_process = json.loads((work / "replay.json").read_text())
+    # 1. The run(s), each in a scratch directory (MLflow's artifacts land there), against a
+    # fresh store, each followed by 2. its steps again in one warm process. Per task the
+    # fastest of each is kept: the machine's load only ever adds time.
+    runs: list[list[dict[str, Any]]] = []
+    run_walls: list[float] = []
+    replays: list[dict[str, float]] = []
+    for i in range(args.runs):
+        _settle(args.max_load, args.max_wait)
+        wall, tasks = _run(config, args.overrides, work / f"run{i}", env)
+        runs.append(tasks)
+        run_walls.append(wall)
+        if not args.no_replay:
+            _settle(args.max_load, args.max_wait)
+            replays.append(_replay(tasks, work / f"run{i}", env))
+    fastest = {t["task"]: min(runs, key=lambda ts: _wall_of(ts, t["task"])) for t in runs[0]}
+    in_process = {t["task"]: min(r[t["task"]] for r in replays) for t in runs[0]} if replays else {}
 
     # 3. What a task imports before its step, in a fresh interpreter.
     task_env = env | {"_KFP_RUNTIME": "true"}
@@ -268,7 +275,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "python + kfp executor": time_imports(KFP_PRELUDE, task_env, work, args.repeats)[0],
     }
     rows = []
-    for first in tasks:
+    for first in runs[0]:
         task = next(t for t in fastest[first["task"]] if t["task"] == first["task"])
         imports = subprocess.run(
             [sys.executable, str(HERE), "--body-imports", task["task"]],
@@ -304,6 +311,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "dirty": bool(_git(repo, "status", "--porcelain", "--untracked-files=no")),
         "config": str(config),
         "overrides": args.overrides,
+        "max_load": args.max_load,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "packages": _versions()},
         "load_before": load_before,
         "load_after": _load(),
@@ -344,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--label", default="", help="what this measures, e.g. before / after")
     p.add_argument("--runs", type=int, default=1, help="local runs; per task the fastest is kept (default 1)")
     p.add_argument("--repeats", type=int, default=3, help="fresh interpreters per import measurement")
+    p.add_argument("--max-load", type=float, default=1.0, help="wait for a 1-min load average below this")
+    p.add_argument("--max-wait", type=float, default=300.0, help="but at most this many seconds per run")
     p.add_argument("--no-replay", action="store_true", help="skip the in-process replay")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "overhead.json"))
     # Internal: the replay and the body-imports probe run in a subprocess with the checkout's path.

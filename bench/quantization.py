@@ -35,6 +35,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kd_lib.artifacts import SPEC_FILE  # noqa: E402
+from kd_lib.artifacts.dataset_dir import Splits  # noqa: E402
 from kd_lib.compress import quantization
 from kd_lib.config import DataConfig, LossTermConfig, TrainConfig  # noqa: E402
 from kd_lib.data import dataset as data_lib  # noqa: E402
@@ -54,7 +56,7 @@ MODELS = {
 }
 
 
-def _train(args: argparse.Namespace, splits: data_lib.Splits) -> dict[str, nn.Module]:
+def _train(args: argparse.Namespace, splits: Splits) -> dict[str, nn.Module]:
     t = {k: torch.from_numpy(v) for k, v in splits.x.items()}
     y = {k: torch.from_numpy(v) for k, v in splits.y.items()}
     shape, classes = tuple(splits.meta.input_shape), splits.meta.num_classes
@@ -85,7 +87,7 @@ def _train(args: argparse.Namespace, splits: data_lib.Splits) -> dict[str, nn.Mo
     return models
 
 
-def _latency(model: Callable, x1: torch.Tensor, args: argparse.Namespace) -> dict[str, float]:
+def _latency(model: nn.Module, x1: torch.Tensor, args: argparse.Namespace) -> dict[str, float]:
     out = {}
     for bs, iters in ((1, args.iters), (64, max(10, args.iters // 2))):
         timing = evaluation.latency_ms(model, x1, batch_size=bs, warmup=args.warmup, iters=iters, threads=args.threads)
@@ -106,7 +108,7 @@ class _Callable(nn.Module):
         return self._fn[0](x)
 
 
-def _pt2e_x86(model: nn.Module, calibration: list[torch.Tensor]) -> tuple[nn.Module, int]:
+def _pt2e_x86(model: nn.Module, calibration: list[torch.Tensor]) -> tuple[Callable[..., Any], int]:
     """PT2E static int8 with the x86 inductor quantizer, compiled with freezing (bench-only)."""
     import torch._inductor.config as inductor_config
 
@@ -252,7 +254,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         continue
                     # bytes: the whole directory, what the gate counts; weights_bytes: without spec.json.
                     row["bytes"] = evaluation.artifact_size_bytes(directory)
-                    row["weights_bytes"] = evaluation.artifact_size_bytes(directory, exclude=(quantization.SPEC_FILE,))
+                    row["weights_bytes"] = evaluation.artifact_size_bytes(directory, exclude=(SPEC_FILE,))
                     row["fp32_layers"] = quantization.fp32_layers(fp32, scheme, backend)
                     rows.append(row | _measure(loaded, x_test, y_test, x1, fp32_acc, args))
                     print(_line(rows[-1]), flush=True)
@@ -269,9 +271,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if not args.no_pt2e:
                 row = {"model": model_name, "scheme": "static_int8", "backend": "pt2e.x86_inductor+compile(bench only)"}
                 try:
-                    compiled, size = _pt2e_x86(fp32, calibration)
+                    pt2e_compiled, size = _pt2e_x86(fp32, calibration)
                     row["bytes"] = size
-                    row |= _measure(_Callable(compiled), x_test, y_test, x1, fp32_acc, args)
+                    row |= _measure(_Callable(pt2e_compiled), x_test, y_test, x1, fp32_acc, args)
                 except Exception as err:
                     row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
                 finally:

@@ -100,15 +100,20 @@ def run_sequential(cfg: PipelineConfig, work: Path) -> dict[str, Any]:
     prepare_data(cfg, rid, dataset)
     train_teacher(cfg, rid, dataset, teacher, work / "teacher_history.json")
     timings["shared steps"] = time.perf_counter() - start
-    evaluations, decisions, quantized = [], [], []
+    evaluations: list[str | Path] = []
+    decisions: list[str | Path] = []
+    quantized: list[str | Path] = []
     for candidate in sweep.expand(cfg):
         t0 = time.perf_counter()
         c, d = candidate.config, work / candidate.name
         distill(c, rid, dataset, teacher, d / "student", d / "student_history.json")
         quantize(c, rid, dataset, d / "student", d / "quantized", teacher_dir=teacher)
-        models = {"teacher": teacher, "student": d / "student", "quantized": d / "quantized"}
+        models: dict[str, str | Path] = {"teacher": teacher, "student": d / "student", "quantized": d / "quantized"}
         evaluate(c, rid, dataset, models, d / "evaluation.json")
-        histories = {"teacher": work / "teacher_history.json", "student": d / "student_history.json"}
+        histories: dict[str, str | Path] = {
+            "teacher": work / "teacher_history.json",
+            "student": d / "student_history.json",
+        }
         evaluation_report(c, rid, dataset, d / "evaluation.json", histories, d / "report.html", d / "summary.md")
         gate(c, rid, dataset, d / "evaluation.json", d / "decision.json")
         evaluations.append(d / "evaluation.json")
@@ -207,7 +212,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
             ]
         )
     widths = [max(len(c[i]) for c in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -238,6 +243,7 @@ def main() -> None:
         for name, mode in (("pipeline", "bench-sweep-local"), ("sequential", "bench-sweep-seq")):
             client = tracking.client_for_uri(f"sqlite:///{root / name / 'mlflow.db'}")
             exp = client.get_experiment_by_name(mode)
+            assert exp is not None, f"{name}: no experiment {mode!r}"
             children = client.search_runs([exp.experiment_id], "tags.`kdflow.candidate` != ''", max_results=1000)
             assert len({r.data.tags["kdflow.candidate"] for r in children}) == 6, f"{name}: not every candidate logged"
 

@@ -46,7 +46,10 @@ from kd_lib.train.losses import build_objective  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mnist5k.npz"
 TEACHER = ("cnn", {"channels": 32, "depth": 3, "hidden": 128})
-STUDENTS = {"cnn": ("cnn", {"channels": 4, "depth": 2, "hidden": 24}), "mlp": ("mlp", {"width": 64, "depth": 1})}
+STUDENTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "cnn": ("cnn", {"channels": 4, "depth": 2, "hidden": 24}),
+    "mlp": ("mlp", {"width": 64, "depth": 1}),
+}
 TEMPERATURE, ALPHA = 4.0, 0.9
 
 
@@ -137,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.students:
         arch, params = STUDENTS[name]
 
-        def fresh() -> nn.Module:
+        # This student's arch/params bound now, whenever the variants below call it.
+        def fresh(arch: str = arch, params: dict[str, Any] = params) -> nn.Module:
             torch.manual_seed(1)
             return build_model(arch, params, shape, classes)
 
@@ -189,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
                 wall, per_epoch = _time(fn)
                 walls[variant].append(wall)
                 epochs[variant] += per_epoch
-        wall = {v: statistics.median(t) for v, t in walls.items()}
-        epoch = {v: statistics.median(t) for v, t in epochs.items()}
+        median_wall = {v: statistics.median(t) for v, t in walls.items()}
+        median_epoch = {v: statistics.median(t) for v, t in epochs.items()}
         for variant in variants:
             rows.append(
                 {
@@ -198,12 +202,12 @@ def main(argv: list[str] | None = None) -> int:
                     "student_params": count_parameters(fresh()),
                     "teacher_params": count_parameters(teacher),
                     "variant": variant,
-                    "wall_seconds": wall[variant],
+                    "wall_seconds": median_wall[variant],
                     "all_wall_seconds": walls[variant],
-                    "samples_per_s": n / wall[variant],
-                    "vs_plain": wall["plain"] / wall[variant],
-                    "epoch_seconds": epoch[variant],
-                    "epoch_speedup_vs_live": epoch["kdflow live"] / epoch[variant],
+                    "samples_per_s": n / median_wall[variant],
+                    "vs_plain": median_wall["plain"] / median_wall[variant],
+                    "epoch_seconds": median_epoch[variant],
+                    "epoch_speedup_vs_live": median_epoch["kdflow live"] / median_epoch[variant],
                 }
             )
 

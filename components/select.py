@@ -16,7 +16,8 @@ def select(
     evaluation: Output[Artifact],
     decision: Output[Artifact],
     summary: Output[Markdown],
-    selected_config: OutputPath(str),
+    # KFP's documented form is a call, not a subscript (OutputPath[str] is not read by KFP): no stub can type it.
+    selected_config: OutputPath(str),  # type: ignore[valid-type]
 ) -> str:
     """Choose among a sweep's candidates (smallest that passes every gate, Pareto front logged);
     outputs the chosen one's model, evaluation, decision and config; returns the action."""

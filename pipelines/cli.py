@@ -276,7 +276,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         lat = sorted(k for k in next(iter(evaluation.values())) if k.startswith("latency_"))
         rows = [[role] + [row.get(c, "") for c in cols + lat] for role, row in evaluation.items()]
         out += ["Models (test split)", _table(["model"] + cols + [k.replace("latency_", "") for k in lat], rows), ""]
-        from kd_lib.report.render import kd_gain_line
+        from kd_lib.report import kd_gain_line
 
         gain = kd_gain_line(evaluation)
         if gain:
@@ -447,7 +447,7 @@ def _cmd_models(cfg: None, args: argparse.Namespace) -> int:
 
 def _cmd_report(cfg: None, args: argparse.Namespace) -> int:
     from kd_lib.adapters.tracking import client_for_uri, pipeline_record, resolve_parent_run
-    from kd_lib.report import render as report
+    from kd_lib import report
 
     client = client_for_uri(args.tracking_uri)
     parent = resolve_parent_run(client, args.run_id)

@@ -267,12 +267,12 @@ def run_local(cfg: PipelineConfig, root: str | Path = ".kdflow/runs", verbose: b
             # it too, for the failed task's own error.
             quiet = stack.enter_context(open(os.devnull, "w"))
             display = StepDisplay(quiet, quiet, quiet, live=False)
-            stack.enter_context(contextlib.redirect_stdout(_Tee(sys.stdout, display)))  # type: ignore[type-var]
+            stack.enter_context(contextlib.redirect_stdout(_Tee(sys.stdout, display)))
         else:
             log = stack.enter_context(log_path.open("w"))
             display = StepDisplay(sys.stdout, sys.stderr, log)
-            stack.enter_context(contextlib.redirect_stdout(display))  # type: ignore[type-var]
-            stack.enter_context(contextlib.redirect_stderr(display))  # type: ignore[type-var]
+            stack.enter_context(contextlib.redirect_stdout(display))
+            stack.enter_context(contextlib.redirect_stderr(display))
             stack.enter_context(warnings.catch_warnings())
             # kfp.local warns per task that our image is not a Python image: it is, with kd_lib.
             warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)

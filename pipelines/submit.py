@@ -10,6 +10,7 @@ the caller's own KFP API token (`KDFLOW_KFP_TOKEN`, or a projected service-accou
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -321,8 +322,10 @@ def schedule_run(
                 enabled=True,
             ),
         )
-    for rid in old:
-        _call(host, f"delete the replaced recurring run {rid}", lambda rid=rid: client.delete_recurring_run(rid))
+    for old_id in old:
+        _call(
+            host, f"delete the replaced recurring run {old_id}", functools.partial(client.delete_recurring_run, old_id)
+        )
     rid = created.recurring_run_id
     return Submission(
         "recurring run", rid, name, exp.experiment_id, f"{host.rstrip('/')}/#/recurringrun/details/{rid}", old

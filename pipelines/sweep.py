@@ -54,6 +54,7 @@ def build_sweep_pipeline(cfg: PipelineConfig, for_cluster: bool = True) -> Graph
             "build_sweep_pipeline needs a config with a sweep section; use build_distillation_pipeline otherwise"
         )
     candidates = sweep.candidate_configs(cfg)
+    parallelism = cfg.sweep.parallelism
     teacher_step, teacher_step_name, distill_step = training_steps(cfg, for_cluster)
 
     @dsl.pipeline(
@@ -67,7 +68,7 @@ def build_sweep_pipeline(cfg: PipelineConfig, for_cluster: bool = True) -> Graph
             teacher_task = teacher_step(config_json=config_json, pipeline_run_id=RUN_ID, dataset=dataset)
             # Each item: a candidate's config JSON and the run id (see components/sweep_items.py).
             sweep_items_task = sweep_items(candidate_configs=candidates, pipeline_run_id=RUN_ID)
-            with dsl.ParallelFor(sweep_items_task.output, parallelism=cfg.sweep.parallelism, name="candidates") as item:
+            with dsl.ParallelFor(sweep_items_task.output, parallelism=parallelism, name="candidates") as item:
                 chain = candidate_chain(item.config_json, item.pipeline_run_id, dataset, teacher_task, distill_step)
             select_task = select(
                 config_json=config_json,
@@ -98,7 +99,7 @@ def build_sweep_pipeline(cfg: PipelineConfig, for_cluster: bool = True) -> Graph
             "register": register_task,
         }
         finish_tasks(tasks, cfg, for_cluster)
-        threads = None if for_cluster else local_threads(cfg.sweep.parallelism)
+        threads = None if for_cluster else local_threads(parallelism)
         if threads is not None:
             for step in CANDIDATE_STEPS:
                 tasks[step].set_env_variable("OMP_NUM_THREADS", str(threads))

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from kd_lib.config import PipelineConfig, parse_config
+
+if TYPE_CHECKING:  # mlflow costs seconds at import; the helpers only take a client built by the caller
+    from mlflow import MlflowClient
 
 
 def tiny_config(tmp_path: Path, **sections: dict) -> PipelineConfig:
@@ -45,6 +49,10 @@ class TableTeacher(torch.nn.Module):
     """A "teacher" that answers fixed logits per known input row (exact match), for tests
     that need to control exactly what the teacher says about each training sample."""
 
+    # Registered buffers, declared so the type checker sees tensors rather than Module.__getattr__'s union.
+    x: torch.Tensor
+    logits: torch.Tensor
+
     def __init__(self, x: torch.Tensor, logits: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("x", x.flatten(1).clone())
@@ -57,3 +65,10 @@ class TableTeacher(torch.nn.Module):
         if not bool(match.any(1).all()):
             raise AssertionError("TableTeacher got an input it has no row for")
         return self.logits[match.float().argmax(1)]
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    """The id of the MLflow experiment ``name``, which the code under test must have created."""
+    experiment = client.get_experiment_by_name(name)
+    assert experiment is not None, f"no MLflow experiment {name!r}"
+    return experiment.experiment_id

@@ -26,6 +26,8 @@ from mlflow.pyfunc import PythonModel, PythonModelContext
 from mlflow.types.schema import Schema, TensorSpec
 
 import kd_lib
+from kd_lib.artifacts import SPEC_FILE
+from kd_lib.data.normalization import normalize
 from kd_lib.errors import KdflowError
 from kd_lib.evaluate.gates import GateDecision
 
@@ -64,8 +66,7 @@ class KdflowPyfunc(PythonModel):
         # lazy: torch costs seconds at import; only a process that serves the model needs it
         import torch
 
-        from kd_lib.data.dataset import normalize  # the very transform prepare_data applied (scalar or per channel)
-
+        # The very transform prepare_data applied (scalar or per channel).
         x = normalize(np.asarray(model_input, dtype=np.float32), self.spec.get("normalization") or {})
         with torch.no_grad():
             logits = self.model(torch.from_numpy(x))
@@ -263,7 +264,7 @@ class ModelRegistry:
                 artifact_uri=location, dst_path=str(dst), tracking_uri=self.client.tracking_uri
             )
         )
-        specs = [p for p in local.rglob("spec.json") if "code" not in p.relative_to(local).parts]
+        specs = [p for p in local.rglob(SPEC_FILE) if "code" not in p.relative_to(local).parts]
         if len(specs) != 1:
             raise RegistryError(
                 f"{self.name} v{version}: expected one kdflow model in its artifacts, found {len(specs)}"

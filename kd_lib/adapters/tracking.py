@@ -14,7 +14,7 @@ import os
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,14 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
+from kd_lib.artifacts import (
+    EVALUATION_FILE,
+    GATE_FILE,
+    HISTORY_FILE,
+    parse_decision,
+    parse_evaluation,
+    parse_history,
+)
 from kd_lib.config import PipelineConfig, RetryConfig
 from kd_lib.errors import KdflowError
 
@@ -196,7 +204,7 @@ class StepRun:
         self.run_id = run_id
         self.parent_run_id = parent_run_id
 
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         ts = int(time.time() * 1000)
         batch = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items() if isinstance(v, (int, float))]
         if batch:
@@ -385,19 +393,23 @@ def pipeline_record(client: MlflowClient, parent_run_id: str) -> dict[str, Any]:
         steps |= {key[: -len(suffix)]: run for key, run in list(steps.items()) if key.endswith(suffix)}
     histories = {}
     for role, step in (("teacher", "train_teacher"), ("student", "distill")):
-        rows = _json_artifact(client, steps[step], "history.json") if step in steps else None
+        rows = _json_artifact(client, steps[step], HISTORY_FILE) if step in steps else None
         if rows:
-            histories[role] = rows
+            histories[role] = parse_history(rows, f"{HISTORY_FILE} of run {steps[step]}").to_list()
+    evaluation = _json_artifact(client, steps["evaluate"], EVALUATION_FILE) if "evaluate" in steps else None
+    if evaluation is not None:
+        evaluation = parse_evaluation(evaluation, f"{EVALUATION_FILE} of run {steps['evaluate']}").to_dict()
+    gate = _json_artifact(client, parent_run_id, GATE_FILE) if parent.data.tags.get("kdflow.gate_status") else None
+    if gate is not None:
+        gate = parse_decision(gate, f"{GATE_FILE} of run {parent_run_id}").to_dict()
     return {
         "parent_run_id": parent_run_id,
         "status": parent.info.status,
         "params": dict(parent.data.params),
         "tags": dict(parent.data.tags),
         "steps": steps,
-        "evaluation": _json_artifact(client, steps["evaluate"], "evaluation.json") if "evaluate" in steps else None,
-        "gate": _json_artifact(client, parent_run_id, "gate.json")
-        if parent.data.tags.get("kdflow.gate_status")
-        else None,
+        "evaluation": evaluation,
+        "gate": gate,
         "dataset_meta": (
             _json_artifact(client, steps["prepare_data"], "dataset_meta.json") if "prepare_data" in steps else None
         ),

@@ -16,7 +16,7 @@ order). The same records read what MLflow holds of a run (``evaluation.json`` an
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -227,6 +227,6 @@ def read_history(path: str | Path, missing_ok: bool = False) -> HistoryRecord:
     return validate(HistoryRecord, read_json(path, "the training step writes it"), path)
 
 
-def write_history(path: str | Path, record: HistoryRecord | list[Mapping[str, Any]]) -> Path:
+def write_history(path: str | Path, record: HistoryRecord | Sequence[Mapping[str, Any]]) -> Path:
     """Write ``history.json`` (validated first; the same bytes as ``json.dumps`` of the rows)."""
     return write_json(path, parse_history(record, str(path)).to_list())

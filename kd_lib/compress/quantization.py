@@ -46,7 +46,7 @@ from torch import nn
 
 from kd_lib.artifacts import model_dir
 from kd_lib.artifacts.errors import ArtifactError
-from kd_lib.artifacts.model_dir import LEGACY_WEIGHTS_FILE, REQUIRED_SPEC_KEYS, SPEC_FILE, WEIGHTS_FILE, ModelSpec
+from kd_lib.artifacts.model_dir import SPEC_FILE, ModelSpec
 from kd_lib.compress.base import (
     QuantizationError,
     QuantizeContext,
@@ -69,16 +69,12 @@ from kd_lib.compress.torch_ao import DynamicInt8, EagerInt8, _fusion_groups
 from kd_lib.models.builders import build_model
 from kd_lib.plugins import Registry
 
-# The names steps, tests and the bench import from here; they live in the modules above.
+# The names steps, tests and the bench import from here; the schemes live in the modules above,
+# the saved model directory's format in kd_lib.artifacts.model_dir.
 __all__ = [
     "AUTO_ORDER",
-    "LEGACY_WEIGHTS_FILE",
     "QUANTIZERS",
-    "REQUIRED_SPEC_KEYS",
     "SCHEMES",
-    "SPEC_FILE",
-    "WEIGHTS_FILE",
-    "ArtifactError",
     "CastModel",
     "DynamicInt8",
     "EagerInt8",

@@ -1,7 +1,8 @@
 """Load, validate, split and fingerprint a classification dataset.
 
 Sources (``data.source``, and optionally ``data.test_source``), each a local path or an
-``s3://`` URI fetched through ``kd_lib.adapters.storage``:
+``s3://`` URI, which the caller's ``fetch`` downloads (the prepare_data step passes
+``kd_lib.adapters.storage.fetch``; this layer imports no storage client):
 
 - ``digits``: scikit-learn's builtin 8x8 digits;
 - ``.npz`` with arrays ``x`` ``[N, ...]`` and ``y`` ``[N]``;
@@ -11,8 +12,8 @@ Sources (``data.source``, and optionally ``data.test_source``), each a local pat
 
 Arrays on disk and between steps are numpy; ``x`` is float32 ``[N, *input_shape]`` (images
 as ``[N, C, H, W]``), ``y`` is int64 ``[N]``. Nothing here is pickled: npz files are read with
-``allow_pickle=False``. pandas, pyarrow, Pillow and boto3 are imported only by the loaders
-that need them. The train-split normalization (what the served model applies too) is
+``allow_pickle=False``. pandas, pyarrow and Pillow are imported only by the loaders that
+need them. The train-split normalization (what the served model applies too) is
 ``kd_lib.data.normalization``; the prepared dataset directory is ``kd_lib.artifacts.dataset_dir``.
 """
 
@@ -21,34 +22,24 @@ from __future__ import annotations
 import hashlib
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kd_lib.artifacts.dataset_dir import META_FILE, SPLIT_NAMES, DatasetMeta, Splits, load_splits, save_splits
-from kd_lib.config import DataConfig, RetryConfig, source_kind
-from kd_lib.data.normalization import denormalize, normalization_stats, normalize
+from kd_lib.artifacts.dataset_dir import SPLIT_NAMES, DatasetMeta, Splits
+from kd_lib.config import DataConfig, source_kind
+from kd_lib.data.normalization import normalization_stats, normalize
 from kd_lib.errors import KdflowError
 
 if TYPE_CHECKING:
     import pandas as pd
 
-# The prepared dataset directory (splits.npz + meta.json) is kd_lib.artifacts.dataset_dir and the
-# normalization kd_lib.data.normalization; their names are re-exported for code that imports them here.
-__all__ = [
-    "META_FILE",
-    "SPLIT_NAMES",
-    "DatasetMeta",
-    "Splits",
-    "denormalize",
-    "load_splits",
-    "normalization_stats",
-    "normalize",
-    "save_splits",
-]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# (remote URI, scratch directory for the download) -> the local file or directory it became.
+Fetch = Callable[[str, Path], Path]
 
 
 class DataError(KdflowError, ValueError):
@@ -270,25 +261,43 @@ def _load_image_folder(root: Path, cfg: DataConfig, origin: str) -> Labeled:
     return Labeled(np.stack(images), np.array(labels, dtype=np.int64), [d.name for d in class_dirs])
 
 
-def read_source(source: str, cfg: DataConfig, scratch: str | Path, retry: RetryConfig | None = None) -> Labeled:
+def is_remote(source: str) -> bool:
+    """Whether ``source`` is a URI to download (``s3://...``) rather than a local path."""
+    return "://" in source
+
+
+def _local(source: str, scratch: str | Path, fetch: Fetch | None) -> Path:
+    """Where ``source`` can be read: a local path as it is, a remote one fetched into ``scratch``."""
+    if not is_remote(source):
+        return Path(source).expanduser()
+    if fetch is None:
+        raise DataError(
+            f"{source}: a remote source, and nothing was given to download it with",
+            "pass fetch= to prepare (the prepare_data step passes kd_lib.adapters.storage.fetch), "
+            "or download the data and point data.source at the local copy",
+        )
+    return fetch(source, Path(scratch))
+
+
+def read_source(source: str, cfg: DataConfig, scratch: str | Path, fetch: Fetch | None = None) -> Labeled:
     """Read one source (``cfg.source`` or ``cfg.test_source``) into arrays, without validating.
 
     Args:
         source: ``'digits'``, a local path, or an ``s3://`` URI (fetched into ``scratch``).
         cfg: how to read it (label/feature/pixel columns, image shape, size and mode).
         scratch: a directory for downloads; the caller removes it.
-        retry: attempts and timeouts of the S3 requests (``tracking.retry``).
+        fetch: downloads a remote source (``Fetch``); needed only for one.
 
     Raises:
-        DataError: the file is missing, unreadable, or not laid out as ``cfg`` says (naming it).
-        kd_lib.adapters.storage.StorageError: an ``s3://`` source cannot be fetched.
+        DataError: the file is missing, unreadable, or not laid out as ``cfg`` says (naming it),
+            or the source is remote and no ``fetch`` was given.
+        Exception: whatever ``fetch`` raises for a source it cannot download
+            (``kd_lib.adapters.storage.StorageError`` in a pipeline).
     """
     kind = source_kind(source)
     if kind == "digits":
         return Labeled(*_load_digits())
-    from kd_lib.adapters import storage  # lazy: boto3 only for s3:// sources
-
-    local = storage.fetch(source, scratch, retry) if storage.is_remote(source) else Path(source).expanduser()
+    local = _local(source, scratch, fetch)
     if local.is_dir() and kind in ("folder", "unknown"):
         return _load_image_folder(local, cfg, source)
     if kind == "npz":
@@ -305,11 +314,11 @@ def read_source(source: str, cfg: DataConfig, scratch: str | Path, retry: RetryC
 
 
 def load_source(
-    source: str, cfg: DataConfig | None = None, retry: RetryConfig | None = None
+    source: str, cfg: DataConfig | None = None, fetch: Fetch | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Read ``source`` into ``(x [N, ...] float32, y [N] int64)`` without validating."""
     with tempfile.TemporaryDirectory(prefix="kdflow-data-") as scratch:
-        got = read_source(source, cfg or DataConfig(), scratch, retry)
+        got = read_source(source, cfg or DataConfig(), scratch, fetch)
     return got.x, got.y
 
 
@@ -422,7 +431,7 @@ def stratified_split(
     return train, val, test
 
 
-def prepare(cfg: DataConfig, retry: RetryConfig | None = None) -> Splits:
+def prepare(cfg: DataConfig, fetch: Fetch | None = None) -> Splits:
     """Load, validate, split and normalize ``cfg.source`` (and ``cfg.test_source``).
 
     Without ``test_source``, one seeded stratified split gives train/val/test; with it, the
@@ -432,17 +441,20 @@ def prepare(cfg: DataConfig, retry: RetryConfig | None = None) -> Splits:
 
     Args:
         cfg: the ``data`` section of the pipeline config.
-        retry: attempts and timeouts of S3 requests for ``s3://`` sources (``tracking.retry``).
+        fetch: downloads an ``s3://`` source (``Fetch``), e.g. ``kd_lib.adapters.storage.fetch``
+            bound to ``tracking.retry``; local sources need none.
 
     Raises:
-        DataError: the data is missing, unreadable, mislabeled or inconsistent (naming the file).
-        kd_lib.adapters.storage.StorageError: an ``s3://`` source cannot be fetched.
+        DataError: the data is missing, unreadable, mislabeled or inconsistent (naming the file),
+            or a source is remote and no ``fetch`` was given.
+        Exception: whatever ``fetch`` raises for a source it cannot download
+            (``kd_lib.adapters.storage.StorageError`` in a pipeline).
     """
     with tempfile.TemporaryDirectory(prefix="kdflow-data-") as scratch:
-        train = read_source(cfg.source, cfg, Path(scratch) / "source", retry)
+        train = read_source(cfg.source, cfg, Path(scratch) / "source", fetch)
         test = None
         if cfg.test_source is not None:
-            test = read_source(cfg.test_source, cfg, Path(scratch) / "test_source", retry)
+            test = read_source(cfg.test_source, cfg, Path(scratch) / "test_source", fetch)
     x, y = train.x, train.y
     num_classes = validate(x, y, cfg.num_classes, origin=cfg.source)
     present = np.unique(y)

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kd_lib.train.loop import compute_logits
+from kd_lib.artifacts import SPEC_FILE
+from kd_lib.train.inference import compute_logits
 
 
 def predict(model: nn.Module, x: Tensor, batch_size: int = 512) -> Tensor:
@@ -209,7 +210,7 @@ def evaluate_model(
         "accuracy": accuracy(pred, y_test),
         "macro_f1": macro_f1(pred, y_test, num_classes),
         "size_bytes": artifact_size_bytes(artifact_dir),
-        "weights_bytes": artifact_size_bytes(artifact_dir, exclude=("spec.json",)),
+        "weights_bytes": artifact_size_bytes(artifact_dir, exclude=(SPEC_FILE,)),
         "num_params": int(num_params),
     }
     for bs in batch_sizes:

@@ -11,16 +11,16 @@ from typing import Any
 
 from kd_lib.adapters.model_registry import ModelRegistry
 from kd_lib.adapters.tracking import StepRun
+from kd_lib.artifacts.dataset_dir import Splits
 from kd_lib.compress import quantization
 from kd_lib.config import PipelineConfig
-from kd_lib.data import dataset as data_lib
 from kd_lib.evaluate import metrics as evaluation
 from kd_lib.models.builders import for_data
 from kd_lib.steps.common import StepError
 from kd_lib.steps.inputs import accuracy, tensors
 
 
-def champion_metrics(cfg: PipelineConfig, splits: data_lib.Splits, run: StepRun) -> dict[str, Any] | None:
+def champion_metrics(cfg: PipelineConfig, splits: Splits, run: StepRun) -> dict[str, Any] | None:
     """The current champion measured on THIS run's test split (same data, same yardstick).
 
     Returns:

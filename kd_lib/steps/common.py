@@ -1,15 +1,16 @@
 """What every step module shares, torch-free (the gate, select, register and finalize tasks
-start without loading torch): the step error, JSON outputs, a model's spec, the gate record."""
+start without loading torch): the step error, a model's spec, the gate record."""
 
 from __future__ import annotations
 
-import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
 from kd_lib.adapters.model_registry import gate_tags
+from kd_lib.artifacts import EvaluationRecord, parse_evaluation
+from kd_lib.artifacts.dataset_dir import DatasetMeta
 from kd_lib.config import PipelineConfig
-from kd_lib.data.dataset import DatasetMeta
 from kd_lib.errors import KdflowError
 from kd_lib.evaluate import gates
 
@@ -24,18 +25,12 @@ class Recorder(Protocol):
 
     run_id: str
 
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
     def log_params(self, params: dict[str, Any]) -> None: ...
     def set_tags(self, tags: dict[str, Any], on_parent: bool = False) -> None: ...
     def log_dict(self, obj: Any, filename: str, on_parent: bool = False) -> None: ...
     def log_text(self, text: str, filename: str, on_parent: bool = False) -> None: ...
     def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None: ...
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    """``obj`` as JSON at ``path``, its directory made first (KFP hands out paths, not directories)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(obj))
 
 
 def owns_parent(cfg: PipelineConfig) -> bool:
@@ -70,12 +65,20 @@ def model_spec(model_cfg: Any, meta: DatasetMeta, role: str, run_id: str) -> dic
 
 
 def gate_decision(
-    cfg: PipelineConfig, results: dict[str, dict[str, Any]], champion: dict[str, Any] | None = None
+    cfg: PipelineConfig,
+    results: EvaluationRecord | Mapping[str, Any],
+    champion: Mapping[str, Any] | None = None,
 ) -> gates.GateDecision:
-    """The gate's pure decision on the evaluate step's measurements (and the champion's)."""
-    return gates.decide(
-        results["quantized"], results["teacher"], cfg.gate, fp32_student=results["student"], champion=champion
-    )
+    """The gate's pure decision on the evaluate step's measurements (and the champion's).
+
+    Raises:
+        StepError: the evaluation lacks the teacher, the student or the quantized student.
+    """
+    rows = parse_evaluation(results).roles()
+    missing = [role for role in ("quantized", "teacher", "student") if role not in rows]
+    if missing:
+        raise StepError(f"the evaluation has no {', '.join(missing)} row; it must come from the evaluate step")
+    return gates.decide(rows["quantized"], rows["teacher"], cfg.gate, fp32_student=rows["student"], champion=champion)
 
 
 def log_gate(run: Recorder, decision: gates.GateDecision, action: str, table: str, on_parent: bool) -> None:

@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
+from kd_lib.artifacts.dataset_dir import Splits, load_splits
 from kd_lib.compress import quantization
 from kd_lib.config import ConfigError, LossTermConfig, PipelineConfig
-from kd_lib.data import dataset as data_lib
 from kd_lib.models.builders import build_model, count_parameters
 from kd_lib.steps.common import model_spec
 from kd_lib.steps.inputs import augment, load_teacher, tensors
@@ -59,7 +59,7 @@ def distill(
         )
     main = ranks.is_main()
     with recorder(cfg, pipeline_run_id, "distill") as run, progress("distill", cfg.distill.train.epochs) as bar:
-        splits = data_lib.load_splits(dataset_dir)
+        splits = load_splits(dataset_dir)
         meta = splits.meta
         objective = losses.build_objective(cfg.distill.losses)
         teacher = load_teacher(teacher_dir, meta) if objective.needs_teacher else None
@@ -101,7 +101,7 @@ def distill(
 
 def _train_student(
     cfg: PipelineConfig,
-    splits: data_lib.Splits,
+    splits: Splits,
     teacher: torch.nn.Module | None,
     objective: losses.Objective,
     student_augment: Any,

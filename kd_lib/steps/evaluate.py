@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from kd_lib import report
 from kd_lib.adapters.tracking import step_run
+from kd_lib.artifacts import has_model, read_evaluation, read_history, write_evaluation
+from kd_lib.artifacts.dataset_dir import DatasetMeta, load_splits, read_meta
 from kd_lib.compress import quantization
 from kd_lib.config import PipelineConfig
-from kd_lib.data import dataset as data_lib
 from kd_lib.evaluate import metrics as evaluation
 from kd_lib.models.builders import build_model, count_parameters, for_data
-from kd_lib.report import render as report
-from kd_lib.steps.common import gate_decision, write_json
+from kd_lib.steps.common import gate_decision
 from kd_lib.steps.inputs import tensors
 
 # The models every evaluation has; the no-KD baseline joins them when distill trained one.
@@ -26,7 +27,7 @@ def evaluate(
     cfg: PipelineConfig,
     pipeline_run_id: str,
     dataset_dir: str | Path,
-    model_dirs: dict[str, str | Path],
+    model_dirs: Mapping[str, str | Path],
     evaluation_path: str | Path,
 ) -> dict[str, dict[str, Any]]:
     """Accuracy, macro-F1, artifact bytes, parameters and latency of each model on the test split.
@@ -39,12 +40,12 @@ def evaluate(
         Role -> its measurements, as written.
     """
     with step_run(cfg, pipeline_run_id, "evaluate") as run:
-        splits = data_lib.load_splits(dataset_dir)
+        splits = load_splits(dataset_dir)
         meta = splits.meta
         x_test, y_test = tensors(splits, "test")
 
         results: dict[str, dict[str, Any]] = {}
-        roles = [*MODEL_ROLES, *(["baseline"] if _has_model(model_dirs.get("baseline")) else [])]
+        roles = [*MODEL_ROLES, *(["baseline"] if has_model(model_dirs.get("baseline")) else [])]
         for role in roles:
             model, spec = quantization.load_model(model_dirs[role])
             model = for_data(model, spec.get("normalization"), meta.normalization)  # an imported teacher's own
@@ -94,18 +95,14 @@ def evaluate(
             results[role]["vs_teacher"] = vs
             run.log_metrics({f"{role}.agreement_with_teacher": vs["agreement"]})
 
-        write_json(evaluation_path, results)
+        write_evaluation(evaluation_path, results)
         run.log_dict(results, "evaluation.json")
         return results
 
 
-def _has_model(directory: str | Path | None) -> bool:
-    return directory is not None and (Path(directory) / quantization.SPEC_FILE).is_file()
-
-
-def class_names(meta: data_lib.DatasetMeta | dict[str, Any]) -> list[str]:
+def class_names(meta: DatasetMeta | Mapping[str, Any]) -> list[str]:
     """The dataset's class names when it has them, else the class indices as strings."""
-    fields = meta if isinstance(meta, dict) else meta.__dict__
+    fields = meta.model_dump() if isinstance(meta, DatasetMeta) else meta
     names = fields.get("class_names")
     return [str(n) for n in names] if names else [str(i) for i in range(int(fields["num_classes"]))]
 
@@ -115,7 +112,7 @@ def evaluation_report(
     pipeline_run_id: str,
     dataset_dir: str | Path,
     evaluation_path: str | Path,
-    history_paths: dict[str, str | Path],
+    history_paths: Mapping[str, str | Path],
     html_path: str | Path,
     markdown_path: str | Path,
 ) -> report.ReportData:
@@ -129,23 +126,23 @@ def evaluation_report(
         history_paths: ``teacher`` / ``student`` -> the JSON history a training step wrote;
             a missing or empty file (an imported teacher) leaves that curve out.
     """
-    results = json.loads(Path(evaluation_path).read_text())
-    meta = json.loads((Path(dataset_dir) / data_lib.META_FILE).read_text())
+    results = read_evaluation(evaluation_path)
+    meta = read_meta(dataset_dir)
     histories = {}
     for role, path in history_paths.items():
-        text = Path(path).read_text() if Path(path).is_file() else ""
-        if text.strip():
-            histories[role] = json.loads(text)
+        rows = read_history(path, missing_ok=True).to_list()
+        if rows:
+            histories[role] = rows
     data = report.ReportData(
         name=cfg.name,
-        evaluation=results,
+        evaluation=results.to_dict(),
         histories=histories,
         gate=gate_decision(cfg, results).to_dict(),
         thresholds=cfg.gate.model_dump(),
         stage=report.STAGE_EVALUATE,
         run={
             "pipeline_run_id": pipeline_run_id,
-            "dataset_fingerprint": meta.get("fingerprint", ""),
+            "dataset_fingerprint": meta.fingerprint,
             "config_hash": cfg.config_hash(),
         },
         config=cfg.model_dump(mode="json", exclude={"tracking"}),

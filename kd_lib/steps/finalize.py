@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from kd_lib import report
 from kd_lib.adapters.tracking import client_for, find_parent_run, finish_pipeline_run, pipeline_record
 from kd_lib.config import PipelineConfig
-from kd_lib.report import render as report
 
 
 def final_report(

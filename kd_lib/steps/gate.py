@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from kd_lib.adapters.tracking import step_run
+from kd_lib.artifacts import read_evaluation, write_decision
+from kd_lib.artifacts.dataset_dir import load_splits
 from kd_lib.config import PipelineConfig
-from kd_lib.data import dataset as data_lib
 from kd_lib.evaluate import gates
-from kd_lib.steps.common import gate_decision, log_gate, owns_parent, write_json
+from kd_lib.steps.common import gate_decision, log_gate, owns_parent
 
 
 def gate(
@@ -27,13 +27,13 @@ def gate(
     which is how the select step pairs it with the candidate's other outputs).
     """
     with step_run(cfg, pipeline_run_id, "gate") as run:
-        results = json.loads(Path(evaluation_path).read_text())
+        results = read_evaluation(evaluation_path)
         champion = None
         if cfg.gate.champion_policy != "ignore":
             # lazy: measuring the champion loads torch; a gate without the comparison starts without it
             from kd_lib.steps.champion import champion_metrics
 
-            champion = champion_metrics(cfg, data_lib.load_splits(dataset_dir), run)
+            champion = champion_metrics(cfg, load_splits(dataset_dir), run)
             if champion:
                 run.log_metrics(
                     {"champion.accuracy": champion["accuracy"], "champion.size_bytes": champion["size_bytes"]}
@@ -42,10 +42,12 @@ def gate(
 
         decision = gate_decision(cfg, results, champion)
         action = decision.action(cfg.registry.keep_rejected)
-        record = decision.to_dict() | {"action": action}
+        record = decision.to_record(action)
         if cfg.candidate:
-            record |= {"candidate": cfg.candidate, "quantized_run_id": results["quantized"].get("mlflow_run_id", "")}
-        write_json(decision_path, record)
+            # The select step pairs this decision with the candidate's model by its quantize run.
+            run_id = results.quantized.mlflow_run_id if results.quantized is not None else None
+            record = decision.to_record(action, cfg.candidate, run_id or "")
+        write_decision(decision_path, record)
 
         run.log_metrics({f"gate.{c.name}": c.value for c in decision.checks} | {"gate.passed": float(decision.passed)})
         log_gate(run, decision, action, decision.table(), on_parent=owns_parent(cfg))

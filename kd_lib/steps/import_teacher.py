@@ -11,11 +11,12 @@ import torch
 from kd_lib.adapters import storage
 from kd_lib.adapters.model_registry import ModelRegistry, RegistryError, registry_errors
 from kd_lib.adapters.tracking import StepRun, step_run
+from kd_lib.artifacts import write_history
+from kd_lib.artifacts.dataset_dir import DatasetMeta, load_splits
 from kd_lib.compress import quantization
 from kd_lib.config import ConfigError, PipelineConfig
-from kd_lib.data import dataset as data_lib
 from kd_lib.models.builders import build_model, for_data
-from kd_lib.steps.common import StepError, model_spec, write_json
+from kd_lib.steps.common import StepError, model_spec
 from kd_lib.steps.inputs import accuracy, tensors
 
 
@@ -62,7 +63,7 @@ def import_teacher(
             checkpoint does not fit ``teacher.model``.
     """
     with step_run(cfg, pipeline_run_id, "import_teacher") as run:
-        splits = data_lib.load_splits(dataset_dir)
+        splits = load_splits(dataset_dir)
         meta = splits.meta
         uri = cfg.teacher.uri or ""
         run.log_params({"source": cfg.teacher.source, "uri": uri})
@@ -85,7 +86,7 @@ def import_teacher(
         val_acc = accuracy(for_data(model, spec.get("normalization"), meta.normalization), x_val, y_val)
         run.log_metrics({"best_val_accuracy": val_acc})
         if history_path is not None:
-            write_json(history_path, [])  # no training curve to show
+            write_history(history_path, [])  # no training curve to show
         return {"best_val_accuracy": val_acc, "run_id": run.run_id, "imported_from": spec["imported_from"]}
 
 
@@ -101,7 +102,7 @@ def _from_registry(run: StepRun, uri: str, tmp: str) -> tuple[torch.nn.Module, d
     return model, dict(spec, role="teacher", mlflow_run_id=run.run_id, imported_from=f"models:/{name}/{version}")
 
 
-def _from_checkpoint(cfg: PipelineConfig, meta: data_lib.DatasetMeta, uri: str, tmp: str) -> torch.nn.Module:
+def _from_checkpoint(cfg: PipelineConfig, meta: DatasetMeta, uri: str, tmp: str) -> torch.nn.Module:
     """``teacher.model`` with the ``state_dict`` file at ``uri`` (local or ``s3://``) loaded into it."""
     local = storage.fetch(uri, tmp, cfg.tracking.retry)
     torch.manual_seed(0)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from kd_lib.adapters import storage
 from kd_lib.adapters.tracking import step_run
+from kd_lib.artifacts.dataset_dir import save_splits
 from kd_lib.config import PipelineConfig
 from kd_lib.data import dataset as data_lib
 
@@ -19,8 +22,8 @@ def prepare_data(cfg: PipelineConfig, pipeline_run_id: str, dataset_dir: str | P
         The dataset's metadata (``DatasetMeta`` fields: fingerprint, sizes, classes ...).
     """
     with step_run(cfg, pipeline_run_id, "prepare_data") as run:
-        splits = data_lib.prepare(cfg.data, retry=cfg.tracking.retry)
-        data_lib.save_splits(splits, dataset_dir)
+        splits = data_lib.prepare(cfg.data, fetch=partial(storage.fetch, retry=cfg.tracking.retry))
+        save_splits(splits, dataset_dir)
 
         meta = splits.meta
         params: dict[str, Any] = {
@@ -36,5 +39,5 @@ def prepare_data(cfg: PipelineConfig, pipeline_run_id: str, dataset_dir: str | P
         run.log_params(params)
         run.log_metrics({f"n_{k}": v for k, v in meta.sizes.items()} | {"num_classes": meta.num_classes})
         run.set_tags({"kdflow.dataset_fingerprint": meta.fingerprint}, on_parent=True)
-        run.log_dict(meta.__dict__, "dataset_meta.json")
-        return meta.__dict__
+        run.log_dict(meta.model_dump(), "dataset_meta.json")
+        return meta.model_dump()

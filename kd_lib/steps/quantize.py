@@ -12,14 +12,16 @@ from typing import Any
 import torch
 
 from kd_lib.adapters.tracking import StepRun, step_run
+from kd_lib.artifacts import ModelSpec, read_spec
+from kd_lib.artifacts.dataset_dir import Splits, load_splits
 from kd_lib.compress import quantization
 from kd_lib.config import PipelineConfig
-from kd_lib.data import dataset as data_lib
 from kd_lib.evaluate import metrics as evaluation
 from kd_lib.steps.common import StepError, owns_parent
 from kd_lib.steps.inputs import accuracy, augment, load_teacher, tensors
 from kd_lib.train import loop as training
 from kd_lib.train import losses
+from kd_lib.train.inference import compute_logits
 
 
 def quantize(
@@ -46,7 +48,7 @@ def quantize(
     """
     qcfg = cfg.quantize
     with step_run(cfg, pipeline_run_id, "quantize") as run:
-        splits = data_lib.load_splits(dataset_dir)
+        splits = load_splits(dataset_dir)
         student, spec = quantization.load_model(student_dir)
         x_val, y_val = tensors(splits, "val")
         fp32_val = accuracy(student, x_val, y_val)
@@ -148,12 +150,12 @@ def quantize(
         if spec["fp32_layers"]:
             run.set_tags({"kdflow.fp32_layers": ", ".join(spec["fp32_layers"])})
         out = quantization.save_model(quantized, spec, quantized_dir)
-        saved = json.loads((Path(out) / "spec.json").read_text())
+        saved = read_spec(out)
 
         # Log.
-        info = {
+        info: dict[str, Any] = {
             "scheme": scheme,
-            "backend": saved.get("backend", ""),
+            "backend": saved.backend or "",
             "fp32_bytes": evaluation.artifact_size_bytes(student_dir),
             "quantized_bytes": evaluation.artifact_size_bytes(quantized_dir),
             "fp32_val_accuracy": fp32_val,
@@ -166,7 +168,7 @@ def quantize(
                 "scheme": scheme,
                 "backend": info["backend"],
                 "requested_scheme": qcfg.scheme,
-                "versions": saved.get("versions", {}),
+                "versions": saved.versions or {},
             }
         )
         run.log_metrics(
@@ -188,7 +190,7 @@ def quantize(
         return info
 
 
-def _calibration_batches(splits: data_lib.Splits, cfg: PipelineConfig) -> list[torch.Tensor]:
+def _calibration_batches(splits: Splits, cfg: PipelineConfig) -> list[torch.Tensor]:
     """``quantize.calibration_batches`` batches of training samples, in a seeded random order."""
     x = torch.from_numpy(splits.x["train"])
     size = cfg.quantize.calibration_batch_size
@@ -198,7 +200,7 @@ def _calibration_batches(splits: data_lib.Splits, cfg: PipelineConfig) -> list[t
 
 
 def _qat_finetune(
-    cfg: PipelineConfig, splits: data_lib.Splits, teacher_dir: str | Path | None, run: StepRun
+    cfg: PipelineConfig, splits: Splits, teacher_dir: str | Path | None, run: StepRun
 ) -> Callable[[torch.nn.Module], None]:
     """The fine-tuning function of qat_int8: the distillation objective, quantize.qat_* settings.
 
@@ -243,8 +245,8 @@ def _try_summary(t: dict[str, Any]) -> str:
 def _export_onnx(
     student: torch.nn.Module,
     quantized: torch.nn.Module,
-    spec: dict[str, Any],
-    splits: data_lib.Splits,
+    spec: ModelSpec,
+    splits: Splits,
     calibration: list[torch.Tensor],
     onnx_dir: str | Path,
     run: StepRun,
@@ -256,15 +258,13 @@ def _export_onnx(
     out = Path(onnx_dir)
     out.mkdir(parents=True, exist_ok=True)
     x_test, y_test = tensors(splits, "test")
-    fp32_path = onnx_export.export_fp32(student, spec["input_shape"], out / "student_fp32.onnx")
-    q_path, how = onnx_export.quantize_onnx(
-        fp32_path, out / "student_quantized.onnx", spec["quantization"], calibration
-    )
+    fp32_path = onnx_export.export_fp32(student, spec.input_shape, out / "student_fp32.onnx")
+    q_path, how = onnx_export.quantize_onnx(fp32_path, out / "student_quantized.onnx", spec.quantization, calibration)
     report: dict[str, Any] = {"quantized_onnx": how}
     pairs = [("fp32", fp32_path, student)] + ([("quantized", q_path, quantized)] if q_path else [])
     for name, path, torch_model in pairs:
         onnx_logits = onnx_export.run_onnx(path, x_test)
-        torch_logits = training.compute_logits(torch_model, x_test)
+        torch_logits = compute_logits(torch_model, x_test)
         onnx_pred = onnx_logits.argmax(1)
         report[name] = {
             "file": Path(path).name,

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from kd_lib.adapters.model_registry import ModelRegistry, gate_tags, log_pyfunc, pip_requirements, registry_errors
 from kd_lib.adapters.tracking import fluent_run, step_run
+from kd_lib.artifacts import read_decision, read_evaluation, read_spec
+from kd_lib.artifacts.dataset_dir import read_meta
 from kd_lib.config import PipelineConfig
-from kd_lib.data import dataset as data_lib
 from kd_lib.evaluate import gates
 from kd_lib.steps.common import StepError
 
@@ -36,28 +36,30 @@ def register(
     Raises:
         StepError: the gate's decision is ``reject``.
     """
-    decision = gates.GateDecision.from_dict(json.loads(Path(decision_path).read_text()))
+    decision = gates.GateDecision.from_record(read_decision(decision_path))
     action = decision.action(cfg.registry.keep_rejected)
     if action == "reject":
         failed = ", ".join(c.name for c in decision.failed())
         raise StepError(f"refusing to register: the gate failed ({failed})")
 
     with step_run(cfg, pipeline_run_id, "register") as run:
-        meta = data_lib.load_splits(dataset_dir).meta
-        results = json.loads(Path(evaluation_path).read_text())
-        spec = json.loads((Path(quantized_dir) / "spec.json").read_text())
+        meta = read_meta(dataset_dir)
+        results = read_evaluation(evaluation_path)
+        spec = read_spec(quantized_dir)
         client = run.client
         registry = ModelRegistry(client, cfg.registry.model_name)
-        quantized = results["quantized"]
+        quantized, teacher = results.quantized, results.teacher
+        if quantized is None or teacher is None:
+            raise StepError(f"{evaluation_path}: no teacher or quantized row; it must come from the evaluate step")
         tags = gate_tags(decision) | {
             "kdflow.dataset_fingerprint": meta.fingerprint,
-            "kdflow.teacher_run_id": results["teacher"]["mlflow_run_id"],
+            "kdflow.teacher_run_id": teacher.mlflow_run_id or "",
             "kdflow.config_hash": cfg.config_hash(),
             "kdflow.pipeline_run_id": pipeline_run_id,
             "kdflow.mlflow_parent_run_id": run.parent_run_id,
-            "kdflow.quantization": spec["quantization"],
-            "kdflow.test_accuracy": f"{quantized['accuracy']:.6f}",
-            "kdflow.size_bytes": str(quantized["size_bytes"]),
+            "kdflow.quantization": spec.quantization,
+            "kdflow.test_accuracy": f"{quantized.accuracy:.6f}",
+            "kdflow.size_bytes": str(quantized.size_bytes),
         }
         if cfg.candidate:
             tags["kdflow.candidate"] = cfg.candidate
@@ -69,7 +71,8 @@ def register(
                 # MLflow resolves a models:/m-... source through its global store, so
                 # registration happens inside the same scoped fluent state as log_model.
                 with fluent_run(client, run.run_id):
-                    source, model_id = log_pyfunc(quantized_dir, spec, pip_requirements(spec))
+                    spec_dict = spec.to_dict()
+                    source, model_id = log_pyfunc(quantized_dir, spec_dict, pip_requirements(spec_dict))
                     version = registry.register(source, run.run_id, tags, model_id=model_id)
             else:
                 version = earlier

@@ -6,22 +6,24 @@ import base64
 import json
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from kd_lib.adapters.tracking import SELECTED_TAG, step_run
+from kd_lib.artifacts import read_decision, read_evaluation, read_spec, write_decision, write_evaluation
 from kd_lib.config import PipelineConfig, config_from_json
 from kd_lib.evaluate import sweep
-from kd_lib.steps.common import StepError, log_gate, write_json
+from kd_lib.steps.common import StepError, log_gate
 
 
 def select(
     cfg: PipelineConfig,
     pipeline_run_id: str,
-    candidate_configs: list[str],
-    evaluation_paths: list[str | Path],
-    decision_paths: list[str | Path],
-    quantized_dirs: list[str | Path],
+    candidate_configs: Sequence[str],
+    evaluation_paths: Sequence[str | Path],
+    decision_paths: Sequence[str | Path],
+    quantized_dirs: Sequence[str | Path],
     quantized_dir: str | Path,
     evaluation_path: str | Path,
     decision_path: str | Path,
@@ -78,7 +80,7 @@ def select(
                     None,
                 ),
             }
-            out = outputs[name]
+            out = outputs[str(name)]
             results.append(sweep.result_from(str(name), index, out["evaluation"], out["decision"], info))
         selection = sweep.select(results)
         summary = selection.to_dict()
@@ -101,8 +103,8 @@ def select(
             # KFP uploads every declared output: leave files that say why they are empty.
             Path(quantized_dir).mkdir(parents=True, exist_ok=True)
             (Path(quantized_dir) / "NO_CANDIDATE.txt").write_text(selection.headline() + "\n")
-            write_json(evaluation_path, {})
-            write_json(decision_path, decision.to_dict() | {"action": selection.action})
+            write_evaluation(evaluation_path, {})
+            write_decision(decision_path, decision.to_record(selection.action))
         if summary_path is not None:
             Path(summary_path).parent.mkdir(parents=True, exist_ok=True)
             Path(summary_path).write_text(markdown)
@@ -128,7 +130,7 @@ def select(
 
 
 def _candidate_outputs(
-    evaluation_paths: list[str | Path], decision_paths: list[str | Path], quantized_dirs: list[str | Path]
+    evaluation_paths: Sequence[str | Path], decision_paths: Sequence[str | Path], quantized_dirs: Sequence[str | Path]
 ) -> dict[str, dict[str, Any]]:
     """Candidate name -> its evaluation, decision and quantized model directory.
 
@@ -138,14 +140,20 @@ def _candidate_outputs(
     """
     evaluations = {}
     for path in evaluation_paths:
-        results = json.loads(Path(path).read_text())
-        evaluations[results["quantized"]["mlflow_run_id"]] = (results, Path(path))
-    models = {json.loads((Path(d) / "spec.json").read_text())["mlflow_run_id"]: Path(d) for d in quantized_dirs}
+        results = read_evaluation(path)
+        run_id = results.quantized.mlflow_run_id if results.quantized is not None else None
+        if run_id is None:
+            raise StepError(
+                f"{path}: no quantized row naming its quantize run (mlflow_run_id); "
+                "the select step takes the outputs of one sweep's evaluate steps"
+            )
+        evaluations[run_id] = (results, Path(path))
+    models = {read_spec(d).mlflow_run_id: Path(d) for d in quantized_dirs}
     out: dict[str, dict[str, Any]] = {}
     for path in decision_paths:
-        decision = json.loads(Path(path).read_text())
-        name, run_id = decision.get("candidate"), decision.get("quantized_run_id")
-        if not name or run_id not in evaluations or run_id not in models:
+        decision = read_decision(path)
+        name, run_id = decision.candidate, decision.quantized_run_id
+        if not name or run_id is None or run_id not in evaluations or run_id not in models:
             raise StepError(
                 f"decision {path} does not name a candidate whose evaluation and quantized model were collected "
                 f"(candidate {name!r}, quantize run {run_id!r}); "

@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
+from kd_lib.artifacts.dataset_dir import load_splits
 from kd_lib.compress import quantization
 from kd_lib.config import PipelineConfig
-from kd_lib.data import dataset as data_lib
 from kd_lib.models.builders import build_model, count_parameters
 from kd_lib.steps.common import model_spec
 from kd_lib.steps.inputs import augment, tensors
@@ -47,7 +47,7 @@ def train_teacher(
             history_path=history_path,
         )
     with recorder(cfg, pipeline_run_id, "train_teacher") as run, progress("train_teacher", train_cfg.epochs) as bar:
-        splits = data_lib.load_splits(dataset_dir)
+        splits = load_splits(dataset_dir)
         meta = splits.meta
         torch.manual_seed(train_cfg.seed)  # the initial weights: the same on every rank
         model = build_model(cfg.teacher.model.arch, cfg.teacher.model.params, tuple(meta.input_shape), meta.num_classes)

@@ -13,19 +13,20 @@ its ranks first (``launch_ranks``) and returns what rank 0 reported.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
 from kd_lib.adapters.tracking import step_run
+from kd_lib.artifacts import write_history
 from kd_lib.config import PipelineConfig
 
 # steps -> launch, against the layering, for one purpose: a training step starts its own ranks
 # (torchrun) when asked for several processes. launch.torchrun imports nothing from steps or
 # launch.worker (it names the worker module as a string), so there is no cycle.
 from kd_lib.launch import torchrun
-from kd_lib.steps.common import Recorder, write_json
+from kd_lib.steps.common import Recorder
 from kd_lib.train import loop as training
 from kd_lib.train import ranks
 from kd_lib.train.progress import EpochProgress
@@ -39,7 +40,7 @@ class NullRun:
     run_id = ""
     parent_run_id = ""
 
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         pass
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -134,5 +135,5 @@ def log_result(
     run.log_metrics({k: float(v) for k, v in summary.items()})
     run.log_dict(result.history, "history.json")
     if history_path is not None and ranks.is_main():
-        write_json(history_path, result.history)
+        write_history(history_path, result.history)
     return summary

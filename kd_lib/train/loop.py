@@ -17,7 +17,6 @@ the global batches of a single process: see ``_fit``.
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 import time
 from collections.abc import Callable
@@ -39,6 +38,7 @@ from kd_lib.train.checkpoint import (
     save_checkpoint,
     training_state,
 )
+from kd_lib.train.inference import compute_logits
 from kd_lib.train.losses import LossInputs, Objective, capture_features
 from kd_lib.train.ranks import current, resolve_device
 
@@ -70,46 +70,6 @@ class TrainResult:
     best_val_accuracy: float = 0.0
     stopped_early: bool = False
     keep: Literal["best", "last"] = "best"
-
-
-def _home_device(model: nn.Module) -> torch.device:
-    first = next(itertools.chain(model.parameters(), model.buffers()), None)
-    return first.device if first is not None else torch.device("cpu")
-
-
-@torch.no_grad()
-def compute_logits(
-    model: nn.Module,
-    x: Tensor,
-    batch_size: int = 512,
-    device: torch.device | str = "cpu",
-) -> Tensor:
-    """Run the model over ``x`` in eval mode without gradients, in batches.
-
-    The model's training flag and device are restored afterwards, so calling this in the
-    middle of training has no side effect.
-
-    Args:
-        model: Maps ``[B, *input_shape]`` to ``[B, C]``.
-        x: ``[N, *input_shape]`` float32.
-        batch_size: Samples per forward pass (bounds memory, not the result).
-        device: Where to run.
-
-    Returns:
-        ``[N, C]`` float32 logits on CPU.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = torch.device(device)
-    was_training, home = model.training, _home_device(model)
-    model.eval().to(device)
-    try:
-        chunks = [model(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)]
-    finally:
-        model.train(was_training).to(home)
-    if not chunks:
-        raise ValueError("compute_logits got an empty input (N = 0)")
-    return torch.cat(chunks)
 
 
 def _optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -9,7 +9,7 @@ from kfp import dsl
 from mlflow import MlflowClient
 
 import components
-from tests.helpers import tiny_config
+from tests.helpers import experiment_id, tiny_config
 
 
 def _art(cls, tmp_path: Path, name: str):
@@ -178,7 +178,7 @@ def test_finalize_closes_the_parent_run(chain: dict) -> None:
     components.finalize.python_func(config_json=cfg.to_json(), pipeline_run_id="component-test-run", status=status)
     client = MlflowClient(cfg.tracking.tracking_uri)
     parent = client.search_runs(
-        [client.get_experiment_by_name(cfg.tracking.experiment).experiment_id],
+        [experiment_id(client, cfg.tracking.experiment)],
         filter_string="tags.`kdflow.step` = 'pipeline'",
     )[0]
     assert parent.info.status == "FINISHED"

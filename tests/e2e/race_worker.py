@@ -25,7 +25,9 @@ def main() -> None:
     try:
         exp_id = client.create_experiment(f"race-{prefix}-{worker}")
     except MlflowException:  # a retried request whose first attempt had succeeded
-        exp_id = client.get_experiment_by_name(f"race-{prefix}-{worker}").experiment_id
+        exp = client.get_experiment_by_name(f"race-{prefix}-{worker}")
+        assert exp is not None  # create_experiment failed because an earlier attempt made it
+        exp_id = exp.experiment_id
     for r in range(int(rounds)):
         run = client.create_run(exp_id, run_name=f"round{r}-worker{worker}")
         with tempfile.TemporaryDirectory() as tmp:

@@ -19,7 +19,7 @@ from kd_lib.steps.quantize import quantize
 from kd_lib.steps.register import register
 from kd_lib.steps.train_teacher import train_teacher
 from tests.conftest import ADMIN
-from tests.helpers import tiny_config
+from tests.helpers import experiment_id, tiny_config
 
 pytestmark = pytest.mark.e2e
 ALICE = ("alice", "alice-Secret-9f8e7d6c")
@@ -85,6 +85,6 @@ def test_user_without_edit_gets_a_clear_error_and_nothing_is_registered(
     assert admin.search_model_versions(f"name = '{cfg.registry.model_name}'") == []
     assert admin.get_registered_model(cfg.registry.model_name).aliases == {}
     # Alice's password went over the wire in a header, never into what was recorded.
-    runs = admin.search_runs([admin.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+    runs = admin.search_runs([experiment_id(admin, cfg.tracking.experiment)])
     recorded = json.dumps([[r.data.params, r.data.tags] for r in runs]) + capfd.readouterr().out
     assert ALICE[1] not in recorded

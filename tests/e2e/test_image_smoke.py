@@ -174,6 +174,7 @@ def test_the_image_recipe_runs_a_compiled_step(tmp_path: Path) -> None:
     assert any((tmp_path / "artifacts" / "dataset").iterdir())
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    assert exp is not None
     runs = client.search_runs([exp.experiment_id], "tags.`kdflow.step` = 'prepare_data'")
     assert [r.data.tags["kdflow.pipeline_run_id"] for r in runs] == ["image-smoke-run"]
     assert runs[0].info.status == "FINISHED"

@@ -13,6 +13,7 @@ from pathlib import Path
 import mlflow
 import pytest
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from kd_lib.config import PipelineConfig
 from pipelines.local import LocalRunResult, run_local
@@ -83,6 +84,7 @@ def _assert_registered_champion(result: LocalRunResult, cfg: PipelineConfig, uri
     # Every step left a finished nested run under the parent, and the parent is closed.
     expected = {"prepare_data", "train_teacher", "distill", "quantize", "evaluate", "gate", "register"}
     assert expected <= set(summary["steps"])
+    assert result.parent_run_id is not None
     parent = client.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED"
     assert parent.data.params["distill.train.epochs"] == "8"
@@ -115,6 +117,7 @@ def test_pass_then_fail_then_distill_from_the_champion_on_a_fresh_sqlite_store(
 ) -> None:
     cfg = tiny_config(tmp_path)
     uri = cfg.tracking.tracking_uri
+    assert uri is not None  # tiny_config points tracking at a sqlite store under tmp_path
     first = _run(cfg, tmp_path, monkeypatch)
     version = _assert_registered_champion(first, cfg, uri, tmp_path)
     assert first.report_path is not None and "PROMOTED" in first.report_path.read_text()
@@ -137,7 +140,7 @@ def test_pass_then_fail_then_distill_from_the_champion_on_a_fresh_sqlite_store(
     assert set(tags["kdflow.gate_failed_checks"].split(",")) == {"min_accuracy", "min_compression_ratio"}
     assert tags["gate.min_accuracy"].endswith("FAIL")
     assert "register" not in [s["task"] for s in second.steps]
-    assert "REJECTED" in second.report_path.read_text()
+    assert second.report_path is not None and "REJECTED" in second.report_path.read_text()
 
     # The registered champion as the teacher of a new run (teacher.source=mlflow: no training
     # task in the DAG), with the no-KD baseline trained beside the student.
@@ -159,6 +162,7 @@ def test_pass_then_fail_then_distill_from_the_champion_on_a_fresh_sqlite_store(
     paired = evaluation["student"]["kd_gain"]
     assert 100 * (paired["kd_only_right"] - paired["baseline_only_right"]) / paired["n"] == pytest.approx(gain)
     assert 0.0 < paired["p_value"] <= 1.0
+    assert third.report_path is not None
     assert "KD gain" in third.report_path.read_text() and "exact McNemar p = " in third.report_path.read_text()
 
 
@@ -176,6 +180,7 @@ def _recorded_text(client: MlflowClient, cfg: PipelineConfig, result: LocalRunRe
     registered version's tags, and every file kfp.local wrote (executor inputs and outputs)."""
     parts: list[str] = []
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    assert exp is not None
     for run in client.search_runs([exp.experiment_id]):
         parts.append(json.dumps([run.data.params, run.data.tags, run.info.run_name]))
         local = mlflow.artifacts.download_artifacts(
@@ -221,12 +226,13 @@ def test_a_failing_step_closes_the_parent_run_as_failed(tmp_path: Path, monkeypa
     # The run ends with the failed task's own error (kfp.local says only "Inner task failed").
     assert result.failed_task == "prepare-data" and f"{missing}: no such file" in result.failure_cause
     client = MlflowClient(tracking_uri=cfg.tracking.tracking_uri)
+    assert result.parent_run_id is not None  # prepare-data failed after the parent run was opened
     parent = client.get_run(result.parent_run_id)
     assert parent.info.status == "FAILED"
     assert parent.data.tags["kdflow.pipeline_state"] == "FAILED"
-    with pytest.raises(Exception):
+    with pytest.raises(MlflowException):  # RESOURCE_DOES_NOT_EXIST: nothing was registered
         client.get_registered_model(cfg.registry.model_name)
     # The failed task is named in the step lines; the exit handler still ran and wrote a report.
     statuses = {s["task"]: s["status"] for s in result.steps}
     assert statuses["prepare-data"] == "FAILURE" and statuses["finalize"] == "SUCCESS"
-    assert "NO DECISION" in result.report_path.read_text()
+    assert result.report_path is not None and "NO DECISION" in result.report_path.read_text()

@@ -46,7 +46,7 @@ def test_concurrent_promotion_always_ends_on_the_best(mlflow_server) -> None:
         for i, acc in enumerate(WORKERS)
     ]
     outputs = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, outputs):
+    for p, (_, err) in zip(procs, outputs, strict=True):  # one communicate() per process
         assert p.returncode == 0, err[-3000:]
     reports = [json.loads(line[7:]) for out, _ in outputs for line in out.splitlines() if line.startswith("RESULT ")]
     assert len(reports) == ROUNDS * len(WORKERS)

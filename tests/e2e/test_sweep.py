@@ -87,6 +87,7 @@ def test_a_sweep_registers_exactly_the_candidate_the_pareto_rule_picks(
     uri = cfg.tracking.tracking_uri
     result = _run(cfg, tmp_path, monkeypatch)
     assert result.succeeded, result.error
+    assert result.parent_run_id is not None
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
 
     # Every candidate's four steps are finished child runs of the one parent run.
@@ -171,6 +172,7 @@ def test_a_sweep_where_no_candidate_passes_registers_nothing_and_says_why(
 
     second = _run(strict, tmp_path, monkeypatch)
     assert second.succeeded, second.error
+    assert second.parent_run_id is not None
     assert [str(v.version) for v in client.search_model_versions(f"name = '{strict.registry.model_name}'")] == [
         champion
     ]
@@ -188,4 +190,4 @@ def test_a_sweep_where_no_candidate_passes_registers_nothing_and_says_why(
         assert "FAIL" in row and "min_accuracy" in row
     printed = format_summary(second.summary)
     assert "chosen: none" in printed and "Registered: nothing" in printed
-    assert "REJECTED" in second.report_path.read_text()
+    assert second.report_path is not None and "REJECTED" in second.report_path.read_text()

@@ -357,6 +357,7 @@ def test_only_pipeline_steps_reach_mlflow_and_only_mlflow_reaches_its_stores(ren
 def test_manifests_match_the_pipeline_config_defaults(rendered: dict) -> None:
     objs = rendered["prod"]
     defaults = ClusterConfig()
+    assert defaults.service_account is not None  # the default names the account k8s/ creates
     runner = one(objs, "ServiceAccount", defaults.service_account)
     binding = one(objs, "RoleBinding", "kdflow-pipeline-runner")
     assert binding["subjects"] == [

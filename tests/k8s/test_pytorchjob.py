@@ -102,7 +102,8 @@ def _schema_errors(docs: list[dict[str, Any]]) -> list[list[str]]:
         "import json, sys, jsonschema\n"
         "data = json.load(sys.stdin)\n"
         "v = jsonschema.Draft7Validator(data['schema'])\n"
-        "print(json.dumps([[f\"{'.'.join(map(str, e.path))}: {e.message}\" for e in v.iter_errors(d)] for d in data['docs']]))\n"
+        "print(json.dumps([[f\"{'.'.join(map(str, e.path))}: {e.message}\" for e in v.iter_errors(d)]\n"
+        "                  for d in data['docs']]))\n"
     )
     python = str(Path(tool("kubernetes-validate")).with_name("python"))
     proc = subprocess.run(
@@ -189,18 +190,20 @@ def test_the_operator_finds_its_container_and_torchrun_parses_the_command(jobs: 
     job, cfg = jobs[name], _cfg(name)
     step = "train_teacher" if name == "single-pod" else "distill"
     train = cfg.teacher.train if step == "train_teacher" else cfg.distill.train
-    pods = 1 + cfg.cluster.pytorchjob.workers
+    pytorchjob_cfg = cfg.cluster.pytorchjob
+    assert pytorchjob_cfg is not None  # every config in CONFIGS runs its training steps as a PyTorchJob
+    pods = 1 + pytorchjob_cfg.workers
     replicas = job["spec"]["pytorchReplicaSpecs"]
     assert sum(r["replicas"] for r in replicas.values()) == pods and replicas["Master"]["replicas"] == 1
     assert ("Worker" in replicas) == (pods > 1)
     assert job["spec"]["nprocPerNode"] == str(train.distributed.nproc_per_node)
+    # $(VAR) as the kubelet expands them from the env the operator adds (pod index 1 here).
+    env = {"RANK": "1", "MASTER_ADDR": f"{job['metadata']['name']}-master-0", "MASTER_PORT": "23456"}
     for role in replicas:
         c = _container(job, role)
         assert [p["containerPort"] for p in c["ports"] if p["name"] == pytorchjob.PORT_NAME] == [
-            cfg.cluster.pytorchjob.master_port
+            pytorchjob_cfg.master_port
         ]
-        # $(VAR) as the kubelet expands them from the env the operator adds (pod index 1 here).
-        env = {"RANK": "1", "MASTER_ADDR": f"{job['metadata']['name']}-master-0", "MASTER_PORT": "23456"}
         argv = [re.sub(r"\$\((\w+)\)", lambda m: env[m[1]], a) for a in c["command"] + c["args"]]
         assert argv[:3] == ["python", "-m", "torch.distributed.run"]
         args = get_args_parser().parse_args(argv[3:])

@@ -73,6 +73,7 @@ def run_case(case: str, wrap_augment: Callable[[Augment], Augment] | None = None
     if case == "supervised":
         # Noise augmentation: the ranks must reproduce one process's augmentation stream.
         augment = make_augment(AugmentConfig(noise_std=0.2), SHAPE)
+        assert augment is not None  # noise is on, so there is a transform
         augment = wrap_augment(augment) if wrap_augment is not None else augment
         return training.train_supervised(_model(1, 24), x, y, xv, yv, CFG, augment=augment, **kw)
     teacher = _model(2, 64)  # any fixed function will do as the teacher

@@ -13,6 +13,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -88,7 +89,7 @@ def test_distill_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path: Pat
     # Noise augmentation: the resumed run must continue the augmentation stream too.
     augment = make_augment(AugmentConfig(noise_std=0.1), tuple(x.shape[1:]))
 
-    def run(**kw: object) -> training.TrainResult:
+    def run(**kw: Any) -> training.TrainResult:
         return training.distill(_model(), teacher, build_objective(terms), x, y, xv, yv, CFG, augment=augment, **kw)
 
     full = run()
@@ -130,6 +131,7 @@ def test_sigkill_mid_training_then_restart_gives_the_same_weights(tmp_path: Path
     cmd = [sys.executable, "-c", CHILD, str(ckpt), str(markers), str(out)]
     child = subprocess.Popen(cmd, cwd=repo, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
+    assert child.stderr is not None  # stderr=PIPE above
     while not (markers / "epoch-4").exists():
         assert child.poll() is None, child.stderr.read()
         assert time.monotonic() < deadline, "training never reached epoch 4"

@@ -4,13 +4,15 @@ import numpy as np
 import pytest
 
 from kd_lib.artifacts import ArtifactError
+from kd_lib.artifacts.dataset_dir import SPLIT_NAMES, load_splits, save_splits
 from kd_lib.config import DataConfig
 from kd_lib.data import dataset as data
 
 
 def _npz(tmp_path: Path, name: str = "d.npz", **arrays: np.ndarray) -> Path:
     p = tmp_path / name
-    np.savez(p, **arrays)
+    # allow_pickle is savez's default, passed by name so the type checker does not bind **arrays to it.
+    np.savez(p, allow_pickle=True, **arrays)
     return p
 
 
@@ -36,8 +38,8 @@ def test_npz_round_trip_and_stratification(tmp_path: Path) -> None:
     x, y = _toy(n_per_class=40)
     splits = data.prepare(DataConfig(source=str(_npz(tmp_path, x=x, y=y)), val_fraction=0.25, test_fraction=0.25))
     assert splits.meta.class_counts == {"train": [20, 20, 20], "val": [10, 10, 10], "test": [10, 10, 10]}
-    out = data.load_splits(data.save_splits(splits, tmp_path / "ds"))
-    for name in data.SPLIT_NAMES:
+    out = load_splits(save_splits(splits, tmp_path / "ds"))
+    for name in SPLIT_NAMES:
         np.testing.assert_array_equal(out.x[name], splits.x[name])
         np.testing.assert_array_equal(out.y[name], splits.y[name])
     assert out.meta == splits.meta
@@ -113,7 +115,7 @@ def test_corrupt_and_missing_files(tmp_path: Path) -> None:
     with pytest.raises(
         ArtifactError, match=r"not a prepared kdflow dataset \(.*meta\.json: missing\); re-run the prepare_data step"
     ):
-        data.load_splits(tmp_path)
+        load_splits(tmp_path)
 
 
 def test_tiny_classes_cannot_be_split(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ loopback S3 server (tests/kd_lib/conftest.py)."""
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,11 @@ from PIL import Image
 from pydantic import ValidationError
 
 from kd_lib.adapters import storage
-from kd_lib.config import DataConfig
+from kd_lib.artifacts.dataset_dir import SPLIT_NAMES, Splits, load_splits
+from kd_lib.config import DataConfig, RetryConfig
 from kd_lib.data import dataset as data
+from kd_lib.data.normalization import denormalize, normalize
+from kd_lib.errors import KdflowError
 from tests.kd_lib.conftest import S3
 
 CLASSES = ["cat", "dog", "fish"]
@@ -30,12 +34,16 @@ def _images(n_per_class: int = 8, channels: int = 1, hw: tuple[int, int] = (4, 5
     return x, y
 
 
-def _prepare(**fields) -> data.Splits:
-    return data.prepare(DataConfig(**fields))
+# How the prepare_data step downloads an s3:// source: the storage adapter with the retry config.
+FETCH = partial(storage.fetch, retry=RetryConfig())
 
 
-def _same(a: data.Splits, b: data.Splits) -> None:
-    for name in data.SPLIT_NAMES:
+def _prepare(fetch: data.Fetch | None = None, **fields) -> Splits:
+    return data.prepare(DataConfig(**fields), fetch=fetch)
+
+
+def _same(a: Splits, b: Splits) -> None:
+    for name in SPLIT_NAMES:
         np.testing.assert_array_equal(a.x[name], b.x[name])
         np.testing.assert_array_equal(a.y[name], b.y[name])
     assert a.meta.fingerprint == b.meta.fingerprint
@@ -144,19 +152,23 @@ def test_rgb_folder_is_normalized_per_channel_on_train_only(tmp_path: Path) -> N
     got = _prepare(source=str(_folder(tmp_path / "rgb", x, y)), image_mode="RGB")
     assert got.meta.input_shape == [3, 4, 5]
     norm = got.meta.normalization
-    assert len(norm["mean"]) == len(norm["std"]) == 3
+    mean, std = norm["mean"], norm["std"]
+    assert isinstance(mean, list) and isinstance(std, list)  # per channel
+    assert len(mean) == len(std) == 3
     train = got.x["train"]
     np.testing.assert_allclose(train.mean(axis=(0, 2, 3)), 0, atol=1e-4)
     np.testing.assert_allclose(train.std(axis=(0, 2, 3)), 1, atol=1e-3)
     # What the served model does to raw pixels is exactly what prepare did to the test split.
-    raw_test = data.denormalize(got.x["test"], norm)
-    np.testing.assert_allclose(data.normalize(raw_test, norm), got.x["test"], atol=1e-5)
+    raw_test = denormalize(got.x["test"], norm)
+    np.testing.assert_allclose(normalize(raw_test, norm), got.x["test"], atol=1e-5)
     # Grayscale reading of the same folder: one channel, scalar statistics.
     gray = _prepare(source=str(tmp_path / "rgb"))
     assert gray.meta.input_shape == [1, 4, 5] and isinstance(gray.meta.normalization["mean"], float)
 
 
 def test_served_model_applies_per_channel_normalization(tmp_path: Path) -> None:
+    from mlflow.pyfunc import PythonModelContext
+
     from kd_lib.adapters.model_registry import KdflowPyfunc
 
     x, y = _images(channels=3)
@@ -164,10 +176,11 @@ def test_served_model_applies_per_channel_normalization(tmp_path: Path) -> None:
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(60, 3))
     served = KdflowPyfunc()
     served.model, served.spec = model.eval(), {"normalization": got.meta.normalization}
-    raw = data.denormalize(got.x["test"], got.meta.normalization)
+    raw = denormalize(got.x["test"], got.meta.normalization)
     with torch.no_grad():
         expected = model(torch.from_numpy(got.x["test"])).argmax(dim=1).numpy()
-    np.testing.assert_array_equal(served.predict(None, raw), expected)
+    context = PythonModelContext(artifacts={}, model_config={})  # predict reads nothing from it
+    np.testing.assert_array_equal(served.predict(context, raw), expected)
 
 
 def test_image_size_resizes_images_of_different_sizes(tmp_path: Path) -> None:
@@ -195,9 +208,7 @@ def test_separate_test_source(tmp_path: Path) -> None:
     raw_train = x.reshape(len(x), -1)
     idx, _, _ = data.stratified_split(y, 0.2, 0.0, 0)
     assert got.meta.normalization["mean"] == pytest.approx(float(raw_train[idx].mean()), rel=1e-6)
-    np.testing.assert_allclose(
-        data.denormalize(got.x["test"], got.meta.normalization), xt[:4].reshape(4, -1), atol=1e-3
-    )
+    np.testing.assert_allclose(denormalize(got.x["test"], got.meta.normalization), xt[:4].reshape(4, -1), atol=1e-3)
     # Another test file gives another fingerprint, even with the same train file.
     other = _write(_table(xt[4:8], [CLASSES[i] for i in yt[4:8]]), tmp_path / "test2.csv")
     assert _prepare(source=str(train_csv), test_source=str(other)).meta.fingerprint != got.meta.fingerprint
@@ -235,17 +246,17 @@ def test_s3_sources_give_the_local_arrays(s3: S3, tmp_path: Path) -> None:
     folder = _folder(tmp_path / "imgs", x, y)
     for path, key in ((csv, "tables/d.csv"), (parquet, "tables/d.parquet"), (folder, "sets/imgs")):
         storage.put(path, s3.uri(key))
-    _same(_prepare(source=s3.uri("tables/d.csv")), _prepare(source=str(csv)))
+    _same(_prepare(FETCH, source=s3.uri("tables/d.csv")), _prepare(source=str(csv)))
     _same(
-        _prepare(source=s3.uri("tables/d.parquet"), pixel_column="pixels", image_shape=[1, 4, 5]),
+        _prepare(FETCH, source=s3.uri("tables/d.parquet"), pixel_column="pixels", image_shape=[1, 4, 5]),
         _prepare(source=str(parquet), pixel_column="pixels", image_shape=[1, 4, 5]),
     )
-    remote = _prepare(source=s3.uri("sets/imgs"))
+    remote = _prepare(FETCH, source=s3.uri("sets/imgs"))
     _same(remote, _prepare(source=str(folder)))
     assert remote.meta.class_names == CLASSES and remote.meta.source == s3.uri("sets/imgs")
     # Train and test files of the same name under different prefixes do not collide.
     storage.put(csv, s3.uri("test/d.csv"))
-    both = _prepare(source=s3.uri("tables/d.csv"), test_source=s3.uri("test/d.csv"))
+    both = _prepare(FETCH, source=s3.uri("tables/d.csv"), test_source=s3.uri("test/d.csv"))
     assert both.meta.sizes["test"] == len(y)
 
 
@@ -254,15 +265,24 @@ def test_s3_errors_name_the_uri(s3: S3, tmp_path: Path) -> None:
     bad.write_bytes(b"label,a\n1,2,3,4\n\x00\xff")
     storage.put(bad, s3.uri("bad.csv"))
     with pytest.raises(data.DataError, match=f"{s3.uri('bad.csv')}: not a readable csv file"):
-        _prepare(source=s3.uri("bad.csv"))
+        _prepare(FETCH, source=s3.uri("bad.csv"))
     with pytest.raises(storage.StorageError, match=f"{s3.uri('absent.csv')}: no such key"):
-        _prepare(source=s3.uri("absent.csv"))
+        _prepare(FETCH, source=s3.uri("absent.csv"))
     x, y = _images()
     _folder(tmp_path / "imgs", x, y)
     (tmp_path / "imgs" / "dog" / "0010.png").write_bytes(b"\x89PNG broken")
     storage.put(tmp_path / "imgs", s3.uri("imgs"))
     with pytest.raises(data.DataError, match=f"{s3.uri('imgs/dog/0010.png')}: not a readable image"):
-        _prepare(source=s3.uri("imgs/"))
+        _prepare(FETCH, source=s3.uri("imgs/"))
+
+
+def test_s3_source_without_a_fetcher_is_a_clear_error(tmp_path: Path) -> None:
+    # The data layer downloads nothing itself: a remote source needs the caller's fetch.
+    with pytest.raises(KdflowError, match=r"s3://bucket/d\.csv: a remote source") as err:
+        _prepare(source="s3://bucket/d.csv")
+    assert isinstance(err.value, data.DataError) and "fetch=" in err.value.fix
+    with pytest.raises(data.DataError, match="a remote source"):
+        data.read_source("s3://bucket/imgs/", DataConfig(source="s3://bucket/imgs/"), tmp_path)
 
 
 # ------------------------------------------------------------------ errors
@@ -403,7 +423,7 @@ def test_prepare_data_step_fetches_from_s3_and_logs_class_names(s3: S3, tmp_path
 
     from kd_lib.steps.evaluate import class_names
     from kd_lib.steps.prepare_data import prepare_data
-    from tests.helpers import tiny_config
+    from tests.helpers import experiment_id, tiny_config
 
     x, y = _images(channels=3)
     storage.put(_folder(tmp_path / "imgs", x, y), s3.uri("imgs"))
@@ -414,10 +434,10 @@ def test_prepare_data_step_fetches_from_s3_and_logs_class_names(s3: S3, tmp_path
     )
     meta = prepare_data(cfg, "pipe-s3", tmp_path / "dataset")
     assert meta["class_names"] == CLASSES and meta["input_shape"] == [3, 4, 5]
-    assert class_names(data.load_splits(tmp_path / "dataset").meta) == CLASSES
+    assert class_names(load_splits(tmp_path / "dataset").meta) == CLASSES
     client = MlflowClient(cfg.tracking.tracking_uri)
     run = client.search_runs(
-        [client.get_experiment_by_name(cfg.tracking.experiment).experiment_id],
+        [experiment_id(client, cfg.tracking.experiment)],
         filter_string="tags.`kdflow.step` = 'prepare_data'",
     )[0]
     assert run.data.params["class_names"] == "cat,dog,fish"

@@ -25,7 +25,7 @@ from kd_lib.launch import torchrun as distributed
 from kd_lib.steps.distill import distill
 from kd_lib.steps.prepare_data import prepare_data
 from kd_lib.steps.train_teacher import train_teacher
-from tests.helpers import tiny_config
+from tests.helpers import experiment_id, tiny_config
 from tests.kd_lib import ddp_cases
 
 REPO = Path(__file__).resolve().parents[2]
@@ -74,7 +74,7 @@ def test_two_processes_end_with_the_weights_of_one(two_ranks: Path, case: str) -
     # validation accuracy an exact count over both shards of the validation set.
     reported = json.loads((two_ranks / f"{case}-history.json").read_text())
     assert [r["epoch"] for r in reported] == [r["epoch"] for r in history] == list(range(1, ddp_cases.CFG.epochs + 1))
-    for one, two in zip(history, reported):
+    for one, two in zip(history, reported, strict=True):  # same epochs, asserted just above
         assert two["val_accuracy"] == one["val_accuracy"]
         assert set(two) == set(one)
         for key in set(one) - {"epoch", "seconds", "val_accuracy"}:
@@ -150,7 +150,7 @@ def test_distill_step_on_two_processes_records_once_like_one_process(tmp_path: P
     # One MLflow run for the step (rank 0's), with every epoch logged once.
     client = MlflowClient(cfg.tracking.tracking_uri)
     runs = client.search_runs(
-        [client.get_experiment_by_name(cfg.tracking.experiment).experiment_id],
+        [experiment_id(client, cfg.tracking.experiment)],
         "tags.`kdflow.pipeline_run_id` = 'two-process'",
     )
     (distill_run,) = [r for r in runs if r.info.run_name == "distill"]

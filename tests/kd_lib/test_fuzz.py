@@ -11,6 +11,7 @@ import numpy as np
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from kd_lib.artifacts.dataset_dir import SPLIT_NAMES
 from kd_lib.config import ConfigError, DataConfig, PipelineConfig, parse_config
 from kd_lib.data import dataset as data
 
@@ -106,8 +107,8 @@ def test_random_datasets_prepare_or_raise_data_error(arrays: tuple[np.ndarray, n
             return
     event("accepted")
     assert sum(splits.meta.sizes.values()) == len(y)
-    assert all(np.isfinite(splits.x[s]).all() for s in data.SPLIT_NAMES)
-    assert all(splits.meta.sizes[s] > 0 for s in data.SPLIT_NAMES)
+    assert all(np.isfinite(splits.x[s]).all() for s in SPLIT_NAMES)
+    assert all(splits.meta.sizes[s] > 0 for s in SPLIT_NAMES)
     assert np.isfinite(list(splits.meta.normalization.values())).all()
 
 
@@ -168,5 +169,5 @@ def test_random_csv_prepare_or_raise_data_error(
         event("config rejected")
         return
     event("accepted")
-    assert all(np.isfinite(splits.x[s]).all() for s in data.SPLIT_NAMES)
+    assert all(np.isfinite(splits.x[s]).all() for s in SPLIT_NAMES)
     assert sum(splits.meta.sizes.values()) == len(next(iter(columns.values())))

@@ -36,19 +36,21 @@ def _cfg(tmp_path: Path, **pytorchjob_fields: object) -> PipelineConfig:
     )
 
 
-def _inputs(tmp_path: Path) -> dict[str, Path]:
+def _inputs(tmp_path: Path) -> dict[str, str | Path]:
     for name in ("dataset", "teacher"):
         (tmp_path / name).mkdir(parents=True)
         (tmp_path / name / "payload.bin").write_bytes(name.encode())
     return {"dataset_dir": tmp_path / "dataset", "teacher_dir": tmp_path / "teacher"}
 
 
-def _outputs(tmp_path: Path) -> dict[str, Path]:
+def _outputs(tmp_path: Path) -> dict[str, str | Path]:
     return {"student_dir": tmp_path / "artifacts" / "student", "history_path": tmp_path / "artifacts" / "history.json"}
 
 
 def _stage(cfg: PipelineConfig, step: str = "distill") -> Path:
-    return Path(cfg.cluster.pytorchjob.mount_path) / "kdflow-jobs" / pytorchjob.job_name(RUN, step)
+    job = cfg.cluster.pytorchjob
+    assert job is not None  # every config here has a cluster.pytorchjob section (_cfg)
+    return Path(job.mount_path) / "kdflow-jobs" / pytorchjob.job_name(RUN, step)
 
 
 def _play_rank_0(cfg: PipelineConfig):
@@ -250,7 +252,7 @@ def test_the_rendered_master_command_runs_the_step_on_two_ranks(tmp_path: Path) 
         RUN,
         dataset,
     )
-    outputs = {
+    outputs: dict[str, str | Path] = {
         "teacher_dir": tmp_path / "artifacts" / "teacher",
         "history_path": tmp_path / "artifacts" / "history.json",
     }
@@ -261,5 +263,5 @@ def test_the_rendered_master_command_runs_the_step_on_two_ranks(tmp_path: Path) 
     assert summary["epochs_run"] == 2
     model, spec = quantization.load_model(outputs["teacher_dir"])
     assert spec["mlflow_run_id"] == summary["run_id"]
-    assert len(json.loads(outputs["history_path"].read_text())) == 2
+    assert len(json.loads(Path(outputs["history_path"]).read_text())) == 2
     assert not (tmp_path / "pvc" / "kdflow-jobs").exists() or not any((tmp_path / "pvc" / "kdflow-jobs").iterdir())

@@ -7,17 +7,19 @@ import sys
 import textwrap
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
-from kd_lib.compress.quantization import QUANTIZERS, ArtifactError, load_model, quantize, save_model
+from kd_lib.artifacts import ArtifactError
+from kd_lib.compress.quantization import QUANTIZERS, load_model, quantize, save_model
 from kd_lib.evaluate.metrics import artifact_size_bytes
 from kd_lib.models.builders import build_model
 from kd_lib.plugins import UnknownNameError
 
-SPEC = {"arch": "mlp", "params": {"width": 128, "depth": 2}, "input_shape": [64], "num_classes": 10}
+SPEC: dict[str, Any] = {"arch": "mlp", "params": {"width": 128, "depth": 2}, "input_shape": [64], "num_classes": 10}
 
 
 def _mlp() -> nn.Module:
@@ -142,7 +144,7 @@ def test_load_model_in_process_matches(tmp_path: Path) -> None:
 
 def test_cnn_round_trip_quantizes_only_its_linear_layers(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    spec = {
+    spec: dict[str, Any] = {
         "arch": "cnn",
         "params": {"channels": 2, "depth": 2, "hidden": 8},
         "input_shape": [1, 8, 8],

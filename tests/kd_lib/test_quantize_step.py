@@ -78,6 +78,7 @@ def _quantize(trained: dict[str, Path], tmp_path: Path, arch: str = "mlp", **qua
 def _step_run(cfg: PipelineConfig, pipeline_run_id: str) -> dict:
     client = client_for(cfg)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    assert exp is not None
     runs = client.search_runs(
         [exp.experiment_id], f"tags.`kdflow.pipeline_run_id` = '{pipeline_run_id}' and tags.`kdflow.step` = 'quantize'"
     )
@@ -195,6 +196,7 @@ LOAD_PYFUNC = textwrap.dedent(
 
 def test_pyfunc_of_each_kind_of_artifact_loads_without_pickle(trained, tmp_path: Path, repo_root: Path) -> None:
     import mlflow
+    from mlflow.pyfunc import PythonModelContext
 
     from kd_lib.adapters.model_registry import KdflowPyfunc, log_pyfunc, pip_requirements
 
@@ -212,8 +214,9 @@ def test_pyfunc_of_each_kind_of_artifact_loads_without_pickle(trained, tmp_path:
             with mlflow.start_run(experiment_id=experiment):
                 uris[scheme], _ = log_pyfunc(out, spec, pip_requirements(spec))
             wrapper = KdflowPyfunc()
-            wrapper.load_context(type("Ctx", (), {"artifacts": {"model": str(out)}})())
-            expected[scheme] = wrapper.predict(None, x).tolist()
+            context = PythonModelContext(artifacts={"model": str(out)}, model_config={})
+            wrapper.load_context(context)
+            expected[scheme] = wrapper.predict(context, x).tolist()
     finally:
         mlflow.set_tracking_uri(previous_uri)
     env = os.environ | {

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from kd_lib import artifacts
 from kd_lib.compress import quantization
 from kd_lib.config import DataConfig
 from kd_lib.data import dataset as data
@@ -33,7 +34,7 @@ def _evil_file(path: Path, marker: Path) -> None:
     torch.save({"weight": Payload(marker)}, path)
 
 
-@pytest.mark.parametrize("name", [quantization.WEIGHTS_FILE, quantization.LEGACY_WEIGHTS_FILE])
+@pytest.mark.parametrize("name", [artifacts.WEIGHTS_FILE, artifacts.LEGACY_WEIGHTS_FILE])
 def test_malicious_weights_file_is_rejected_and_never_executed(tmp_path: Path, name: str) -> None:
     marker = tmp_path / "pwned"
     model_dir = quantization.save_model(
@@ -48,9 +49,9 @@ def test_malicious_weights_file_is_rejected_and_never_executed(tmp_path: Path, n
         tmp_path / "m",
     )
     # A pickle where the weights file goes, or (older artifacts) as weights.pt with no weights.bin.
-    (model_dir / quantization.WEIGHTS_FILE).unlink()
+    (model_dir / artifacts.WEIGHTS_FILE).unlink()
     _evil_file(model_dir / name, marker)
-    with pytest.raises(quantization.ArtifactError, match=name):
+    with pytest.raises(artifacts.ArtifactError, match=name):
         quantization.load_model(model_dir)
     assert not marker.exists()
 
@@ -78,8 +79,8 @@ def test_spec_is_json_not_code(tmp_path: Path) -> None:
     model_dir = tmp_path / "m"
     model_dir.mkdir()
     (model_dir / "spec.json").write_bytes(pickle.dumps({"arch": "mlp"}))
-    with pytest.raises(quantization.ArtifactError, match="spec.json"):
+    with pytest.raises(artifacts.ArtifactError, match="spec.json"):
         quantization.load_model(model_dir)
     (model_dir / "spec.json").write_text(json.dumps({"arch": "mlp"}))
-    with pytest.raises(quantization.ArtifactError, match="spec.json"):
+    with pytest.raises(artifacts.ArtifactError, match="spec.json"):
         quantization.load_model(model_dir)

@@ -15,9 +15,9 @@ from mlflow import MlflowClient
 from kd_lib.adapters.model_registry import ModelRegistry, log_pyfunc, pip_requirements
 from kd_lib.adapters.storage import StorageError
 from kd_lib.adapters.tracking import fluent_run
+from kd_lib.artifacts.dataset_dir import load_splits
 from kd_lib.compress import quantization
 from kd_lib.config import ConfigError
-from kd_lib.data.dataset import load_splits
 from kd_lib.steps.common import StepError
 from kd_lib.steps.distill import distill
 from kd_lib.steps.import_teacher import import_teacher

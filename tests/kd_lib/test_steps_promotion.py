@@ -56,7 +56,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def _candidate(
     trained: dict, run_id: str, tmp: Path, keep_rejected: bool = False, **quantized
-) -> tuple[str, dict | None]:
+) -> tuple[str, dict[str, str] | None]:
     cfg = trained["cfg"].model_copy(deep=True)
     cfg.registry.keep_rejected = keep_rejected
     evaluation = json.loads(json.dumps(trained["evaluation"]))
@@ -81,11 +81,11 @@ def test_champion_challenger_sequence(trained: dict, tmp_path: Path) -> None:
 
     # No champion yet: the thresholds alone decide.
     action, first = _candidate(trained, "run-1", tmp_path)
-    assert action == "promote" and first["champion"] == first["version"] == "1"
+    assert action == "promote" and first is not None and first["champion"] == first["version"] == "1"
 
     # The same model again: no regression, same size; ties go to the newest version.
     action, second = _candidate(trained, "run-2", tmp_path)
-    assert action == "promote" and second["champion"] == "2"
+    assert action == "promote" and second is not None and second["champion"] == "2"
 
     # 3 points worse than the champion (tolerance 1): rejected, nothing registered, alias kept.
     action, out = _candidate(trained, "run-3", tmp_path, accuracy=acc - 0.03)
@@ -103,7 +103,7 @@ def test_champion_challenger_sequence(trained: dict, tmp_path: Path) -> None:
 
     # Kept as challenger when asked: registered, tagged rejected, never champion.
     action, challenger = _candidate(trained, "run-4", tmp_path, keep_rejected=True, accuracy=acc - 0.03)
-    assert action == "challenger" and challenger["alias"] == "challenger"
+    assert action == "challenger" and challenger is not None and challenger["alias"] == "challenger"
     v4 = client.get_model_version(name, challenger["version"])
     assert v4.tags["validation_status"] == "rejected"
     assert v4.tags["gate.champion_accuracy_drop"].endswith("FAIL")
@@ -117,7 +117,7 @@ def test_champion_challenger_sequence(trained: dict, tmp_path: Path) -> None:
     assert [c["name"] for c in decision["checks"] if not c["passed"]] == ["champion_size_ratio"]
     # Larger is fine when it buys accuracy (the champion is re-measured, so this is honest).
     action, bigger = _candidate(trained, "run-6", tmp_path, accuracy=min(1.0, acc + 0.02), size_bytes=int(size * 1.3))
-    assert action == "promote" and bigger["champion"] == bigger["version"]
+    assert action == "promote" and bigger is not None and bigger["champion"] == bigger["version"]
 
     # Re-running a pipeline run that already registered reuses its version: no duplicate.
     again = register(

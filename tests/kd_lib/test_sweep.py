@@ -127,7 +127,8 @@ def test_names_abbreviate_known_params_and_keep_others() -> None:
         ({"temperatures": [0]}, r"sweep.temperatures: .*not > 0"),
         (
             {"max_candidates": 3},
-            r"2 students x 2 schemes = 4 candidates, above max_candidates=3; shorten a list or raise sweep.max_candidates",
+            r"2 students x 2 schemes = 4 candidates, above max_candidates=3; "
+            r"shorten a list or raise sweep.max_candidates",
         ),
         ({"parallelism": 0}, r"sweep.parallelism"),
         ({"schemes": ["fp16"], "student": {}}, r"sweep.student: unknown field"),
@@ -213,6 +214,12 @@ def test_pareto_front_keeps_non_dominated_points_and_ties() -> None:
     assert sweep.pareto_front([]) == []
 
 
+def _chosen(selection: sweep.Selection) -> str:
+    """The name of the selected candidate, which the test expects there to be."""
+    assert selection.chosen is not None
+    return selection.chosen.name
+
+
 def test_the_smallest_passing_candidate_is_chosen() -> None:
     results = [
         _r("c0", 0.70, 500, 1.0, "min_accuracy"),  # smallest, fails
@@ -221,7 +228,7 @@ def test_the_smallest_passing_candidate_is_chosen() -> None:
         _r("c3", 0.99, 9000, 1.0),
     ]
     selection = sweep.select(results)
-    assert selection.chosen.name == "c2" and selection.action == "promote"
+    assert _chosen(selection) == "c2" and selection.action == "promote"
     assert selection.front == ["c0", "c2", "c3"]
     rows = {r["candidate"]: r for r in selection.rows()}
     assert rows["c2"]["chosen"] and rows["c2"]["on_front"] and not rows["c1"]["on_front"]
@@ -231,28 +238,27 @@ def test_the_smallest_passing_candidate_is_chosen() -> None:
 
 def test_ties_in_size_go_to_accuracy_then_latency_then_order() -> None:
     # Equally small: the more accurate one, even though it is slower.
-    assert sweep.select([_r("c0", 0.90, 1000, 0.1), _r("c1", 0.93, 1000, 0.9)]).chosen.name == "c1"
+    assert _chosen(sweep.select([_r("c0", 0.90, 1000, 0.1), _r("c1", 0.93, 1000, 0.9)])) == "c1"
     # Equally small and accurate: the faster at batch 1; unmeasured latency counts as slowest.
     assert (
-        sweep.select([_r("c0", 0.9, 1000, 0.5), _r("c1", 0.9, 1000, 0.2), _r("c2", 0.9, 1000, None)]).chosen.name
-        == "c1"
+        _chosen(sweep.select([_r("c0", 0.9, 1000, 0.5), _r("c1", 0.9, 1000, 0.2), _r("c2", 0.9, 1000, None)])) == "c1"
     )
-    assert sweep.select([_r("c0", 0.9, 1000, None), _r("c1", 0.9, 1000, 0.7)]).chosen.name == "c1"
+    assert _chosen(sweep.select([_r("c0", 0.9, 1000, None), _r("c1", 0.9, 1000, 0.7)])) == "c1"
     # Identical in everything: the first listed.
-    assert sweep.select([_r("c3", 0.9, 1000, 0.5), _r("c1", 0.9, 1000, 0.5)]).chosen.name == "c1"
+    assert _chosen(sweep.select([_r("c3", 0.9, 1000, 0.5), _r("c1", 0.9, 1000, 0.5)])) == "c1"
 
 
 def test_a_passing_candidate_is_chosen_even_when_a_failing_one_dominates_it() -> None:
     # c0 is smaller and more accurate but fails the quantization drop: c1 is the pick, off the front.
     selection = sweep.select([_r("c0", 0.95, 800, 1.0, "max_quantization_drop"), _r("c1", 0.93, 1000, 1.0)])
-    assert selection.chosen.name == "c1" and selection.front == ["c0"]
+    assert _chosen(selection) == "c1" and selection.front == ["c0"]
 
 
 def test_challengers_are_picked_only_when_nothing_passes() -> None:
     challenger = _r("c1", 0.9, 1000, 1.0, "champion_accuracy_drop", action="challenger")
-    assert sweep.select([_r("c0", 0.9, 2000), challenger]).chosen.name == "c0"
+    assert _chosen(sweep.select([_r("c0", 0.9, 2000), challenger])) == "c0"
     selection = sweep.select([_r("c0", 0.7, 500, 1.0, "min_accuracy"), challenger])
-    assert selection.chosen.name == "c1" and selection.action == "challenger"
+    assert _chosen(selection) == "c1" and selection.action == "challenger"
 
 
 def test_no_passing_candidate_means_reject_with_a_table_of_why() -> None:

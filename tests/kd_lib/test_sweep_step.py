@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from kd_lib import report
 from kd_lib.adapters import tracking
 from kd_lib.config import PipelineConfig
 from kd_lib.evaluate import sweep
 from kd_lib.evaluate.gates import GateCheck, GateDecision
-from kd_lib.report import render as report
 from kd_lib.steps.common import StepError
 from kd_lib.steps.select import select
 from tests.helpers import tiny_config
@@ -44,7 +44,16 @@ def _outputs(
         out["evaluations"].append(path)
         model = tmp_path / f"{candidate.name}.quantized"
         model.mkdir()
-        (model / "spec.json").write_text(json.dumps({"mlflow_run_id": run_id, "candidate_marker": candidate.name}))
+        spec = {
+            "arch": "mlp",
+            "params": {"width": 8, "depth": 1},
+            "input_shape": [64],
+            "num_classes": 10,
+            "quantization": "dynamic_int8",
+            "mlflow_run_id": run_id,
+            "candidate_marker": candidate.name,
+        }
+        (model / "spec.json").write_text(json.dumps(spec))
         checks = [GateCheck(n, 0.5, 0.8, ">=", n not in failed, "fraction") for n in ("min_accuracy", "max_size_mb")]
         decision = GateDecision(all(c.passed for c in checks), checks).to_dict()
         decision |= {
@@ -96,6 +105,7 @@ def test_the_chosen_candidate_is_handed_on_and_recorded_on_the_parent(tmp_path: 
 
     client = MlflowClient(cfg.tracking.tracking_uri)
     parent = tracking.find_parent_run(client, cfg.tracking.experiment, "sweep-run-1")
+    assert parent is not None  # the prepare_data run above made it
     record = tracking.pipeline_record(client, parent)
     assert record["tags"]["kdflow.sweep_selected"] == names[1]
     assert record["tags"]["kdflow.gate_status"] == "passed"
@@ -106,7 +116,9 @@ def test_the_chosen_candidate_is_handed_on_and_recorded_on_the_parent(tmp_path: 
     select_run = client.get_run(record["steps"]["select"])
     assert select_run.data.params["chosen"] == names[1] and select_run.data.metrics["sweep.passed"] == 2
     # The final report draws every candidate on the accuracy-versus-size plot.
-    assert [p["label"] for p in report.from_pipeline_record(record).pareto] == names
+    pareto = report.from_pipeline_record(record).pareto
+    assert pareto is not None
+    assert [p["label"] for p in pareto] == names
 
 
 def test_no_passing_candidate_leaves_placeholders_and_a_table_of_why(tmp_path: Path, capsys) -> None:
@@ -127,7 +139,9 @@ def test_no_passing_candidate_leaves_placeholders_and_a_table_of_why(tmp_path: P
     assert "chosen: none" in printed and all(n in printed for n in names)
 
     client = MlflowClient(cfg.tracking.tracking_uri)
-    record = tracking.pipeline_record(client, tracking.find_parent_run(client, cfg.tracking.experiment, "sweep-run-1"))
+    parent = tracking.find_parent_run(client, cfg.tracking.experiment, "sweep-run-1")
+    assert parent is not None
+    record = tracking.pipeline_record(client, parent)
     assert record["tags"]["kdflow.sweep_selected"] == "none"
     assert record["tags"]["kdflow.gate_status"] == "failed" and record["tags"]["kdflow.gate_action"] == "reject"
     assert "evaluate" not in record["steps"] and record["sweep"]["chosen"] is None

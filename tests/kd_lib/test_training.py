@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -9,7 +10,8 @@ from torch import Tensor, nn
 from kd_lib.config import AugmentConfig, ConfigError, LossTermConfig, TrainConfig
 from kd_lib.data.augment import make_augment
 from kd_lib.models.builders import mlp
-from kd_lib.train.loop import _fit, compute_logits, distill, resolve_device, train_supervised
+from kd_lib.train.inference import compute_logits
+from kd_lib.train.loop import _fit, distill, resolve_device, train_supervised
 from kd_lib.train.losses import build_objective
 from tests.helpers import TableTeacher
 
@@ -19,6 +21,14 @@ Data = tuple[Tensor, Tensor, Tensor, Tensor]
 def _student(seed: int = 0, dropout: float = 0.0) -> nn.Module:
     torch.manual_seed(seed)  # initial weights are the caller's to seed
     return mlp((8,), 3, width=16, depth=1, dropout=dropout)
+
+
+def _linear(model: nn.Module, index: int) -> nn.Linear:
+    """Layer ``index`` of a trained ``_student()`` (an ``nn.Sequential``), which must be a Linear."""
+    assert isinstance(model, nn.Sequential)
+    layer = model[index]
+    assert isinstance(layer, nn.Linear)
+    return layer
 
 
 def _val_accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
@@ -152,7 +162,7 @@ def test_the_cache_changes_nothing_but_the_teacher_calls(blobs: Data, fast_cfg: 
         _student(), teacher, _kd(ce_weight=0.5), x_train, y_train, x_val, y_val, cfg, cache_teacher_logits=False
     )
     assert calls_cached == 1 and teacher.calls == 2 * 8  # 240 samples / 32 per batch, 2 epochs
-    assert torch.allclose(cached.model[1].weight, live.model[1].weight, atol=1e-5)
+    assert torch.allclose(_linear(cached.model, 1).weight, _linear(live.model, 1).weight, atol=1e-5)
 
 
 def test_augmentation_runs_the_teacher_on_each_augmented_batch(blobs: Data, fast_cfg: TrainConfig) -> None:
@@ -215,7 +225,7 @@ def test_fit_hands_the_loss_the_indices_of_the_batch_it_ran() -> None:
     cfg = TrainConfig(epochs=2, batch_size=6, patience=5, seed=0)
     _fit(Spy(), x, x[:4], torch.zeros(4, dtype=torch.int64), cfg, loss_fn, torch.device("cpu"), None)
     assert len(seen_indices) == 8  # 4 batches (6, 6, 6, 2) per epoch
-    for batch, idx in zip(seen_inputs, seen_indices):
+    for batch, idx in zip(seen_inputs, seen_indices, strict=True):  # one training forward per loss call
         assert torch.equal(batch, x[idx])
     first_epoch = torch.cat(seen_indices[:4])
     assert sorted(first_epoch.tolist()) == list(range(20))
@@ -232,7 +242,7 @@ def test_lr_schedules(blobs: Data) -> None:
 
     assert lrs(scheduler="step", optimizer="sgd") == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
     cosine = lrs(scheduler="cosine", optimizer="adamw")
-    assert cosine[0] == pytest.approx(0.1) and all(a > b for a, b in zip(cosine, cosine[1:]))
+    assert cosine[0] == pytest.approx(0.1) and all(a > b for a, b in itertools.pairwise(cosine))
     assert lrs(scheduler="none", optimizer="adam") == pytest.approx([0.1] * 6)
 
 

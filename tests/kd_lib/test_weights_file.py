@@ -16,9 +16,9 @@ import pytest
 import torch
 from torch import nn
 
-from kd_lib.artifacts import weights_file
+from kd_lib.artifacts import ArtifactError, weights_file
 from kd_lib.artifacts.weights_file import encode_state_dict, read_state_dict, write_state_dict
-from kd_lib.compress.quantization import ArtifactError, QuantizeContext, load_model, quantize, save_model
+from kd_lib.compress.quantization import QuantizeContext, load_model, quantize, save_model
 from kd_lib.evaluate.metrics import artifact_size_bytes
 from kd_lib.models.builders import build_model
 
@@ -110,7 +110,7 @@ def test_scales_and_zero_points_are_stored_narrow_when_exact() -> None:
 
 
 def test_a_model_loads_with_no_pickle_and_no_torch_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    spec = {
+    spec: dict[str, Any] = {
         "arch": "cnn",
         "params": {"channels": 4, "depth": 2, "hidden": 16},
         "input_shape": [1, 8, 8],
@@ -250,8 +250,8 @@ def test_writing_refuses_what_it_cannot_store_exactly() -> None:
 # --------------------------------------------------------------------------------------------
 # the size property: int8 artifacts at most 0.27x the fp32 artifact (spec.json included)
 
-MNIST = {"input_shape": [1, 28, 28], "num_classes": 10}
-STUDENTS = {
+MNIST: dict[str, Any] = {"input_shape": [1, 28, 28], "num_classes": 10}
+STUDENTS: dict[str, dict[str, Any]] = {
     # The students of bench/quantization.py: a CNN whose Conv weights are a small share, and an MLP.
     "cnn": {"arch": "cnn", "params": {"channels": 8, "depth": 2, "hidden": 32}, **MNIST},
     "cnn_hidden64": {"arch": "cnn", "params": {"channels": 16, "depth": 2, "hidden": 64}, **MNIST},

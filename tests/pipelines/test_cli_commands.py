@@ -37,7 +37,7 @@ class Run:
 def run_pipeline_in_process(cfg: PipelineConfig, work: Path, pipeline_run_id: str) -> Run:
     """prepare -> teacher -> distill -> quantize -> evaluate -> gate -[passed]-> register, then finalize."""
     d = work / pipeline_run_id
-    models = {"teacher": d / "teacher", "student": d / "student", "quantized": d / "quantized"}
+    models: dict[str, str | Path] = {"teacher": d / "teacher", "student": d / "student", "quantized": d / "quantized"}
     prepare_data(cfg, pipeline_run_id, d / "dataset")
     train_teacher(cfg, pipeline_run_id, d / "dataset", models["teacher"], d / "teacher_history.json")
     distill(cfg, pipeline_run_id, d / "dataset", models["teacher"], models["student"], d / "student_history.json")
@@ -176,7 +176,8 @@ def test_every_command_and_option_is_explained_with_an_example(capsys) -> None:
     parser = build_parser()
     top = parser.format_help()
     assert "examples:" in top
-    subparsers = next(a for a in parser._actions if a.choices and "run" in a.choices)
+    subparsers = next(a for a in parser._actions if isinstance(a.choices, dict) and "run" in a.choices)
+    assert isinstance(subparsers.choices, dict)
     assert set(subparsers.choices) == set(COMMANDS)
     for name, sub in subparsers.choices.items():
         assert f"kdflow {name}" in top, name  # an example per command at the top level

@@ -5,13 +5,13 @@ from pathlib import Path
 
 import yaml
 
-from kd_lib.config import load_config
+from kd_lib.config import PipelineConfig, load_config
 from pipelines.compile import compile_pipeline
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _compiled(tmp_path: Path) -> tuple[dict, object]:
+def _compiled(tmp_path: Path) -> tuple[dict, PipelineConfig]:
     cfg = load_config(REPO / "configs" / "demo.yaml")
     out = compile_pipeline(cfg, tmp_path / "pipeline.yaml")
     docs = list(yaml.safe_load_all(out.read_text()))

@@ -26,7 +26,8 @@ GPU_AND_SECRETS = [
     "teacher.train.device=cuda",
     "distill.train.device=auto",
     "cluster.gpu={accelerator: nvidia.com/gpu, limit: 2, node_selector: {cloud.google.com/gke-accelerator: nvidia-l4},"
-    " tolerations: [{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}, {key: pool, value: ml, effect: NoExecute, toleration_seconds: 60}]}",
+    " tolerations: [{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule},"
+    " {key: pool, value: ml, effect: NoExecute, toleration_seconds: 60}]}",
     "cluster.secrets=[{name: kdflow-mlflow, env: {MLFLOW_TRACKING_URI: MLFLOW_TRACKING_URI}},"
     " {name: kdflow-s3, env: {access_key: AWS_ACCESS_KEY_ID, secret_key: AWS_SECRET_ACCESS_KEY}, optional: true}]",
     "cluster.resources={cpu_request: 250m, cpu_limit: '1', memory_request: 512Mi, memory_limit: 2Gi}",

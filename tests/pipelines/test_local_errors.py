@@ -73,8 +73,8 @@ def test_a_failed_task_gives_the_cause_and_fix_it_reported() -> None:
 def test_without_a_report_the_cause_is_the_exception_line_of_the_traceback() -> None:
     try:
         try:
-            {}["missing"]
-        except KeyError as inner:
+            int("x")
+        except ValueError as inner:
             raise RuntimeError("torch exploded") from inner
     except RuntimeError as err:
         lines = "".join(traceback.format_exception(err)).splitlines()

@@ -14,9 +14,9 @@ import pytest
 from google.protobuf import json_format
 
 from kd_lib.config import load_config
+from pipelines.build import build_pipeline
 from pipelines.cluster import pytorchjob_steps
 from pipelines.compile import compile_pipeline
-from pipelines.build import build_pipeline
 from tests.pipelines.test_compiled_spec import DEMO, GPU_AND_SECRETS, Compiled
 
 PYTORCHJOB = [

@@ -14,8 +14,8 @@ from kfp.pipeline_spec import pipeline_spec_pb2 as pb
 
 from kd_lib.config import PipelineConfig, load_config
 from kd_lib.evaluate import sweep
-from pipelines.compile import compile_pipeline
 from pipelines.build import build_pipeline
+from pipelines.compile import compile_pipeline
 from pipelines.local import StepDisplay
 from tests.pipelines.test_compiled_spec import Compiled
 
@@ -138,7 +138,8 @@ def _start(task: str) -> str:
 
 
 def _finish(task: str, status: Status = Status.SUCCESS) -> str:
-    return f"01:13:51.946 - INFO - Task {logging_utils.format_task_name(task)} finished with status {logging_utils.format_status(status)}"
+    name, result = logging_utils.format_task_name(task), logging_utils.format_status(status)
+    return f"01:13:51.946 - INFO - Task {name} finished with status {result}"
 
 
 def test_tasks_running_side_by_side_each_get_their_line() -> None:
