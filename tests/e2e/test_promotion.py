@@ -19,7 +19,7 @@ ROUNDS = 6
 
 
 @pytest.mark.e2e
-@pytest.mark.slow  # ~40 s; champion rules run in make test (tests/kd_lib/test_steps_promotion.py), the race only here
+@pytest.mark.slow  # ~40 s; champion rules run in make test (tests/kd_lib/steps/test_promotion.py), the race only here
 def test_concurrent_promotion_always_ends_on_the_best(mlflow_server) -> None:
     prefix = f"race-{uuid.uuid4().hex[:6]}"
     period = 4.0  # seconds between rounds: every worker registers at the same instant each round

@@ -159,7 +159,7 @@ def _champion_in_process(cfg: PipelineConfig, tmp_path: Path) -> str:
     return register(cfg, rid, d / "dataset", d / "quantized", d / "evaluation.json", d / "decision.json")["version"]
 
 
-@pytest.mark.slow  # the no-pass rule is also covered on files by tests/kd_lib/test_sweep_step.py
+@pytest.mark.slow  # the no-pass rule is also covered on files by tests/kd_lib/steps/test_select.py
 def test_a_sweep_where_no_candidate_passes_registers_nothing_and_says_why(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

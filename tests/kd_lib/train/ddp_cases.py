@@ -1,7 +1,7 @@
-"""The training problems of tests/kd_lib/test_distributed.py, and one rank running them.
+"""The training problems of tests/kd_lib/train/test_distributed.py, and one rank running them.
 
 Imported by the test (single-process reference runs) and started by it under torchrun as
-``python -m tests.kd_lib.ddp_cases OUT_DIR MODE``, so both sides train exactly the same
+``python -m tests.kd_lib.train.ddp_cases OUT_DIR MODE``, so both sides train exactly the same
 problem. Modes: ``train`` (both cases, then the supervised one preempted and resumed),
 ``fail`` (rank 1 raises while rank 0 waits in a collective), ``hang`` (rank 1 never reaches
 the collective rank 0 waits in).

@@ -1,7 +1,7 @@
 """A training step as a PyTorchJob: created, followed and collected through the Kubernetes API.
 
 The Kubernetes API server is MOCKED: no cluster can run here, so the real ``kubernetes``
-client talks to ``tests/kd_lib/fake_k8s_api.py``, a stand-in server on 127.0.0.1 that speaks
+client talks to ``tests/kd_lib/launch/fake_k8s_api.py``, a stand-in server on 127.0.0.1 that speaks
 the custom-objects endpoints and moves the job through its conditions. Everything on this
 side of the API (staging, rendering, waiting, error reporting, collecting) is the real code;
 the last test even runs the rendered Master command (torchrun and kdflow's worker) the way a
@@ -21,7 +21,7 @@ from kd_lib.config import ConfigError, GpuConfig, PipelineConfig, parse_config
 from kd_lib.launch import pytorchjob
 from kd_lib.steps.prepare_data import prepare_data
 from tests.helpers import tiny_config
-from tests.kd_lib.fake_k8s_api import FakeKubernetesApi
+from tests.kd_lib.launch.fake_k8s_api import FakeKubernetesApi
 
 NS = "kubeflow"
 RUN = "kdflow-run-7"

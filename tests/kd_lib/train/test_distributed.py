@@ -1,7 +1,7 @@
 """Two CPU processes (torchrun, gloo) train like one process on the same global batch.
 
 Real processes, a real process group, no mocks: ``kd_lib.launch.torchrun.launch`` starts torchrun
-with the ranks of ``tests/kd_lib/ddp_cases.py`` (or, for the step, ``kd_lib.launch.worker``),
+with the ranks of ``tests/kd_lib/train/ddp_cases.py`` (or, for the step, ``kd_lib.launch.worker``),
 and the result is compared with the single-process loop run here on the same problem.
 Equal up to float reduction order: the gradient of a global batch is summed over two halves
 instead of one batch, so the weights may differ in the last bits, not more.
@@ -26,9 +26,9 @@ from kd_lib.steps.distill import distill
 from kd_lib.steps.prepare_data import prepare_data
 from kd_lib.steps.train_teacher import train_teacher
 from tests.helpers import experiment_id, tiny_config
-from tests.kd_lib import ddp_cases
+from tests.kd_lib.train import ddp_cases
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 # Max |weight difference| allowed between 1 and 2 processes after 6 epochs of Adam; measured
 # differences are below 1e-7 (float32 rounding of a differently ordered gradient sum).
 ATOL = 1e-5
@@ -46,10 +46,10 @@ def _one_thread() -> Iterator[None]:
 
 
 def _launch(out: Path, mode: str) -> None:
-    # The ranks import tests.kd_lib.ddp_cases: the repository must be on their path.
+    # The ranks import tests.kd_lib.train.ddp_cases: the repository must be on their path.
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     cfg = ddp_cases.distributed_config(mode)
-    distributed.launch("tests.kd_lib.ddp_cases", [str(out), mode], cfg, out / "errors", env=env)
+    distributed.launch("tests.kd_lib.train.ddp_cases", [str(out), mode], cfg, out / "errors", env=env)
 
 
 @pytest.fixture(scope="module")

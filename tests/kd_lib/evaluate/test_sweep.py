@@ -158,7 +158,7 @@ def test_temperatures_need_a_kd_term_and_candidate_is_not_for_users() -> None:
 def test_the_example_sweep_config_expands(tmp_path: Path) -> None:
     from kd_lib.config import load_config
 
-    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "sweep.yaml")
+    cfg = load_config(Path(__file__).resolve().parents[3] / "configs" / "sweep.yaml")
     candidates = sweep.expand(cfg)
     assert 4 <= len(candidates) <= 6 and cfg.data.source == "digits"
 

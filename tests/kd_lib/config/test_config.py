@@ -8,7 +8,7 @@ import pytest
 
 from kd_lib.config import ConfigError, PipelineConfig, config_from_json, load_config, parse_config
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _write(tmp_path: Path, text: str) -> Path:

@@ -110,7 +110,7 @@ CHILD = textwrap.dedent(
     """
     import sys, time, torch
     from pathlib import Path
-    from tests.kd_lib.test_checkpoint import CFG, _data, _model
+    from tests.kd_lib.train.test_checkpoint import CFG, _data, _model
     from kd_lib.train import loop as training
 
     ckpt, marker_dir, out = sys.argv[1:4]
@@ -125,7 +125,7 @@ CHILD = textwrap.dedent(
 
 
 def test_sigkill_mid_training_then_restart_gives_the_same_weights(tmp_path: Path) -> None:
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[3]
     ckpt, markers, out = tmp_path / "ckpt", tmp_path / "markers", tmp_path / "final.pt"
     markers.mkdir()
     cmd = [sys.executable, "-c", CHILD, str(ckpt), str(markers), str(out)]
