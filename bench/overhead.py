@@ -18,14 +18,15 @@ MLflow store: ``in-process`` is the step's time there, and ``overhead`` = ``wall
 (KFP's executor and the component body's import statements, ``_KFP_RUNTIME=true`` as in a
 task), the fastest of ``--repeats``, with the heavy packages that loaded.
 
-With ``--runs N`` it runs (and replays) N times and keeps, per task, the fastest of each
-(load only adds time).
-Prints a table and writes JSON (load average included: the numbers move with the machine's
-load). Not part of `make test`.
+With ``--runs N`` it runs (and replays) N times and keeps, per task, the fastest of each;
+before each it waits (up to ``--max-wait``) for the load average to drop below ``--max-load``:
+on a shared machine other jobs' load is most of the noise. ``--tracking-uri`` runs against
+an MLflow server instead of a fresh sqlite store. Prints a table and writes JSON (load
+average included). Not part of `make test`.
 
-    python bench/overhead.py --out bench/results/overhead.json
+    python bench/overhead.py --runs 2 --out bench/results/overhead.json
     git worktree add /tmp/kdflow-before f27f3bd
-    python bench/overhead.py --repo /tmp/kdflow-before --label before --out bench/results/overhead-before.json
+    python bench/overhead.py --repo /tmp/kdflow-before --label before --runs 2 --out bench/results/overhead-before.json
 """
 
 from __future__ import annotations
@@ -214,10 +215,13 @@ def _load() -> dict[str, float]:
     return {"1min": round(one, 2), "5min": round(five, 2), "15min": round(fifteen, 2)}
 
 
-def _run(config: Path, overrides: list[str], work: Path, env: dict[str, str]) -> tuple[float, list[dict[str, Any]]]:
-    """One ``kdflow run --local -v`` in ``work`` against a fresh sqlite store: its wall time and tasks."""
+def _run(
+    config: Path, overrides: list[str], work: Path, env: dict[str, str], tracking_uri: str | None
+) -> tuple[float, list[dict[str, Any]]]:
+    """One ``kdflow run --local -v`` in ``work`` against ``tracking_uri`` (default: a fresh
+    sqlite store): its wall time and tasks."""
     work.mkdir(parents=True)
-    run_env = env | {"MLFLOW_TRACKING_URI": f"sqlite:///{work / 'run.db'}"}
+    run_env = env | {"MLFLOW_TRACKING_URI": tracking_uri or f"sqlite:///{work / 'run.db'}"}
     command = [sys.executable, "-m", "pipelines.cli", "run", "--local", str(config), "--root", str(work / "runs"), "-v"]
     for override in overrides:
         command += ["--set", override]
@@ -259,7 +263,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     replays: list[dict[str, float]] = []
     for i in range(args.runs):
         _settle(args.max_load, args.max_wait)
-        wall, tasks = _run(config, args.overrides, work / f"run{i}", env)
+        wall, tasks = _run(config, args.overrides, work / f"run{i}", env, args.tracking_uri)
         runs.append(tasks)
         run_walls.append(wall)
         if not args.no_replay:
@@ -312,6 +316,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "config": str(config),
         "overrides": args.overrides,
         "max_load": args.max_load,
+        "tracking_uri": args.tracking_uri or "sqlite (fresh per run)",
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "packages": _versions()},
         "load_before": load_before,
         "load_after": _load(),
@@ -349,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repo", default=str(ROOT), help="checkout to measure (default: this one)")
     p.add_argument("--config", help="pipeline config (default: <repo>/configs/demo.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE")
+    p.add_argument("--tracking-uri", help="MLflow the runs use (default: a fresh sqlite store per run)")
     p.add_argument("--label", default="", help="what this measures, e.g. before / after")
     p.add_argument("--runs", type=int, default=1, help="local runs; per task the fastest is kept (default 1)")
     p.add_argument("--repeats", type=int, default=3, help="fresh interpreters per import measurement")

@@ -16,11 +16,14 @@ def distill(
 ) -> float:
     """Distill the student from the teacher (distill.losses); returns its best val accuracy.
     With distill.baseline, also trains the same student without the teacher into `baseline`."""
-    from kd_lib.config import config_from_json
-    from kd_lib.steps.distill import distill as run_step
+    from kd_lib.steps.task import task
 
-    cfg = config_from_json(config_json)
-    summary = run_step(cfg, pipeline_run_id, dataset.path, teacher.path, student.path, history.path, baseline.path)
-    student.metadata.update({"mlflow_run_id": summary["run_id"], "best_epoch": summary["best_epoch"]})
-    history.metadata.update({"epochs_run": summary["epochs_run"], "stopped_early": summary["stopped_early"]})
-    return float(summary["best_val_accuracy"])
+    with task():
+        from kd_lib.config import config_from_json
+        from kd_lib.steps.distill import distill as run_step
+
+        cfg = config_from_json(config_json)
+        summary = run_step(cfg, pipeline_run_id, dataset.path, teacher.path, student.path, history.path, baseline.path)
+        student.metadata.update({"mlflow_run_id": summary["run_id"], "best_epoch": summary["best_epoch"]})
+        history.metadata.update({"epochs_run": summary["epochs_run"], "stopped_early": summary["stopped_early"]})
+        return float(summary["best_val_accuracy"])

@@ -13,10 +13,15 @@ def gate(
     decision: Output[Artifact],
 ) -> str:
     """Apply the gate (and champion comparison); returns the action: promote, challenger or reject."""
-    from kd_lib.config import config_from_json
-    from kd_lib.steps.gate import gate as run_step
+    from kd_lib.steps.task import task
 
-    cfg = config_from_json(config_json)
-    result, action = run_step(cfg, pipeline_run_id, dataset.path, evaluation.path, decision.path)
-    decision.metadata.update({"passed": result.passed, "action": action, "failed": [c.name for c in result.failed()]})
-    return action
+    with task():
+        from kd_lib.config import config_from_json
+        from kd_lib.steps.gate import gate as run_step
+
+        cfg = config_from_json(config_json)
+        result, action = run_step(cfg, pipeline_run_id, dataset.path, evaluation.path, decision.path)
+        decision.metadata.update(
+            {"passed": result.passed, "action": action, "failed": [c.name for c in result.failed()]}
+        )
+        return action

@@ -9,10 +9,13 @@ def import_teacher(
     config_json: str, pipeline_run_id: str, dataset: Input[Dataset], teacher: Output[Model], history: Output[Artifact]
 ) -> float:
     """Bring in an already trained teacher (MLflow registry or checkpoint); returns its val accuracy."""
-    from kd_lib.config import config_from_json
-    from kd_lib.steps.import_teacher import import_teacher as run_step
+    from kd_lib.steps.task import task
 
-    cfg = config_from_json(config_json)
-    summary = run_step(cfg, pipeline_run_id, dataset.path, teacher.path, history.path)
-    teacher.metadata.update({"mlflow_run_id": summary["run_id"], "imported_from": summary["imported_from"]})
-    return float(summary["best_val_accuracy"])
+    with task():
+        from kd_lib.config import config_from_json
+        from kd_lib.steps.import_teacher import import_teacher as run_step
+
+        cfg = config_from_json(config_json)
+        summary = run_step(cfg, pipeline_run_id, dataset.path, teacher.path, history.path)
+        teacher.metadata.update({"mlflow_run_id": summary["run_id"], "imported_from": summary["imported_from"]})
+        return float(summary["best_val_accuracy"])

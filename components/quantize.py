@@ -16,18 +16,21 @@ def quantize(
 ) -> int:
     """Quantize the fp32 student with quantize.scheme (calibration data and, for QAT, the
     teacher come from the inputs); returns the artifact's bytes."""
-    from kd_lib.config import config_from_json
-    from kd_lib.steps.quantize import quantize as run_step
+    from kd_lib.steps.task import task
 
-    info = run_step(
-        config_from_json(config_json),
-        pipeline_run_id,
-        dataset.path,
-        student.path,
-        quantized.path,
-        teacher_dir=teacher.path,
-        onnx_dir=onnx.path,
-    )
-    quantized.metadata.update({k: v for k, v in info.items() if k != "onnx"})
-    onnx.metadata.update({"exported": "onnx" in info})
-    return int(info["quantized_bytes"])
+    with task():
+        from kd_lib.config import config_from_json
+        from kd_lib.steps.quantize import quantize as run_step
+
+        info = run_step(
+            config_from_json(config_json),
+            pipeline_run_id,
+            dataset.path,
+            student.path,
+            quantized.path,
+            teacher_dir=teacher.path,
+            onnx_dir=onnx.path,
+        )
+        quantized.metadata.update({k: v for k, v in info.items() if k != "onnx"})
+        onnx.metadata.update({"exported": "onnx" in info})
+        return int(info["quantized_bytes"])

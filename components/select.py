@@ -21,25 +21,28 @@ def select(
 ) -> str:
     """Choose among a sweep's candidates (smallest that passes every gate, Pareto front logged);
     outputs the chosen one's model, evaluation, decision and config; returns the action."""
-    from pathlib import Path
+    from kd_lib.steps.task import task
 
-    from kd_lib.config import config_from_json
-    from kd_lib.steps.select import select as run_step
+    with task():
+        from pathlib import Path
 
-    selection, chosen_config = run_step(
-        config_from_json(config_json),
-        pipeline_run_id,
-        candidate_configs,
-        [a.path for a in evaluations],
-        [a.path for a in decisions],
-        [m.path for m in quantized_models],
-        quantized.path,
-        evaluation.path,
-        decision.path,
-        summary.path,
-    )
-    Path(selected_config).write_text(chosen_config)
-    decision.metadata.update(
-        {"candidate": selection.chosen.name if selection.chosen else "", "action": selection.action}
-    )
-    return selection.action
+        from kd_lib.config import config_from_json
+        from kd_lib.steps.select import select as run_step
+
+        selection, chosen_config = run_step(
+            config_from_json(config_json),
+            pipeline_run_id,
+            candidate_configs,
+            [a.path for a in evaluations],
+            [a.path for a in decisions],
+            [m.path for m in quantized_models],
+            quantized.path,
+            evaluation.path,
+            decision.path,
+            summary.path,
+        )
+        Path(selected_config).write_text(chosen_config)
+        decision.metadata.update(
+            {"candidate": selection.chosen.name if selection.chosen else "", "action": selection.action}
+        )
+        return selection.action

@@ -9,11 +9,14 @@ def train_teacher(
     config_json: str, pipeline_run_id: str, dataset: Input[Dataset], teacher: Output[Model], history: Output[Artifact]
 ) -> float:
     """Train the teacher with cross-entropy and early stopping; returns its best val accuracy."""
-    from kd_lib.config import config_from_json
-    from kd_lib.steps.train_teacher import train_teacher as run_step
+    from kd_lib.steps.task import task
 
-    cfg = config_from_json(config_json)
-    summary = run_step(cfg, pipeline_run_id, dataset.path, teacher.path, history.path)
-    teacher.metadata.update({"mlflow_run_id": summary["run_id"], "best_epoch": summary["best_epoch"]})
-    history.metadata.update({"epochs_run": summary["epochs_run"], "stopped_early": summary["stopped_early"]})
-    return float(summary["best_val_accuracy"])
+    with task():
+        from kd_lib.config import config_from_json
+        from kd_lib.steps.train_teacher import train_teacher as run_step
+
+        cfg = config_from_json(config_json)
+        summary = run_step(cfg, pipeline_run_id, dataset.path, teacher.path, history.path)
+        teacher.metadata.update({"mlflow_run_id": summary["run_id"], "best_epoch": summary["best_epoch"]})
+        history.metadata.update({"epochs_run": summary["epochs_run"], "stopped_early": summary["stopped_early"]})
+        return float(summary["best_val_accuracy"])

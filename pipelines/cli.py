@@ -267,6 +267,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     for a sweep, first every candidate with its front membership and failed checks."""
     out: list[str] = []
     if summary.get("sweep"):
+        # lazy: only a run's summary needs it; `kdflow validate` stays quick
         from kd_lib.evaluate.sweep import table_text
 
         out += ["Sweep candidates (quantized students, test split; * = chosen)", table_text(summary["sweep"]), ""]
@@ -276,6 +277,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         lat = sorted(k for k in next(iter(evaluation.values())) if k.startswith("latency_"))
         rows = [[role] + [row.get(c, "") for c in cols + lat] for role, row in evaluation.items()]
         out += ["Models (test split)", _table(["model"] + cols + [k.replace("latency_", "") for k in lat], rows), ""]
+        # lazy: only a run's summary needs it; `kdflow validate` stays quick
         from kd_lib.report import kd_gain_line
 
         gain = kd_gain_line(evaluation)
@@ -352,6 +354,7 @@ def _cmd_validate(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
     print(f"# config OK (hash {cfg.config_hash()[:12]})", file=sys.stderr)
     if cfg.sweep is not None:
+        # lazy: only a config with a sweep section needs the expansion
         from kd_lib.evaluate.sweep import expand
 
         names = [c.name for c in expand(cfg)]
@@ -360,6 +363,7 @@ def _cmd_validate(cfg: PipelineConfig, args: argparse.Namespace) -> int:
 
 
 def _cmd_run(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    # lazy: mlflow (~1.5 s) loads only for the commands that talk to MLflow
     from kd_lib.adapters.tracking import absolute_tracking_uri, resolve_tracking_uri
     from pipelines.local import run_local
 
@@ -395,6 +399,7 @@ def _cmd_run(cfg: PipelineConfig, args: argparse.Namespace) -> int:
 
 
 def _cmd_compile(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    # lazy: kfp and the components load only for the commands that build a pipeline
     from pipelines.compile import compile_pipeline
 
     out = compile_pipeline(cfg, args.output)
@@ -406,6 +411,7 @@ def _model_registry() -> Any:
     """Import kd_lib.adapters.model_registry without MLflow's import-time warning that predict has no
     type hints (ours has none on purpose; MLflow forces the warning past warning filters)."""
     with contextlib.redirect_stderr(io.StringIO()):
+        # lazy: mlflow (~1.5 s) loads only for the commands that talk to MLflow
         from kd_lib.adapters import model_registry
     return model_registry
 
@@ -413,6 +419,7 @@ def _model_registry() -> Any:
 def _cmd_models(cfg: None, args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
 
+    # lazy: mlflow (~1.5 s) loads only for the commands that talk to MLflow
     from kd_lib.adapters.tracking import client_for_uri
 
     ModelRegistry = _model_registry().ModelRegistry
@@ -446,8 +453,9 @@ def _cmd_models(cfg: None, args: argparse.Namespace) -> int:
 
 
 def _cmd_report(cfg: None, args: argparse.Namespace) -> int:
-    from kd_lib.adapters.tracking import client_for_uri, pipeline_record, resolve_parent_run
+    # lazy: only `kdflow report` renders it; `kdflow validate` stays quick
     from kd_lib import report
+    from kd_lib.adapters.tracking import client_for_uri, pipeline_record, resolve_parent_run
 
     client = client_for_uri(args.tracking_uri)
     parent = resolve_parent_run(client, args.run_id)
@@ -471,6 +479,7 @@ Command = Callable[[Any, argparse.Namespace], int]
 
 
 def _cmd_submit(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    # lazy: kfp and the components load only for the commands that build a pipeline
     from pipelines.submit import describe, submit_run
 
     sub = submit_run(cfg, args.host, experiment=args.experiment, namespace=args.namespace, run_name=args.run_name)
@@ -479,6 +488,7 @@ def _cmd_submit(cfg: PipelineConfig, args: argparse.Namespace) -> int:
 
 
 def _cmd_schedule(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    # lazy: kfp and the components load only for the commands that build a pipeline
     from pipelines.submit import describe, schedule_run
 
     sub = schedule_run(

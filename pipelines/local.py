@@ -245,6 +245,7 @@ def run_local(cfg: PipelineConfig, root: str | Path = ".kdflow/runs", verbose: b
     """
     from kfp import local
 
+    # lazy: kfp and the components load only for the commands that build a pipeline
     from pipelines.build import build_pipeline
 
     uri = tracking.absolute_tracking_uri(tracking.resolve_tracking_uri(cfg))

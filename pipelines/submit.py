@@ -216,6 +216,7 @@ def _call(host: str, what: str, fn: Callable[[], _T]) -> _T:
 
 
 def _compiled(cfg: PipelineConfig, tmp: str) -> str:
+    # lazy: kfp and the components load only for the commands that build a pipeline
     from pipelines.compile import compile_pipeline
 
     return str(compile_pipeline(cfg, Path(tmp) / f"{cfg.name}.yaml"))

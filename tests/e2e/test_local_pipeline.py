@@ -16,6 +16,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from kd_lib.config import PipelineConfig
+from kd_lib.data.dataset import DataError
 from pipelines.local import LocalRunResult, run_local
 from tests.helpers import tiny_config
 
@@ -225,6 +226,10 @@ def test_a_failing_step_closes_the_parent_run_as_failed(tmp_path: Path, monkeypa
     assert "prepare-data" in result.error or "prepare_data" in result.error
     # The run ends with the failed task's own error (kfp.local says only "Inner task failed").
     assert result.failed_task == "prepare-data" and f"{missing}: no such file" in result.failure_cause
+    # ...as the task reported it (components run in kd_lib.steps.task.task): the DataError's
+    # own cause, without the traceback's class prefix, and its fix.
+    assert not result.failure_cause.startswith("DataError")
+    assert result.failure_fix == DataError.default_fix
     client = MlflowClient(tracking_uri=cfg.tracking.tracking_uri)
     assert result.parent_run_id is not None  # prepare-data failed after the parent run was opened
     parent = client.get_run(result.parent_run_id)
