@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from tabulate import tabulate
 
 from kd_lib.config import ConfigError, PipelineConfig, load_config
 from kd_lib.errors import KdflowError
@@ -255,11 +256,9 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
-    cells = [headers] + [[_fmt(v) for v in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    """A plain-text table: left-aligned cells as ``_fmt`` writes them, a dashed rule under the header."""
+    cells = [[_fmt(v) for v in row] for row in rows]
+    return tabulate(cells, headers=headers, tablefmt="simple", disable_numparse=True, stralign="left")
 
 
 def format_summary(summary: dict[str, Any]) -> str:
