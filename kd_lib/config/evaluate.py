@@ -30,6 +30,18 @@ class GateConfig(_Strict):
     min_compression_ratio: float = Field(
         4.0, gt=0, description="Teacher artifact bytes / quantized student artifact bytes."
     )
+    max_latency_ms: float | None = Field(
+        None,
+        gt=0,
+        description="The chosen artifact's p50 latency at every evaluate.batch_sizes (ms per forward pass, "
+        "evaluate.threads threads, on the machine that runs evaluate) must be at most this; None = no check.",
+    )
+    min_speedup: float | None = Field(
+        None,
+        gt=0,
+        description="Teacher p50 latency / chosen artifact p50 latency, at every evaluate.batch_sizes, must be at "
+        "least this; None = no check.",
+    )
     champion_policy: Literal["ignore", "must_not_regress"] = Field(
         "ignore",
         description="must_not_regress: the candidate's test accuracy may be at most champion_tolerance points below "

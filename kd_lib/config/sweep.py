@@ -8,6 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from kd_lib import plugins
 from kd_lib.config.base import _Strict
+from kd_lib.config.compress import scheme_names
 from kd_lib.config.train import ModelConfig
 
 # The loss terms whose softmax temperature sweep.temperatures sets.
@@ -60,8 +61,7 @@ class SweepConfig(_Strict):
     @field_validator("schemes")
     @classmethod
     def _known_schemes(cls, schemes: list[str]) -> list[str]:
-        # Found by module path (kd_lib.plugins): the quantizers sit above config and import torch.
-        known = [*plugins.names("quantizer"), "auto"]
+        known = [*scheme_names(), "auto"]
         unknown = [s for s in schemes if s not in known]
         if unknown:
             raise ValueError(f"unknown scheme(s) {unknown}; use names of quantize.scheme: {', '.join(known)}")

@@ -156,7 +156,14 @@ class DistillConfig(_Strict):
         False,
         description="Also train the same student without the teacher (losses [ce]; same architecture, initial "
         "weights, epochs, schedule, batch order and augmentation) and report KD's gain on the test split. "
-        "Doubles the distill step's time; the baseline is never quantized or registered.",
+        "Doubles the distill step's time.",
+    )
+    promote: Literal["better", "kd"] = Field(
+        "better",
+        description="With baseline on: 'better' sends the baseline on to quantize, gate and register instead of "
+        "the KD student when the baseline is significantly more accurate on the test split (exact McNemar test, "
+        "p < 0.05), and says so in the summary, report and version tags; 'kd' always sends the KD student and "
+        "fails the gate with that reason instead.",
     )
 
     @model_validator(mode="after")
