@@ -11,11 +11,13 @@ def quantize(
     dataset: Input[Dataset],
     teacher: Input[Model],
     student: Input[Model],
+    baseline: Input[Model],
     quantized: Output[Model],
     onnx: Output[Model],
 ) -> int:
-    """Quantize the fp32 student with quantize.scheme (calibration data and, for QAT, the
-    teacher come from the inputs); returns the artifact's bytes."""
+    """Build and measure the deployment candidates of the fp32 student (or of the baseline, when
+    distill.promote sends it on) and keep the best (calibration data and, for QAT, the teacher
+    come from the inputs); returns the artifact's bytes."""
     from kd_lib.steps.task import task
 
     with task():
@@ -30,6 +32,7 @@ def quantize(
             quantized.path,
             teacher_dir=teacher.path,
             onnx_dir=onnx.path,
+            baseline_dir=baseline.path,
         )
         quantized.metadata.update({k: v for k, v in info.items() if k != "onnx"})
         onnx.metadata.update({"exported": "onnx" in info})

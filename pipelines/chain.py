@@ -58,7 +58,12 @@ def candidate_chain(
     """
     common = {"config_json": config_json, "pipeline_run_id": pipeline_run_id, "dataset": dataset}
     distill_task = distill_step(**common, teacher=teacher_task.outputs["teacher"])
-    quantize_task = quantize(**common, teacher=teacher_task.outputs["teacher"], student=distill_task.outputs["student"])
+    quantize_task = quantize(
+        **common,
+        teacher=teacher_task.outputs["teacher"],
+        student=distill_task.outputs["student"],
+        baseline=distill_task.outputs["baseline"],
+    )
     evaluate_task = evaluate(
         **common,
         teacher=teacher_task.outputs["teacher"],

@@ -277,11 +277,15 @@ def format_summary(summary: dict[str, Any]) -> str:
         rows = [[role] + [row.get(c, "") for c in cols + lat] for role, row in evaluation.items()]
         out += ["Models (test split)", _table(["model"] + cols + [k.replace("latency_", "") for k in lat], rows), ""]
         # lazy: only a run's summary needs it; `kdflow validate` stays quick
-        from kd_lib.report import kd_gain_line
+        from kd_lib.report.facts import candidate_table, kd_gain_line
 
         gain = kd_gain_line(evaluation)
         if gain:
             out += [gain, ""]
+        table = candidate_table(evaluation)
+        if table:
+            headers, rows, notes = table
+            out += ["Deployment candidates (validation split)", _table(headers, rows), *notes, ""]
     gate = summary.get("gate")
     if gate:
         rows = [

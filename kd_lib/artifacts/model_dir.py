@@ -1,4 +1,5 @@
-"""A saved model directory: ``spec.json`` (what the model is) + ``weights.bin`` (its state dict).
+"""A saved model directory: ``spec.json`` (what the model is) + ``weights.bin`` (its state dict),
+or, for an ONNX Runtime artifact, ``spec.json`` + ``model.onnx``.
 
 This module is the file format only. Turning a directory back into an ``nn.Module`` needs the
 model builders and the quantization backends, which sit above this layer:
@@ -13,8 +14,16 @@ weights file (``kd_lib.artifacts.weights_file``). Directories written before tha
 ``weights.pt`` (``torch.save`` of the state dict) instead; they are still read, with
 ``torch.load(weights_only=True)``, never written.
 
+An ONNX artifact's spec says ``format: onnx`` and ``backend: onnxruntime``; its
+``model.onnx`` is one self-contained ONNX graph (weights inline) that takes raw inputs (the
+normalization is folded in, kept as ``folded_normalization``). This layer only stores and
+reads its bytes; running it (``OrtModule``) is ``kd_lib.compress.onnx_runtime``, and
+``kd_lib.compress.quantization.load_model`` dispatches on the spec. A directory holds either
+``model.onnx`` or a weights file, never both: each writer removes the other kind.
+
 Neither torch nor the weights format is imported until weights are read or written: reading
-a spec (the report, the CLI, the select step) stays light.
+a spec (the report, the CLI, the select step) stays light; nothing here imports onnx or
+onnxruntime.
 """
 
 from __future__ import annotations
@@ -33,8 +42,13 @@ WEIGHTS_FILE = "weights.bin"
 # Written by kdflow before weights.bin (torch.save of the state dict); still read, never written.
 LEGACY_WEIGHTS_FILE = "weights.pt"
 SPEC_FILE = "spec.json"
+# An ONNX Runtime artifact's model (kd_lib.compress.onnx_runtime), in place of the weights file.
+ONNX_FILE = "model.onnx"
+# spec.json's ``format`` of an ONNX artifact, and the ``backend`` that runs it.
+ONNX_FORMAT = "onnx"
+ONNX_BACKEND = "onnxruntime"
 REQUIRED_SPEC_KEYS = ("arch", "params", "input_shape", "num_classes", "quantization")
-_LAYOUT = f"a saved model directory holds {SPEC_FILE} and {WEIGHTS_FILE}"
+_LAYOUT = f"a saved model directory holds {SPEC_FILE} and {WEIGHTS_FILE} (or, an ONNX artifact, {ONNX_FILE})"
 
 
 class ModelSpec(Record):
@@ -61,6 +75,9 @@ class ModelSpec(Record):
         calibration: ``batches`` and ``batch_size`` of static / QAT calibration.
         quantization_auto: What ``quantize.scheme: auto`` tried and chose
             (``found``, ``chosen``, ``reason``, ``tries``).
+        format: ``onnx`` for an ONNX Runtime artifact (``model.onnx``); absent for torch weights.
+        folded_normalization: The normalization an ONNX artifact's graph applies itself (its
+            ``normalization`` is then the identity: it takes raw inputs).
     """
 
     model_config = ConfigDict(extra="allow")
@@ -82,6 +99,8 @@ class ModelSpec(Record):
     validation: dict[str, Number] | None = None
     calibration: dict[str, Int] | None = None
     quantization_auto: dict[str, Any] | None = None
+    format: Str | None = None
+    folded_normalization: dict[str, Number | list[Number]] | None = None
 
 
 def missing_spec_keys(spec: Mapping[str, Any]) -> list[str]:
@@ -97,8 +116,15 @@ def require_spec_keys(spec: Mapping[str, Any]) -> None:
 
 
 def has_model(directory: str | Path | None) -> bool:
-    """Whether ``directory`` holds a saved model (its ``spec.json``); False for None."""
+    """Whether ``directory`` holds a saved model (its ``spec.json``, beside ``weights.bin`` or
+    ``model.onnx``); False for None."""
     return directory is not None and (Path(directory) / SPEC_FILE).is_file()
+
+
+def is_onnx(spec: ModelSpec | Mapping[str, Any]) -> bool:
+    """Whether ``spec`` is an ONNX Runtime artifact's (``format: onnx`` or ``backend: onnxruntime``)."""
+    data = spec.to_dict() if isinstance(spec, ModelSpec) else spec
+    return data.get("format") == ONNX_FORMAT or data.get("backend") == ONNX_BACKEND
 
 
 def read_spec(directory: str | Path) -> ModelSpec:
@@ -138,6 +164,43 @@ def weights_path(directory: str | Path) -> Path:
     raise ArtifactError(f"{current}: missing; {_LAYOUT}")
 
 
+def onnx_path(directory: str | Path) -> Path:
+    """The ``model.onnx`` of an ONNX artifact's directory.
+
+    Raises:
+        ArtifactError: it is missing or empty (named).
+    """
+    path = Path(directory) / ONNX_FILE
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing; an ONNX model directory holds {SPEC_FILE} and {ONNX_FILE}")
+    if path.stat().st_size == 0:
+        raise ArtifactError(f"{path}: empty; not an ONNX model")
+    return path
+
+
+def read_onnx(directory: str | Path) -> bytes:
+    """The bytes of the ``model.onnx`` in ``directory`` (parsed by the caller, ``kd_lib.compress``).
+
+    Raises:
+        ArtifactError: it is missing, empty or unreadable (named).
+    """
+    path = onnx_path(directory)
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise ArtifactError(f"{path}: cannot be read ({err.strerror or err})") from None
+
+
+def model_file(directory: str | Path) -> Path:
+    """The file that holds the model itself: ``model.onnx`` for an ONNX artifact (by its
+    ``spec.json``), else the weights file (``weights_path``).
+
+    Raises:
+        ArtifactError: ``spec.json`` or the model file is missing or unreadable (named).
+    """
+    return onnx_path(directory) if is_onnx(read_spec(directory)) else weights_path(directory)
+
+
 def read_weights(path: str | Path, template: Mapping[str, Any] | None = None) -> Mapping[str, Any]:
     """The state dict in ``path`` (from ``weights_path``), tensors on CPU; never unpickles code.
 
@@ -169,7 +232,7 @@ def write_model_dir(directory: str | Path, spec: ModelSpec | Mapping[str, Any], 
     """Write ``spec.json`` and ``weights.bin`` into ``directory`` (created if missing).
 
     Everything that can fail is checked before the directory is touched; a ``weights.pt``
-    left from the older format is removed, so the directory is never ambiguous.
+    left from the older format, or a ``model.onnx``, is removed, so the directory is never ambiguous.
 
     Args:
         directory: The model directory.
@@ -184,16 +247,7 @@ def write_model_dir(directory: str | Path, spec: ModelSpec | Mapping[str, Any], 
         ValueError: a required key is missing, a field has the wrong type, the spec is not
             JSON-able, or the state dict holds something the weights file cannot store (named).
     """
-    data = spec.to_dict() if isinstance(spec, ModelSpec) else dict(spec)
-    require_spec_keys(data)
-    try:
-        ModelSpec.model_validate(data)
-    except ValidationError as err:
-        raise ValueError(f"model spec: {describe(err)}") from None
-    try:
-        spec_text = json.dumps(data, indent=2, sort_keys=True)
-    except TypeError as err:
-        raise ValueError(f"model spec is not JSON-serializable: {err}") from None
+    spec_text = _spec_text(spec)
     # lazy: torch comes in with the weights format, only when weights are written.
     from kd_lib.artifacts import weights_file
 
@@ -201,6 +255,54 @@ def write_model_dir(directory: str | Path, spec: ModelSpec | Mapping[str, Any], 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     (out / WEIGHTS_FILE).write_bytes(blob)
+    (out / LEGACY_WEIGHTS_FILE).unlink(missing_ok=True)
+    (out / ONNX_FILE).unlink(missing_ok=True)
+    (out / SPEC_FILE).write_text(spec_text + "\n")
+    return out
+
+
+def _spec_text(spec: ModelSpec | Mapping[str, Any]) -> str:
+    """``spec`` as sorted, indented JSON, after the checks every writer makes."""
+    data = spec.to_dict() if isinstance(spec, ModelSpec) else dict(spec)
+    require_spec_keys(data)
+    try:
+        ModelSpec.model_validate(data)
+    except ValidationError as err:
+        raise ValueError(f"model spec: {describe(err)}") from None
+    try:
+        return json.dumps(data, indent=2, sort_keys=True)
+    except TypeError as err:
+        raise ValueError(f"model spec is not JSON-serializable: {err}") from None
+
+
+def write_onnx_model_dir(directory: str | Path, spec: ModelSpec | Mapping[str, Any], onnx_bytes: bytes) -> Path:
+    """Write ``spec.json`` and ``model.onnx`` into ``directory`` (created if missing).
+
+    The spec is checked before the directory is touched; a ``weights.bin`` or ``weights.pt``
+    there is removed, so the directory holds one model.
+
+    Args:
+        directory: The model directory.
+        spec: The full spec as it should be written (``compress.onnx_runtime.save_onnx_model``
+            fills in ``format``, ``backend``, ``versions`` and the normalization keys).
+        onnx_bytes: The ONNX file's content (one self-contained graph).
+
+    Returns:
+        The directory.
+
+    Raises:
+        ValueError: a required key is missing, a field has the wrong type, the spec is not
+            JSON-able or says it is not ONNX, or ``onnx_bytes`` is empty.
+    """
+    spec_text = _spec_text(spec)
+    if not is_onnx(json.loads(spec_text)):
+        raise ValueError(f"model spec of an ONNX artifact must say format: {ONNX_FORMAT}")
+    if not onnx_bytes:
+        raise ValueError("the ONNX model is empty (0 bytes)")
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ONNX_FILE).write_bytes(onnx_bytes)
+    (out / WEIGHTS_FILE).unlink(missing_ok=True)
     (out / LEGACY_WEIGHTS_FILE).unlink(missing_ok=True)
     (out / SPEC_FILE).write_text(spec_text + "\n")
     return out

@@ -81,6 +81,11 @@ class ModelMetrics(Record):
     backend: Str | None = None
     quantization_auto_found: Bool | None = None
     quantization_auto_reason: Str | None = None
+    candidates: list[dict[str, Any]] | None = None
+    latency_threads: Int | None = None
+    source_role: Str | None = None
+    promotion_reason: Str | None = None
+    kd_significantly_worse: Bool | None = None
     kd_gain_points: Number | None = None
     kd_gain: KdGain | None = None
     vs_teacher: Agreement | None = None

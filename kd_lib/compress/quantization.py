@@ -229,21 +229,29 @@ def save_model(model: nn.Module, spec: Mapping[str, Any] | ModelSpec, directory:
 
 
 def load_model(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Load a model written by ``save_model``; never unpickles code.
+    """Load a model written by ``save_model`` (or an ONNX artifact); never unpickles code.
 
     Args:
         directory: Holds ``spec.json`` and ``weights.bin`` (or, written by an older kdflow,
-            ``weights.pt``, read with ``torch.load(weights_only=True)``).
+            ``weights.pt``, read with ``torch.load(weights_only=True)``), or, for an ONNX
+            Runtime artifact (spec ``format: onnx`` / ``backend: onnxruntime``), ``model.onnx``.
 
     Returns:
         ``(model, spec)``: the module in eval mode on CPU, mapping ``[B, *input_shape]`` to
-        ``[B, num_classes]``, and the spec as written.
+        ``[B, num_classes]``, and the spec as written. An ONNX artifact comes back as an
+        ``onnx_runtime.OrtModule``, which takes RAW inputs (its spec's ``normalization`` is the
+        identity; ``folded_normalization`` is what it applies itself).
 
     Raises:
         ArtifactError: a file is missing or corrupt, the weights do not fit the spec, or the
             spec names a scheme/backend this kdflow does not have; the message names the file.
     """
     spec = model_dir.read_spec(directory)
+    if model_dir.is_onnx(spec):
+        # lazy: onnx and onnxruntime load only when an ONNX artifact is read
+        from kd_lib.compress.onnx_runtime import load_onnx_model
+
+        return load_onnx_model(directory)
     spec_path = Path(directory) / SPEC_FILE
     weights_path = model_dir.weights_path(directory)
     try:

@@ -39,7 +39,7 @@ from kd_lib.config.cluster import (
     cpu_cores,
     memory_bytes,
 )
-from kd_lib.config.compress import QuantizeConfig
+from kd_lib.config.compress import DEFAULT_CANDIDATES, ONNX_SCHEMES, TORCH_SCHEMES, QuantizeConfig
 from kd_lib.config.data import SOURCE_SUFFIXES, TABULAR_SUFFIXES, AugmentConfig, DataConfig, source_kind
 from kd_lib.config.evaluate import EvaluateConfig, GateConfig
 from kd_lib.config.load import apply_override, config_from_json, load_config, parse_config
@@ -58,6 +58,9 @@ from kd_lib.config.train import (
 
 __all__ = [
     "CANDIDATE_PATTERN",
+    "DEFAULT_CANDIDATES",
+    "ONNX_SCHEMES",
+    "TORCH_SCHEMES",
     "SOURCE_SUFFIXES",
     "STEP_NAMES",
     "TABULAR_SUFFIXES",

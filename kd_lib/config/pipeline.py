@@ -119,12 +119,12 @@ class PipelineConfig(_Strict):
         ``candidate``, a step's ``train.augment`` and ``train.keep``), as a ``model_dump`` exclude:
         kept out of the hash, so a config without them hashes as it did before they existed."""
         unset: dict[str, Any] = {name: True for name in ("sweep", "candidate") if getattr(self, name) is None}
-        new_defaults = {
+        new_defaults: dict[str, dict[str, Any]] = {
             "quantize": {"candidates": list(self.quantize.candidates), "select": self.quantize.select},
             "gate": {"max_latency_ms": self.gate.max_latency_ms, "min_speedup": self.gate.min_speedup},
             "distill": {"promote": self.distill.promote},
         }
-        defaults_now = {
+        defaults_now: dict[str, dict[str, Any]] = {
             "quantize": {"candidates": list(DEFAULT_CANDIDATES), "select": "fastest"},
             "gate": {"max_latency_ms": None, "min_speedup": None},
             "distill": {"promote": "better"},

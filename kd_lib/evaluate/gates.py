@@ -8,6 +8,7 @@ plain dicts of the same shape); the decision is written as a ``DecisionRecord``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -23,6 +24,8 @@ from kd_lib.config import GateConfig
 # Values are rounded before comparing so that float noise cannot fail a run sitting exactly on
 # a threshold: (0.97 - 0.95) * 100 is 2.0000000000000018 in binary floating point.
 _DECIMALS = 9
+# evaluation.json's p50 latency keys: latency_b<batch size>_p50_ms.
+_P50_KEY = re.compile(r"latency_b(\d+)_p50_ms")
 
 
 @dataclass(frozen=True)
@@ -160,6 +163,41 @@ def _champion_checks(cand_acc: float, cand_size: float, champion: ModelMetrics, 
     return [drop, size]
 
 
+def _latencies(metrics: ModelMetrics) -> dict[int, float]:
+    """Batch size -> p50 ms of every latency the row holds."""
+    found = {}
+    for key, value in (metrics.model_extra or {}).items():
+        match = _P50_KEY.fullmatch(key)
+        if match and value is not None:
+            found[int(match.group(1))] = float(value)
+    return dict(sorted(found.items()))
+
+
+def _latency_checks(candidate: ModelMetrics, teacher: ModelMetrics, t: GateConfig) -> list[GateCheck]:
+    """``max_latency_ms`` and ``min_speedup``, one check per measured batch size each."""
+    checks: list[GateCheck] = []
+    mine, theirs = _latencies(candidate), _latencies(teacher)
+    if t.max_latency_ms is not None:
+        if not mine:
+            raise ValueError("gate.max_latency_ms is set but the candidate's latency was not measured")
+        checks += [_check(f"max_latency_ms.b{bs}", ms, t.max_latency_ms, "<=", "ms") for bs, ms in mine.items()]
+    if t.min_speedup is not None:
+        shared = [bs for bs in mine if bs in theirs and mine[bs] > 0]
+        if not shared:
+            raise ValueError("gate.min_speedup is set but the candidate's and teacher's latencies were not measured")
+        checks += [_check(f"min_speedup.b{bs}", theirs[bs] / mine[bs], t.min_speedup, ">=", "x") for bs in shared]
+    return checks
+
+
+def _kd_check(candidate: ModelMetrics) -> GateCheck:
+    """Whether a KD student that the baseline beats significantly was sent on (distill.promote: kd)."""
+    worse = bool(candidate.kd_significantly_worse)
+    baseline_went_on = candidate.source_role == "baseline"
+    failed = worse and not baseline_went_on
+    check = _check("kd_not_worse", 0.0 if failed else 1.0, 1.0, ">=", "bool")
+    return replace(check, detail=str(candidate.promotion_reason or "") if worse else "")
+
+
 def _row(metrics: ModelMetrics | Mapping[str, Any], role: str) -> ModelMetrics:
     """``metrics`` as a validated evaluation row."""
     if isinstance(metrics, ModelMetrics):
@@ -195,6 +233,14 @@ def decide(
       (points); only when ``fp32_student`` is given.
     - ``max_size_mb``: candidate ``size_bytes`` / 10^6 <= threshold (MB).
     - ``min_compression_ratio``: teacher ``size_bytes`` / candidate ``size_bytes`` >= threshold.
+    - ``max_latency_ms.b<B>``: the candidate's p50 latency at batch size B <= threshold (ms),
+      one check per measured batch size; only when ``max_latency_ms`` is set.
+    - ``min_speedup.b<B>``: teacher p50 / candidate p50 latency at batch size B >= threshold
+      (x), per batch size measured for both; only when ``min_speedup`` is set.
+    - ``kd_not_worse``: only when the candidate carries ``kd_significantly_worse`` (a baseline
+      was trained): fails when the baseline was significantly more accurate on the test split
+      and the KD student went on anyway (``distill.promote: kd``); passes, saying so, when the
+      baseline went on instead.
     - ``quantization_auto_found``: only when the candidate carries ``quantization_auto_found``
       (``quantize.scheme: auto``): 1 when auto found a scheme within
       ``max_quantization_drop`` on the validation split, else 0 and the check fails with
@@ -244,6 +290,9 @@ def decide(
         found = bool(candidate.quantization_auto_found)
         check = _check("quantization_auto_found", float(found), 1.0, ">=", "bool")
         checks.append(replace(check, detail="" if found else str(candidate.get("quantization_auto_reason", ""))))
+    checks += _latency_checks(candidate, teacher, thresholds)
+    if candidate.kd_significantly_worse is not None:
+        checks.append(_kd_check(candidate))
     if champion is not None and thresholds.champion_policy == "must_not_regress":
         checks += _champion_checks(cand_acc, cand_size, _row(champion, "champion"), thresholds)
     return GateDecision(passed=all(c.passed for c in checks), checks=checks)

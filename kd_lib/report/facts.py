@@ -27,7 +27,17 @@ CHECK_MEANINGS = {
     "max_quantization_drop": "fp32 minus quantized student accuracy",
     "max_size_mb": "quantized student artifact size",
     "min_compression_ratio": "teacher bytes / quantized student bytes",
+    "max_latency_ms": "deployed artifact p50 latency at that batch size",
+    "min_speedup": "teacher p50 / deployed artifact p50 latency at that batch size",
+    "kd_not_worse": "the KD student is not significantly worse than its baseline, or the baseline went on",
+    "quantization_auto_found": "a candidate artifact qualified on the validation split",
 }
+
+
+def check_meaning(name: str) -> str:
+    """What a gate check measures (per-batch-size checks share their field's meaning)."""
+    return CHECK_MEANINGS.get(name, CHECK_MEANINGS.get(name.split(".")[0], ""))
+
 
 # Shown where a value was not measured.
 MISSING = "–"
@@ -163,6 +173,39 @@ def kd_gain_line(evaluation: dict[str, Any]) -> str | None:
             f"the baseline on {paired['baseline_only_right']}: exact McNemar p = {paired['p_value']:.3g}, {verdict}"
         )
     return line
+
+
+CANDIDATE_HEADERS = ("candidate", "backend", "val accuracy", "drop (pts)", "size")
+
+
+def candidate_table(evaluation: dict[str, Any]) -> tuple[list[str], list[list[str]], list[str]] | None:
+    """The deployment candidates the quantize step measured (validation split, this machine):
+    ``(headers, rows, notes)``, the notes saying what was chosen and which fp32 model went on;
+    None when the evaluation has no candidates (a run from before they existed)."""
+    row = evaluation.get("quantized") or {}
+    tries = row.get("candidates")
+    if not tries:
+        return None
+    batch_sizes = sorted({int(bs) for t in tries for bs in (t.get("latency_ms") or {})})
+    threads = row.get("latency_threads")
+    unit = f", {threads} thread{'s' if threads != 1 else ''}" if threads else ""
+    headers = [*CANDIDATE_HEADERS, *[f"p50 b{bs} (ms{unit})" for bs in batch_sizes], "verdict"]
+    rows = []
+    for t in tries:
+        latency = t.get("latency_ms") or {}
+        rows.append(
+            [
+                str(t.get("name", "")),
+                str(t.get("backend", "")),
+                percent(t.get("val_accuracy")),
+                number(t.get("drop_points"), 2),
+                size_text(t.get("size_bytes")),
+                *[number(latency.get(str(bs)), 4) for bs in batch_sizes],
+                str(t.get("verdict", "")),
+            ]
+        )
+    notes = [str(row[key]) for key in ("quantization_auto_reason", "promotion_reason") if row.get(key)]
+    return headers, rows, notes
 
 
 # ---------------------------------------------------------------- the decision

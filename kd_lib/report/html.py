@@ -16,8 +16,9 @@ import yaml
 
 from kd_lib.report.data import STAGE_FINAL, ReportData
 from kd_lib.report.facts import (
-    CHECK_MEANINGS,
+    candidate_table,
     check_cells,
+    check_meaning,
     class_names,
     decision_of,
     history_summary,
@@ -88,7 +89,9 @@ def _models(data: ReportData) -> dict[str, Any] | None:
             p50, p95 = row.get(f"latency_b{bs}_p50_ms"), row.get(f"latency_b{bs}_p95_ms")
             cells.append(f"{number(p50, 3)} / {number(p95, 3)}")
         rows.append(cells)
-    return {"headers": headers, "rows": rows, "gain": kd_gain_line(data.evaluation)}
+    table = candidate_table(data.evaluation)
+    candidates = {"headers": table[0], "rows": table[1], "notes": table[2]} if table else None
+    return {"headers": headers, "rows": rows, "gain": kd_gain_line(data.evaluation), "candidates": candidates}
 
 
 def _training(data: ReportData) -> dict[str, Any] | None:
@@ -143,7 +146,7 @@ def _gate(data: ReportData) -> dict[str, Any] | None:
         checks.append(
             {
                 "name": c["name"],
-                "meaning": CHECK_MEANINGS.get(c["name"], ""),
+                "meaning": check_meaning(c["name"]),
                 "value": value,
                 "op": op,
                 "threshold": threshold,

@@ -14,6 +14,7 @@ from tabulate import tabulate
 
 from kd_lib.report.data import ReportData
 from kd_lib.report.facts import (
+    candidate_table,
     check_cells,
     decision_of,
     history_summary,
@@ -72,6 +73,11 @@ def _models(data: ReportData) -> list[str]:
     gain = kd_gain_line(data.evaluation)
     if gain:
         out += [f"- {_md(gain)}", ""]
+    table = candidate_table(data.evaluation)
+    if table:
+        headers, rows, notes = table
+        out += ["## Deployment candidates (validation split)", "", *markdown_table(headers, rows), ""]
+        out += [f"- {_md(note)}" for note in notes] + [""]
     return out
 
 

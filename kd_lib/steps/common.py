@@ -78,7 +78,11 @@ def gate_decision(
     missing = [role for role in ("quantized", "teacher", "student") if role not in rows]
     if missing:
         raise StepError(f"the evaluation has no {', '.join(missing)} row; it must come from the evaluate step")
-    return gates.decide(rows["quantized"], rows["teacher"], cfg.gate, fp32_student=rows["student"], champion=champion)
+    # The fp32 model that was quantized: the KD student, or the baseline distill.promote sent on.
+    source = rows["quantized"].source_role or "student"
+    if source not in rows:
+        raise StepError(f"the quantized model came from the {source} but the evaluation has no {source} row")
+    return gates.decide(rows["quantized"], rows["teacher"], cfg.gate, fp32_student=rows[source], champion=champion)
 
 
 def log_gate(run: Recorder, decision: gates.GateDecision, action: str, table: str, on_parent: bool) -> None:

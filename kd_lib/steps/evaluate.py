@@ -15,7 +15,8 @@ from kd_lib.artifacts.dataset_dir import DatasetMeta, load_splits, read_meta
 from kd_lib.compress import quantization
 from kd_lib.config import PipelineConfig
 from kd_lib.evaluate import metrics as evaluation
-from kd_lib.models.builders import build_model, count_parameters, for_data
+from kd_lib.models.builders import build_model, count_parameters
+from kd_lib.steps.candidates import model_inputs
 from kd_lib.steps.common import gate_decision
 from kd_lib.steps.inputs import tensors
 
@@ -48,12 +49,13 @@ def evaluate(
         roles = [*MODEL_ROLES, *(["baseline"] if has_model(model_dirs.get("baseline")) else [])]
         for role in roles:
             model, spec = quantization.load_model(model_dirs[role])
-            model = for_data(model, spec.get("normalization"), meta.normalization)  # an imported teacher's own
+            # An imported teacher's own normalization, or an ONNX artifact's raw features.
+            x_in = model_inputs(x_test, spec, meta)
             # Dynamic int8 packs Linear weights out of .parameters(): count on the fp32 architecture.
             fp32 = build_model(spec["arch"], spec["params"], tuple(spec["input_shape"]), spec["num_classes"])
             results[role] = evaluation.evaluate_model(
                 model,
-                x_test,
+                x_in,
                 y_test,
                 spec["num_classes"],
                 model_dirs[role],
@@ -66,10 +68,8 @@ def evaluate(
             results[role]["mlflow_run_id"] = spec.get("mlflow_run_id", "")
             results[role]["quantization"] = spec.get("quantization", "none")
             results[role]["backend"] = spec.get("backend", "none")
-            auto = spec.get("quantization_auto")
-            if isinstance(auto, dict):
-                results[role]["quantization_auto_found"] = bool(auto.get("found"))
-                results[role]["quantization_auto_reason"] = str(auto.get("reason", ""))
+            results[role]["latency_threads"] = cfg.evaluate.threads
+            results[role] |= _deployment_fields(spec)
             scalars = {
                 k: v for k, v in results[role].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
             }
@@ -98,6 +98,24 @@ def evaluate(
         write_evaluation(evaluation_path, results)
         run.log_dict(results, "evaluation.json")
         return results
+
+
+def _deployment_fields(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """What the quantize step recorded in a quantized model's spec: the candidates it measured,
+    the choice and why, and which fp32 model went on (KD student or baseline) and why."""
+    fields: dict[str, Any] = {}
+    auto = spec.get("quantization_auto")
+    if isinstance(auto, dict):
+        fields["quantization_auto_found"] = bool(auto.get("found"))
+        fields["quantization_auto_reason"] = str(auto.get("reason", ""))
+        fields["candidates"] = list(auto.get("tries") or [])
+    promotion = spec.get("promotion")
+    if isinstance(promotion, dict):
+        fields["source_role"] = str(promotion.get("source_role", "student"))
+        fields["promotion_reason"] = str(promotion.get("reason", ""))
+        if "kd_significantly_worse" in promotion:
+            fields["kd_significantly_worse"] = bool(promotion["kd_significantly_worse"])
+    return fields
 
 
 def class_names(meta: DatasetMeta | Mapping[str, Any]) -> list[str]:

@@ -1,22 +1,30 @@
-"""The ``quantize`` step: ``quantize.scheme`` applied to the fp32 student (``auto``: the first
-scheme of ``quantize.auto_order`` that keeps the accuracy), optionally exported to ONNX."""
+"""The ``quantize`` step: the deployment artifact. With ``quantize.scheme: auto`` every artifact
+``quantize.candidates`` names is built and measured, and the best by ``quantize.select`` within
+``gate.max_quantization_drop`` goes on; a named scheme is built as asked. With
+``distill.baseline`` on, the fp32 model that goes on is the KD student, or (``distill.promote:
+better``) the baseline when it is significantly more accurate."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from kd_lib.adapters.tracking import StepRun, step_run
-from kd_lib.artifacts import ModelSpec, read_spec
+from kd_lib.artifacts import ModelSpec, has_model, read_spec
 from kd_lib.artifacts.dataset_dir import Splits, load_splits
+from kd_lib.artifacts.model_dir import SPEC_FILE
 from kd_lib.compress import quantization
-from kd_lib.config import PipelineConfig
+from kd_lib.config import ONNX_SCHEMES, PipelineConfig
+from kd_lib.evaluate import candidates as selection
 from kd_lib.evaluate import metrics as evaluation
+from kd_lib.steps import candidates
 from kd_lib.steps.common import StepError, owns_parent
 from kd_lib.steps.inputs import accuracy, augment, load_teacher, tensors
 from kd_lib.train import loop as training
@@ -32,24 +40,35 @@ def quantize(
     quantized_dir: str | Path,
     teacher_dir: str | Path | None = None,
     onnx_dir: str | Path | None = None,
+    baseline_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Apply ``quantize.scheme`` to the fp32 student and save the result.
+    """Build, measure and choose the deployment artifact of the fp32 student.
 
-    ``static_int8`` calibrates on training batches of ``dataset_dir``; ``qat_int8`` fine-tunes
-    with the KD loss against the teacher in ``teacher_dir``. ``scheme: auto`` tries
-    ``quantize.auto_order`` and keeps the first scheme whose validation accuracy drop is within
-    ``gate.max_quantization_drop``; every try is logged. When none passes, the fp32 student is
-    saved with ``quantization_auto.found = false`` in its spec, which fails the gate with that
-    reason. With ``quantize.export_onnx`` the fp32 and quantized ONNX files go to ``onnx_dir``.
+    The fp32 model is the KD student from ``student_dir``, or with ``distill.promote: better``
+    the baseline from ``baseline_dir`` when the test split shows it significantly more
+    accurate (``promotion`` in the spec says which and why). ``static_int8`` and
+    ``onnx_static_int8`` calibrate on training batches; ``qat_int8`` fine-tunes with the KD loss
+    against the teacher in ``teacher_dir``. Every candidate is saved, loaded back and measured
+    (validation accuracy, bytes, p50 latency at each ``evaluate.batch_sizes``); the measurements
+    and the choice are logged and written to the spec (``quantization_auto``). When no candidate
+    qualifies, the torch fp32 model is saved with ``quantization_auto.found = false``, which
+    fails the gate with that reason. With ``quantize.export_onnx`` the fp32 student and an ONNX
+    Runtime counterpart of a torch scheme also go to ``onnx_dir``.
 
     Returns:
-        ``scheme``, ``backend``, ``fp32_bytes``, ``quantized_bytes``, ``fp32_val_accuracy``
-        (``auto_found`` and ``auto_reason`` with ``auto``; ``onnx`` with an export).
+        ``scheme``, ``backend``, ``fp32_bytes``, ``quantized_bytes``, ``fp32_val_accuracy``,
+        ``source_role``, ``auto_found`` and ``auto_reason`` (``onnx`` with an export).
     """
     qcfg = cfg.quantize
     with step_run(cfg, pipeline_run_id, "quantize") as run:
         splits = load_splits(dataset_dir)
-        student, spec = quantization.load_model(student_dir)
+        meta = splits.meta
+        promotion = _promotion(cfg, splits, student_dir, baseline_dir)
+        source_dir = baseline_dir if promotion["source_role"] == "baseline" else student_dir
+        assert source_dir is not None
+        if promotion.get("reason"):
+            run.set_tags({"kdflow.promotion": promotion["reason"][:5000]}, on_parent=owns_parent(cfg))
+        student, spec = quantization.load_model(source_dir)
         x_val, y_val = tensors(splits, "val")
         fp32_val = accuracy(student, x_val, y_val)
         calibration = _calibration_batches(splits, cfg)
@@ -59,115 +78,100 @@ def quantize(
             allow_fp32_layers=qcfg.allow_fp32_layers,
         )
 
-        # Try the scheme (or, for auto, each in turn until one keeps the accuracy).
         auto = qcfg.scheme == "auto"
-        candidates = list(qcfg.auto_order) if auto else [qcfg.scheme]
-        # The backend override names one scheme's backend, so it cannot apply to a list of schemes.
-        backend = None if auto else qcfg.backend
-        tries: list[dict[str, Any]] = []
-        chosen: tuple[str, torch.nn.Module] | None = None
-        for scheme in candidates:
-            try:
-                model = quantization.quantize(student, scheme, context, backend)
-            except quantization.QuantizationError as err:
-                if not auto:
-                    raise
-                tries.append({"scheme": scheme, "passed": False, "error": str(err)})
-                run.log_metrics({f"auto.{scheme}.passed": 0.0})
-                continue
-            val_acc = accuracy(model, x_val, y_val)
-            drop = round((fp32_val - val_acc) * 100, 9)
-            with tempfile.TemporaryDirectory() as tmp:
-                tried = quantization.save_model(model, spec | {"quantization": scheme, "backend": backend}, tmp)
-                size = evaluation.artifact_size_bytes(tried)
-            passed = drop <= cfg.gate.max_quantization_drop
-            tries.append(
-                {
-                    "scheme": scheme,
-                    "backend": quantization.get_quantizer(scheme, backend).backend,
-                    "val_accuracy": val_acc,
-                    "drop_points": drop,
-                    "bytes": size,
-                    "passed": passed,
-                }
-            )
+        names = list(qcfg.candidates) if auto else [qcfg.scheme]
+        # Torch fp32 is always measured: the reference no artifact may be slower than.
+        measured = names if selection.REFERENCE in names else [selection.REFERENCE, *names]
+        with tempfile.TemporaryDirectory(prefix="kdflow-candidates-") as tmp:
+            built: dict[str, Path] = {}
+            errors: dict[str, str] = {}
+            for name in measured:
+                try:
+                    built[name] = candidates.build(
+                        name, student, spec, meta, context, Path(tmp) / name, None if auto else qcfg.backend
+                    )
+                except quantization.QuantizationError as err:
+                    if not auto:
+                        raise
+                    errors[name] = str(err)
+            rows = candidates.measure(measured, built, errors, cfg, meta, x_val, y_val, fp32_val)
+            reference = rows[measured.index(selection.REFERENCE)]
+            listed = [r for r in rows if r.name in names]
             if auto:
-                run.log_metrics(
-                    {
-                        f"auto.{scheme}.val_accuracy": val_acc,
-                        f"auto.{scheme}.drop_points": drop,
-                        f"auto.{scheme}.bytes": size,
-                        f"auto.{scheme}.passed": float(passed),
-                    }
-                )
-            if passed or not auto:
-                chosen = (scheme, model)
-                break
-
-        extra: dict[str, Any] = {}
-        if auto:
-            if chosen is None:
-                reason = (
-                    f"quantize.scheme auto: none of {', '.join(candidates)} kept the validation accuracy drop "
-                    f"within gate.max_quantization_drop = {cfg.gate.max_quantization_drop} points "
-                    f"({'; '.join(_try_summary(t) for t in tries)}); the fp32 student was kept"
-                )
-                extra["quantization_auto"] = {"found": False, "chosen": None, "reason": reason, "tries": tries}
-                run.set_tags({"kdflow.quantize_auto": "none passed"}, on_parent=owns_parent(cfg))
-                chosen = ("none", quantization.quantize(student, "none"))
+                chosen_set = selection.select(listed, qcfg.select, cfg.gate.max_quantization_drop, reference)
             else:
-                reason = f"quantize.scheme auto: chose {chosen[0]} ({_try_summary(tries[-1])})"
-                extra["quantization_auto"] = {"found": True, "chosen": chosen[0], "reason": reason, "tries": tries}
-                run.set_tags({"kdflow.quantize_auto": chosen[0]}, on_parent=owns_parent(cfg))
-            run.log_dict(tries, "auto_tries.json")
-
-        # Save the chosen model with its spec.
-        assert chosen is not None  # one scheme: it was chosen or it raised; auto: a scheme or "none"
-        scheme, quantized = chosen
-        used_backend = backend if scheme == qcfg.scheme else None
-        chosen_try = next((t for t in tries if t["scheme"] == scheme), None)
-        spec = (
-            spec
-            | extra
-            | {
-                "quantization": scheme,
-                "backend": used_backend,
+                chosen_set = selection.Selection(
+                    chosen=names[0],
+                    reason=f"quantize.scheme {names[0]} (one scheme named; nothing to choose from)",
+                    candidates=[replace(listed[0], verdict="chosen")],
+                    reference=reference,
+                )
+            scheme = chosen_set.chosen or selection.REFERENCE
+            chosen_row = next(r for r in rows if r.name == scheme)
+            final_spec = read_spec(built[scheme]).to_dict() | {
                 "role": "quantized_student",
                 "mlflow_run_id": run.run_id,
-                "fp32_layers": quantization.fp32_layers(student, scheme, used_backend),
+                "source_role": promotion["source_role"],
+                "promotion": promotion,
+                "class_names": _class_names(meta),
+                "fp32_layers": (
+                    []
+                    if scheme in ONNX_SCHEMES
+                    else quantization.fp32_layers(student, scheme, qcfg.backend if not auto else None)
+                ),
                 "validation": {
                     "fp32_accuracy": fp32_val,
-                    **(
-                        {"accuracy": chosen_try["val_accuracy"], "drop_points": chosen_try["drop_points"]}
-                        if chosen_try
-                        else {}
-                    ),
+                    "accuracy": chosen_row.val_accuracy,
+                    "drop_points": chosen_row.drop_points,
+                },
+                "quantization_auto": {
+                    "found": chosen_set.found,
+                    "chosen": chosen_set.chosen,
+                    "select": qcfg.select if auto else "named",
+                    "reason": chosen_set.reason,
+                    "threads": cfg.evaluate.threads,
+                    "tries": [c.to_dict() for c in chosen_set.candidates],
+                    "reference": reference.to_dict(),
                 },
             }
-        )
-        if scheme in ("static_int8", "qat_int8"):
-            spec["calibration"] = {"batches": len(calibration), "batch_size": qcfg.calibration_batch_size}
-        if spec["fp32_layers"]:
-            run.set_tags({"kdflow.fp32_layers": ", ".join(spec["fp32_layers"])})
-        out = quantization.save_model(quantized, spec, quantized_dir)
-        saved = read_spec(out)
+            if scheme in ("static_int8", "qat_int8", "onnx_static_int8"):
+                final_spec["calibration"] = {"batches": len(calibration), "batch_size": qcfg.calibration_batch_size}
+            _copy_model_dir(built[scheme], final_spec, quantized_dir)
 
-        # Log.
+        run.log_text(chosen_set.table() + f"\n\n{chosen_set.reason}\n", "candidates.txt")
+        run.log_dict([c.to_dict() for c in chosen_set.candidates], "candidates.json")
+        for c in chosen_set.candidates:
+            if c.built:
+                run.log_metrics(
+                    {
+                        f"candidate.{c.name}.val_accuracy": c.val_accuracy or 0.0,
+                        f"candidate.{c.name}.drop_points": c.drop_points or 0.0,
+                        f"candidate.{c.name}.bytes": float(c.size_bytes or 0),
+                    }
+                    | {f"candidate.{c.name}.latency_b{bs}_p50_ms": ms for bs, ms in c.latency_ms.items()}
+                )
+        run.set_tags({"kdflow.quantize_choice": scheme}, on_parent=owns_parent(cfg))
+        if final_spec["fp32_layers"]:
+            run.set_tags({"kdflow.fp32_layers": ", ".join(final_spec["fp32_layers"])})
+        saved = read_spec(quantized_dir)
+
         info: dict[str, Any] = {
             "scheme": scheme,
             "backend": saved.backend or "",
-            "fp32_bytes": evaluation.artifact_size_bytes(student_dir),
+            "fp32_bytes": evaluation.artifact_size_bytes(source_dir),
             "quantized_bytes": evaluation.artifact_size_bytes(quantized_dir),
             "fp32_val_accuracy": fp32_val,
+            "source_role": promotion["source_role"],
+            "auto_found": chosen_set.found,
+            "auto_reason": chosen_set.reason,
         }
-        if auto:
-            info["auto_found"] = extra["quantization_auto"]["found"]
-            info["auto_reason"] = extra["quantization_auto"]["reason"]
         run.log_params(
             {
                 "scheme": scheme,
                 "backend": info["backend"],
                 "requested_scheme": qcfg.scheme,
+                "select": qcfg.select if auto else "named",
+                "source_role": info["source_role"],
                 "versions": saved.versions or {},
             }
         )
@@ -176,18 +180,74 @@ def quantize(
                 "fp32_bytes": info["fp32_bytes"],
                 "quantized_bytes": info["quantized_bytes"],
                 "fp32_val_accuracy": fp32_val,
+                "val_accuracy": chosen_row.val_accuracy or 0.0,
+                "val_drop_points": chosen_row.drop_points or 0.0,
             }
-            | (
-                {"val_accuracy": chosen_try["val_accuracy"], "val_drop_points": chosen_try["drop_points"]}
-                if chosen_try
-                else {}
-            )
         )
         if qcfg.export_onnx:
             if onnx_dir is None:
                 raise StepError("quantize.export_onnx is true but no onnx_dir was given to the quantize step")
+            quantized, _ = quantization.load_model(quantized_dir)
             info["onnx"] = _export_onnx(student, quantized, saved, splits, calibration, onnx_dir, run)
         return info
+
+
+def _class_names(meta: Any) -> list[str]:
+    names = meta.class_names
+    return [str(n) for n in names] if names else [str(i) for i in range(meta.num_classes)]
+
+
+def _copy_model_dir(source: Path, spec: dict[str, Any], destination: str | Path) -> Path:
+    """The chosen candidate's files into ``destination``, its spec replaced by ``spec`` (validated)."""
+    ModelSpec.model_validate(spec)
+    out = Path(destination)
+    out.mkdir(parents=True, exist_ok=True)
+    for item in source.iterdir():
+        if item.is_file() and item.name != SPEC_FILE:
+            shutil.copy2(item, out / item.name)
+    (out / SPEC_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def _promotion(
+    cfg: PipelineConfig, splits: Splits, student_dir: str | Path, baseline_dir: str | Path | None
+) -> dict[str, Any]:
+    """Which fp32 model goes on, and why: the KD student unless ``distill.promote: better`` and the
+    baseline is significantly more accurate on the test split (exact McNemar test)."""
+    if not has_model(baseline_dir):
+        return {"source_role": "student", "reason": ""}
+    assert baseline_dir is not None
+    x_test, y_test = tensors(splits, "test")
+    kd_model, _ = quantization.load_model(student_dir)
+    base_model, _ = quantization.load_model(baseline_dir)
+    paired = evaluation.paired_gain(
+        evaluation.predict(kd_model, x_test), evaluation.predict(base_model, x_test), y_test
+    )
+    gain = f"KD gain {paired['gain_points']:+.2f} points, exact McNemar p = {paired['p_value']:.3g}"
+    worse = bool(paired["significant"]) and paired["gain_points"] < 0
+    if worse and cfg.distill.promote == "better":
+        role = "baseline"
+        reason = (
+            f"the baseline (same student, no teacher) is significantly more accurate on the test split ({gain}); "
+            "distill.promote: better sent the baseline on instead of the KD student"
+        )
+    elif worse:
+        role = "student"
+        reason = (
+            f"the baseline is significantly more accurate on the test split ({gain}); distill.promote: kd keeps "
+            "the KD student, and the gate fails on it"
+        )
+    else:
+        role = "student"
+        reason = f"the KD student goes on ({gain}; the baseline is not significantly better)"
+    return {
+        "source_role": role,
+        "reason": reason,
+        "policy": cfg.distill.promote,
+        "kd_gain_points": paired["gain_points"],
+        "p_value": paired["p_value"],
+        "kd_significantly_worse": worse,
+    }
 
 
 def _calibration_batches(splits: Splits, cfg: PipelineConfig) -> list[torch.Tensor]:
@@ -234,12 +294,6 @@ def _qat_finetune(
         run.log_dict(history, "qat_history.json")
 
     return finetune
-
-
-def _try_summary(t: dict[str, Any]) -> str:
-    if "error" in t:
-        return f"{t['scheme']}: not applicable"
-    return f"{t['scheme']}: drop {t['drop_points']:.2f} points"
 
 
 def _export_onnx(

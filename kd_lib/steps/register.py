@@ -4,13 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from kd_lib.adapters.model_registry import ModelRegistry, gate_tags, log_pyfunc, pip_requirements, registry_errors
-from kd_lib.adapters.tracking import fluent_run, step_run
+from kd_lib.adapters.tracking import StepRun, fluent_run, step_run
+from kd_lib.adapters.verify import verify_version
 from kd_lib.artifacts import read_decision, read_evaluation, read_spec
-from kd_lib.artifacts.dataset_dir import read_meta
+from kd_lib.artifacts.dataset_dir import load_splits, read_meta
 from kd_lib.config import PipelineConfig
+from kd_lib.data.normalization import denormalize
 from kd_lib.evaluate import gates
 from kd_lib.steps.common import StepError
+
+# The version tag a version's state lives in: created unverified, then passed / rejected once it
+# serves the evaluated predictions from a fresh process, or broken when it does not.
+VALIDATION_STATUS = "validation_status"
+UNVERIFIED = "unverified"
+BROKEN = "broken"
 
 
 def register(
@@ -23,18 +33,22 @@ def register(
 ) -> dict[str, str]:
     """Log the quantized student as a pyfunc, register it with its checks and lineage, promote it.
 
-    Runs only under the gate's non-``reject`` branch and re-derives the action itself:
-    ``promote`` registers a ``validation_status=passed`` version and then converges the
-    champion alias onto the best passed version (race-safe); ``challenger`` registers a
-    ``rejected`` version under the challenger alias, never champion. Re-running the same
-    pipeline run reuses its version instead of creating a duplicate.
+    Runs only under the gate's non-``reject`` branch and re-derives the action itself. The
+    version is created ``validation_status=unverified`` and then verified: loaded from
+    ``models:/NAME/VERSION`` in a fresh process with pickle off, it must predict the classes the
+    evaluate step measured on the test split. A version that fails is tagged ``broken`` and no
+    alias moves. A verified ``promote`` becomes ``validation_status=passed`` and the champion
+    alias converges onto the best passed version (race-safe); a verified ``challenger``
+    becomes ``rejected`` under the challenger alias, never champion. Re-running the same
+    pipeline run reuses its version (verifying it if an earlier try stopped before that).
 
     Returns:
         ``model_name``, ``version``, ``alias``, ``champion`` (the version now holding the
         champion alias, or "") and ``reused`` ("true"/"false").
 
     Raises:
-        StepError: the gate's decision is ``reject``.
+        StepError: the gate's decision is ``reject``, or the registered version does not serve
+            the evaluated predictions (it is then tagged ``validation_status=broken``).
     """
     decision = gates.GateDecision.from_record(read_decision(decision_path))
     action = decision.action(cfg.registry.keep_rejected)
@@ -51,16 +65,27 @@ def register(
         quantized, teacher = results.quantized, results.teacher
         if quantized is None or teacher is None:
             raise StepError(f"{evaluation_path}: no teacher or quantized row; it must come from the evaluate step")
+        verdict = "passed" if action == "promote" else "rejected"
         tags = gate_tags(decision) | {
+            VALIDATION_STATUS: UNVERIFIED,
+            "kdflow.gate_verdict": verdict,
             "kdflow.dataset_fingerprint": meta.fingerprint,
             "kdflow.teacher_run_id": teacher.mlflow_run_id or "",
             "kdflow.config_hash": cfg.config_hash(),
             "kdflow.pipeline_run_id": pipeline_run_id,
             "kdflow.mlflow_parent_run_id": run.parent_run_id,
             "kdflow.quantization": spec.quantization,
+            "kdflow.backend": spec.backend or "",
+            "kdflow.source_role": quantized.source_role or "student",
             "kdflow.test_accuracy": f"{quantized.accuracy:.6f}",
             "kdflow.size_bytes": str(quantized.size_bytes),
         }
+        for key, text in (
+            ("kdflow.selection", quantized.quantization_auto_reason),
+            ("kdflow.promotion", quantized.promotion_reason),
+        ):
+            if text:
+                tags[key] = text[:5000]
         if cfg.candidate:
             tags["kdflow.candidate"] = cfg.candidate
 
@@ -76,6 +101,7 @@ def register(
                     version = registry.register(source, run.run_id, tags, model_id=model_id)
             else:
                 version = earlier
+            _verify(cfg, registry, version, verdict, dataset_dir, quantized.predictions, run)
             if action == "promote":
                 alias, champion = cfg.registry.alias, registry.converge(cfg.registry.alias, cfg.registry.ranking)
             else:
@@ -95,3 +121,43 @@ def register(
         )
         run.log_params(out)
         return out
+
+
+def _verify(
+    cfg: PipelineConfig,
+    registry: ModelRegistry,
+    version: str,
+    verdict: str,
+    dataset_dir: str | Path,
+    expected: list[int] | None,
+    run: StepRun,
+) -> None:
+    """Load the new version in a fresh process with pickle off and check it predicts what the
+    evaluate step measured on the test split; tag it ``verdict`` (passed / rejected) if so,
+    ``broken`` otherwise (and raise: no alias moves)."""
+    client, name = registry.client, registry.name
+    status = client.get_model_version(name, version).tags.get(VALIDATION_STATUS)
+    if status == BROKEN:
+        raise StepError(
+            f"{name} v{version} (this pipeline run's version) is tagged validation_status=broken: it did not serve "
+            "the evaluated predictions; no alias moved",
+            fix="see its kdflow.verification tag; fix the cause and run the pipeline again (a new run id)",
+        )
+    if status != UNVERIFIED:
+        return  # verified by an earlier try of this run
+    if not expected:
+        raise StepError("the evaluation has no predictions of the quantized model to verify the version against")
+    splits = load_splits(dataset_dir)
+    x_raw = denormalize(splits.x["test"], splits.meta.normalization)
+    result = verify_version(client.tracking_uri, name, version, x_raw, np.asarray(expected, dtype=np.int64))
+    run.log_metrics({"verify.mismatches": float(result.mismatches), "verify.checked": float(result.checked)})
+    client.set_model_version_tag(name, version, "kdflow.verification", result.detail[:5000])
+    if not result.ok:
+        client.set_model_version_tag(name, version, VALIDATION_STATUS, BROKEN)
+        run.set_tags({"kdflow.verification": "broken"}, on_parent=True)
+        raise StepError(
+            f"{name} v{version} did not serve what was evaluated: {result.detail}; tagged "
+            "validation_status=broken and no alias moved",
+            fix="load the version by hand (mlflow.pyfunc.load_model) to see the failure; fix it and run again",
+        )
+    client.set_model_version_tag(name, version, VALIDATION_STATUS, verdict)

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from kd_lib.config import ConfigError, PipelineConfig, config_from_json, load_config, parse_config
 
@@ -189,3 +190,54 @@ def test_the_package_re_exports_every_section() -> None:
     # Each section's models are importable from the package, whatever module now holds them.
     assert config.SweepConfig.__module__ == "kd_lib.config.sweep"
     assert config.PipelineConfig.__module__ == "kd_lib.config.pipeline"
+
+
+# ---------------------------------------------------------------- quantize: candidates and selection
+
+
+def test_the_default_candidates_are_torch_fp32_and_the_onnx_runtime_artifacts() -> None:
+    q = PipelineConfig().quantize
+    assert q.scheme == "auto" and q.select == "fastest"
+    assert q.candidates == ["none", "onnx_fp32", "onnx_static_int8", "onnx_dynamic_int8"]
+
+
+def test_the_torch_scheme_names_config_knows_are_the_registered_ones() -> None:
+    from kd_lib.compress.quantization import QUANTIZERS, SCHEMES
+    from kd_lib.config import TORCH_SCHEMES
+
+    assert set(TORCH_SCHEMES) == set(SCHEMES) == set(QUANTIZERS.names())
+
+
+@pytest.mark.parametrize(
+    ("quantize", "message"),
+    [
+        ({"auto_order": ["static_int8"]}, "quantize.auto_order was replaced by quantize.candidates"),
+        ({"candidates": ["onnx_fp32", "onnx_int4"]}, "quantize.candidates: unknown scheme(s) ['onnx_int4']"),
+        ({"candidates": ["none", "none"]}, "listed more than once"),
+        ({"candidates": []}, "at least 1 item"),
+        ({"scheme": "int3"}, "quantize.scheme: unknown scheme(s) ['int3']"),
+        ({"select": "cheapest"}, "'fastest' or 'smallest'"),
+        ({"backend": "x86"}, "quantize.backend names a backend of one torch scheme"),
+        ({"scheme": "onnx_fp32", "backend": "x86"}, "scheme 'onnx_fp32' has none"),
+    ],
+)
+def test_quantize_mistakes_name_the_field(quantize: dict, message: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        PipelineConfig.model_validate({"quantize": quantize})
+    assert message in str(err.value)
+
+
+def test_new_fields_at_their_defaults_leave_the_config_hash_alone() -> None:
+    base = PipelineConfig()
+    same = PipelineConfig.model_validate(
+        {"quantize": {"select": "fastest"}, "gate": {"min_speedup": None}, "distill": {"promote": "better"}}
+    )
+    assert same.config_hash() == base.config_hash()
+    for changed in (
+        {"quantize": {"select": "smallest"}},
+        {"quantize": {"candidates": ["none", "onnx_fp32"]}},
+        {"gate": {"max_latency_ms": 5.0}},
+        {"gate": {"min_speedup": 2.0}},
+        {"distill": {"promote": "kd"}},
+    ):
+        assert PipelineConfig.model_validate(changed).config_hash() != base.config_hash(), changed

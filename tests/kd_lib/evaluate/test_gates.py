@@ -102,3 +102,45 @@ def test_missing_metrics_and_zero_size_are_errors() -> None:
         decide({"accuracy": 0.9}, TEACHER, GateConfig())
     with pytest.raises(ValueError, match="size_bytes must be > 0"):
         decide(_cand(size_bytes=0), TEACHER, GateConfig())
+
+
+def _timed(b1: float, b64: float, **row: object) -> dict:
+    return {**_cand(), "latency_b1_p50_ms": b1, "latency_b64_p50_ms": b64, "latency_b1_p95_ms": 99.0, **row}
+
+
+def test_latency_and_speedup_are_checked_at_every_measured_batch_size() -> None:
+    teacher = {**TEACHER, "latency_b1_p50_ms": 0.5, "latency_b64_p50_ms": 10.0}
+    gate = GateConfig(**LENIENT, max_latency_ms=0.25, min_speedup=20.0)
+    decision = decide(_timed(0.25, 0.4), teacher, gate)
+    checks = {c.name: c for c in decision.checks}
+    assert checks["max_latency_ms.b1"].passed and checks["max_latency_ms.b1"].unit == "ms"
+    assert not checks["max_latency_ms.b64"].passed  # 0.4 > 0.25 (p95 is not what is checked)
+    assert not checks["min_speedup.b1"].passed and checks["min_speedup.b1"].value == 2.0
+    assert checks["min_speedup.b64"].passed and checks["min_speedup.b64"].value == 25.0
+    assert [c.name for c in decision.failed()] == ["max_latency_ms.b64", "min_speedup.b1"]
+
+
+def test_latency_checks_are_off_by_default_and_need_measurements_when_on() -> None:
+    names = [c.name for c in decide(_timed(1.0, 2.0), TEACHER, GateConfig(**LENIENT)).checks]
+    assert not [n for n in names if "latency" in n or "speedup" in n]
+    with pytest.raises(ValueError, match="max_latency_ms is set but"):
+        decide(_cand(), TEACHER, GateConfig(**LENIENT, max_latency_ms=1.0))
+    with pytest.raises(ValueError, match="min_speedup is set but"):
+        decide(_timed(1.0, 2.0), TEACHER, GateConfig(**LENIENT, min_speedup=1.0))
+
+
+@pytest.mark.parametrize(
+    ("worse", "source", "passed"),
+    [(False, "student", True), (True, "baseline", True), (True, "student", False)],
+)
+def test_a_kd_student_its_baseline_beats_fails_only_when_it_went_on(worse: bool, source: str, passed: bool) -> None:
+    reason = "the baseline is significantly more accurate (KD gain -1.30 points, exact McNemar p = 0.0106)"
+    cand = {**_cand(), "kd_significantly_worse": worse, "source_role": source, "promotion_reason": reason}
+    decision = decide(cand, TEACHER, GateConfig(**LENIENT))
+    check = {c.name: c for c in decision.checks}["kd_not_worse"]
+    assert check.passed is passed and decision.passed is passed
+    assert check.detail == (reason if worse else "")
+    if not passed:
+        assert "kd_not_worse: the baseline is significantly more accurate" in decision.table()
+    # Without a baseline there is nothing to compare: no check.
+    assert "kd_not_worse" not in [c.name for c in decide(_cand(), TEACHER, GateConfig(**LENIENT)).checks]

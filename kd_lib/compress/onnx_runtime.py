@@ -1,0 +1,591 @@
+"""ONNX Runtime as a deployment backend beside torch: export, int8 quantization, save, load, run.
+
+An ONNX artifact is a model directory (``kd_lib.artifacts.model_dir``) holding ``model.onnx``
+and ``spec.json``. The ONNX file is one self-contained graph (weights inline) made by
+``torch.onnx.export`` (the dynamo exporter) with a dynamic batch axis, input ``x`` and output
+``logits``, and the train split's normalization folded in: the graph computes
+``(x - mean) / std`` itself, so it takes RAW features, as the source data holds them. Its spec
+therefore says ``normalization = {"mean": 0.0, "std": 1.0}`` and keeps the statistics it
+folded in as ``folded_normalization``; the export also writes them into the ONNX file's
+metadata (``kdflow.normalization``), which is where ``save_onnx_model`` reads them from.
+
+Schemes (``kd_lib.config.compress.ONNX_SCHEMES``):
+
+- ``onnx_fp32``: the export as it is. ONNX Runtime fuses Conv + BatchNorm (+ ReLU) and
+  Gemm + activation when it builds its session.
+- ``onnx_static_int8``: ORT's ``quantize_static``: QDQ format, int8 weights per output
+  channel, uint8 activations with MinMax scales from calibration batches (raw inputs, as
+  the graph takes them). ``quant_pre_process`` runs first: it folds BatchNorm into the
+  convolutions (without it the BatchNorm of a ResNet stays fp32 between two QDQ pairs).
+- ``onnx_dynamic_int8``: ORT's ``quantize_dynamic``: int8 weights, activations quantized
+  per batch at run time, on MatMul/Gemm (and Conv) nodes.
+
+``OrtModule`` runs such a file as an ``nn.Module`` (eval-mode, no parameters, CPU), so the
+evaluation and latency code treat it like any torch model; its ONNX Runtime session uses as
+many intra-op threads as ``torch.get_num_threads()`` says at call time.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import Tensor, nn
+
+from kd_lib.artifacts import model_dir
+from kd_lib.artifacts.errors import ArtifactError
+from kd_lib.artifacts.model_dir import ModelSpec
+from kd_lib.compress.base import QuantizationError
+from kd_lib.config.compress import ONNX_SCHEMES
+
+BACKEND = "onnxruntime"
+FORMAT = model_dir.ONNX_FORMAT
+INPUT_NAME = "x"
+OUTPUT_NAME = "logits"
+# The ONNX metadata key holding the normalization the graph applies itself (JSON).
+NORMALIZATION_KEY = "kdflow.normalization"
+IDENTITY_NORMALIZATION: dict[str, Any] = {"mean": 0.0, "std": 1.0}
+
+__all__ = [
+    "BACKEND",
+    "FORMAT",
+    "IDENTITY_NORMALIZATION",
+    "INPUT_NAME",
+    "NORMALIZATION_KEY",
+    "ONNX_SCHEMES",
+    "OUTPUT_NAME",
+    "Normalized",
+    "OrtModule",
+    "build_onnx_artifact",
+    "export_fp32_onnx",
+    "folded_normalization",
+    "load_onnx_model",
+    "quantize_onnx_file",
+    "run_onnx",
+    "save_onnx_model",
+    "versions",
+]
+
+
+def versions() -> dict[str, str]:
+    """The libraries that made an ONNX artifact: ONNX Runtime (runs and quantizes it), onnx and
+    onnxscript (the exporter's graph libraries) and torch (the exporter)."""
+    # lazy: onnxscript costs ~0.5 s to import; only its version is read here.
+    from importlib import metadata
+
+    return {
+        "onnxruntime": ort.__version__,
+        "onnx": onnx.__version__,
+        "onnxscript": metadata.version("onnxscript"),
+        "torch": torch.__version__,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# export
+
+
+def _stat(value: Any, rank: int, key: str) -> Tensor:
+    """A mean or std as a tensor broadcasting over ``[B, *input_shape]`` (``rank`` = len(input_shape))."""
+    t = torch.as_tensor(value, dtype=torch.float32)
+    if t.ndim > 1:
+        raise ValueError(f"normalization {key} must be a number or a list of numbers (one per channel), got {value!r}")
+    # One value per channel: [C, 1, 1] over [B, C, H, W]; per feature for a flat input [B, F].
+    return t.reshape(-1, *([1] * (rank - 1))) if t.ndim == 1 else t
+
+
+class Normalized(nn.Module):
+    """``model((x - mean) / std)``: a model trained on normalized inputs, fed raw ones.
+
+    Statistics are scalars or one value per channel (``kd_lib.data.normalization``); an empty
+    mapping is the identity. ``model`` stays a child named ``model``.
+
+    Args:
+        model: Maps normalized ``[B, *input_shape]`` to ``[B, C]``.
+        normalization: ``{"mean": m, "std": s}``.
+        input_shape: One sample's shape (to broadcast per-channel statistics).
+    """
+
+    mean: Tensor
+    std: Tensor
+
+    def __init__(self, model: nn.Module, normalization: Mapping[str, Any], input_shape: Sequence[int]) -> None:
+        super().__init__()
+        self.model = model
+        rank = len(input_shape)
+        self.register_buffer("mean", _stat(normalization.get("mean", 0.0), rank, "mean"))
+        self.register_buffer("std", _stat(normalization.get("std", 1.0), rank, "std"))
+        if bool((self.std == 0).any()):
+            raise ValueError(f"normalization std must not be 0, got {normalization.get('std')!r}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model((x - self.mean) / self.std)
+
+
+def _is_identity(normalization: Mapping[str, Any] | None) -> bool:
+    if not normalization:
+        return True
+    mean = torch.as_tensor(normalization.get("mean", 0.0), dtype=torch.float64)
+    std = torch.as_tensor(normalization.get("std", 1.0), dtype=torch.float64)
+    return bool((mean == 0).all() and (std == 1).all())
+
+
+def export_fp32_onnx(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    normalization: Mapping[str, Any] | None,
+    path: str | Path,
+) -> Path:
+    """Export an fp32 module to one self-contained ONNX file taking RAW inputs.
+
+    The graph computes ``model((x - mean) / std)`` (``Normalized``), with a dynamic batch axis,
+    input ``x`` ``[B, *input_shape]`` float32 and output ``logits`` ``[B, C]`` float32. The model
+    is exported in eval mode (BatchNorm with its running statistics, no dropout) from a copy on
+    CPU: ``model`` itself is left as it was. The folded normalization is written into the file's
+    metadata as ``kdflow.normalization`` (JSON).
+
+    Args:
+        model: Maps normalized ``[B, *input_shape]`` float32 to ``[B, C]`` logits.
+        input_shape: One sample's shape, e.g. ``(1, 28, 28)``.
+        normalization: ``{"mean", "std"}`` of the train split the model was trained on
+            (scalars or per-channel lists); None or ``{}`` when its inputs are not normalized.
+        path: The ``.onnx`` file to write (its directory is created).
+
+    Returns:
+        ``path``.
+
+    Raises:
+        QuantizationError: ``torch.onnx.export`` cannot export this model (named, with the
+            exporter's first line).
+        ValueError: a malformed normalization.
+    """
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shape = tuple(int(s) for s in input_shape)
+    norm = dict(normalization or {})
+    body = copy.deepcopy(model).cpu().eval()
+    wrapped = body if _is_identity(norm) else Normalized(body, norm, shape).eval()
+    # Batch 2, not 1: the exporter specializes a size-1 dimension, even one marked dynamic.
+    example = torch.zeros(2, *shape)
+    try:
+        with warnings.catch_warnings():
+            # The exporter warns about its own internals (deprecated onnxscript APIs, opset
+            # conversions); its result is checked by the callers' tests, not by these warnings.
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                wrapped,
+                (example,),
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes=({0: torch.export.Dim("batch")},),
+                dynamo=True,
+                verbose=False,
+            )
+    except Exception as err:  # the exporter raises many types; each means "not exportable"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise QuantizationError(
+            f"torch.onnx.export cannot export this {type(model).__name__} to ONNX ({type(err).__name__}: "
+            f"{first[:300]})",
+            "choose a torch scheme instead (quantize.scheme / quantize.candidates without the onnx_* schemes), "
+            "or make the model exportable by torch.export (no data-dependent Python control flow)",
+        ) from err
+    if program is None:  # only with dynamo=False; kept for the type checker
+        raise QuantizationError(f"torch.onnx.export returned no program for this {type(model).__name__}")
+    proto = program.model_proto
+    _set_metadata(proto, {NORMALIZATION_KEY: json.dumps(norm, sort_keys=True)})
+    # One file, weights inline: its size is the model's size.
+    onnx.save_model(proto, str(out), save_as_external_data=False)
+    return out
+
+
+def _set_metadata(proto: onnx.ModelProto, entries: Mapping[str, str]) -> None:
+    kept = [p for p in proto.metadata_props if p.key not in entries]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    for key, value in entries.items():
+        proto.metadata_props.add(key=key, value=value)
+
+
+def _metadata(proto: onnx.ModelProto) -> dict[str, str]:
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+def folded_normalization(path: str | Path) -> dict[str, Any] | None:
+    """The normalization an exported file applies itself (``kdflow.normalization``), None when
+    the file does not say (not exported by ``export_fp32_onnx``)."""
+    proto = onnx.load_model(str(path), load_external_data=False)
+    text = _metadata(proto).get(NORMALIZATION_KEY)
+    return None if text is None else dict(json.loads(text))
+
+
+# --------------------------------------------------------------------------------------------
+# int8
+
+
+class _CalibrationBatches:
+    """ORT's ``CalibrationDataReader`` protocol (``get_next``, ``rewind``) over tensors."""
+
+    def __init__(self, batches: Sequence[Tensor], input_name: str) -> None:
+        self._feeds = [{input_name: b.detach().cpu().float().contiguous().numpy()} for b in batches]
+        self._next = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._next >= len(self._feeds):
+            return None
+        self._next += 1
+        return self._feeds[self._next - 1]
+
+    def rewind(self) -> None:
+        self._next = 0
+
+
+def quantize_onnx_file(
+    fp32_path: str | Path,
+    out_path: str | Path,
+    scheme: str,
+    calibration_raw: Sequence[Tensor],
+) -> Path:
+    """ONNX Runtime's int8 quantization of an fp32 export.
+
+    Args:
+        fp32_path: From ``export_fp32_onnx``.
+        out_path: The quantized ``.onnx`` file to write.
+        scheme: ``onnx_static_int8`` (``quantize_static``: QDQ, per-channel int8 weights, uint8
+            activations, MinMax calibration) or ``onnx_dynamic_int8`` (``quantize_dynamic``:
+            int8 weights, activations quantized per batch at run time).
+        calibration_raw: Batches ``[B, *input_shape]`` float32 of RAW inputs (the graph
+            normalizes them itself); a few training batches. Needed by static int8 only.
+
+    Returns:
+        ``out_path``; its metadata keeps the fp32 file's (the folded normalization).
+
+    Raises:
+        QuantizationError: an unknown scheme, static int8 without calibration batches, or
+            ONNX Runtime's quantizer failing on this graph.
+    """
+    # lazy: onnxruntime.quantization (0.1 s, onnx's helpers) is needed only to quantize
+    from onnxruntime import quantization as ortq
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if scheme not in ("onnx_static_int8", "onnx_dynamic_int8"):
+        raise QuantizationError(
+            f"quantize_onnx_file: scheme {scheme!r} is not an ONNX Runtime int8 scheme; "
+            "use onnx_static_int8 or onnx_dynamic_int8 (onnx_fp32 is the export itself)"
+        )
+    if scheme == "onnx_static_int8" and not calibration_raw:
+        raise QuantizationError(
+            "onnx_static_int8 needs calibration batches (raw training inputs) to set activation scales; "
+            "got none. Set quantize.calibration_batches >= 1"
+        )
+    source, out = Path(fp32_path), Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    metadata = _metadata(onnx.load_model(str(source), load_external_data=False))
+    try:
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ORT's quantizer warns about its own preferences
+            if scheme == "onnx_static_int8":
+                # Shape inference + ORT's basic graph optimizations (Conv+BatchNorm folding)
+                # first, as ORT's quantization guide advises, so the quantizer sees fused nodes.
+                prepared = Path(tmp) / "prepared.onnx"
+                quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+                ortq.quantize_static(
+                    str(prepared),
+                    str(out),
+                    _CalibrationBatches(calibration_raw, _input_name(source)),
+                    quant_format=ortq.QuantFormat.QDQ,
+                    per_channel=True,
+                    activation_type=ortq.QuantType.QUInt8,
+                    weight_type=ortq.QuantType.QInt8,
+                    calibrate_method=ortq.CalibrationMethod.MinMax,
+                )
+            else:
+                ortq.quantize_dynamic(str(source), str(out), weight_type=ortq.QuantType.QInt8)
+    except Exception as err:  # ORT's quantizer raises many types; each means "cannot quantize this graph"
+        raise QuantizationError(
+            f"ONNX Runtime {scheme} failed on {source.name} ({type(err).__name__}: {str(err)[:300]})",
+            "use onnx_fp32 or a torch scheme for this model",
+        ) from err
+    proto = onnx.load_model(str(out), load_external_data=False)
+    _set_metadata(proto, metadata)
+    onnx.save_model(proto, str(out), save_as_external_data=False)
+    return out
+
+
+def _input_name(path: Path) -> str:
+    proto = onnx.load_model(str(path), load_external_data=False)
+    initializers = {i.name for i in proto.graph.initializer}
+    return next(i.name for i in proto.graph.input if i.name not in initializers)
+
+
+# --------------------------------------------------------------------------------------------
+# artifacts
+
+
+def save_onnx_model(
+    onnx_path: str | Path,
+    spec: Mapping[str, Any] | ModelSpec,
+    directory: str | Path,
+    scheme: str | None = None,
+) -> Path:
+    """Write an ONNX file as a model directory: ``model.onnx`` + ``spec.json``.
+
+    The written spec is ``spec`` plus ``quantization`` (the scheme), ``backend``
+    (``onnxruntime``), ``format`` (``onnx``), ``normalization`` ``{"mean": 0.0, "std": 1.0}``
+    (the file takes raw inputs), ``folded_normalization`` (what the file applies itself, read
+    from its ``kdflow.normalization`` metadata), ``versions`` and ``torch_version``.
+
+    Args:
+        onnx_path: An ``.onnx`` file from ``export_fp32_onnx`` (or ``quantize_onnx_file``).
+        spec: The fp32 model's spec (``arch``, ``params``, ``input_shape``, ``num_classes``,
+            ``normalization``, provenance); not modified.
+        directory: The model directory (created if missing); a ``weights.bin`` or
+            ``weights.pt`` there is removed.
+        scheme: ``onnx_fp32``, ``onnx_static_int8`` or ``onnx_dynamic_int8``; None means
+            ``spec["quantization"]``, which must then be one of them.
+
+    Returns:
+        The directory.
+
+    Raises:
+        ValueError: no ONNX scheme given, a required spec key missing, a file without the
+            ``kdflow.normalization`` metadata, or a ``spec["normalization"]`` that differs
+            from what the file folded in.
+    """
+    data = spec.to_dict() if isinstance(spec, ModelSpec) else dict(spec)
+    name = scheme if scheme is not None else data.get("quantization")
+    if name not in ONNX_SCHEMES:
+        raise ValueError(f"save_onnx_model: scheme {name!r} is not one of {', '.join(ONNX_SCHEMES)}")
+    blob = Path(onnx_path).read_bytes()
+    proto = onnx.load_model_from_string(blob)
+    text = _metadata(proto).get(NORMALIZATION_KEY)
+    if text is None:
+        raise ValueError(
+            f"{onnx_path}: has no {NORMALIZATION_KEY} metadata, so what it expects as input is unknown; "
+            "export it with kd_lib.compress.onnx_runtime.export_fp32_onnx"
+        )
+    folded = json.loads(text)
+    given = data.get("normalization")
+    if data.get("format") == FORMAT:  # an ONNX artifact's spec given back: its statistics are the folded ones
+        given = data.get("folded_normalization")
+    if given and not _is_identity(given) and not _same_normalization(given, folded):
+        raise ValueError(
+            f"{onnx_path}: folds in normalization {folded}, but the spec says the model was trained with {given}; "
+            "export with the spec's normalization"
+        )
+    written = {
+        **data,
+        "quantization": name,
+        "backend": BACKEND,
+        "format": FORMAT,
+        "normalization": dict(IDENTITY_NORMALIZATION),
+        "folded_normalization": folded,
+        "versions": versions(),
+        "torch_version": torch.__version__,
+    }
+    if "input_shape" in written:
+        written["input_shape"] = list(written["input_shape"])
+    return model_dir.write_onnx_model_dir(directory, written, blob)
+
+
+def _same_normalization(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    for key, default in (("mean", 0.0), ("std", 1.0)):
+        x = np.asarray(a.get(key, default), dtype=np.float64)
+        y = np.asarray(b.get(key, default), dtype=np.float64)
+        if x.shape != y.shape and not (x.size == 1 and y.size == 1):
+            return False
+        if not np.allclose(x.reshape(-1), y.reshape(-1), rtol=1e-6, atol=0):
+            return False
+    return True
+
+
+def build_onnx_artifact(
+    model: nn.Module,
+    scheme: str,
+    spec: Mapping[str, Any] | ModelSpec,
+    calibration_raw: Sequence[Tensor],
+    directory: str | Path,
+) -> Path:
+    """Export ``model`` (normalization folded in), quantize it with ``scheme``, save the directory.
+
+    Args:
+        model: The fp32 model (normalized inputs); left untouched.
+        scheme: ``onnx_fp32``, ``onnx_static_int8`` or ``onnx_dynamic_int8``.
+        spec: The fp32 model's spec: ``arch``, ``params``, ``input_shape``, ``num_classes``,
+            ``normalization`` (what is folded in) and any provenance to keep.
+        calibration_raw: Raw-input batches ``[B, *input_shape]`` for ``onnx_static_int8``.
+        directory: The model directory to write (``model.onnx`` + ``spec.json``).
+
+    Returns:
+        The directory.
+
+    Raises:
+        QuantizationError: not exportable, an unknown scheme, or quantization failing.
+    """
+    if scheme not in ONNX_SCHEMES:
+        raise QuantizationError(
+            f"build_onnx_artifact: scheme {scheme!r} is not an ONNX Runtime scheme; use one of {', '.join(ONNX_SCHEMES)}"
+        )
+    data = spec.to_dict() if isinstance(spec, ModelSpec) else dict(spec)
+    normalization = data.get("normalization")
+    if data.get("format") == FORMAT:
+        raise QuantizationError("build_onnx_artifact: the spec given is already an ONNX artifact's; pass the fp32 spec")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_fp32_onnx(model, data["input_shape"], normalization, Path(tmp) / "fp32.onnx")
+        if scheme != "onnx_fp32":
+            path = quantize_onnx_file(path, Path(tmp) / "int8.onnx", scheme, calibration_raw)
+            if scheme == "onnx_static_int8" and "calibration" not in data:
+                data["calibration"] = {"batches": len(calibration_raw), "batch_size": int(len(calibration_raw[0]))}
+        return save_onnx_model(path, data, directory, scheme=scheme)
+
+
+# --------------------------------------------------------------------------------------------
+# running
+
+
+class OrtModule(nn.Module):
+    """An ONNX model run by ONNX Runtime on CPU, as an eval-mode ``nn.Module``.
+
+    Holds the file's bytes (nothing pickled) and a session built from them with
+    ``CPUExecutionProvider``, ``intra_op_num_threads = torch.get_num_threads()`` at call time
+    (the session is rebuilt when that changes: kdflow's latency timer pins threads with
+    ``torch.set_num_threads``), one inter-op thread, sequential execution and every graph
+    optimization. It has no parameters or buffers; ``.eval()``, ``.train()``, ``.to("cpu")``
+    and ``torch.no_grad`` / ``inference_mode`` behave as for any module (training mode changes
+    nothing: the graph is an inference graph). Pickling it keeps the bytes, not the session.
+
+    Args:
+        model_bytes: The ``.onnx`` file's content.
+        source: What to name in error messages (the file's path).
+
+    Raises:
+        ArtifactError: ONNX Runtime cannot load the bytes (names ``source``); the session is
+            built at once, so a corrupt file fails here, not at the first call.
+    """
+
+    def __init__(self, model_bytes: bytes, source: str = "<onnx bytes>") -> None:
+        super().__init__()
+        self.model_bytes = bytes(model_bytes)
+        self.source = source
+        self._session: ort.InferenceSession | None = None
+        self._threads = 0
+        session = self.session()
+        self.input_name = session.get_inputs()[0].name
+        self.output_name = session.get_outputs()[0].name
+        # Per-sample input shape as the graph declares it (the batch axis dropped; None = symbolic).
+        self.input_shape = tuple(d if isinstance(d, int) else None for d in session.get_inputs()[0].shape[1:])
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> OrtModule:
+        """An ``OrtModule`` over an ``.onnx`` file (read once; the file may go afterwards).
+
+        Raises:
+            ArtifactError: the file is missing, unreadable or not a loadable ONNX model.
+        """
+        try:
+            blob = Path(path).read_bytes()
+        except OSError as err:
+            raise ArtifactError(f"{path}: cannot read the ONNX model ({err.strerror or err})") from None
+        return cls(blob, source=str(path))
+
+    def session(self, threads: int | None = None) -> ort.InferenceSession:
+        """The session for ``threads`` intra-op threads (default ``torch.get_num_threads()``),
+        built (or rebuilt) when the count differs from the current session's."""
+        wanted = max(1, int(threads if threads is not None else torch.get_num_threads()))
+        if self._session is None or wanted != self._threads:
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = wanted
+            options.inter_op_num_threads = 1
+            options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            options.log_severity_level = 3  # errors only: ORT's warnings about its own choices are noise here
+            try:
+                self._session = ort.InferenceSession(self.model_bytes, options, providers=["CPUExecutionProvider"])
+            except Exception as err:  # ORT raises its own pybind types (Fail, InvalidGraph, ...)
+                raise ArtifactError(
+                    f"{self.source}: not a loadable ONNX model ({type(err).__name__}: {str(err)[:300]})",
+                    "export the model again (kd_lib.compress.onnx_runtime.build_onnx_artifact) or restore the file",
+                ) from None
+            self._threads = wanted
+        return self._session
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the ONNX model in bytes."""
+        return len(self.model_bytes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits of ``x``.
+
+        Args:
+            x: ``[B, *input_shape]`` RAW inputs (cast to float32, moved to CPU).
+
+        Returns:
+            ``[B, C]`` float32 logits on CPU.
+
+        Raises:
+            ValueError: ONNX Runtime refuses the input (wrong rank or shape), naming both.
+        """
+        feed = x.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
+        try:
+            (logits,) = self.session().run([self.output_name], {self.input_name: feed})
+        except Exception as err:  # InvalidArgument for a wrong shape, among ORT's own types
+            expected = ", ".join("?" if d is None else str(d) for d in self.input_shape)
+            raise ValueError(
+                f"{self.source}: ONNX Runtime refused input of shape {tuple(x.shape)}; the model takes "
+                f"[B, {expected}] float32 ({type(err).__name__}: {str(err)[:200]})"
+            ) from None
+        return torch.from_numpy(logits)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__())
+        state["_session"], state["_threads"] = None, 0  # rebuilt on first use
+        return state
+
+    def extra_repr(self) -> str:
+        return f"source={self.source!r}, bytes={self.nbytes}, threads={self._threads}"
+
+
+def load_onnx_model(directory: str | Path) -> tuple[OrtModule, dict[str, Any]]:
+    """Load an ONNX model directory written by ``save_onnx_model``.
+
+    Returns:
+        ``(module, spec)``: the ``OrtModule`` (raw ``[B, *input_shape]`` in, ``[B, C]`` out) and
+        the spec as written.
+
+    Raises:
+        ArtifactError: ``spec.json`` or ``model.onnx`` missing or corrupt, or the graph's input
+            shape disagreeing with the spec's ``input_shape``; the message names the file.
+    """
+    spec = model_dir.read_spec(directory)
+    path = model_dir.onnx_path(directory)
+    module = OrtModule(model_dir.read_onnx(directory), source=str(path))
+    declared = module.input_shape
+    if len(declared) != len(spec.input_shape) or any(
+        d is not None and d != s for d, s in zip(declared, spec.input_shape, strict=False)
+    ):
+        raise ArtifactError(
+            f"{path}: takes samples of shape {list(declared)}, but {Path(directory) / model_dir.SPEC_FILE} "
+            f"says input_shape {spec.input_shape}"
+        )
+    return module.eval(), spec.to_dict()
+
+
+def run_onnx(path: str | Path, x: Tensor, batch_size: int = 512) -> Tensor:
+    """Logits of the ONNX file at ``path`` on ``x`` ``[N, *input_shape]``, in batches, on CPU.
+
+    Returns:
+        ``[N, C]`` float32.
+    """
+    module = OrtModule.from_file(path)
+    with torch.no_grad():
+        return torch.cat([module(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+
