@@ -1,12 +1,17 @@
 """Quantization benchmark: every scheme and backend side by side on mnist5k.
 
-Trains a CNN teacher, distills an MLP student, a CNN student and a wide Linear-heavy MLP
-(784-1200-1200-10) from it, then for each model and each (scheme, backend) registered in
-kd_lib.compress.quantization (plus torch.compile'd torchao and PT2E candidates that have no artifact
-format of their own): artifact bytes and ratio to fp32, test accuracy and its drop, and CPU
-latency p50/p95 at batch 1 and 64 with a fixed thread count. Every artifact-backed row is
-measured on the model loaded back from its artifact (kdflow's pickle-free weights file).
-Prints a table and writes JSON. Not part of `make test`; `make bench` runs it.
+Trains a CNN teacher, distills an MLP student, a CNN student, a wide Linear-heavy MLP
+(784-1200-1200-10) and a small ResNet (BatchNorm inside residual blocks, residual adds,
+strided blocks with projection shortcuts, adaptive pooling) from it, then for each model and
+each (scheme, backend) registered in kd_lib.compress.quantization (plus torch.compile'd torchao
+and PT2E candidates that have no artifact format of their own), and each ONNX Runtime
+artifact (onnx_fp32, onnx_static_int8, onnx_dynamic_int8; kd_lib.compress.onnx_runtime):
+artifact bytes and ratio to fp32, test accuracy and its drop, and CPU latency p50/p95 at
+batch 1 and 64 with a fixed thread count. Every artifact-backed row is measured on the model
+loaded back from its artifact (kdflow's pickle-free weights file, or model.onnx run by ONNX
+Runtime on the raw test inputs: its normalization is folded in). Prints a table and writes
+JSON. Not part of `make test`; `make bench` runs it. ``--quick`` (2 epochs unless --epochs
+says, 30 timed passes, no torch.compile candidates) gives the same table in a few minutes.
 
 With ``--profile``, torch.profiler also runs on each CNN (fp32 and its int8 artifacts) at
 batch 1 and 64: self CPU time per operator and per kind of operator (conv, linear, pooling,
@@ -37,9 +42,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kd_lib.artifacts import SPEC_FILE  # noqa: E402
 from kd_lib.artifacts.dataset_dir import Splits  # noqa: E402
-from kd_lib.compress import quantization
-from kd_lib.config import DataConfig, LossTermConfig, TrainConfig  # noqa: E402
+from kd_lib.compress import onnx_runtime, quantization  # noqa: E402
+from kd_lib.config import ONNX_SCHEMES, DataConfig, LossTermConfig, TrainConfig  # noqa: E402
 from kd_lib.data import dataset as data_lib  # noqa: E402
+from kd_lib.data.normalization import denormalize  # noqa: E402
 from kd_lib.evaluate import metrics as evaluation
 from kd_lib.models.builders import build_model  # noqa: E402
 from kd_lib.train import loop as training  # noqa: E402
@@ -48,11 +54,51 @@ from kd_lib.train.losses import build_objective  # noqa: E402
 # Hinton KD, as the pipeline's default distill.losses.
 KD_LOSSES = [LossTermConfig(name="kd", weight=0.9, params={"temperature": 4.0}), LossTermConfig(name="ce", weight=0.1)]
 
+
+class _Block(nn.Module):
+    """A ResNet basic block: conv-BN-ReLU-conv-BN plus the shortcut, then ReLU. With ``stride`` 2
+    it halves the resolution, and the shortcut is a strided 1x1 conv + BN (the projection)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.shortcut(x) + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+def resnet(input_shape: tuple[int, ...], num_classes: int, width: int = 16) -> nn.Module:
+    """A small ResNet, the kind of student a user brings (``arch: bench.quantization:resnet``):
+    conv-BN-ReLU stem, a block at full resolution with ``width`` channels, two strided blocks
+    (2x and 4x ``width``, projection shortcuts), adaptive average pooling, Linear. torch.ao's
+    eager static int8 cannot quantize it (BatchNorm inside the blocks, the residual adds)."""
+    stem = [nn.Conv2d(input_shape[0], width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+    return nn.Sequential(
+        *stem,
+        _Block(width, width),
+        _Block(width, 2 * width, stride=2),
+        _Block(2 * width, 4 * width, stride=2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4 * width, num_classes),
+    )
+
+
 MODELS = {
     "teacher_cnn": ("cnn", {"channels": 16, "depth": 2, "hidden": 128}),
     "student_mlp": ("mlp", {"width": 128, "depth": 1}),
     "student_cnn": ("cnn", {"channels": 8, "depth": 2, "hidden": 32}),
     "wide_mlp": ("mlp", {"width": 1200, "depth": 2}),
+    # build_model resolves it by module path; load_model rebuilds it the same way.
+    "resnet": ("bench.quantization:resnet", {"width": 16}),
 }
 
 
@@ -69,7 +115,7 @@ def _train(args: argparse.Namespace, splits: Splits) -> dict[str, nn.Module]:
     ).model
     print(f"trained teacher_cnn in {time.perf_counter() - start:.0f}s", flush=True)
     models = {"teacher_cnn": teacher}
-    for name in ("student_mlp", "student_cnn", "wide_mlp"):
+    for name in ("student_mlp", "student_cnn", "wide_mlp", "resnet"):
         arch, params = MODELS[name]
         torch.manual_seed(0)
         start = time.perf_counter()
@@ -260,7 +306,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     print(_line(rows[-1]), flush=True)
                     if (scheme, backend) in PROFILED:
                         to_profile[f"{scheme}[{backend}]"] = loaded
-                    if backend.startswith("torchao"):
+                    if backend.startswith("torchao") and not args.quick:
                         compiled = _Callable(torch.compile(loaded))
                         rows.append(
                             row
@@ -268,6 +314,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             | _measure(compiled, x_test, y_test, x1, fp32_acc, args)
                         )
                         print(_line(rows[-1]), flush=True)
+            rows += _onnx_rows(model_name, fp32, spec, splits, calibration, fp32_acc, Path(tmp), args)
             if not args.no_pt2e:
                 row = {"model": model_name, "scheme": "static_int8", "backend": "pt2e.x86_inductor+compile(bench only)"}
                 try:
@@ -292,13 +339,52 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "load_average": os.getloadavg(),
         },
         "threads": args.threads,
-        "versions": quantization.get_quantizer("weight_only_int8", "torchao.Int8WeightOnlyConfig").versions(),
+        "versions": quantization.get_quantizer("weight_only_int8", "torchao.Int8WeightOnlyConfig").versions()
+        | onnx_runtime.versions(),
         "data": str(args.data),
         "test_samples": len(y_test),
         "seconds": time.perf_counter() - start,
         "rows": rows,
         "profiles": profiles,
     }
+
+
+def _onnx_rows(
+    model_name: str,
+    fp32: nn.Module,
+    spec: dict[str, Any],
+    splits: Splits,
+    calibration: list[torch.Tensor],
+    fp32_acc: float,
+    tmp: Path,
+    args: argparse.Namespace,
+) -> list[dict[str, Any]]:
+    """The ONNX Runtime artifacts of ``fp32``, built as the quantize step builds them (normalization
+    folded in, calibrated on the same batches in raw form) and measured on the raw test split."""
+    norm = splits.meta.normalization
+    raw_test = torch.from_numpy(denormalize(splits.x["test"], norm))
+    y_test = torch.from_numpy(splits.y["test"])
+    raw_calibration = [torch.from_numpy(denormalize(b.numpy(), norm)) for b in calibration]
+    rows = []
+    for scheme in ONNX_SCHEMES:
+        row: dict[str, Any] = {"model": model_name, "scheme": scheme, "backend": onnx_runtime.BACKEND}
+        directory = tmp / f"{model_name}-{scheme}"
+        try:
+            q_start = time.perf_counter()
+            onnx_runtime.build_onnx_artifact(
+                fp32, scheme, spec | {"quantization": "none", "normalization": norm}, raw_calibration, directory
+            )
+            row["quantize_s"] = time.perf_counter() - q_start
+            loaded, _ = quantization.load_model(directory)
+        except Exception as err:  # a failure is a result, not a crash
+            rows.append(row | {"error": f"{type(err).__name__}: {str(err)[:200]}"})
+            print(_line(rows[-1]), flush=True)
+            continue
+        row["bytes"] = evaluation.artifact_size_bytes(directory)
+        row["weights_bytes"] = evaluation.artifact_size_bytes(directory, exclude=(SPEC_FILE,))
+        rows.append(row | _measure(loaded, raw_test, y_test, raw_test[:1], fp32_acc, args))
+        print(_line(rows[-1]), flush=True)
+    return rows
 
 
 def _measure(model, x_test, y_test, x1, fp32_acc, args) -> dict[str, Any]:
@@ -321,20 +407,21 @@ def _cpu_name() -> str:
 
 def _line(r: dict[str, Any]) -> str:
     if "error" in r:
-        return f"{r['model']:<12} {r['scheme']:<16} {r['backend']:<48} FAILED {r['error'][:90]}"
+        return f"{r['model']:<12} {r['scheme']:<17} {r['backend']:<42} FAILED {r['error'][:90]}"
     size = f"{r['bytes'] / 1e3:>8.1f}" if "bytes" in r else f"{'-':>8}"
+    nan = float("nan")
     return (
-        f"{r['model']:<12} {r['scheme']:<16} {r['backend']:<48} {size} {r.get('ratio', float('nan')):>6.3f} "
-        f"{r.get('weights_ratio', float('nan')):>6.3f} "
+        f"{r['model']:<12} {r['scheme']:<17} {r['backend']:<42} {size} {r.get('ratio', nan):>6.3f} "
+        f"{r.get('weights_ratio', nan):>6.3f} {r.get('onnx_ratio', nan):>6.3f} "
         f"{r['accuracy'] * 100:>6.2f} {r['drop_points']:>6.2f} "
         f"{r['b1_p50_ms']:>7.3f} {r['b1_p95_ms']:>7.3f} {r['b64_p50_ms']:>8.3f} {r['b64_p95_ms']:>8.3f} "
-        f"{r.get('speedup_b64', float('nan')):>6.2f}"
+        f"{r.get('speedup_b1', nan):>6.2f} {r.get('speedup_b64', nan):>6.2f}"
     )
 
 
 HEADER = (
-    f"{'model':<12} {'scheme':<16} {'backend':<48} {'kB':>8} {'ratio':>6} {'w.rat':>6} {'acc%':>6} {'drop':>6} "
-    f"{'b1 p50':>7} {'b1 p95':>7} {'b64 p50':>8} {'b64 p95':>8} {'x b64':>6}"
+    f"{'model':<12} {'scheme':<17} {'backend':<42} {'kB':>8} {'ratio':>6} {'w.rat':>6} {'o.rat':>6} {'acc%':>6} "
+    f"{'drop':>6} {'b1 p50':>7} {'b1 p95':>7} {'b64 p50':>8} {'b64 p95':>8} {'x b1':>6} {'x b64':>6}"
 )
 
 
@@ -369,10 +456,13 @@ def _print_profile(model_name: str, per_model: dict[str, Any], rows: list[dict[s
 def _finish(result: dict[str, Any]) -> None:
     """Ratios to fp32 bytes and batch-64 speedups, per model."""
     base = {r["model"]: r for r in result["rows"] if r["scheme"] == "none" and "error" not in r}
+    onnx_base = {r["model"]: r for r in result["rows"] if r["scheme"] == "onnx_fp32" and "error" not in r}
     for r in result["rows"]:
         b = base.get(r["model"])
         if b is None or "error" in r:
             continue
+        if r["model"] in onnx_base and r["scheme"] in ONNX_SCHEMES:
+            r["onnx_ratio"] = r["weights_bytes"] / onnx_base[r["model"]]["weights_bytes"]
         if "bytes" in r:
             r["ratio"] = r["bytes"] / b["bytes"]
         if "weights_bytes" in r:
@@ -386,14 +476,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=Path("/work/shared/datasets/mnist5k.npz"))
     parser.add_argument("--out", type=Path, default=Path("bench/results/quantization.json"))
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads while timing")
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 8; 2 with --quick)")
     parser.add_argument("--iters", type=int, default=100, help="timed passes at batch 1 (half at batch 64)")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--no-pt2e", action="store_true", help="skip the PT2E + torch.compile candidate")
     parser.add_argument(
         "--profile", action="store_true", help="torch.profiler on each CNN's fp32 and int8 artifacts at batch 1 and 64"
     )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="2 training epochs (unless --epochs says), 30 timed passes (5 warm-up), no torch.compile "
+        "candidates (torchao + compile, PT2E)",
+    )
     args = parser.parse_args(argv)
+    if args.epochs is None:
+        args.epochs = 2 if args.quick else 8
+    if args.quick:
+        args.iters, args.warmup, args.no_pt2e = min(args.iters, 30), min(args.warmup, 5), True
     if not args.data.is_file():
         parser.error(f"--data {args.data}: no such file; pass the mnist5k .npz (x uint8 [N,1,28,28], y int64)")
     torch.set_num_threads(max(args.threads, 1))
@@ -406,8 +506,10 @@ def main(argv: list[str] | None = None) -> int:
         f"test split {result['test_samples']} samples; latency in ms"
     )
     print(
-        "ratio: artifact directory bytes / the fp32 artifact's (spec.json included: what the gate counts); "
-        "w.rat: the same for the weights file alone; x b64: batch-64 p50 speedup over fp32"
+        "ratio: artifact directory bytes / the torch fp32 artifact's (spec.json included: what the gate counts); "
+        "w.rat: the same for the weights file (model.onnx) alone; o.rat: model.onnx bytes / the onnx_fp32 "
+        "model.onnx's; x b1, x b64: p50 speedup over torch fp32 at batch 1 and 64; onnx* rows run in ONNX Runtime "
+        f"{onnx_runtime.versions()['onnxruntime']} (intra-op threads = the thread count above, 1 inter-op thread)"
     )
     print(HEADER)
     print("-" * len(HEADER))

@@ -74,6 +74,11 @@ THIRD_PARTY_ONLY_IN: dict[str, tuple[str, ...]] = {
     # kd_lib knows nothing of Kubeflow: the DAG, its components and the clients live above it.
     "kfp": ("components", "pipelines"),
     "kfp_server_api": ("components", "pipelines"),
+    # ONNX export, quantization and sessions live in compress (onnx_runtime, onnx_export); the
+    # MLflow model that serves an ONNX artifact is an adapter. The artifacts layer only stores bytes.
+    "onnx": ("kd_lib.compress", "kd_lib.adapters"),
+    "onnxruntime": ("kd_lib.compress", "kd_lib.adapters"),
+    "onnxscript": ("kd_lib.compress", "kd_lib.adapters"),
 }
 # Third-party packages some layers must not import at all (top-level name -> forbidden prefixes).
 THIRD_PARTY_NOT_IN: dict[str, tuple[str, ...]] = {

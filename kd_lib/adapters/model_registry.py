@@ -34,6 +34,7 @@ from mlflow.types.schema import Array, ColSpec, DataType, Schema, TensorSpec
 
 import kd_lib
 from kd_lib.artifacts import SPEC_FILE
+from kd_lib.artifacts.errors import ArtifactError
 from kd_lib.artifacts.model_dir import is_onnx, onnx_path, read_spec
 from kd_lib.data.normalization import normalize
 from kd_lib.errors import KdflowError
@@ -77,11 +78,13 @@ class KdflowPyfunc(PythonModel):
             # lazy: onnxruntime is needed only by a process that serves an ONNX model
             import onnxruntime
 
+            path = onnx_path(directory)
             options = onnxruntime.SessionOptions()
             options.log_severity_level = 3  # errors only: ORT's notes about its own graph choices are noise
-            self.session = onnxruntime.InferenceSession(
-                str(onnx_path(directory)), options, providers=["CPUExecutionProvider"]
-            )
+            try:
+                self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            except Exception as err:  # ORT raises its own pybind types (Fail, InvalidGraph, ...)
+                raise ArtifactError(f"{path}: not a loadable ONNX model ({type(err).__name__}: {err})") from None
             self._input_name = self.session.get_inputs()[0].name
             self.spec = spec
             return
@@ -201,7 +204,8 @@ def checked_input(model_input: Any, input_shape: Sequence[int] | None) -> np.nda
         listed = ", ".join(str(r) for r in rows[:10]) + (", ..." if len(rows) > 10 else "")
         nans = int(np.isnan(x).sum())
         raise _refuse(
-            f"{nans} NaN and {int(bad.sum()) - nans} inf value(s) in row(s) {listed}; every feature must be finite",
+            f"{nans} NaN/null and {int(bad.sum()) - nans} inf value(s) in row(s) {listed}; "
+            "every feature must be a finite number",
             input_shape,
         )
     return x

@@ -67,7 +67,7 @@ def quantize(
         source_dir = baseline_dir if promotion["source_role"] == "baseline" else student_dir
         assert source_dir is not None
         if promotion.get("reason"):
-            run.set_tags({"kdflow.promotion": promotion["reason"][:5000]}, on_parent=owns_parent(cfg))
+            _tag(run, cfg, {"kdflow.promotion": promotion["reason"][:5000]})
         student, spec = quantization.load_model(source_dir)
         x_val, y_val = tensors(splits, "val")
         fp32_val = accuracy(student, x_val, y_val)
@@ -150,7 +150,7 @@ def quantize(
                     }
                     | {f"candidate.{c.name}.latency_b{bs}_p50_ms": ms for bs, ms in c.latency_ms.items()}
                 )
-        run.set_tags({"kdflow.quantize_choice": scheme}, on_parent=owns_parent(cfg))
+        _tag(run, cfg, {"kdflow.quantize_choice": scheme})
         if final_spec["fp32_layers"]:
             run.set_tags({"kdflow.fp32_layers": ", ".join(final_spec["fp32_layers"])})
         saved = read_spec(quantized_dir)
@@ -190,6 +190,13 @@ def quantize(
             quantized, _ = quantization.load_model(quantized_dir)
             info["onnx"] = _export_onnx(student, quantized, saved, splits, calibration, onnx_dir, run)
         return info
+
+
+def _tag(run: StepRun, cfg: PipelineConfig, tags: dict[str, str]) -> None:
+    """Tag the step's run and, unless this is a sweep candidate's step, the parent run."""
+    run.set_tags(tags)
+    if owns_parent(cfg):
+        run.set_tags(tags, on_parent=True)
 
 
 def _class_names(meta: Any) -> list[str]:

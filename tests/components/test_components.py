@@ -61,6 +61,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> dict:
         dataset=out["dataset"],
         teacher=out["teacher"],
         student=out["student"],
+        baseline=out["baseline"],
         quantized=out["quantized"],
         onnx=out["onnx"],
     )

@@ -38,7 +38,7 @@ LOAD_CHAMPION = textwrap.dedent(
     x, y = load_source(cfg.source)
     _, _, test = stratified_split(y, cfg.val_fraction, cfg.test_fraction, cfg.seed)
     preds = model.predict(x[test])   # raw pixels: the pyfunc applies the stored normalization
-    json.dump([int(p) for p in preds], open(out, "w"))
+    json.dump([int(p) for p in preds["class_id"]], open(out, "w"))
     """
 )
 

@@ -180,7 +180,7 @@ def test_served_model_applies_per_channel_normalization(tmp_path: Path) -> None:
     with torch.no_grad():
         expected = model(torch.from_numpy(got.x["test"])).argmax(dim=1).numpy()
     context = PythonModelContext(artifacts={}, model_config={})  # predict reads nothing from it
-    np.testing.assert_array_equal(served.predict(context, raw), expected)
+    np.testing.assert_array_equal(served.predict(context, raw)["class_id"].to_numpy(), expected)
 
 
 def test_image_size_resizes_images_of_different_sizes(tmp_path: Path) -> None:

@@ -132,3 +132,45 @@ def test_champion_challenger_sequence(trained: dict, tmp_path: Path) -> None:
     versions = client.search_model_versions(f"name = '{name}'")
     assert len(versions) == 4
     assert all("validation_status" in v.tags and "kdflow.pipeline_run_id" in v.tags for v in versions)
+
+
+def test_a_version_that_does_not_serve_the_evaluated_predictions_is_broken_and_moves_no_alias(
+    trained: dict, tmp_path: Path
+) -> None:
+    cfg = trained["cfg"]
+    name = cfg.registry.model_name
+    client = MlflowClient(cfg.tracking.tracking_uri, cfg.tracking.tracking_uri)
+    action, good = _candidate(trained, "run-good", tmp_path)
+    assert action == "promote" and good is not None
+    verified = client.get_model_version(name, good["version"]).tags
+    assert verified["validation_status"] == "passed"
+    n = len(trained["evaluation"]["quantized"]["predictions"])
+    assert f"predicted all {n} expected class ids" in verified["kdflow.verification"]
+    champion = str(client.get_model_version_by_alias(name, "champion").version)
+
+    # What the evaluate step says the model predicts is not what the registered model serves
+    # (every class id shifted by one): the fresh-process check must catch it.
+    wrong = [(p + 1) % 10 for p in trained["evaluation"]["quantized"]["predictions"]]
+    with pytest.raises(StepError, match="did not serve what was evaluated") as err:
+        _candidate(trained, "run-broken", tmp_path, predictions=wrong)
+    assert "validation_status=broken" in err.value.cause
+    broken = [
+        v
+        for v in client.search_model_versions(f"name = '{name}'")
+        if v.tags.get("kdflow.pipeline_run_id") == "run-broken"
+    ]
+    assert len(broken) == 1 and broken[0].tags["validation_status"] == "broken"
+    assert f"{n} of {n} predicted class ids differ" in broken[0].tags["kdflow.verification"]
+    assert str(client.get_model_version_by_alias(name, "champion").version) == champion
+
+    # Running that pipeline run's register again refuses: the broken version stays broken.
+    with pytest.raises(StepError, match="is tagged validation_status=broken"):
+        register(
+            cfg,
+            "run-broken",
+            trained["dirs"]["dataset"],
+            trained["dirs"]["quantized"],
+            tmp_path / "run-broken.json",
+            tmp_path / "run-broken.decision.json",
+        )
+    assert str(client.get_model_version_by_alias(name, "champion").version) == champion

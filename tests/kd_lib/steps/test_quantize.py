@@ -5,6 +5,7 @@ onnxruntime, and the registered pyfunc loading without pickle."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from kd_lib.adapters.tracking import client_for
-from kd_lib.compress.quantization import QuantizationError, load_model
-from kd_lib.config import PipelineConfig
+from kd_lib.compress.quantization import QuantizationError, load_model, save_model
+from kd_lib.config import DEFAULT_CANDIDATES, PipelineConfig
 from kd_lib.evaluate import gates
 from kd_lib.steps.distill import distill
 from kd_lib.steps.evaluate import evaluate
@@ -119,31 +121,49 @@ def test_qat_fine_tunes_with_the_teacher(trained, tmp_path: Path) -> None:
     assert spec["validation"]["accuracy"] > 0.8
 
 
-def test_auto_keeps_the_first_scheme_within_the_drop_and_logs_every_try(trained, tmp_path: Path) -> None:
-    # dynamic_int8 cannot apply to the CNN's convolutions when fp32 layers are refused: the
-    # first try fails, the second (bf16) is within the drop.
-    cfg, info, out = _quantize(
-        trained, tmp_path, arch="cnn", scheme="auto", auto_order=["dynamic_int8", "bf16"], allow_fp32_layers=False
-    )
+def test_auto_measures_every_candidate_and_keeps_the_fastest_not_slower_than_torch_fp32(
+    trained, tmp_path: Path
+) -> None:
+    cfg, info, out = _quantize(trained, tmp_path, arch="cnn", scheme="auto", candidates=[*DEFAULT_CANDIDATES, "bf16"])
     spec = json.loads((out / "spec.json").read_text())
-    assert spec["quantization"] == "bf16" and info["auto_found"] is True
-    tries = spec["quantization_auto"]["tries"]
-    assert [t["scheme"] for t in tries] == ["dynamic_int8", "bf16"]
-    assert "Conv2d" in tries[0]["error"] and tries[1]["passed"] is True
+    auto = spec["quantization_auto"]
+    tries = {t["name"]: t for t in auto["tries"]}
+    assert list(tries) == [*DEFAULT_CANDIDATES, "bf16"]
+    assert auto["found"] is True and auto["select"] == "fastest" and auto["threads"] == cfg.evaluate.threads
+    chosen = [t for t in tries.values() if t["verdict"] == "chosen"]
+    assert len(chosen) == 1 and chosen[0]["name"] == spec["quantization"] == info["scheme"]
+    reference = tries["none"]["latency_ms"]
+    for bs, ms in chosen[0]["latency_ms"].items():
+        assert ms <= reference[bs], (bs, ms, reference[bs])
+    # Every qualifying candidate is slower (geometric mean) than the chosen one.
+    best = math.prod(chosen[0]["latency_ms"].values())
+    for t in tries.values():
+        if t["verdict"] == "qualifies":
+            assert math.prod(t["latency_ms"].values()) >= best
+    # The ONNX artifacts were built and measured as deployed (loaded back from their directory).
+    assert tries["onnx_fp32"]["backend"] == "onnxruntime" and tries["onnx_fp32"]["drop_points"] == 0.0
+    assert tries["onnx_static_int8"]["size_bytes"] < tries["onnx_fp32"]["size_bytes"]
+    assert spec["class_names"] == [str(i) for i in range(10)] and spec["source_role"] == "student"
     run = _step_run(cfg, f"run-{tmp_path.name}")
-    assert run["metrics"]["auto.dynamic_int8.passed"] == 0.0
-    assert run["metrics"]["auto.bf16.passed"] == 1.0
-    assert "auto.bf16.drop_points" in run["metrics"]
+    for name in tries:
+        assert f"candidate.{name}.latency_b64_p50_ms" in run["metrics"]
+    assert run["tags"]["kdflow.quantize_choice"] == spec["quantization"]
+    model, _ = load_model(out)  # what was chosen loads
 
 
-def test_auto_without_a_passing_scheme_keeps_fp32_and_fails_the_gate_with_the_reason(trained, tmp_path: Path) -> None:
+def test_auto_without_a_qualifying_candidate_keeps_fp32_and_fails_the_gate_with_the_reason(
+    trained, tmp_path: Path
+) -> None:
+    # dynamic_int8 cannot apply to the CNN's convolutions when fp32 layers are refused.
     cfg, info, out = _quantize(
-        trained, tmp_path, arch="cnn", scheme="auto", auto_order=["dynamic_int8"], allow_fp32_layers=False
+        trained, tmp_path, arch="cnn", scheme="auto", candidates=["dynamic_int8"], allow_fp32_layers=False
     )
     assert info["auto_found"] is False and info["scheme"] == "none"
     model, spec = load_model(out)  # a real model, not None
     assert spec["quantization_auto"]["found"] is False
-    assert "none of dynamic_int8" in spec["quantization_auto"]["reason"]
+    reason = spec["quantization_auto"]["reason"]
+    assert reason.startswith("no candidate qualified") and "dynamic_int8: not applicable" in reason
+    assert "Conv2d" in reason
 
     models = {"teacher": trained["teacher"], "student": trained["cnn"], "quantized": out}
     cfg.evaluate.latency_iters = 1
@@ -154,10 +174,60 @@ def test_auto_without_a_passing_scheme_keeps_fp32_and_fails_the_gate_with_the_re
     assert not decision.passed and action == "reject"
     failed = {c.name: c for c in decision.failed()}
     assert "quantization_auto_found" in failed
-    assert "none of dynamic_int8" in failed["quantization_auto_found"].detail
-    assert "quantization_auto_found: quantize.scheme auto: none of" in decision.table()
+    assert failed["quantization_auto_found"].detail == reason
+    assert "quantization_auto_found: no candidate qualified" in decision.table()
     again = gates.GateDecision.from_dict(json.loads((tmp_path / "decision.json").read_text()))
     assert again.failed()[-1].detail == failed["quantization_auto_found"].detail
+
+
+@pytest.fixture(scope="module")
+def untrained_student(trained) -> Path:
+    """The MLP student with fresh random weights: a "KD student" its baseline beats significantly."""
+    model, spec = load_model(trained["mlp"])
+    torch.manual_seed(0)
+    for module in model.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    return save_model(model, spec, trained["root"] / "untrained_mlp")
+
+
+@pytest.mark.parametrize("promote", ["better", "kd"])
+def test_a_significantly_better_baseline_goes_on_or_fails_the_gate(
+    trained, untrained_student: Path, tmp_path: Path, promote: str
+) -> None:
+    cfg = _cfg(trained["root"], distill={"baseline": True, "promote": promote})
+    run_id = f"run-{tmp_path.name}"
+    out = tmp_path / "quantized"
+    info = quantize_step(
+        cfg, run_id, trained["dataset"], untrained_student, out, trained["teacher"], baseline_dir=trained["mlp"]
+    )
+    spec = json.loads((out / "spec.json").read_text())
+    promotion = spec["promotion"]
+    assert promotion["kd_significantly_worse"] is True and promotion["p_value"] < 0.05
+    assert promotion["kd_gain_points"] < -30
+    expected_role = "baseline" if promote == "better" else "student"
+    assert info["source_role"] == spec["source_role"] == expected_role
+    assert f"distill.promote: {promote}" in promotion["reason"]
+
+    models = {
+        "teacher": trained["teacher"],
+        "student": untrained_student,
+        "baseline": trained["mlp"],
+        "quantized": out,
+    }
+    cfg.evaluate.latency_iters = 1
+    evaluate(cfg, run_id, trained["dataset"], models, tmp_path / "evaluation.json")
+    decision, action = gate(cfg, run_id, trained["dataset"], tmp_path / "evaluation.json", tmp_path / "decision.json")
+    check = {c.name: c for c in decision.checks}["kd_not_worse"]
+    # The quantization drop is measured against the model that went on.
+    drop = {c.name: c for c in decision.checks}["max_quantization_drop"]
+    if promote == "better":
+        assert check.passed and decision.passed and action == "promote"
+        assert drop.value < 2.0
+    else:
+        assert not check.passed and action == "reject"
+        assert "distill.promote: kd keeps the KD student" in check.detail
+    assert _step_run(cfg, run_id)["tags"]["kdflow.promotion"] == promotion["reason"]
 
 
 def test_onnx_export_is_checked_with_onnxruntime_on_the_test_split(trained, tmp_path: Path) -> None:
@@ -188,7 +258,7 @@ LOAD_PYFUNC = textwrap.dedent(
     x = np.load(sys.argv[2])
     out = {}
     for scheme, uri in json.loads(sys.argv[1]).items():
-        out[scheme] = mlflow.pyfunc.load_model(uri).predict(x).tolist()
+        out[scheme] = mlflow.pyfunc.load_model(uri).predict(x)["class_id"].tolist()
     print(json.dumps(out))
     """
 )
@@ -216,7 +286,7 @@ def test_pyfunc_of_each_kind_of_artifact_loads_without_pickle(trained, tmp_path:
             wrapper = KdflowPyfunc()
             context = PythonModelContext(artifacts={"model": str(out)}, model_config={})
             wrapper.load_context(context)
-            expected[scheme] = wrapper.predict(context, x).tolist()
+            expected[scheme] = wrapper.predict(context, x)["class_id"].tolist()
     finally:
         mlflow.set_tracking_uri(previous_uri)
     env = os.environ | {
