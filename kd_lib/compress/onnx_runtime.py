@@ -11,8 +11,8 @@ metadata (``kdflow.normalization``), which is where ``save_onnx_model`` reads th
 
 Schemes (``kd_lib.config.compress.ONNX_SCHEMES``):
 
-- ``onnx_fp32``: the export as it is. ONNX Runtime fuses Conv + BatchNorm (+ ReLU) and
-  Gemm + activation when it builds its session.
+- ``onnx_fp32``: the export as it is. The exporter folds eval-mode BatchNorm into the
+  convolutions; ONNX Runtime fuses Conv + ReLU and Gemm + activation when it builds its session.
 - ``onnx_static_int8``: ORT's ``quantize_static``: QDQ format, int8 weights per output
   channel, uint8 activations with MinMax scales from calibration batches (raw inputs, as
   the graph takes them). BatchNorm is already folded into the convolutions by the exporter;
@@ -21,10 +21,11 @@ Schemes (``kd_lib.config.compress.ONNX_SCHEMES``):
   per batch at run time, on MatMul/Gemm nodes only (like torch's ``dynamic_int8``, Linear
   only: ORT's ConvInteger is several times slower than its fp32 Conv on CPU).
 
-Measured choices (1 thread, this repository's 2-core Xeon with AVX512-VNNI, random weights,
-p50 ms; ``/tmp`` prototype, numbers in the quantize_onnx_file comments): uint8 activations
-beat int8 ones for convolutions (ResNet batch 64: 5.8 vs 14.5 ms) and tie for the wide MLP;
-``quant_pre_process`` changed no latency beyond noise.
+The choices were measured (p50, 1 thread, a 2-core Xeon with AVX512-VNNI, random weights,
+28x28 inputs): uint8 activations beat int8 ones for convolutions (a width-16 ResNet at batch
+64: 5.8 vs 14.5 ms) and tie for the wide 784-1200-1200-10 MLP (0.39 vs 0.41 ms);
+``quant_pre_process`` changed no latency beyond noise. ``bench/quantization.py`` puts these
+artifacts beside every torch scheme on trained mnist5k models.
 
 ``OrtModule`` runs such a file as an ``nn.Module`` (eval-mode, no parameters, CPU), so the
 evaluation and latency code treat it like any torch model; its ONNX Runtime session uses as
@@ -40,6 +41,7 @@ import re
 import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -86,10 +88,8 @@ __all__ = [
 
 def versions() -> dict[str, str]:
     """The libraries that made an ONNX artifact: ONNX Runtime (runs and quantizes it), onnx and
-    onnxscript (the exporter's graph libraries) and torch (the exporter)."""
-    # lazy: onnxscript costs ~0.5 s to import; only its version is read here.
-    from importlib import metadata
-
+    onnxscript (the exporter's graph libraries) and torch (the exporter). onnxscript's version is
+    read from its metadata: importing it costs ~0.5 s."""
     return {
         "onnxruntime": ort.__version__,
         "onnx": onnx.__version__,

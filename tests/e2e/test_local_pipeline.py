@@ -15,7 +15,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from kd_lib.config import PipelineConfig
+from kd_lib.config import DEFAULT_CANDIDATES, PipelineConfig
 from kd_lib.data.dataset import DataError
 from pipelines.local import LocalRunResult, run_local
 from tests.helpers import tiny_config
@@ -116,12 +116,23 @@ def _assert_evaluate_outputs(result: LocalRunResult) -> None:
 def test_pass_then_fail_then_distill_from_the_champion_on_a_fresh_sqlite_store(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cfg = tiny_config(tmp_path)
+    # scheme auto (the default): the deployment candidates are built, measured and chosen.
+    cfg = tiny_config(tmp_path, quantize={"scheme": "auto"})
     uri = cfg.tracking.tracking_uri
     assert uri is not None  # tiny_config points tracking at a sqlite store under tmp_path
     first = _run(cfg, tmp_path, monkeypatch)
     version = _assert_registered_champion(first, cfg, uri, tmp_path)
     assert first.report_path is not None and "PROMOTED" in first.report_path.read_text()
+    quantized = first.summary["evaluation"]["quantized"]
+    assert [c["name"] for c in quantized["candidates"]] == list(DEFAULT_CANDIDATES)
+    chosen = [c for c in quantized["candidates"] if c["verdict"] == "chosen"]
+    assert len(chosen) == 1 and chosen[0]["name"] == quantized["quantization"]
+    champion_tags = (
+        MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version(cfg.registry.model_name, version).tags
+    )
+    assert champion_tags["kdflow.quantization"] == chosen[0]["name"]
+    assert champion_tags["kdflow.selection"].startswith(f"chose {chosen[0]['name']}")
+    assert "Deployment candidates" in first.report_path.read_text()
 
     # Thresholds no student can meet: the run succeeds, the gate fails, nothing changes.
     strict = cfg.model_copy(deep=True)

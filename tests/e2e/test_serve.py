@@ -201,7 +201,11 @@ def test_bad_input_gets_400_naming_the_problem(served: Served, case: str, body: 
 def test_verify_passes_registry_credentials_to_its_fresh_process(
     auth_mlflow_server: MlflowServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """verify_version's child reads a basic-auth registry with the caller's MLFLOW_TRACKING_USERNAME/PASSWORD."""
+    """verify_version's child reads a basic-auth registry with the caller's MLFLOW_TRACKING_USERNAME/PASSWORD.
+
+    Slow (about 40 s here): the server checks the password on every request, and logging and
+    downloading a model are one request per file (the model ships kd_lib's ~80 source files).
+    """
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN[0])
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN[1])
     registered = register_models(tmp_path, "auth-served", auth_mlflow_server.url, kinds=("onnx",))

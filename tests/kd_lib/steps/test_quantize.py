@@ -186,7 +186,7 @@ def untrained_student(trained) -> Path:
     model, spec = load_model(trained["mlp"])
     torch.manual_seed(0)
     for module in model.modules():
-        if hasattr(module, "reset_parameters"):
+        if isinstance(module, torch.nn.Linear):
             module.reset_parameters()
     return save_model(model, spec, trained["root"] / "untrained_mlp")
 
