@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from kd_lib.config import PipelineConfig, parse_config
 
@@ -72,3 +73,44 @@ def experiment_id(client: MlflowClient, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     assert experiment is not None, f"no MLflow experiment {name!r}"
     return experiment.experiment_id
+
+
+class _Residual(nn.Module):
+    """conv-BN-ReLU-conv-BN added to the input (or to its strided 1x1 projection), then ReLU."""
+
+    def __init__(self, channels_in: int, channels_out: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels_in, channels_out, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(channels_out),
+            nn.ReLU(),
+            nn.Conv2d(channels_out, channels_out, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels_out),
+        )
+        same = stride == 1 and channels_in == channels_out
+        self.skip: nn.Module = (
+            nn.Identity()
+            if same
+            else nn.Sequential(
+                nn.Conv2d(channels_in, channels_out, 1, stride=stride, bias=False), nn.BatchNorm2d(channels_out)
+            )
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.skip(x))
+
+
+def user_resnet(input_shape: tuple[int, ...], num_classes: int, width: int = 8) -> nn.Module:
+    """A user's own small ResNet (``arch: tests.helpers:user_resnet``): BatchNorm inside residual
+    blocks, a strided block with a projection shortcut, adaptive pooling; what torch.ao's eager
+    static int8 cannot quantize."""
+    return nn.Sequential(
+        nn.Conv2d(input_shape[0], width, 3, padding=1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        _Residual(width, width, 1),
+        _Residual(width, 2 * width, 2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(2 * width, num_classes),
+    )

@@ -35,7 +35,7 @@ from typing import Any
 
 from pydantic import ConfigDict, Field, ValidationError
 
-from kd_lib.artifacts.base import Int, Number, Record, Str, describe, read_json, validate
+from kd_lib.artifacts.base import Bool, Int, Number, Record, Str, describe, read_json, validate
 from kd_lib.artifacts.errors import ArtifactError
 
 WEIGHTS_FILE = "weights.bin"
@@ -47,6 +47,12 @@ ONNX_FILE = "model.onnx"
 # spec.json's ``format`` of an ONNX artifact, and the ``backend`` that runs it.
 ONNX_FORMAT = "onnx"
 ONNX_BACKEND = "onnxruntime"
+# How the quantize step chose this artifact: every candidate it measured, with latencies. Beside
+# the spec, not in it, and not part of the model's size: measurements differ run to run, and two
+# runs of the same recipe must ship byte-identical models of one size.
+SELECTION_FILE = "selection.json"
+# Files of a model directory that describe how it was made rather than the model itself.
+PROVENANCE_FILES = (SELECTION_FILE,)
 REQUIRED_SPEC_KEYS = ("arch", "params", "input_shape", "num_classes", "quantization")
 _LAYOUT = f"a saved model directory holds {SPEC_FILE} and {WEIGHTS_FILE} (or, an ONNX artifact, {ONNX_FILE})"
 
@@ -73,8 +79,8 @@ class ModelSpec(Record):
         fp32_layers: Layers the scheme left in fp32 (``"name (Type)"``).
         validation: ``fp32_accuracy`` and, after quantizing, ``accuracy`` and ``drop_points``.
         calibration: ``batches`` and ``batch_size`` of static / QAT calibration.
-        quantization_auto: What ``quantize.scheme: auto`` tried and chose
-            (``found``, ``chosen``, ``reason``, ``tries``).
+        quantization_auto: What the quantize step chose (``found``, ``chosen``, ``select``);
+            its measurements of every candidate are in ``selection.json`` beside the spec.
         format: ``onnx`` for an ONNX Runtime artifact (``model.onnx``); absent for torch weights.
         folded_normalization: The normalization an ONNX artifact's graph applies itself (its
             ``normalization`` is then the identity: it takes raw inputs).
@@ -101,6 +107,52 @@ class ModelSpec(Record):
     quantization_auto: dict[str, Any] | None = None
     format: Str | None = None
     folded_normalization: dict[str, Number | list[Number]] | None = None
+
+
+class SelectionRecord(Record):
+    """``selection.json``: what ``quantize.scheme: auto`` (or one named scheme) measured and chose.
+
+    Attributes:
+        select: ``fastest``, ``smallest``, or ``named`` (one scheme asked for).
+        found: Whether a candidate qualified (else the torch fp32 model was kept).
+        chosen: The chosen candidate's name, or None.
+        reason: One sentence: what was chosen and why, or why nothing qualified.
+        threads: CPU threads latencies were measured with.
+        fp32_val_accuracy: The fp32 model's validation accuracy, the base of every drop.
+        candidates: Each candidate's measurements and verdict (``kd_lib.evaluate.candidates``).
+        reference: The torch fp32 measurements the candidates were compared with.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    select: Str
+    found: Bool
+    chosen: Str | None = None
+    reason: Str = ""
+    threads: Int | None = None
+    fp32_val_accuracy: Number | None = None
+    candidates: list[dict[str, Any]] = Field(default_factory=list)
+    reference: dict[str, Any] | None = None
+
+
+def write_selection(directory: str | Path, record: SelectionRecord | Mapping[str, Any]) -> Path:
+    """Write ``selection.json`` into a model directory (validated first)."""
+    data = record if isinstance(record, SelectionRecord) else validate(SelectionRecord, dict(record), SELECTION_FILE)
+    path = Path(directory) / SELECTION_FILE
+    path.write_text(json.dumps(data.to_dict(), indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def read_selection(directory: str | Path) -> SelectionRecord | None:
+    """``selection.json`` of a model directory, or None when it has none (not a quantize output).
+
+    Raises:
+        ArtifactError: the file exists but is not a valid record (naming the file and field).
+    """
+    path = Path(directory) / SELECTION_FILE
+    if not path.is_file():
+        return None
+    return validate(SelectionRecord, read_json(path), path)
 
 
 def missing_spec_keys(spec: Mapping[str, Any]) -> list[str]:

@@ -8,7 +8,9 @@ bytes on disk, p50 latency at every ``evaluate.batch_sizes``) and hands the meas
 Rules:
 
 - A candidate qualifies when it was built (a scheme that does not apply is recorded, not
-  chosen) and its validation accuracy is at most ``max_drop`` points below the fp32 student's.
+  chosen), its validation accuracy is at most ``max_drop`` points below the fp32 student's, and
+  it is no larger than the gate's size checks allow (``max_bytes``): the choice is the best
+  artifact that can pass the gate, not one the gate must then refuse.
 - ``fastest``: among the qualifying, only those no slower than the torch fp32 reference at any
   measured batch size (an int8 artifact slower than fp32 is never the fastest choice); the one
   with the lowest geometric mean of its latencies over the batch sizes wins.
@@ -134,6 +136,8 @@ def select(
     policy: Literal["fastest", "smallest"],
     max_drop: float,
     reference: Candidate | None = None,
+    max_bytes: float | None = None,
+    size_rule: str = "the size limit",
 ) -> Selection:
     """Choose the deployment artifact.
 
@@ -144,6 +148,9 @@ def select(
         reference: Torch fp32 measurements; defaults to the candidate named ``none`` when
             there is one. Without a reference the ``fastest`` rule has nothing to compare with
             and skips the not-slower check.
+        max_bytes: The largest artifact the gate accepts (its size checks); larger candidates
+            do not qualify. None: no limit.
+        size_rule: Which setting ``max_bytes`` comes from, for the verdict.
 
     Returns:
         The selection; ``chosen`` None when no candidate qualified (``reason`` says why).
@@ -162,6 +169,9 @@ def select(
         assert c.drop_points is not None
         if round(c.drop_points, 9) > max_drop:
             judged.append(replace(c, verdict=f"accuracy drop {c.drop_points:.2f} > {max_drop:g} points"))
+            continue
+        if max_bytes is not None and (c.size_bytes or 0) > max_bytes:
+            judged.append(replace(c, verdict=f"{c.size_bytes} bytes > {max_bytes:.0f} allowed by {size_rule}"))
             continue
         slower = _slower_than(c, reference) if policy == "fastest" and reference is not None else []
         if slower and c.name != reference.name:  # type: ignore[union-attr]

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from kd_lib.artifacts import SPEC_FILE
+from kd_lib.artifacts.model_dir import PROVENANCE_FILES
 from kd_lib.train.inference import compute_logits
 
 
@@ -162,14 +163,17 @@ def artifact_size_bytes(directory: str | Path, exclude: Sequence[str] = ()) -> i
 
     Returns:
         Bytes. With nothing excluded this is ``size_bytes``, what the gate's size checks use:
-        the weights file plus ``spec.json``, whose few hundred bytes of provenance (validation
-        numbers, calibration, ``auto`` tries) are counted too, so a ratio to an fp32 artifact
-        is slightly pessimistic for the smaller model.
+        the weights file (or ``model.onnx``) plus ``spec.json``, whose few hundred bytes of
+        provenance (validation numbers, calibration) are counted too, so a ratio to an fp32
+        artifact is slightly pessimistic for the smaller model. ``selection.json`` (the quantize
+        step's measurements of every candidate) is a record of how the model was chosen, not
+        part of it, and is never counted.
     """
     root = Path(directory)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: not a directory; expected a saved model directory")
-    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and p.name not in exclude)
+    skip = {*exclude, *PROVENANCE_FILES}
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and p.name not in skip)
 
 
 def evaluate_model(

@@ -44,7 +44,8 @@ def build(
     directory: Path,
     backend: str | None = None,
 ) -> Path:
-    """Build candidate ``name`` from the fp32 ``student`` into ``directory``.
+    """Build candidate ``name`` from the fp32 ``student`` into ``directory``, with ``spec`` plus
+    what the scheme adds (scheme, backend, versions, the layers left in fp32, calibration).
 
     Raises:
         QuantizationError: a torch scheme does not apply to this model.
@@ -58,7 +59,14 @@ def build(
         ]
         return onnx_runtime.build_onnx_artifact(student, name, spec, calibration_raw, directory)
     model = quantization.quantize(student, name, context, backend)
-    return quantization.save_model(model, spec | {"quantization": name, "backend": backend}, directory)
+    extra: dict[str, Any] = {
+        "quantization": name,
+        "backend": backend,
+        "fp32_layers": quantization.fp32_layers(student, name, backend),
+    }
+    if name in ("static_int8", "qat_int8"):
+        extra["calibration"] = {"batches": len(context.calibration), "batch_size": len(context.calibration[0])}
+    return quantization.save_model(model, spec | extra, directory)
 
 
 def measure(

@@ -12,6 +12,7 @@ from kd_lib import report
 from kd_lib.adapters.tracking import step_run
 from kd_lib.artifacts import has_model, read_evaluation, read_history, write_evaluation
 from kd_lib.artifacts.dataset_dir import DatasetMeta, load_splits, read_meta
+from kd_lib.artifacts.model_dir import SelectionRecord, read_selection
 from kd_lib.compress import quantization
 from kd_lib.config import PipelineConfig
 from kd_lib.evaluate import metrics as evaluation
@@ -69,7 +70,7 @@ def evaluate(
             results[role]["quantization"] = spec.get("quantization", "none")
             results[role]["backend"] = spec.get("backend", "none")
             results[role]["latency_threads"] = cfg.evaluate.threads
-            results[role] |= _deployment_fields(spec)
+            results[role] |= _deployment_fields(spec, read_selection(model_dirs[role]))
             scalars = {
                 k: v for k, v in results[role].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
             }
@@ -100,15 +101,16 @@ def evaluate(
         return results
 
 
-def _deployment_fields(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """What the quantize step recorded in a quantized model's spec: the candidates it measured,
-    the choice and why, and which fp32 model went on (KD student or baseline) and why."""
+def _deployment_fields(spec: Mapping[str, Any], selection: SelectionRecord | None) -> dict[str, Any]:
+    """What the quantize step recorded about a quantized model: the candidates it measured, the
+    choice and why (``selection.json``), and which fp32 model went on (KD student or baseline)
+    and why (the spec's ``promotion``)."""
     fields: dict[str, Any] = {}
-    auto = spec.get("quantization_auto")
-    if isinstance(auto, dict):
-        fields["quantization_auto_found"] = bool(auto.get("found"))
-        fields["quantization_auto_reason"] = str(auto.get("reason", ""))
-        fields["candidates"] = list(auto.get("tries") or [])
+    if selection is not None:
+        fields["candidates"] = list(selection.candidates)
+        if selection.select != "named":  # one scheme asked for: nothing was chosen, nothing to check
+            fields["quantization_auto_found"] = selection.found
+            fields["quantization_auto_reason"] = selection.reason
     promotion = spec.get("promotion")
     if isinstance(promotion, dict):
         fields["source_role"] = str(promotion.get("source_role", "student"))

@@ -19,9 +19,9 @@ import torch
 from kd_lib.adapters.tracking import StepRun, step_run
 from kd_lib.artifacts import ModelSpec, has_model, read_spec
 from kd_lib.artifacts.dataset_dir import Splits, load_splits
-from kd_lib.artifacts.model_dir import SPEC_FILE
+from kd_lib.artifacts.model_dir import SelectionRecord, write_selection
 from kd_lib.compress import quantization
-from kd_lib.config import ONNX_SCHEMES, PipelineConfig
+from kd_lib.config import PipelineConfig
 from kd_lib.evaluate import candidates as selection
 from kd_lib.evaluate import metrics as evaluation
 from kd_lib.steps import candidates
@@ -49,10 +49,10 @@ def quantize(
     accurate (``promotion`` in the spec says which and why). ``static_int8`` and
     ``onnx_static_int8`` calibrate on training batches; ``qat_int8`` fine-tunes with the KD loss
     against the teacher in ``teacher_dir``. Every candidate is saved, loaded back and measured
-    (validation accuracy, bytes, p50 latency at each ``evaluate.batch_sizes``); the measurements
-    and the choice are logged and written to the spec (``quantization_auto``). When no candidate
-    qualifies, the torch fp32 model is saved with ``quantization_auto.found = false``, which
-    fails the gate with that reason. With ``quantize.export_onnx`` the fp32 student and an ONNX
+    (validation accuracy, bytes, p50 latency at each ``evaluate.batch_sizes``); only candidates
+    within the gate's accuracy and size bars qualify. The measurements and the choice are logged
+    and written beside the spec (``selection.json``). When no candidate qualifies, the torch fp32
+    model is saved with ``found: false`` there, which fails the gate with that reason. With ``quantize.export_onnx`` the fp32 student and an ONNX
     Runtime counterpart of a torch scheme also go to ``onnx_dir``.
 
     Returns:
@@ -82,13 +82,22 @@ def quantize(
         names = list(qcfg.candidates) if auto else [qcfg.scheme]
         # Torch fp32 is always measured: the reference no artifact may be slower than.
         measured = names if selection.REFERENCE in names else [selection.REFERENCE, *names]
+        # Every candidate is saved with the spec it ships with, so the bytes measured are the
+        # bytes registered; what varies run to run (measurements) goes to selection.json.
+        shipped = spec | {
+            "role": "quantized_student",
+            "mlflow_run_id": run.run_id,
+            "source_role": promotion["source_role"],
+            "promotion": promotion,
+            "class_names": _class_names(meta),
+        }
         with tempfile.TemporaryDirectory(prefix="kdflow-candidates-") as tmp:
             built: dict[str, Path] = {}
             errors: dict[str, str] = {}
             for name in measured:
                 try:
                     built[name] = candidates.build(
-                        name, student, spec, meta, context, Path(tmp) / name, None if auto else qcfg.backend
+                        name, student, shipped, meta, context, Path(tmp) / name, None if auto else qcfg.backend
                     )
                 except quantization.QuantizationError as err:
                     if not auto:
@@ -98,7 +107,10 @@ def quantize(
             reference = rows[measured.index(selection.REFERENCE)]
             listed = [r for r in rows if r.name in names]
             if auto:
-                chosen_set = selection.select(listed, qcfg.select, cfg.gate.max_quantization_drop, reference)
+                max_bytes, size_rule = _size_limit(cfg, teacher_dir)
+                chosen_set = selection.select(
+                    listed, qcfg.select, cfg.gate.max_quantization_drop, reference, max_bytes, size_rule
+                )
             else:
                 chosen_set = selection.Selection(
                     chosen=names[0],
@@ -108,35 +120,18 @@ def quantize(
                 )
             scheme = chosen_set.chosen or selection.REFERENCE
             chosen_row = next(r for r in rows if r.name == scheme)
-            final_spec = read_spec(built[scheme]).to_dict() | {
-                "role": "quantized_student",
-                "mlflow_run_id": run.run_id,
-                "source_role": promotion["source_role"],
-                "promotion": promotion,
-                "class_names": _class_names(meta),
-                "fp32_layers": (
-                    []
-                    if scheme in ONNX_SCHEMES
-                    else quantization.fp32_layers(student, scheme, qcfg.backend if not auto else None)
-                ),
-                "validation": {
-                    "fp32_accuracy": fp32_val,
-                    "accuracy": chosen_row.val_accuracy,
-                    "drop_points": chosen_row.drop_points,
-                },
-                "quantization_auto": {
-                    "found": chosen_set.found,
-                    "chosen": chosen_set.chosen,
-                    "select": qcfg.select if auto else "named",
-                    "reason": chosen_set.reason,
-                    "threads": cfg.evaluate.threads,
-                    "tries": [c.to_dict() for c in chosen_set.candidates],
-                    "reference": reference.to_dict(),
-                },
-            }
-            if scheme in ("static_int8", "qat_int8", "onnx_static_int8"):
-                final_spec["calibration"] = {"batches": len(calibration), "batch_size": qcfg.calibration_batch_size}
-            _copy_model_dir(built[scheme], final_spec, quantized_dir)
+            selection_record = SelectionRecord(
+                select=qcfg.select if auto else "named",
+                found=chosen_set.found,
+                chosen=chosen_set.chosen,
+                reason=chosen_set.reason,
+                threads=cfg.evaluate.threads,
+                fp32_val_accuracy=fp32_val,
+                candidates=[c.to_dict() for c in chosen_set.candidates],
+                reference=reference.to_dict(),
+            )
+            shutil.copytree(built[scheme], quantized_dir, dirs_exist_ok=True)
+            write_selection(quantized_dir, selection_record)
 
         run.log_text(chosen_set.table() + f"\n\n{chosen_set.reason}\n", "candidates.txt")
         run.log_dict([c.to_dict() for c in chosen_set.candidates], "candidates.json")
@@ -151,9 +146,9 @@ def quantize(
                     | {f"candidate.{c.name}.latency_b{bs}_p50_ms": ms for bs, ms in c.latency_ms.items()}
                 )
         _tag(run, cfg, {"kdflow.quantize_choice": scheme})
-        if final_spec["fp32_layers"]:
-            run.set_tags({"kdflow.fp32_layers": ", ".join(final_spec["fp32_layers"])})
         saved = read_spec(quantized_dir)
+        if saved.fp32_layers:
+            run.set_tags({"kdflow.fp32_layers": ", ".join(saved.fp32_layers)})
 
         info: dict[str, Any] = {
             "scheme": scheme,
@@ -199,21 +194,25 @@ def _tag(run: StepRun, cfg: PipelineConfig, tags: dict[str, str]) -> None:
         run.set_tags(tags, on_parent=True)
 
 
+def _size_limit(cfg: PipelineConfig, teacher_dir: str | Path | None) -> tuple[float | None, str]:
+    """The largest artifact the gate's size checks accept: ``max_size_mb`` and, against the
+    teacher's bytes, ``min_compression_ratio``; the tighter one, and a phrase naming it."""
+    limits = [(cfg.gate.max_size_mb * 1e6, f"gate.max_size_mb {cfg.gate.max_size_mb:g}")]
+    if has_model(teacher_dir):
+        assert teacher_dir is not None
+        teacher_bytes = evaluation.artifact_size_bytes(teacher_dir)
+        limits.append(
+            (
+                teacher_bytes / cfg.gate.min_compression_ratio,
+                f"gate.min_compression_ratio {cfg.gate.min_compression_ratio:g} of the teacher's {teacher_bytes} bytes",
+            )
+        )
+    return min(limits)
+
+
 def _class_names(meta: Any) -> list[str]:
     names = meta.class_names
     return [str(n) for n in names] if names else [str(i) for i in range(meta.num_classes)]
-
-
-def _copy_model_dir(source: Path, spec: dict[str, Any], destination: str | Path) -> Path:
-    """The chosen candidate's files into ``destination``, its spec replaced by ``spec`` (validated)."""
-    ModelSpec.model_validate(spec)
-    out = Path(destination)
-    out.mkdir(parents=True, exist_ok=True)
-    for item in source.iterdir():
-        if item.is_file() and item.name != SPEC_FILE:
-            shutil.copy2(item, out / item.name)
-    (out / SPEC_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
-    return out
 
 
 def _promotion(

@@ -98,3 +98,11 @@ def test_to_dict_is_json_ready():
         "size_bytes": 19_000,
         "latency_ms": {"1": 0.013, "64": 0.45},
     }
+
+
+def test_a_candidate_larger_than_the_gate_allows_does_not_qualify():
+    chosen = select(
+        [FP32, ORT_FP32, ORT_STATIC], "fastest", max_drop=1.0, max_bytes=10_000, size_rule="gate.max_size_mb 0.01"
+    )
+    assert chosen.chosen == "onnx_static_int8"
+    assert chosen.candidates[1].verdict == "19000 bytes > 10000 allowed by gate.max_size_mb 0.01"
