@@ -52,8 +52,9 @@ def quantize(
     (validation accuracy, bytes, p50 latency at each ``evaluate.batch_sizes``); only candidates
     within the gate's accuracy and size bars qualify. The measurements and the choice are logged
     and written beside the spec (``selection.json``). When no candidate qualifies, the torch fp32
-    model is saved with ``found: false`` there, which fails the gate with that reason. With ``quantize.export_onnx`` the fp32 student and an ONNX
-    Runtime counterpart of a torch scheme also go to ``onnx_dir``.
+    model is saved with ``found: false`` there, which fails the gate with that reason. With
+    ``quantize.export_onnx`` the fp32 student and an ONNX Runtime counterpart of a torch scheme
+    also go to ``onnx_dir``.
 
     Returns:
         ``scheme``, ``backend``, ``fp32_bytes``, ``quantized_bytes``, ``fp32_val_accuracy``,
