@@ -209,13 +209,25 @@ def save_model(model: nn.Module, spec: Mapping[str, Any] | ModelSpec, directory:
         The directory.
 
     Raises:
-        ValueError: a required spec key is missing, the spec is not JSON-able, or the state
-            dict holds something the weights file cannot store exactly (named).
+        ValueError: a required spec key is missing, the spec is not JSON-able, the state
+            dict holds something the weights file cannot store exactly (named), or the spec
+            is an ONNX artifact's and the model is not an ``OrtModule``.
         UnknownNameError: ``spec["quantization"]`` is not a registered scheme.
         QuantizationError: ``spec["backend"]`` is not a backend of that scheme.
     """
     data = spec.to_dict() if isinstance(spec, ModelSpec) else dict(spec)
     model_dir.require_spec_keys(data)
+    if model_dir.is_onnx(data):
+        # An ONNX Runtime artifact loaded with load_model (an imported teacher, a champion):
+        # written back as it came, its graph and spec (backend and versions) unchanged.
+        # lazy: onnxruntime loads only for ONNX artifacts
+        from kd_lib.compress.onnx_runtime import OrtModule
+
+        if not isinstance(model, OrtModule):
+            raise ValueError(
+                f"spec says an ONNX artifact ({data.get('quantization')}) but the model is a {type(model)}"
+            )
+        return model_dir.write_onnx_model_dir(directory, data, model.model_bytes)
     quantizer = get_quantizer(data["quantization"], data.get("backend"))
     written = {
         **data,
