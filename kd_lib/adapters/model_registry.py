@@ -1,14 +1,7 @@
-"""MLflow Model Registry: the pyfunc wrapper, version registration and the champion alias.
+"""MLflow Model Registry: version registration with its tags, and the champion alias.
 
-The registered model is an MLflow *models-from-code* pyfunc: its artifact is a kdflow model
-directory, ``spec.json`` plus either a weights file (``weights.bin``, kdflow's pickle-free format,
-see ``kd_lib.artifacts.weights_file``) or an ONNX model (``model.onnx``, run by onnxruntime);
-loading executes ``kd_lib/adapters/pyfunc_model.py`` from the model's own code directory, never
-unpickles an object. So ``models:/NAME@champion`` loads with ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``.
-
-Served (``mlflow models serve``) or loaded (``mlflow.pyfunc.load_model``), it takes raw features
-``[N, *input_shape]`` and answers a DataFrame of ``label`` (class name), ``class_id`` and
-``probabilities``; bad input is an ``MlflowException`` of ``INVALID_PARAMETER_VALUE`` (HTTP 400).
+What a registered version *is* (the served pyfunc, its signature and requirements, how it is
+logged) is ``kd_lib.adapters.serving``; whether it serves is ``kd_lib.adapters.verify``.
 """
 
 from __future__ import annotations
@@ -16,297 +9,24 @@ from __future__ import annotations
 import os
 import random
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import mlflow
-import numpy as np
-import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
-from mlflow.models.signature import ModelSignature
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-from mlflow.pyfunc import PythonModel, PythonModelContext
-from mlflow.types.schema import Array, ColSpec, DataType, Schema, TensorSpec
 
-import kd_lib
 from kd_lib.artifacts import SPEC_FILE
-from kd_lib.artifacts.errors import ArtifactError
-from kd_lib.artifacts.model_dir import is_onnx, onnx_path, read_spec
-from kd_lib.data.normalization import normalize
 from kd_lib.errors import KdflowError
 from kd_lib.evaluate.gates import GateDecision
-
-_PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
-MODEL_ARTIFACT_KEY = "model"
-OUTPUT_COLUMNS = ("label", "class_id", "probabilities")
 
 
 class RegistryError(KdflowError, RuntimeError):
     """Registration or promotion failed; nothing was promoted."""
 
     default_fix = "check the model's versions with `kdflow models NAME`; nothing was promoted"
-
-
-class KdflowPyfunc(PythonModel):
-    """Serves a kdflow model: raw features in (as in the source data), labels and probabilities out.
-
-    Two kinds of model directory load here: torch weights (``weights.bin``, loaded by
-    ``kd_lib.compress.quantization.load_model``) and ONNX Runtime models (``model.onnx``, spec
-    ``format: onnx``), which run on an ``onnxruntime.InferenceSession`` without importing torch,
-    so a server of an ONNX model starts seconds sooner.
-
-    Input: numbers ``[N, *input_shape]`` (the logged signature asks for float32), *unnormalized*
-    as in the source data; the train-split normalization from the spec is applied here (the
-    identity for an ONNX model, whose graph holds it), so callers never have to know it. Bad
-    input (``checked_input``) is refused with an ``MlflowException`` of ``INVALID_PARAMETER_VALUE``
-    (HTTP 400 when served). Output: ``prediction_frame`` of the logits.
-    """
-
-    model: Any = None  # the torch module of a torch artifact
-    session: Any = None  # the onnxruntime.InferenceSession of an ONNX artifact
-    spec: dict[str, Any]
-    _input_name = "x"
-
-    def load_context(self, context: Any) -> None:
-        directory = Path(context.artifacts[MODEL_ARTIFACT_KEY])
-        spec = read_spec(directory).to_dict()
-        if is_onnx(spec):
-            # lazy: onnxruntime is needed only by a process that serves an ONNX model
-            import onnxruntime
-
-            path = onnx_path(directory)
-            options = onnxruntime.SessionOptions()
-            options.log_severity_level = 3  # errors only: ORT's notes about its own graph choices are noise
-            try:
-                self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            except Exception as err:  # ORT raises its own pybind types (Fail, InvalidGraph, ...)
-                raise ArtifactError(f"{path}: not a loadable ONNX model ({type(err).__name__}: {err})") from None
-            self._input_name = self.session.get_inputs()[0].name
-            self.spec = spec
-            return
-        # lazy: torch (imported by quantization) costs seconds; `kdflow models` imports this module and serves nothing
-        from kd_lib.compress.quantization import load_model
-
-        self.model, self.spec = load_model(directory)
-
-    # np.ndarray and pd.DataFrame are hints MLflow accepts without deriving a schema or validation
-    # from them: the logged TensorSpec signature stays the one that is enforced, and MLflow no
-    # longer warns "Add type hints to the `predict` method" in every process that defines this
-    # class. A hint MLflow would parse (list[...], Any) would change validation.
-    def predict(
-        self, context: PythonModelContext, model_input: np.ndarray, params: dict[str, Any] | None = None
-    ) -> pd.DataFrame:
-        """Label, class id and class probabilities for each row of raw features.
-
-        Args:
-            context: Unused (the model was loaded by ``load_context``).
-            model_input: ``[N, *input_shape]`` numbers, as in the source data.
-            params: Unused.
-
-        Returns:
-            ``prediction_frame``: N rows of ``label``, ``class_id``, ``probabilities``.
-
-        Raises:
-            MlflowException: ``INVALID_PARAMETER_VALUE``, the input is refused (``checked_input``).
-        """
-        x = checked_input(model_input, self.spec.get("input_shape"))
-        # The very transform prepare_data applied (scalar or per channel); identity for ONNX.
-        x = normalize(x, self.spec.get("normalization") or {})
-        logits = self._logits(x)
-        names = class_names(self.spec) if "num_classes" in self.spec else None
-        return prediction_frame(logits, names)
-
-    def _logits(self, x: np.ndarray) -> np.ndarray:
-        """float32 logits ``[N, C]`` of normalized inputs ``x`` ``[N, *input_shape]``."""
-        if self.session is not None:
-            return np.asarray(self.session.run(None, {self._input_name: x})[0], dtype=np.float32)
-        # lazy: torch costs seconds at import; only a process that serves a torch model needs it
-        import torch
-
-        with torch.no_grad():
-            return self.model(torch.from_numpy(x)).float().numpy()
-
-
-def class_names(spec: Mapping[str, Any]) -> list[str]:
-    """The class names in class-id order: ``spec["class_names"]``, else ``"0"``, ``"1"``, ...
-
-    Raises:
-        RegistryError: ``class_names`` does not have ``num_classes`` entries.
-    """
-    count = int(spec["num_classes"])
-    names = spec.get("class_names")
-    if not names:
-        return [str(i) for i in range(count)]
-    if len(names) != count:
-        raise RegistryError(f"model spec: class_names has {len(names)} names but num_classes is {count}")
-    return [str(name) for name in names]
-
-
-def _refuse(problem: str, input_shape: Sequence[int] | None) -> MlflowException:
-    expected = f"[N, {', '.join(str(d) for d in input_shape)}]" if input_shape else "[N, ...]"
-    return MlflowException(
-        f"bad input: {problem}; expected raw features, float32 numbers of shape {expected} with N >= 1 "
-        '(served: {"inputs": [sample, ...]})',
-        error_code=INVALID_PARAMETER_VALUE,
-    )
-
-
-def checked_input(model_input: Any, input_shape: Sequence[int] | None) -> np.ndarray:
-    """``model_input`` as float32 ``[N, *input_shape]``, or refused with the reason.
-
-    MLflow's signature enforcement already refuses a wrong shape or dtype before ``predict``
-    runs; this repeats those checks (``predict`` may be called directly) and adds what the
-    signature cannot express: no NaN/inf, no empty batch, no strings.
-
-    Args:
-        model_input: An array-like (ndarray, DataFrame, nested lists) of numbers.
-        input_shape: One sample's shape from the spec; None skips the shape check.
-
-    Returns:
-        float32 array ``[N, *input_shape]``, N >= 1, all finite.
-
-    Raises:
-        MlflowException: ``INVALID_PARAMETER_VALUE``; the message names the problem and the
-            expected shape.
-    """
-    if isinstance(model_input, dict):
-        raise _refuse(f"a mapping of named inputs ({', '.join(map(str, model_input))})", input_shape)
-    try:
-        values = model_input.to_numpy() if isinstance(model_input, pd.DataFrame) else np.asarray(model_input)
-    except ValueError as err:  # ragged nested lists
-        raise _refuse(f"not a rectangular array ({err})", input_shape) from None
-    if values.dtype.kind in "USO":
-        try:
-            values = values.astype(np.float64)
-        except (TypeError, ValueError) as err:
-            raise _refuse(f"non-numeric values where numbers belong ({err})", input_shape) from None
-    elif values.dtype.kind not in "fiu":
-        raise _refuse(f"dtype {values.dtype} is not a number type", input_shape)
-    with np.errstate(over="ignore"):  # beyond float32's range becomes inf, refused below
-        x = values.astype(np.float32)
-    if x.ndim == 0:
-        raise _refuse(f"a single number ({x.item()!r})", input_shape)
-    if x.size == 0:
-        raise _refuse(f"an empty batch (shape {x.shape})", input_shape)
-    if input_shape is not None:
-        expected = tuple(int(d) for d in input_shape)
-        if x.shape == expected:
-            raise _refuse(f"one sample of shape {x.shape} without the batch dimension; wrap it in a list", input_shape)
-        if x.shape[1:] != expected:
-            raise _refuse(f"wrong shape {x.shape}", input_shape)
-    bad = ~np.isfinite(x)
-    if bad.any():
-        rows = np.unique(np.nonzero(bad.reshape(len(x), -1))[0])
-        listed = ", ".join(str(r) for r in rows[:10]) + (", ..." if len(rows) > 10 else "")
-        nans = int(np.isnan(x).sum())
-        raise _refuse(
-            f"{nans} NaN/null and {int(bad.sum()) - nans} inf value(s) in row(s) {listed}; "
-            "every feature must be a finite number",
-            input_shape,
-        )
-    return x
-
-
-def prediction_frame(logits: np.ndarray, names: Sequence[str] | None = None) -> pd.DataFrame:
-    """What the served model answers for logits ``[N, C]``.
-
-    Args:
-        logits: ``[N, C]`` float logits.
-        names: The C class names in class-id order; None means ``"0"``, ``"1"``, ...
-
-    Returns:
-        N rows: ``label`` (the class name, str), ``class_id`` (int64, the argmax of the logits)
-        and ``probabilities`` (a list of C floats, the softmax of the logits in class-id order,
-        summing to 1).
-    """
-    z = np.asarray(logits, dtype=np.float64)
-    names = list(names) if names is not None else [str(i) for i in range(z.shape[1])]
-    ids = np.asarray(logits).argmax(axis=1).astype(np.int64)
-    z = np.exp(z - z.max(axis=1, keepdims=True))
-    probabilities = z / z.sum(axis=1, keepdims=True)
-    return pd.DataFrame(
-        {
-            "label": [names[i] for i in ids],
-            "class_id": ids,
-            "probabilities": [row.tolist() for row in probabilities],
-        }
-    )
-
-
-def model_signature(spec: Mapping[str, Any]) -> ModelSignature:
-    """The logged signature: a float32 tensor ``[-1, *input_shape]`` in; ``label`` (string),
-    ``class_id`` (long) and ``probabilities`` (array of double) columns out."""
-    return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *spec["input_shape"]))]),
-        outputs=Schema(
-            [
-                ColSpec(DataType.string, "label"),
-                ColSpec(DataType.long, "class_id"),
-                ColSpec(Array(DataType.double), "probabilities"),
-            ]
-        ),
-    )
-
-
-def _pin(distribution: str, version: str | None = None) -> str:
-    # A local version label (torch's "+cpu") names a wheel index, not a version pip can resolve.
-    return f"{distribution}=={(version or metadata.version(distribution)).split('+')[0]}"
-
-
-def pip_requirements(spec: Mapping[str, Any] | None = None) -> list[str]:
-    """What the served model needs, pinned to the versions that produced it.
-
-    mlflow and the libraries the shipped kd_lib imports while loading (numpy, pandas, pydantic,
-    pyyaml, tabulate), plus the runtime of the model: onnxruntime for an ONNX artifact (the
-    version its spec records, else the installed one; no torch), otherwise torch (and torchao
-    for a torchao backend). Read from package metadata: torch is not imported.
-    """
-    spec = spec or {}
-    recorded = spec.get("versions") or {}
-    pins = [f"mlflow=={mlflow.__version__}"] + [
-        _pin(pkg) for pkg in ("numpy", "pandas", "pydantic", "pyyaml", "tabulate")
-    ]
-    if is_onnx(spec):
-        return pins + [_pin("onnxruntime", recorded.get("onnxruntime"))]
-    pins.append(_pin("torch"))
-    return pins + [_pin(pkg, ver) for pkg, ver in sorted(recorded.items()) if pkg == "torchao"]
-
-
-def log_pyfunc(model_dir: str | Path, spec: dict[str, Any], pip_requirements: list[str]) -> tuple[str, str]:
-    """Log ``model_dir`` as a pyfunc under the active MLflow run; returns (model URI, model id).
-
-    The logged model carries the signature of ``model_signature`` and, as metadata, the class
-    names (``class_names``, in class-id order), ``input_shape``, ``num_classes``, the artifact
-    ``format`` (``onnx`` or ``torch``), ``backend`` and ``quantization``.
-
-    Raises:
-        RegistryError: the spec's ``class_names`` do not match ``num_classes``.
-    """
-    names = class_names(spec)
-    meta = {
-        "class_names": names,
-        "input_shape": [int(d) for d in spec["input_shape"]],
-        "num_classes": len(names),
-        "format": "onnx" if is_onnx(spec) else "torch",
-        "backend": spec.get("backend"),
-        "quantization": spec.get("quantization"),
-        "output_columns": list(OUTPUT_COLUMNS),
-    }
-    info = mlflow.pyfunc.log_model(
-        name="model",
-        python_model=str(_PYFUNC_CODE),
-        artifacts={MODEL_ARTIFACT_KEY: str(model_dir)},
-        # Ship kd_lib itself so the model loads where kdflow is not installed.
-        code_paths=[str(Path(kd_lib.__file__).parent)],
-        pip_requirements=pip_requirements,
-        signature=model_signature(spec),
-        metadata={key: value for key, value in meta.items() if value is not None},
-    )
-    return info.model_uri, info.model_id
 
 
 class ModelRegistry:

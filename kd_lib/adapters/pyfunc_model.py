@@ -6,6 +6,6 @@ code instead of unpickling one. Keep it this small.
 
 from mlflow.models import set_model
 
-from kd_lib.adapters.model_registry import KdflowPyfunc
+from kd_lib.adapters.serving import KdflowPyfunc
 
 set_model(KdflowPyfunc())

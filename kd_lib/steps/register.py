@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kd_lib.adapters.model_registry import ModelRegistry, gate_tags, log_pyfunc, pip_requirements, registry_errors
+from kd_lib.adapters.model_registry import ModelRegistry, gate_tags, registry_errors
+from kd_lib.adapters.serving import log_pyfunc, pip_requirements
 from kd_lib.adapters.tracking import StepRun, fluent_run, step_run
 from kd_lib.adapters.verify import verify_version
 from kd_lib.artifacts import read_decision, read_evaluation, read_spec

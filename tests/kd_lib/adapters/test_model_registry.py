@@ -22,15 +22,8 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PyFuncModel, PythonModelContext
 
-from kd_lib.adapters.model_registry import (
-    KdflowPyfunc,
-    ModelRegistry,
-    RegistryError,
-    class_names,
-    gate_tags,
-    log_pyfunc,
-    pip_requirements,
-)
+from kd_lib.adapters.model_registry import ModelRegistry, RegistryError, gate_tags
+from kd_lib.adapters.serving import KdflowPyfunc, class_names, log_pyfunc, pip_requirements
 from kd_lib.adapters.tracking import fluent_run
 from kd_lib.adapters.verify import verify_version
 from kd_lib.compress import quantization
@@ -210,7 +203,7 @@ def test_defining_the_pyfunc_emits_no_type_hint_warning() -> None:
         "import warnings\n"
         "with warnings.catch_warnings(record=True) as caught:\n"
         "    warnings.simplefilter('always')\n"
-        "    import kd_lib.adapters.model_registry\n"
+        "    import kd_lib.adapters.serving\n"
         "print('\\n'.join(str(w.message) for w in caught))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)

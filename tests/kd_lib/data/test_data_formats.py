@@ -169,7 +169,7 @@ def test_rgb_folder_is_normalized_per_channel_on_train_only(tmp_path: Path) -> N
 def test_served_model_applies_per_channel_normalization(tmp_path: Path) -> None:
     from mlflow.pyfunc import PythonModelContext
 
-    from kd_lib.adapters.model_registry import KdflowPyfunc
+    from kd_lib.adapters.serving import KdflowPyfunc
 
     x, y = _images(channels=3)
     got = _prepare(source=str(_folder(tmp_path / "rgb", x, y)), image_mode="RGB")

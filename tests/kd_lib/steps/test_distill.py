@@ -12,7 +12,8 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from kd_lib.adapters.model_registry import ModelRegistry, log_pyfunc, pip_requirements
+from kd_lib.adapters.model_registry import ModelRegistry
+from kd_lib.adapters.serving import log_pyfunc, pip_requirements
 from kd_lib.adapters.storage import StorageError
 from kd_lib.adapters.tracking import fluent_run
 from kd_lib.artifacts.dataset_dir import load_splits

@@ -275,7 +275,7 @@ def test_pyfunc_of_each_kind_of_artifact_loads_without_pickle(trained, tmp_path:
     import mlflow
     from mlflow.pyfunc import PythonModelContext
 
-    from kd_lib.adapters.model_registry import KdflowPyfunc, log_pyfunc, pip_requirements
+    from kd_lib.adapters.serving import KdflowPyfunc, log_pyfunc, pip_requirements
 
     x = np.random.default_rng(0).uniform(0, 16, size=(20, 1, 8, 8)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
