@@ -1,8 +1,9 @@
 """MLflow tracking: one parent run per pipeline run, one nested run per step.
 
-With the other adapters (model_registry, serving, verify_child), the only places that import mlflow. Steps run in separate processes
-(KFP tasks), so nothing is kept in MLflow's fluent global state: the parent run is found by
-its ``kdflow.pipeline_run_id`` tag and every call goes through an explicit MlflowClient.
+With the other adapters (model_registry, serving, verify_child), the only places that import
+mlflow. Steps run in separate processes (KFP tasks), so nothing is kept in MLflow's fluent
+global state: the parent run is found by its ``kdflow.pipeline_run_id`` tag and every call goes
+through an explicit MlflowClient.
 """
 
 from __future__ import annotations
