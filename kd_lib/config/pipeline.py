@@ -11,7 +11,7 @@ from pydantic import Field, model_validator
 from kd_lib import __version__
 from kd_lib.config.base import _Strict, flatten
 from kd_lib.config.cluster import ClusterConfig
-from kd_lib.config.compress import DEFAULT_CANDIDATES, QuantizeConfig
+from kd_lib.config.compress import QuantizeConfig
 from kd_lib.config.data import AugmentConfig, DataConfig
 from kd_lib.config.evaluate import EvaluateConfig, GateConfig
 from kd_lib.config.sweep import CANDIDATE_PATTERN, TEMPERATURE_LOSSES, SweepConfig
@@ -119,20 +119,22 @@ class PipelineConfig(_Strict):
         ``candidate``, a step's ``train.augment`` and ``train.keep``), as a ``model_dump`` exclude:
         kept out of the hash, so a config without them hashes as it did before they existed."""
         unset: dict[str, Any] = {name: True for name in ("sweep", "candidate") if getattr(self, name) is None}
-        new_defaults: dict[str, dict[str, Any]] = {
-            "quantize": {"candidates": list(self.quantize.candidates), "select": self.quantize.select},
-            "gate": {"max_latency_ms": self.gate.max_latency_ms, "min_speedup": self.gate.min_speedup},
-            "distill": {"promote": self.distill.promote},
+        # Fields added later, each left out of the hash while at its declared default.
+        added_later = {
+            "quantize": ("candidates", "select"),
+            "gate": ("max_latency_ms", "min_speedup"),
+            "distill": ("promote",),
         }
-        defaults_now: dict[str, dict[str, Any]] = {
-            "quantize": {"candidates": list(DEFAULT_CANDIDATES), "select": "fastest"},
-            "gate": {"max_latency_ms": None, "min_speedup": None},
-            "distill": {"promote": "better"},
-        }
-        for section, fields in new_defaults.items():
-            left = {name: True for name, value in fields.items() if value == defaults_now[section][name]}
+        for section_name, names in added_later.items():
+            section = getattr(self, section_name)
+            fields = type(section).model_fields
+            left = {
+                name: True
+                for name in names
+                if getattr(section, name) == fields[name].get_default(call_default_factory=True)
+            }
             if left:
-                unset[section] = left
+                unset[section_name] = left
         for step in ("teacher", "distill"):
             train = getattr(self, step).train
             defaults = {
