@@ -17,10 +17,15 @@ quantized (``--scheme``, static int8 by default) and measured again.
 
 Reported per method: its chosen epochs, test accuracy mean and standard deviation over the
 seeds, the difference to scratch (and its standard deviation over paired seeds), "gap
-recovered" = (method - scratch) / (teacher - scratch), and the int8 accuracy. Prints a table,
-writes JSON (every run of the grid, and the choice). Not part of ``make test``.
+recovered" = (method - scratch) / (teacher - scratch), the int8 accuracy, and per seed the exact
+McNemar p-value against scratch on the same test images (with how many seeds were significantly
+better or worse). The ``default`` method is what a config without ``distill.losses`` gets, so the
+default recipe and the papers' tuned ones sit side by side. ``--holdout-seeds`` are run only
+after the choice, each method at its chosen epochs, and summarized apart: nothing is chosen on
+them. Prints the tables, writes JSON (every run of the grid, the choice, the held-out runs). Not
+part of ``make test``.
 
-    python bench/kd_quality.py --data ../shared/datasets/mnist5k.npz --seeds 0 1 2 --jobs 2
+    python bench/kd_quality.py --data ../shared/datasets/mnist5k.npz --seeds 0 1 2 --holdout-seeds 3 4 5 --jobs 2
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kd_lib.artifacts.dataset_dir import DatasetMeta, Splits  # noqa: E402
 from kd_lib.compress import quantization
-from kd_lib.config import AugmentConfig, DataConfig, LossTermConfig, TrainConfig  # noqa: E402
+from kd_lib.config import AugmentConfig, DataConfig, DistillConfig, LossTermConfig, TrainConfig  # noqa: E402
 from kd_lib.data import dataset as data_lib  # noqa: E402
 from kd_lib.data.augment import make_augment  # noqa: E402
 from kd_lib.evaluate import metrics as evaluation
@@ -61,6 +66,8 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mn
 # split. Every row is reported, so no method is picked after the fact.
 METHODS: dict[str, list[dict[str, Any]]] = {
     "scratch": [{"name": "ce", "weight": 1.0}],
+    # What a config without distill.losses gets (kd_lib.config.train), beside the papers' settings.
+    "default": [term.model_dump() for term in DistillConfig().losses],
     "kd": [{"name": "kd", "weight": 0.9, "params": {"temperature": 4.0}}, {"name": "ce", "weight": 0.1}],
     "kd_T2": [{"name": "kd", "weight": 0.9, "params": {"temperature": 2.0}}, {"name": "ce", "weight": 0.1}],
     "dkd": [
@@ -159,6 +166,8 @@ def _student_run(task: dict[str, Any]) -> dict[str, Any]:
         "objective": describe(losses),
         "val_accuracy": result.best_val_accuracy,
         "test_accuracy": _accuracy(result.model, x["test"], y["test"]),
+        # For the paired test against scratch on the same test images (dropped from the JSON).
+        "test_pred": evaluation.predict(result.model, x["test"]).tolist(),
         "int8_accuracy": _quantized_accuracy(result.model, task["scheme"], x, y, task["seed"]),
         "seconds": time.perf_counter() - start,
     }
@@ -204,38 +213,40 @@ def run_dataset(name: str, source: str, args: argparse.Namespace) -> dict[str, A
     student = tuple(setup["student"]) if args.student is None else tuple(json.loads(args.student))
     grid = args.grid_epochs or setup["student_epochs"]
     methods = [m for m in METHODS if not args.methods or m in args.methods]
+    common = {
+        "dataset": name,
+        "source": source,
+        "val_fraction": args.val_fraction,
+        "test_fraction": args.test_fraction,
+        "teacher": (t_arch, t_params),
+        "teacher_weights": str(cached),
+        "student": student,
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "crop": args.crop,
+        "scheme": args.scheme,
+        "threads": max(1, args.threads // args.jobs),
+    }
     tasks = [
-        {
-            "dataset": name,
-            "source": source,
-            "val_fraction": args.val_fraction,
-            "test_fraction": args.test_fraction,
-            "teacher": (t_arch, t_params),
-            "teacher_weights": str(cached),
-            "student": student,
-            "method": method,
-            "seed": seed,
-            "epochs": epochs,
-            "lr": args.lr,
-            "weight_decay": args.weight_decay,
-            "crop": args.crop,
-            "scheme": args.scheme,
-            "threads": max(1, args.threads // args.jobs),
-        }
+        common | {"method": method, "seed": seed, "epochs": epochs}
         for seed in args.seeds
         for method in methods
         for epochs in grid
     ]
-    runs: list[dict[str, Any]] = []
-    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-        for row in pool.map(_student_run, tasks):
-            runs.append(row)
-            print(
-                f"[{name}] seed {row['seed']} {row['method']:8s} {row['epochs']:4d} ep: val {row['val_accuracy']:.4f} "
-                f"test {row['test_accuracy']:.4f} int8 {row['int8_accuracy']:.4f} ({row['seconds']:.0f}s)",
-                flush=True,
-            )
+    runs = _run_all(name, tasks, args.jobs)
     chosen = choose_epochs(runs)
+    # Held-out seeds, run only after the choice: each method at its chosen epochs, nothing tuned on them.
+    holdout_tasks = [
+        common | {"method": method, "seed": seed, "epochs": chosen[method]}
+        for seed in args.holdout_seeds
+        for method in methods
+    ]
+    holdout = _run_all(name, holdout_tasks, args.jobs) if holdout_tasks else []
+    labels = y["test"].tolist()
+    kept = [r for r in runs if r["epochs"] == chosen[r["method"]]]
+    summaries = {"summary": summarize(kept, teacher_acc, chosen, labels)}
+    if holdout:
+        summaries["holdout_summary"] = summarize(holdout, teacher_acc, chosen, labels)
     return {
         "dataset": name,
         "source": source,
@@ -253,9 +264,28 @@ def run_dataset(name: str, source: str, args: argparse.Namespace) -> dict[str, A
         },
         "grid_epochs": grid,
         "chosen_epochs": chosen,
-        "runs": runs,
-        "summary": summarize([r for r in runs if r["epochs"] == chosen[r["method"]]], teacher_acc, chosen),
+        "holdout_seeds": args.holdout_seeds,
+        "runs": [_without_predictions(r) for r in runs],
+        "holdout_runs": [_without_predictions(r) for r in holdout],
+        **summaries,
     }
+
+
+def _run_all(name: str, tasks: list[dict[str, Any]], jobs: int) -> list[dict[str, Any]]:
+    runs: list[dict[str, Any]] = []
+    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+        for row in pool.map(_student_run, tasks):
+            runs.append(row)
+            print(
+                f"[{name}] seed {row['seed']} {row['method']:8s} {row['epochs']:4d} ep: val {row['val_accuracy']:.4f} "
+                f"test {row['test_accuracy']:.4f} int8 {row['int8_accuracy']:.4f} ({row['seconds']:.0f}s)",
+                flush=True,
+            )
+    return runs
+
+
+def _without_predictions(run: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in run.items() if k != "test_pred"}
 
 
 def choose_epochs(runs: list[dict[str, Any]]) -> dict[str, int]:
@@ -270,14 +300,17 @@ def choose_epochs(runs: list[dict[str, Any]]) -> dict[str, int]:
     }
 
 
-def summarize(runs: list[dict[str, Any]], teacher_acc: float, chosen: dict[str, int]) -> dict[str, dict[str, float]]:
+def summarize(
+    runs: list[dict[str, Any]], teacher_acc: float, chosen: dict[str, int], labels: list[int]
+) -> dict[str, dict[str, Any]]:
     """Per method (one run per seed): mean/std of test and int8 accuracy, paired difference to
-    scratch, gap recovered; ``chosen`` is each method's number of epochs."""
+    scratch, gap recovered, and per seed the exact McNemar p-value against scratch on the same
+    test images (``labels``); ``chosen`` is each method's number of epochs."""
     by_method: dict[str, dict[int, dict[str, Any]]] = {}
     for r in runs:
         by_method.setdefault(r["method"], {})[r["seed"]] = r
     scratch = by_method.get("scratch", {})
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, dict[str, Any]] = {}
     for method, seeds in by_method.items():
         acc = [seeds[s]["test_accuracy"] for s in sorted(seeds)]
         int8 = [seeds[s]["int8_accuracy"] for s in sorted(seeds)]
@@ -290,6 +323,20 @@ def summarize(runs: list[dict[str, Any]], teacher_acc: float, chosen: dict[str, 
             "int8_std": statistics.stdev(int8) if len(int8) > 1 else 0.0,
         }
         paired = [seeds[s]["test_accuracy"] - scratch[s]["test_accuracy"] for s in sorted(seeds) if s in scratch]
+        if method != "scratch":
+            # Exact McNemar test per seed on the same test images (kd_lib.evaluate.metrics.paired_gain).
+            tests = [
+                evaluation.paired_gain(
+                    torch.tensor(seeds[s]["test_pred"]),
+                    torch.tensor(scratch[s]["test_pred"]),
+                    torch.tensor(labels),
+                )
+                for s in sorted(seeds)
+                if s in scratch
+            ]
+            row["p_values"] = [t["p_value"] for t in tests]
+            row["significantly_better"] = sum(t["significant"] and t["gain_points"] > 0 for t in tests)
+            row["significantly_worse"] = sum(t["significant"] and t["gain_points"] < 0 for t in tests)
         if paired and method != "scratch":
             base = statistics.fmean(scratch[s]["test_accuracy"] for s in sorted(seeds) if s in scratch)
             row["delta_vs_scratch"] = statistics.fmean(paired)
@@ -314,13 +361,20 @@ def print_table(result: dict[str, Any]) -> None:
         f"(1/{t['num_params'] / result['student']['num_params']:.0f} of the teacher)"
     )
     print(f"each method's epochs chosen on validation from {result['grid_epochs']}; last epoch kept")
+    _print_summary("tuning seeds (epochs chosen on their validation accuracy)", result["summary"])
+    if "holdout_summary" in result:
+        _print_summary(f"held-out seeds {result['holdout_seeds']} (nothing chosen on them)", result["holdout_summary"])
+
+
+def _print_summary(title: str, summary: dict[str, dict[str, Any]]) -> None:
+    print(f"\n{title}; McNemar: exact p per seed against scratch, + / - significantly better / worse")
     header = (
         f"{'method':9s} {'epochs':>6s} {'test acc (mean±sd)':>20s} {'vs scratch':>16s} {'gap rec.':>9s} "
-        f"{'>2sd':>5s} {'int8 acc':>16s}"
+        f"{'>2sd':>5s} {'int8 acc':>16s}  McNemar"
     )
     print(header)
     print("-" * len(header))
-    for method, row in result["summary"].items():
+    for method, row in summary.items():
         delta = (
             f"{100 * row['delta_vs_scratch']:+.2f}±{100 * row['delta_std']:.2f}pt" if "delta_vs_scratch" in row else ""
         )
@@ -329,15 +383,29 @@ def print_table(result: dict[str, Any]) -> None:
         print(
             f"{method:9s} {row['epochs']:6d} {100 * row['mean']:13.2f}±{100 * row['std']:.2f}% "
             f"{delta:>16s} {gap:>9s} {beats:>5s} "
-            f"{100 * row['int8_mean']:9.2f}±{100 * row['int8_std']:.2f}%"
+            f"{100 * row['int8_mean']:9.2f}±{100 * row['int8_std']:.2f}%  {_mcnemar(row)}"
         )
+
+
+def _mcnemar(row: dict[str, Any]) -> str:
+    if "p_values" not in row:
+        return ""
+    ps = " ".join(f"{p:.3f}" for p in row["p_values"])
+    return f"p {ps} ({row['significantly_better']}+ {row['significantly_worse']}-)"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="mnist5k .npz (x uint8 [N,1,28,28], y int64)")
     parser.add_argument("--datasets", nargs="+", default=["mnist5k", "digits"], choices=sorted(SETUPS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="tuning seeds: epochs chosen on them")
+    parser.add_argument(
+        "--holdout-seeds",
+        nargs="*",
+        type=int,
+        default=[],
+        help="seeds run only after the choice, each method at its chosen epochs (e.g. 3 4 5)",
+    )
     parser.add_argument("--methods", nargs="*", default=None, help=f"subset of {list(METHODS)}")
     parser.add_argument(
         "--lr", type=float, default=3e-3, help="student learning rate (AdamW), the same for every method"

@@ -55,50 +55,15 @@ from kd_lib.train.losses import build_objective  # noqa: E402
 KD_LOSSES = [LossTermConfig(name="kd", weight=0.9, params={"temperature": 4.0}), LossTermConfig(name="ce", weight=0.1)]
 
 
-class _Block(nn.Module):
-    """A ResNet basic block: conv-BN-ReLU-conv-BN plus the shortcut, then ReLU. With ``stride`` 2
-    it halves the resolution, and the shortcut is a strided 1x1 conv + BN (the projection)."""
-
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.shortcut(x) + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
-
-
-def resnet(input_shape: tuple[int, ...], num_classes: int, width: int = 16) -> nn.Module:
-    """A small ResNet, the kind of student a user brings (``arch: bench.quantization:resnet``):
-    conv-BN-ReLU stem, a block at full resolution with ``width`` channels, two strided blocks
-    (2x and 4x ``width``, projection shortcuts), adaptive average pooling, Linear. torch.ao's
-    eager static int8 cannot quantize it (BatchNorm inside the blocks, the residual adds)."""
-    stem = [nn.Conv2d(input_shape[0], width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
-    return nn.Sequential(
-        *stem,
-        _Block(width, width),
-        _Block(width, 2 * width, stride=2),
-        _Block(2 * width, 4 * width, stride=2),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(4 * width, num_classes),
-    )
-
-
 MODELS = {
     "teacher_cnn": ("cnn", {"channels": 16, "depth": 2, "hidden": 128}),
     "student_mlp": ("mlp", {"width": 128, "depth": 1}),
     "student_cnn": ("cnn", {"channels": 8, "depth": 2, "hidden": 32}),
     "wide_mlp": ("mlp", {"width": 1200, "depth": 2}),
-    # build_model resolves it by module path; load_model rebuilds it the same way.
-    "resnet": ("bench.quantization:resnet", {"width": 16}),
+    # The builtin ResNet-8 (kd_lib.models.resnet): a 16-channel stem, one BasicBlock per stage with
+    # 16/32/64 channels, strided 1x1 projection shortcuts, adaptive pooling. torch.ao's eager static
+    # int8 cannot quantize it (BatchNorm inside the blocks, the residual adds).
+    "resnet": ("resnet", {"depth": 8, "width": 1}),
 }
 
 

@@ -25,10 +25,11 @@ def training_steps(cfg: PipelineConfig | None, for_cluster: bool) -> tuple[Any, 
     """The components of the teacher and distill tasks: ``(teacher component, its step name,
     distill component)``.
 
-    An imported teacher (``teacher.source`` other than ``train``) replaces training; with
+    An imported teacher (``teacher.source`` other than ``train``) replaces training, except a
+    Hugging Face one with ``teacher.fine_tune``, which train_teacher fine-tunes; with
     ``cluster.pytorchjob`` the cluster build's training steps launch a PyTorchJob and wait for it.
     """
-    importing = cfg is not None and cfg.teacher.source != "train"
+    importing = cfg is not None and not cfg.teacher.trains
     teacher_step, teacher_step_name = (
         (import_teacher, "import_teacher") if importing else (train_teacher, "train_teacher")
     )

@@ -22,6 +22,7 @@ import yaml
 from tabulate import tabulate
 
 from kd_lib.config import ConfigError, PipelineConfig, load_config
+from kd_lib.config.advice import advise
 from kd_lib.errors import KdflowError
 
 EXAMPLES = """examples:
@@ -539,10 +540,19 @@ def _cause(err: BaseException) -> str:
     return f"{type(err).__name__}: {text.splitlines()[0]}"
 
 
+def _print_advice(cfg: PipelineConfig) -> None:
+    """Print the config's warnings (``kd_lib.config.advice``): it runs, but likely not as hoped."""
+    for item in advise(cfg):
+        print(f"warning: {item.cause}", file=sys.stderr)
+        print(f"  fix: {item.fix}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(Path(args.config), args.overrides) if getattr(args, "config", None) else None
+        if cfg is not None:
+            _print_advice(cfg)
         return COMMANDS[args.command](cfg, args)
     except KeyboardInterrupt:
         print("\nerror: interrupted", file=sys.stderr)

@@ -19,7 +19,7 @@ def pytorchjob_steps(cfg: PipelineConfig | None) -> frozenset[str]:
     if cfg is None or cfg.cluster.pytorchjob is None:
         return frozenset()
     steps = set(cfg.cluster.pytorchjob.steps)
-    if cfg.teacher.source != "train":
+    if not cfg.teacher.trains:
         steps.discard("train_teacher")
     return frozenset(steps)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
@@ -159,8 +160,17 @@ class ModelRegistry:
         ]
         return sorted(rows, key=lambda r: int(r["version"]), reverse=True)
 
-    def download_ref(self, dst: str | Path, alias: str | None = None, version: str | None = None) -> tuple[str, Path]:
+    def download_ref(
+        self,
+        dst: str | Path,
+        alias: str | None = None,
+        version: str | None = None,
+        accept_transformers: bool = False,
+    ) -> tuple[str, Path]:
         """Resolve ``@alias`` or a version number and download it: ``(version, model dir)``.
+
+        With ``accept_transformers``, a model of MLflow's ``transformers`` flavor comes back as
+        its downloaded directory (``transformers_flavor`` reads it) instead of being refused.
 
         Raises:
             RegistryError: the model, alias or version does not exist (named, with the fix).
@@ -172,7 +182,7 @@ class ModelRegistry:
                 raise RegistryError(
                     f"{ref}: model {self.name!r} has no alias {alias!r}; check the name and alias in the registry"
                 )
-            return resolved, self.download_version(resolved, dst)
+            return resolved, self.download_version(resolved, dst, accept_transformers)
         except MlflowException as err:
             if err.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(err).lower():
                 raise RegistryError(
@@ -180,8 +190,9 @@ class ModelRegistry:
                 ) from None
             raise
 
-    def download_version(self, version: str, dst: str | Path) -> Path:
-        """Download a version's kdflow model directory (weights + spec) and return its path."""
+    def download_version(self, version: str, dst: str | Path, accept_transformers: bool = False) -> Path:
+        """Download a version's kdflow model directory (weights + spec) and return its path; with
+        ``accept_transformers``, a ``transformers``-flavor model's downloaded directory."""
         # The concrete artifact location, not models:/..., which MLflow resolves through its
         # global registry URI rather than this client's.
         location = self.client.get_model_version_download_uri(self.name, version)
@@ -191,11 +202,35 @@ class ModelRegistry:
             )
         )
         specs = [p for p in local.rglob(SPEC_FILE) if "code" not in p.relative_to(local).parts]
+        if not specs and accept_transformers and transformers_flavor(local) is not None:
+            return local
         if len(specs) != 1:
             raise RegistryError(
                 f"{self.name} v{version}: expected one kdflow model in its artifacts, found {len(specs)}"
             )
         return specs[0].parent
+
+
+def transformers_flavor(directory: str | Path) -> tuple[Path, Path] | None:
+    """Where a downloaded model of MLflow's ``transformers`` flavor keeps its parts, by its ``MLmodel`` file.
+
+    Returns:
+        ``(model directory, tokenizer.json)``: the ``save_pretrained`` directory of the model
+        (the flavor's ``model_binary``) and the tokenizer component's ``tokenizer.json``; None when
+        the directory is not such a model (no ``MLmodel``, or another flavor).
+    """
+    root = Path(directory)
+    mlmodel = root / "MLmodel"
+    if not mlmodel.is_file():
+        return None
+    try:
+        flavors = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors") or {}
+    except yaml.YAMLError:
+        return None
+    flavor = flavors.get("transformers")
+    if not isinstance(flavor, dict):
+        return None
+    return root / str(flavor.get("model_binary") or "model"), root / "components" / "tokenizer" / "tokenizer.json"
 
 
 def _is_write_conflict(err: MlflowException) -> bool:

@@ -7,13 +7,16 @@ loading executes ``kd_lib/adapters/pyfunc_model.py`` from the model's own code d
 unpickles an object. So ``models:/NAME@champion`` loads with ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``.
 
 Served (``mlflow models serve``) or loaded (``mlflow.pyfunc.load_model``), it takes raw features
-``[N, *input_shape]`` and answers a DataFrame of ``label`` (class name), ``class_id`` and
-``probabilities``; bad input is an ``MlflowException`` of ``INVALID_PARAMETER_VALUE`` (HTTP 400).
+``[N, *input_shape]`` (a text model: raw strings, a column ``text`` or a list, tokenized with the
+``tokenizer.json`` the model carries) and answers a DataFrame of ``label`` (class name),
+``class_id`` and ``probabilities``; bad input is an ``MlflowException`` of
+``INVALID_PARAMETER_VALUE`` (HTTP 400).
 Registering versions and moving aliases is ``kd_lib.adapters.model_registry``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
@@ -31,12 +34,15 @@ from mlflow.types.schema import Array, ColSpec, DataType, Schema, TensorSpec
 import kd_lib
 from kd_lib.adapters.model_registry import RegistryError
 from kd_lib.artifacts.errors import ArtifactError
-from kd_lib.artifacts.model_dir import is_onnx, onnx_path, read_spec
+from kd_lib.artifacts.model_dir import TOKENIZER_FILE, is_onnx, onnx_path, read_spec
 from kd_lib.data.normalization import normalize
+from kd_lib.errors import KdflowError
 
 _PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 MODEL_ARTIFACT_KEY = "model"
 OUTPUT_COLUMNS = ("label", "class_id", "probabilities")
+# The input column of a text model: one raw string per row.
+TEXT_COLUMN = "text"
 
 
 class KdflowPyfunc(PythonModel):
@@ -52,16 +58,30 @@ class KdflowPyfunc(PythonModel):
     identity for an ONNX model, whose graph holds it), so callers never have to know it. Bad
     input (``checked_input``) is refused with an ``MlflowException`` of ``INVALID_PARAMETER_VALUE``
     (HTTP 400 when served). Output: ``prediction_frame`` of the logits.
+
+    A text model (spec ``text``) takes raw strings instead (``checked_texts``): a DataFrame
+    column ``text`` or a list of strings. They are tokenized with the model's own
+    ``tokenizer.json`` (the ``tokenizers`` library alone: serving an ONNX text model needs
+    neither torch nor transformers) into int64 ids ``[N, max_length]``, which the model takes.
     """
 
     model: Any = None  # the torch module of a torch artifact
     session: Any = None  # the onnxruntime.InferenceSession of an ONNX artifact
     spec: dict[str, Any]
+    tokenizer: Any = None  # a text model's tokenizers.Tokenizer
     _input_name = "x"
 
     def load_context(self, context: Any) -> None:
         directory = Path(context.artifacts[MODEL_ARTIFACT_KEY])
         spec = read_spec(directory).to_dict()
+        if spec.get("text") is not None:
+            # lazy: tokenizers is needed only by a process that serves a text model
+            from kd_lib.data.text import load_tokenizer
+
+            try:
+                self.tokenizer = load_tokenizer(directory / TOKENIZER_FILE)
+            except KdflowError as err:
+                raise ArtifactError(f"text model {directory}: {err.cause}") from None
         if is_onnx(spec):
             # lazy: onnxruntime is needed only by a process that serves an ONNX model
             import onnxruntime
@@ -92,24 +112,33 @@ class KdflowPyfunc(PythonModel):
 
         Args:
             context: Unused (the model was loaded by ``load_context``).
-            model_input: ``[N, *input_shape]`` numbers, as in the source data.
+            model_input: ``[N, *input_shape]`` numbers, as in the source data; for a text model
+                N raw strings (a DataFrame column ``text``, or a list).
             params: Unused.
 
         Returns:
             ``prediction_frame``: N rows of ``label``, ``class_id``, ``probabilities``.
 
         Raises:
-            MlflowException: ``INVALID_PARAMETER_VALUE``, the input is refused (``checked_input``).
+            MlflowException: ``INVALID_PARAMETER_VALUE``, the input is refused (``checked_input``,
+                for a text model ``checked_texts``).
         """
-        x = checked_input(model_input, self.spec.get("input_shape"))
-        # The very transform prepare_data applied (scalar or per channel); identity for ONNX.
-        x = normalize(x, self.spec.get("normalization") or {})
+        if self.tokenizer is not None:
+            # lazy: tokenizers is needed only by a process that serves a text model
+            from kd_lib.data.text import encode
+
+            x = encode(self.tokenizer, checked_texts(model_input), int(self.spec["text"]["max_length"]))
+        else:
+            x = checked_input(model_input, self.spec.get("input_shape"))
+            # The very transform prepare_data applied (scalar or per channel); identity for ONNX.
+            x = normalize(x, self.spec.get("normalization") or {})
         logits = self._logits(x)
         names = class_names(self.spec) if "num_classes" in self.spec else None
         return prediction_frame(logits, names)
 
     def _logits(self, x: np.ndarray) -> np.ndarray:
-        """float32 logits ``[N, C]`` of normalized inputs ``x`` ``[N, *input_shape]``."""
+        """float32 logits ``[N, C]`` of normalized inputs ``x`` ``[N, *input_shape]`` (a text model:
+        int64 token ids ``[N, max_length]``)."""
         if self.session is not None:
             return np.asarray(self.session.run(None, {self._input_name: x})[0], dtype=np.float32)
         # lazy: torch costs seconds at import; only a process that serves a torch model needs it
@@ -199,6 +228,73 @@ def checked_input(model_input: Any, input_shape: Sequence[int] | None) -> np.nda
     return x
 
 
+def _refuse_text(problem: str) -> MlflowException:
+    return MlflowException(
+        f"bad input: {problem}; expected text: a list of strings or a DataFrame with a string column "
+        f"{TEXT_COLUMN!r}, N >= 1 rows "
+        '(served: {"inputs": ["some text", ...]} or {"dataframe_records": [{"text": "some text"}, ...]})',
+        error_code=INVALID_PARAMETER_VALUE,
+    )
+
+
+def _kind(value: Any) -> str:
+    """How a non-string row is named: ``null`` (None, or the NaN a DataFrame holds for it), else its type."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "null"
+    return type(value).__name__
+
+
+def checked_texts(model_input: Any) -> list[str]:
+    """The raw strings of a text model's input, or refused with the reason.
+
+    MLflow's signature enforcement (a required string column ``text``) refuses much of this
+    before ``predict`` runs; this repeats it for a direct ``predict`` call and names the rows.
+    One thing it cannot see: MLflow itself turns a null in a served ``{"inputs": [...]}`` list
+    into the string ``"None"`` before the model is called (``dataframe_records`` and
+    ``dataframe_split`` keep it null, and it is refused here).
+
+    Args:
+        model_input: A DataFrame with a column ``text``, a mapping with key ``text``, or a
+            list / 1-D array / Series of strings.
+
+    Returns:
+        N >= 1 strings, in order.
+
+    Raises:
+        MlflowException: ``INVALID_PARAMETER_VALUE``: no ``text`` column, an empty batch, a
+            single string not in a list, or a row that is not a string (None, a number, a list);
+            the message names the problem and the rows.
+    """
+    if isinstance(model_input, str):
+        raise _refuse_text(f"a single string ({model_input[:40]!r}) without the batch; wrap it in a list")
+    if isinstance(model_input, (pd.DataFrame, Mapping)):
+        columns = list(model_input.columns if isinstance(model_input, pd.DataFrame) else model_input.keys())
+        if TEXT_COLUMN not in columns:
+            listed = ", ".join(repr(str(c)) for c in columns[:10]) or "none"
+            raise _refuse_text(f"no {TEXT_COLUMN!r} column (columns: {listed})")
+        model_input = model_input[TEXT_COLUMN]
+    if isinstance(model_input, str):
+        raise _refuse_text(f"{TEXT_COLUMN!r} is a single string, not a list of strings")
+    if isinstance(model_input, pd.Series):
+        values = model_input.tolist()
+    elif isinstance(model_input, np.ndarray):
+        if model_input.ndim != 1:
+            raise _refuse_text(f"an array of shape {model_input.shape}, not one string per row")
+        values = model_input.tolist()
+    elif isinstance(model_input, (list, tuple)):
+        values = list(model_input)
+    else:
+        raise _refuse_text(f"{type(model_input).__name__} input")
+    if not values:
+        raise _refuse_text("an empty batch (no rows)")
+    bad = [(row, value) for row, value in enumerate(values) if not isinstance(value, str)]
+    if bad:
+        listed = ", ".join(f"row {row}: {_kind(v)}" for row, v in bad[:10])
+        more = ", ..." if len(bad) > 10 else ""
+        raise _refuse_text(f"{len(bad)} row(s) not a string ({listed}{more})")
+    return values
+
+
 def prediction_frame(logits: np.ndarray, names: Sequence[str] | None = None) -> pd.DataFrame:
     """What the served model answers for logits ``[N, C]``.
 
@@ -226,10 +322,14 @@ def prediction_frame(logits: np.ndarray, names: Sequence[str] | None = None) -> 
 
 
 def model_signature(spec: Mapping[str, Any]) -> ModelSignature:
-    """The logged signature: a float32 tensor ``[-1, *input_shape]`` in; ``label`` (string),
-    ``class_id`` (long) and ``probabilities`` (array of double) columns out."""
+    """The logged signature: a float32 tensor ``[-1, *input_shape]`` in (a text model: a string
+    column ``text``); ``label`` (string), ``class_id`` (long) and ``probabilities`` (array of
+    double) columns out."""
+    text = spec.get("text") is not None
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *spec["input_shape"]))]),
+        inputs=Schema([ColSpec(DataType.string, TEXT_COLUMN)])
+        if text
+        else Schema([TensorSpec(np.dtype(np.float32), (-1, *spec["input_shape"]))]),
         outputs=Schema(
             [
                 ColSpec(DataType.string, "label"),
@@ -251,17 +351,53 @@ def pip_requirements(spec: Mapping[str, Any] | None = None) -> list[str]:
     mlflow and the libraries the shipped kd_lib imports while loading (numpy, pandas, pydantic,
     pyyaml, tabulate), plus the runtime of the model: onnxruntime for an ONNX artifact (the
     version its spec records, else the installed one; no torch), otherwise torch (and torchao
-    for a torchao backend). Read from package metadata: torch is not imported.
+    for a torchao backend); a text model adds tokenizers. Read from package metadata: torch is
+    not imported.
     """
     spec = spec or {}
     recorded = spec.get("versions") or {}
     pins = [f"mlflow=={mlflow.__version__}"] + [
         _pin(pkg) for pkg in ("numpy", "pandas", "pydantic", "pyyaml", "tabulate")
     ]
+    if spec.get("text") is not None:
+        pins.append(_pin("tokenizers"))
     if is_onnx(spec):
         return pins + [_pin("onnxruntime", recorded.get("onnxruntime"))]
     pins.append(_pin("torch"))
     return pins + [_pin(pkg, ver) for pkg, ver in sorted(recorded.items()) if pkg == "torchao"]
+
+
+def user_code_paths(arch: str) -> list[str]:
+    """The code a user architecture ``package.module:function`` needs where the model is loaded.
+
+    A torch artifact is rebuilt from its architecture at load time
+    (``kd_lib.models.builders.build_model`` imports ``package.module``), so the registered
+    model ships the top-level package's directory (or a top-level module's file) as an MLflow
+    ``code_paths`` entry: MLflow puts it on ``sys.path`` when it loads the model, and serving
+    works in a process where the package is not installed. A registered name (``resnet``)
+    needs nothing beyond kd_lib.
+
+    Returns:
+        ``[]`` for a registered name, else one path.
+
+    Raises:
+        RegistryError: the package cannot be found from this process.
+    """
+    if ":" not in arch:
+        return []
+    top = arch.partition(":")[0].split(".")[0]
+    found = importlib.util.find_spec(top) if top else None
+    if found is None:
+        raise RegistryError(
+            f"model arch {arch!r}: package {top!r} is not importable here, so its code cannot ship with the model",
+            "put the package on PYTHONPATH (or install it) for the register step",
+        )
+    locations = list(found.submodule_search_locations or [])
+    if locations:
+        return [locations[0]]
+    if found.origin is None:
+        raise RegistryError(f"model arch {arch!r}: module {top!r} has no file to ship with the model")
+    return [found.origin]
 
 
 def log_pyfunc(model_dir: str | Path, spec: dict[str, Any], pip_requirements: list[str]) -> tuple[str, str]:
@@ -269,14 +405,17 @@ def log_pyfunc(model_dir: str | Path, spec: dict[str, Any], pip_requirements: li
 
     The logged model carries the signature of ``model_signature`` and, as metadata, the class
     names (``class_names``, in class-id order), ``input_shape``, ``num_classes``, the artifact
-    ``format`` (``onnx`` or ``torch``), ``backend`` and ``quantization``.
+    ``format`` (``onnx`` or ``torch``), ``backend`` and ``quantization``. It ships kd_lib and,
+    for a user architecture, that package (``user_code_paths``) as ``code_paths``.
 
     Raises:
-        RegistryError: the spec's ``class_names`` do not match ``num_classes``.
+        RegistryError: the spec's ``class_names`` do not match ``num_classes``, or a user
+            architecture's package cannot be found.
     """
     names = class_names(spec)
     meta = {
         "class_names": names,
+        "input": TEXT_COLUMN if spec.get("text") is not None else "features",
         "input_shape": [int(d) for d in spec["input_shape"]],
         "num_classes": len(names),
         "format": "onnx" if is_onnx(spec) else "torch",
@@ -288,8 +427,9 @@ def log_pyfunc(model_dir: str | Path, spec: dict[str, Any], pip_requirements: li
         name="model",
         python_model=str(_PYFUNC_CODE),
         artifacts={MODEL_ARTIFACT_KEY: str(model_dir)},
-        # Ship kd_lib itself so the model loads where kdflow is not installed.
-        code_paths=[str(Path(kd_lib.__file__).parent)],
+        # Ship kd_lib itself so the model loads where kdflow is not installed, and a user
+        # architecture's package so it loads where that is not installed either.
+        code_paths=[str(Path(kd_lib.__file__).parent), *user_code_paths(str(spec.get("arch", "")))],
         pip_requirements=pip_requirements,
         signature=model_signature(spec),
         metadata={key: value for key, value in meta.items() if value is not None},

@@ -73,7 +73,9 @@ def verify_version(
         tracking_uri: The MLflow tracking (and registry) URI holding the model.
         model_name: The registered model.
         version: The version to check.
-        x_raw: ``[N, *input_shape]`` raw features, as the source data holds them (sent as float32).
+        x_raw: ``[N, *input_shape]`` raw features, as the source data holds them (sent as float32);
+            for a text model ``[N]`` raw strings (sent as a numpy unicode array, predicted as a
+            DataFrame column ``text``).
         expected_class_ids: ``[N]`` the class ids the model must predict (evaluate's).
         timeout_s: How long the child may take to load and predict before it is killed.
 
@@ -88,10 +90,12 @@ def verify_version(
             caller's mistake, not the model's).
     """
     uri = f"models:/{model_name}/{version}"
-    x = np.ascontiguousarray(x_raw, dtype=np.float32)
+    texts = np.asarray(x_raw).dtype.kind in "USO"
+    x = np.asarray(x_raw, dtype=np.str_) if texts else np.ascontiguousarray(x_raw, dtype=np.float32)
     expected = np.asarray(expected_class_ids).astype(np.int64).reshape(-1)
-    if x.ndim < 2 or len(x) == 0:
-        raise ValueError(f"verify_version: x_raw must be [N, *input_shape] with N >= 1, got shape {x.shape}")
+    if (x.ndim != 1 if texts else x.ndim < 2) or len(x) == 0:
+        wanted = "[N] strings" if texts else "[N, *input_shape]"
+        raise ValueError(f"verify_version: x_raw must be {wanted} with N >= 1, got shape {x.shape}")
     if len(x) != len(expected):
         raise ValueError(f"verify_version: {len(x)} input rows but {len(expected)} expected class ids")
     env = os.environ | {

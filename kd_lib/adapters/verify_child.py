@@ -2,7 +2,8 @@
 
 Run as ``python -m kd_lib.adapters.verify_child MODEL_URI X_NPY OUT_NPY`` by ``verify_version``,
 with ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false`` and the tracking and registry URIs in its
-environment. It reads ``X_NPY`` (float32 ``[N, *input_shape]``, raw features) with
+environment. It reads ``X_NPY`` (float32 ``[N, *input_shape]``, raw features; or, for a text
+model, a unicode array ``[N]`` of raw strings, predicted as a DataFrame column ``text``) with
 ``allow_pickle=False``, predicts with ``mlflow.pyfunc.load_model(MODEL_URI)`` and writes the
 predicted class ids (int64 ``[N]``) to ``OUT_NPY``. On failure it prints the traceback and, as
 its last stderr line, ``kdflow-verify: <stage> of <uri> failed: <error>``, and exits with 2.
@@ -44,6 +45,13 @@ def class_ids(prediction: Any) -> np.ndarray:
     )
 
 
+def model_input(values: np.ndarray) -> Any:
+    """What the model is given: numbers as they are; strings (a text model's) as a DataFrame column ``text``."""
+    if values.dtype.kind == "U":
+        return pd.DataFrame({"text": values.tolist()})
+    return values
+
+
 def main(argv: list[str]) -> int:
     """Load, predict, save; returns the exit status (0, or 2 on failure, 64 on bad arguments)."""
     if len(argv) != 3:
@@ -54,7 +62,7 @@ def main(argv: list[str]) -> int:
     try:
         model = mlflow.pyfunc.load_model(uri)
         stage = "predict"
-        ids = class_ids(model.predict(np.load(x_path, allow_pickle=False)))
+        ids = class_ids(model.predict(model_input(np.load(x_path, allow_pickle=False))))
     except Exception as err:  # every failure is the answer: report it, never raise
         traceback.print_exc()
         message = " ".join(str(err).split())[:1000]

@@ -4,6 +4,10 @@
 step reads it. ``splits.npz`` holds ``x_{train,val,test}`` float32 ``[N, *input_shape]``
 (normalized with the train split's statistics) and ``y_{train,val,test}`` int64 ``[N]``; it
 is read with ``allow_pickle=False``. ``meta.json`` is ``DatasetMeta`` as indented JSON.
+
+Text data (``data.text_column``): ``x_*`` are int64 token ids ``[N, max_length]``, right-padded,
+not normalized; ``meta.text`` (``TextMeta``) says how, and the directory also holds the
+tokenizer that made them, ``tokenizer.json`` (``kd_lib.data.text``).
 """
 
 from __future__ import annotations
@@ -11,18 +15,42 @@ from __future__ import annotations
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kd_lib.artifacts.base import Int, Number, Str, describe, read_json, write_json
 from kd_lib.artifacts.errors import ArtifactError
+from kd_lib.artifacts.model_dir import TOKENIZER_FILE
 
 SPLITS_FILE = "splits.npz"
 META_FILE = "meta.json"
 SPLIT_NAMES = ("train", "val", "test")
+# splits.npz key of text data's raw test strings (``Splits.test_texts``).
+TEST_TEXTS_KEY = "text_test"
 _FIX = "re-run the prepare_data step"
+
+
+class TextMeta(BaseModel):
+    """How the token ids of a text dataset were made.
+
+    Attributes:
+        tokenizer_file: The tokenizer in the dataset directory (``tokenizer.json``).
+        pad_id: The id rows are right-padded with (a model masks it out).
+        max_length: Ids per row, special tokens included (the input shape is ``[max_length]``).
+        vocab_size: Ids the tokenizer can produce: a model's embedding rows.
+        tokenizer_origin: ``trained`` (on the train split), ``teacher`` (the teacher's own) or
+            ``file`` (``data.tokenizer``).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    tokenizer_file: Str = TOKENIZER_FILE
+    pad_id: Int = Field(ge=0)
+    max_length: Int = Field(ge=1)
+    vocab_size: Int = Field(ge=1)
+    tokenizer_origin: Literal["trained", "teacher", "file"]
 
 
 class DatasetMeta(BaseModel):
@@ -40,6 +68,7 @@ class DatasetMeta(BaseModel):
         class_names: Index -> name (image sub-folders, or label names in a table); empty
             when labels are ids.
         test_source: ``data.test_source``, when the test split came from its own file.
+        text: Text data only: the tokenizer and padding of the token ids (``TextMeta``).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -53,16 +82,22 @@ class DatasetMeta(BaseModel):
     normalization: dict[str, Number | list[Number]] = Field(default_factory=dict)
     class_names: list[Str] = Field(default_factory=list)
     test_source: Str | None = None
+    text: TextMeta | None = None
 
 
 @dataclass
 class Splits:
     """Normalized train/val/test arrays plus their metadata: ``x[name]`` float32
-    ``[N, *input_shape]``, ``y[name]`` int64 ``[N]`` for each of SPLIT_NAMES."""
+    ``[N, *input_shape]`` (text: int64 token ids ``[N, max_length]``), ``y[name]`` int64 ``[N]``
+    for each of SPLIT_NAMES; ``tokenizer``: text data's ``tokenizer.json`` content;
+    ``test_texts``: text data's raw test strings (``x["test"]`` is their ids), what a served text
+    model is given when the registered version is verified."""
 
     x: dict[str, np.ndarray]
     y: dict[str, np.ndarray]
     meta: DatasetMeta
+    tokenizer: str | None = None
+    test_texts: list[str] | None = None
 
 
 def _not_prepared(directory: Path, detail: str) -> ArtifactError:
@@ -74,9 +109,32 @@ def save_splits(splits: Splits, directory: str | Path) -> Path:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     arrays: dict[str, Any] = {f"x_{n}": splits.x[n] for n in SPLIT_NAMES} | {f"y_{n}": splits.y[n] for n in SPLIT_NAMES}
+    if splits.test_texts is not None:  # a unicode array: read back with allow_pickle=False
+        arrays[TEST_TEXTS_KEY] = np.asarray(splits.test_texts, dtype=np.str_)
     np.savez(d / SPLITS_FILE, **arrays)
-    write_json(d / META_FILE, splits.meta.model_dump(), indent=2)
+    if splits.meta.text is not None:
+        if splits.tokenizer is None:
+            raise ValueError("text splits need their tokenizer (Splits.tokenizer) to be saved")
+        (d / splits.meta.text.tokenizer_file).write_text(splits.tokenizer, encoding="utf-8")
+    # A dataset without text writes meta.json exactly as before the field existed.
+    write_json(d / META_FILE, splits.meta.model_dump(exclude={"text"} if splits.meta.text is None else None), indent=2)
     return d
+
+
+def tokenizer_path(directory: str | Path, meta: DatasetMeta | None = None) -> Path | None:
+    """The ``tokenizer.json`` of a prepared text dataset directory; None for other data.
+
+    Raises:
+        ArtifactError: the data is text and the file is missing (named).
+    """
+    d = Path(directory)
+    meta = meta if meta is not None else read_meta(d)
+    if meta.text is None:
+        return None
+    path = d / meta.text.tokenizer_file
+    if not path.is_file():
+        raise _not_prepared(d, f"{path}: missing; a text dataset holds the tokenizer its ids were made with")
+    return path
 
 
 def read_meta(directory: str | Path) -> DatasetMeta:
@@ -107,6 +165,7 @@ def load_splits(directory: str | Path) -> Splits:
         with np.load(d / SPLITS_FILE, allow_pickle=False) as npz:
             xs = {n: npz[f"x_{n}"] for n in SPLIT_NAMES}
             ys = {n: npz[f"y_{n}"] for n in SPLIT_NAMES}
+            texts = npz[TEST_TEXTS_KEY].tolist() if TEST_TEXTS_KEY in npz.files else None
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
         raise _not_prepared(d, f"{d / SPLITS_FILE}: {err}") from None
-    return Splits(x=xs, y=ys, meta=meta)
+    return Splits(x=xs, y=ys, meta=meta, test_texts=texts)

@@ -44,6 +44,9 @@ LEGACY_WEIGHTS_FILE = "weights.pt"
 SPEC_FILE = "spec.json"
 # An ONNX Runtime artifact's model (kd_lib.compress.onnx_runtime), in place of the weights file.
 ONNX_FILE = "model.onnx"
+# A text model's tokenizer (a tokenizers JSON file, kd_lib.data.text): raw strings -> the ids it
+# takes. Beside the weights (or model.onnx) of every text model; the same file as the dataset's.
+TOKENIZER_FILE = "tokenizer.json"
 # spec.json's ``format`` of an ONNX artifact, and the ``backend`` that runs it.
 ONNX_FORMAT = "onnx"
 ONNX_BACKEND = "onnxruntime"
@@ -84,6 +87,8 @@ class ModelSpec(Record):
         format: ``onnx`` for an ONNX Runtime artifact (``model.onnx``); absent for torch weights.
         folded_normalization: The normalization an ONNX artifact's graph applies itself (its
             ``normalization`` is then the identity: it takes raw inputs).
+        text: A text model's ``DatasetMeta.text`` (``pad_id``, ``max_length``, ``vocab_size``,
+            ``tokenizer_origin``, ``tokenizer_file``); its directory holds ``tokenizer.json``.
     """
 
     model_config = ConfigDict(extra="allow")
@@ -107,6 +112,7 @@ class ModelSpec(Record):
     quantization_auto: dict[str, Any] | None = None
     format: Str | None = None
     folded_normalization: dict[str, Number | list[Number]] | None = None
+    text: dict[str, Any] | None = None
 
 
 class SelectionRecord(Record):

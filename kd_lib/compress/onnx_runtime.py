@@ -78,11 +78,14 @@ __all__ = [
     "build_onnx_artifact",
     "export_fp32_onnx",
     "folded_normalization",
+    "graph_io",
     "load_onnx_model",
     "quantize_onnx_file",
     "run_onnx",
     "save_onnx_model",
+    "taking_raw_inputs",
     "versions",
+    "weight_count",
 ]
 
 
@@ -152,8 +155,12 @@ def export_fp32_onnx(
     input_shape: Sequence[int],
     normalization: Mapping[str, Any] | None,
     path: str | Path,
+    token_ids: bool = False,
 ) -> Path:
     """Export an fp32 module to one self-contained ONNX file taking RAW inputs.
+
+    A text model (``token_ids``) takes int64 ids ``[B, L]`` with dynamic batch AND sequence
+    axes (``L`` up to ``input_shape[0]``, the max length); nothing is normalized or folded.
 
     The graph computes ``model((x - mean) / std)`` (``Normalized``), with a dynamic batch axis,
     input ``x`` ``[B, *input_shape]`` float32 and output ``logits`` ``[B, C]`` float32. The model
@@ -167,6 +174,7 @@ def export_fp32_onnx(
         normalization: ``{"mean", "std"}`` of the train split the model was trained on
             (scalars or per-channel lists); None or ``{}`` when its inputs are not normalized.
         path: The ``.onnx`` file to write (its directory is created).
+        token_ids: The model takes token ids (``kd_lib.models.text``), not float features.
 
     Returns:
         ``path``.
@@ -181,9 +189,16 @@ def export_fp32_onnx(
     shape = tuple(int(s) for s in input_shape)
     norm = dict(normalization or {})
     body = copy.deepcopy(model).cpu().eval()
+    if token_ids and not _is_identity(norm):
+        raise ValueError(f"a text model takes token ids: nothing to normalize, got normalization {norm}")
     wrapped = body if _is_identity(norm) else Normalized(body, norm, shape).eval()
     # Batch 2, not 1: the exporter specializes a size-1 dimension, even one marked dynamic.
     example = torch.zeros(2, *shape)
+    dynamic: dict[int, Any] = {0: torch.export.Dim("batch")}
+    if token_ids:
+        # Ids of real tokens (1), not padding: the sequence axis is dynamic up to the max length.
+        example = torch.ones(2, *shape, dtype=torch.int64)
+        dynamic[1] = torch.export.Dim("sequence", min=2, max=max(2, shape[0]))
     exporter_log = logging.getLogger("torch.onnx")
     level = exporter_log.level
     try:
@@ -198,7 +213,7 @@ def export_fp32_onnx(
                 (example,),
                 input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME],
-                dynamic_shapes=({0: torch.export.Dim("batch")},),
+                dynamic_shapes=(dynamic,),
                 dynamo=True,
                 verbose=False,
             )
@@ -274,6 +289,111 @@ def folded_normalization(path: str | Path) -> dict[str, Any] | None:
     proto = onnx.load_model(str(path), load_external_data=False)
     text = _metadata(proto).get(NORMALIZATION_KEY)
     return None if text is None else dict(json.loads(text))
+
+
+def graph_io(model_bytes: bytes, source: str) -> tuple[str, list[int | None], list[str]]:
+    """The one input of an ONNX graph and its outputs: ``(input name, per-sample shape, output names)``.
+
+    The per-sample shape drops the batch axis; a symbolic dimension is None.
+
+    Raises:
+        ArtifactError: not an ONNX model, or not exactly one input besides the initializers
+            (names ``source``).
+    """
+    try:
+        proto = onnx.load_model_from_string(model_bytes)
+    except Exception as err:  # protobuf's DecodeError and onnx's own types
+        raise ArtifactError(f"{source}: not an ONNX model ({type(err).__name__}: {str(err)[:200]})") from None
+    initializers = {i.name for i in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in initializers]
+    if len(inputs) != 1 or not proto.graph.output:
+        raise ArtifactError(
+            f"{source}: a classifier graph takes one input [B, *input_shape] and returns logits [B, C]; this one "
+            f"has inputs {[i.name for i in inputs]} and outputs {[o.name for o in proto.graph.output]}"
+        )
+    dims = inputs[0].type.tensor_type.shape.dim
+    shape = [d.dim_value if d.HasField("dim_value") else None for d in list(dims)[1:]]
+    return inputs[0].name, shape, [o.name for o in proto.graph.output]
+
+
+def taking_raw_inputs(model_bytes: bytes, normalization: Mapping[str, Any] | None, source: str) -> bytes:
+    """An ONNX classifier made into kdflow's ONNX artifact graph: RAW inputs, normalization folded in.
+
+    A file trained on ``(raw - mean) / std`` gets ``Sub`` and ``Div`` nodes in front of its own
+    (per-channel statistics broadcast over ``[B, C, H, W]``), so it takes the data's raw values
+    like ``export_fp32_onnx``'s graphs; only the first output (the logits) is kept. The folded
+    statistics go into the ``kdflow.normalization`` metadata, where ``save_onnx_model`` reads them.
+
+    Args:
+        model_bytes: The ``.onnx`` file's content: one input ``[B, *input_shape]`` float32,
+            first output ``[B, C]`` logits.
+        normalization: ``{"mean", "std"}`` the file expects, scalars or per-channel lists;
+            None or ``{}`` when it takes raw values.
+        source: The file, named in errors.
+
+    Returns:
+        The new model's bytes.
+
+    Raises:
+        ArtifactError: not an ONNX model, or not one input (``graph_io``).
+    """
+    name, shape, _ = graph_io(model_bytes, source)
+    proto = onnx.load_model_from_string(model_bytes)
+    del proto.graph.output[1:]  # logits only: a second output (probabilities) would confuse OrtModule
+    norm = dict(normalization or {})
+    if not _is_identity(norm):
+        normalized = f"{name}__kdflow_normalized"
+        for node in proto.graph.node:
+            for i, value in enumerate(node.input):
+                if value == name:
+                    node.input[i] = normalized
+        rank = len(shape)
+        stats = []
+        for key, default in (("mean", 0.0), ("std", 1.0)):
+            t = np.asarray(norm.get(key, default), dtype=np.float32)
+            if t.ndim == 1 and rank >= 1:  # per channel: [C, 1, ..., 1] against [B, C, ...]
+                t = t.reshape(-1, *([1] * (rank - 1)))
+            stats.append(onnx.numpy_helper.from_array(t, name=f"{name}__kdflow_{key}"))
+        proto.graph.initializer.extend(stats)
+        centered = f"{name}__kdflow_centered"
+        front = [
+            onnx.helper.make_node("Sub", [name, stats[0].name], [centered], name="kdflow_input_sub"),
+            onnx.helper.make_node("Div", [centered, stats[1].name], [normalized], name="kdflow_input_div"),
+        ]
+        nodes = [*front, *proto.graph.node]
+        del proto.graph.node[:]
+        proto.graph.node.extend(nodes)
+    _set_metadata(proto, {NORMALIZATION_KEY: json.dumps(norm, sort_keys=True)})
+    return proto.SerializeToString()
+
+
+# Initializer element types that hold weights (float, or 8-bit in a quantized graph); int64 and
+# int32 initializers are shapes and indices.
+_WEIGHT_TYPES = {
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.BFLOAT16,
+    onnx.TensorProto.DOUBLE,
+    onnx.TensorProto.INT8,
+    onnx.TensorProto.UINT8,
+}
+
+
+def weight_count(model_bytes: bytes) -> int:
+    """Number of weights of an ONNX model: the elements of its float and 8-bit initializers.
+
+    The counterpart of ``kd_lib.models.builders.count_parameters`` for a graph that has no
+    torch module, e.g. an imported ONNX teacher. BatchNorm folded into convolutions by the
+    exporter counts as the convolutions' bias (a few fewer than torch counts); a quantized
+    graph's scales and zero points count too.
+    """
+    proto = onnx.load_model_from_string(model_bytes)
+    graphs, total = [proto.graph], 0
+    while graphs:
+        graph = graphs.pop()
+        total += sum(int(np.prod(t.dims)) for t in graph.initializer if t.data_type in _WEIGHT_TYPES)
+        graphs += [a.g for n in graph.node for a in n.attribute if a.HasField("g")]
+    return total
 
 
 # --------------------------------------------------------------------------------------------
@@ -494,8 +614,15 @@ def build_onnx_artifact(
     normalization = data.get("normalization")
     if data.get("format") == FORMAT:
         raise QuantizationError("build_onnx_artifact: the spec given is already an ONNX artifact's; pass the fp32 spec")
+    token_ids = data.get("text") is not None  # a text model's spec records its tokenizer's ids
+    if token_ids and scheme == "onnx_static_int8":
+        raise QuantizationError(
+            "onnx_static_int8 is not offered for text models: ORT's static quantization calibrates float "
+            "activations from float inputs, and a text model's input is int64 token ids",
+            "use onnx_dynamic_int8 (the int8 scheme for transformers) or onnx_fp32",
+        )
     with tempfile.TemporaryDirectory() as tmp:
-        path = export_fp32_onnx(model, data["input_shape"], normalization, Path(tmp) / "fp32.onnx")
+        path = export_fp32_onnx(model, data["input_shape"], normalization, Path(tmp) / "fp32.onnx", token_ids)
         if scheme != "onnx_fp32":
             path = quantize_onnx_file(path, Path(tmp) / "int8.onnx", scheme, calibration_raw)
             if scheme == "onnx_static_int8" and "calibration" not in data:
@@ -538,6 +665,8 @@ class OrtModule(nn.Module):
         self.output_name = session.get_outputs()[0].name
         # Per-sample input shape as the graph declares it (the batch axis dropped; None = symbolic).
         self.input_shape = tuple(d if isinstance(d, int) else None for d in session.get_inputs()[0].shape[1:])
+        # A text model's graph takes int64 token ids; every other one float32 features.
+        self.input_dtype = torch.int64 if session.get_inputs()[0].type == "tensor(int64)" else torch.float32
 
     @classmethod
     def from_file(cls, path: str | Path) -> OrtModule:
@@ -587,7 +716,8 @@ class OrtModule(nn.Module):
         """Logits of ``x``.
 
         Args:
-            x: ``[B, *input_shape]`` RAW inputs (cast to float32, moved to CPU).
+            x: ``[B, *input_shape]`` RAW inputs (cast to float32, or int64 for a text model's
+                token ids; moved to CPU).
 
         Returns:
             ``[B, C]`` float32 logits on CPU.
@@ -595,14 +725,15 @@ class OrtModule(nn.Module):
         Raises:
             ValueError: ONNX Runtime refuses the input (wrong rank or shape), naming both.
         """
-        feed = x.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
+        feed = x.detach().to(device="cpu", dtype=self.input_dtype).contiguous().numpy()
         try:
             (logits,) = self.session().run([self.output_name], {self.input_name: feed})
         except Exception as err:  # InvalidArgument for a wrong shape, among ORT's own types
             expected = ", ".join("?" if d is None else str(d) for d in self.input_shape)
+            dtype = str(self.input_dtype).removeprefix("torch.")
             raise ValueError(
                 f"{self.source}: ONNX Runtime refused input of shape {tuple(x.shape)}; the model takes "
-                f"[B, {expected}] float32 ({type(err).__name__}: {str(err)[:200]})"
+                f"[B, {expected}] {dtype} ({type(err).__name__}: {str(err)[:200]})"
             ) from None
         return torch.from_numpy(logits)
 

@@ -40,7 +40,14 @@ from kd_lib.config.cluster import (
     memory_bytes,
 )
 from kd_lib.config.compress import DEFAULT_CANDIDATES, ONNX_SCHEMES, TORCH_SCHEMES, QuantizeConfig
-from kd_lib.config.data import SOURCE_SUFFIXES, TABULAR_SUFFIXES, AugmentConfig, DataConfig, source_kind
+from kd_lib.config.data import (
+    SOURCE_SUFFIXES,
+    TABULAR_SUFFIXES,
+    TEXT_SAMPLES,
+    AugmentConfig,
+    DataConfig,
+    source_kind,
+)
 from kd_lib.config.evaluate import EvaluateConfig, GateConfig
 from kd_lib.config.load import apply_override, config_from_json, load_config, parse_config
 from kd_lib.config.pipeline import PipelineConfig
@@ -64,6 +71,7 @@ __all__ = [
     "SOURCE_SUFFIXES",
     "STEP_NAMES",
     "TABULAR_SUFFIXES",
+    "TEXT_SAMPLES",
     "TEMPERATURE_LOSSES",
     "AugmentConfig",
     "ClusterConfig",

@@ -41,14 +41,21 @@ class AugmentConfig(_Strict):
 
 # What a data source is, from its name alone (the config is checked where the data may not be).
 TABULAR_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
-SOURCE_SUFFIXES = {".npz": "npz", **TABULAR_SUFFIXES}
+# JSON Lines: one object per line; text data only (kd_lib.data.text reads it).
+TEXT_SUFFIXES = {**TABULAR_SUFFIXES, ".jsonl": "jsonl"}
+SOURCE_SUFFIXES = {".npz": "npz", **TEXT_SUFFIXES}
+# Labelled text files shipped in the package (kd_lib/data/samples/<name>.csv): no download.
+TEXT_SAMPLES = ("movie_toy",)
 
 
 def source_kind(source: str) -> str:
-    """``'digits'``, ``'npz'``, ``'csv'``, ``'parquet'``, ``'folder'`` (no suffix, or a trailing
-    ``/``: a directory or s3 prefix of class sub-folders) or ``'unknown'`` (another suffix)."""
+    """``'digits'``, ``'text_sample'`` (a name in TEXT_SAMPLES), ``'npz'``, ``'csv'``,
+    ``'parquet'``, ``'jsonl'``, ``'folder'`` (no suffix, or a trailing ``/``: a directory or s3
+    prefix of class sub-folders) or ``'unknown'`` (another suffix)."""
     if source == "digits":
         return "digits"
+    if source in TEXT_SAMPLES:
+        return "text_sample"
     if source.endswith("/"):
         return "folder"
     suffix = Path(source.rsplit("/", 1)[-1]).suffix.lower()
@@ -104,11 +111,29 @@ class DataConfig(_Strict):
         "L", description="Image folders: 'L' reads images as grayscale [1, H, W], 'RGB' as colour [3, H, W]."
     )
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Training-batch augmentation.")
+    text_column: str | None = Field(
+        None,
+        min_length=1,
+        description="Text classification: the column (CSV/parquet) or key (.jsonl) holding each sample's text. "
+        "Setting it turns text mode on: samples become token ids [max_length] (kd_lib.data.text).",
+    )
+    max_length: int = Field(
+        128, ge=2, description="Text: tokens per sample, [CLS] and [SEP] included; longer texts are truncated."
+    )
+    vocab_size: int = Field(
+        8000, ge=16, description="Text: vocabulary size of a tokenizer trained on the train split (tokenizer: train)."
+    )
+    tokenizer: str = Field(
+        "auto",
+        min_length=1,
+        description="Text: 'auto' (the teacher's own tokenizer when it has one, else 'train'), 'train' (a WordPiece "
+        "tokenizer trained on the train split only), or a local path or s3:// URI of a tokenizers tokenizer.json.",
+    )
 
-    @field_validator("source", "test_source")
+    @field_validator("source", "test_source", "tokenizer")
     @classmethod
     def _local_or_s3(cls, source: str | None) -> str | None:
-        if source is None or source == "digits":
+        if source is None or source in ("digits", "auto", "train", *TEXT_SAMPLES):
             return source
         scheme = urlparse(source).scheme
         # One-letter schemes are Windows drive letters (C:\data.csv), not URLs.
@@ -131,6 +156,12 @@ class DataConfig(_Strict):
         # "unknown" (a name with another suffix) may be a directory: only clear mismatches are errors here.
         kind = source_kind(self.source).replace("unknown", "folder")
         tabular = kind in ("csv", "parquet")
+        if self.text_column is not None:
+            return self._text_options_fit(kind)
+        if kind in ("jsonl", "text_sample"):
+            raise ValueError(f"{self.source!r} holds text: set data.text_column to the column of texts")
+        if self.tokenizer != "auto":
+            raise ValueError("tokenizer applies to text data (data.text_column set)")
         if self.pixel_column is not None and self.feature_columns is not None:
             raise ValueError("set either pixel_column (one column of flattened pixels) or feature_columns, not both")
         if self.pixel_column is not None and self.image_shape is None:
@@ -159,4 +190,23 @@ class DataConfig(_Strict):
                     f"test_source {self.test_source!r} must have the format of source {self.source!r} "
                     f"({source_kind(self.test_source)} vs {kind})"
                 )
+        return self
+
+    def _text_options_fit(self, kind: str) -> DataConfig:
+        if kind not in ("csv", "parquet", "jsonl", "text_sample"):
+            raise ValueError(
+                f"text_column {self.text_column!r} needs a .csv, .parquet or .jsonl source (or one of "
+                f"{list(TEXT_SAMPLES)}), not {self.source!r}"
+            )
+        if self.text_column == self.label_column:
+            raise ValueError(f"label_column and text_column are both {self.text_column!r}")
+        image_options = ("pixel_column", "feature_columns", "image_shape", "image_size")
+        set_options = [name for name in image_options if getattr(self, name) is not None]
+        if set_options or self.image_mode != "L" or self.augment.enabled:
+            what = ", ".join(set_options) or ("image_mode" if self.image_mode != "L" else "augment")
+            raise ValueError(f"{what} do(es) not apply to text data (text_column set); remove it")
+        if self.test_source is not None:
+            test_kind = source_kind(self.test_source)
+            if test_kind not in ("csv", "parquet", "jsonl", "text_sample"):
+                raise ValueError(f"test_source {self.test_source!r} must be a .csv, .parquet or .jsonl file of texts")
         return self

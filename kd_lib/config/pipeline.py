@@ -16,7 +16,7 @@ from kd_lib.config.data import AugmentConfig, DataConfig
 from kd_lib.config.evaluate import EvaluateConfig, GateConfig
 from kd_lib.config.sweep import CANDIDATE_PATTERN, TEMPERATURE_LOSSES, SweepConfig
 from kd_lib.config.tracking import RegistryConfig, TrackingConfig
-from kd_lib.config.train import DistillConfig, StudentConfig, TeacherConfig
+from kd_lib.config.train import FEATURE_LOSSES, DistillConfig, StudentConfig, TeacherConfig
 
 
 class PipelineConfig(_Strict):
@@ -90,6 +90,35 @@ class PipelineConfig(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _huggingface_teacher_reads_text(self) -> PipelineConfig:
+        if self.teacher.source != "huggingface":
+            return self
+        if self.data.text_column is None:
+            raise ValueError(
+                "teacher.source 'huggingface' classifies text: set data.text_column (and a text source), "
+                "or use another teacher.source"
+            )
+        if self.data.tokenizer == "train":
+            raise ValueError(
+                "data.tokenizer 'train' gives the data another vocabulary than the huggingface teacher's: "
+                "use 'auto' (the teacher's tokenizer.json) or the path of that tokenizer.json"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _onnx_teacher_gives_logits_only(self) -> PipelineConfig:
+        # An ONNX graph is run whole by ONNX Runtime: its intermediate feature maps are not
+        # reachable, so feature losses have nothing to read.
+        features = sorted({t.name for t in self.distill.losses if t.name in FEATURE_LOSSES and t.weight > 0})
+        if self.teacher.source == "onnx" and features:
+            raise ValueError(
+                f"teacher.source 'onnx' gives logits only, but distill.losses uses the feature loss(es) "
+                f"{', '.join(features)}, which read the teacher's intermediate layers: use logit losses "
+                "(kd, dkd, ce), or a teacher kdflow can run in torch (source train, mlflow or checkpoint)"
+            )
+        return self
+
     def to_json(self) -> str:
         """Canonical JSON (sorted keys): what crosses the KFP boundary and what is hashed."""
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
@@ -116,14 +145,17 @@ class PipelineConfig(_Strict):
 
     def _unset_extensions(self) -> dict[str, Any]:
         """The fields added after hashes were in use, where left at their default (``sweep``,
-        ``candidate``, a step's ``train.augment`` and ``train.keep``), as a ``model_dump`` exclude:
-        kept out of the hash, so a config without them hashes as it did before they existed."""
+        ``candidate``, a step's ``train.augment``, ``train.keep`` and ``train.sync_batchnorm``),
+        as a ``model_dump`` exclude: kept out of the hash, so a config without them hashes as it
+        did before they existed."""
         unset: dict[str, Any] = {name: True for name in ("sweep", "candidate") if getattr(self, name) is None}
         # Fields added later, each left out of the hash while at its declared default.
         added_later = {
             "quantize": ("candidates", "select"),
             "gate": ("max_latency_ms", "min_speedup"),
             "distill": ("promote",),
+            "teacher": ("fine_tune", "input_normalization"),
+            "data": ("text_column", "max_length", "vocab_size", "tokenizer"),
         }
         for section_name, names in added_later.items():
             section = getattr(self, section_name)
@@ -138,7 +170,9 @@ class PipelineConfig(_Strict):
         for step in ("teacher", "distill"):
             train = getattr(self, step).train
             defaults = {
-                name: True for name, default in (("augment", None), ("keep", "best")) if getattr(train, name) == default
+                name: True
+                for name, default in (("augment", None), ("keep", "best"), ("sync_batchnorm", False))
+                if getattr(train, name) == default
             }
             if defaults:
                 unset.setdefault(step, {})["train"] = defaults

@@ -8,7 +8,11 @@ Sources (``data.source``, and optionally ``data.test_source``), each a local pat
 - ``.npz`` with arrays ``x`` ``[N, ...]`` and ``y`` ``[N]``;
 - ``.csv`` / ``.parquet``: a label column (class ids or class names) plus numeric feature
   columns, or one column of flattened pixels reshaped by ``data.image_shape``;
-- a directory (or s3 prefix) with one sub-folder of PNG/JPEG images per class.
+- a directory (or s3 prefix) with one sub-folder of PNG/JPEG images per class;
+- text (``data.text_column`` set): a ``.csv``, ``.parquet`` or ``.jsonl`` file with a text
+  column and a label column, or a labelled text file shipped in the package (``movie_toy``,
+  ``kd_lib/data/samples/``). The texts are tokenized (``kd_lib.data.text``) into int64 ids
+  ``[N, max_length]`` with a tokenizer trained on the train split (or the teacher's, or a file).
 
 Arrays on disk and between steps are numpy; ``x`` is float32 ``[N, *input_shape]`` (images
 as ``[N, C, H, W]``), ``y`` is int64 ``[N]``. Nothing here is pickled: npz files are read with
@@ -25,27 +29,23 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from kd_lib.artifacts.dataset_dir import SPLIT_NAMES, DatasetMeta, Splits
+from kd_lib.artifacts.dataset_dir import SPLIT_NAMES, DatasetMeta, Splits, TextMeta
 from kd_lib.config import DataConfig, source_kind
+from kd_lib.data import text as text_lib
+from kd_lib.data.errors import DataError
 from kd_lib.data.normalization import normalization_stats, normalize
-from kd_lib.errors import KdflowError
 
 if TYPE_CHECKING:
     import pandas as pd
+    from tokenizers import Tokenizer
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # (remote URI, scratch directory for the download) -> the local file or directory it became.
 Fetch = Callable[[str, Path], Path]
-
-
-class DataError(KdflowError, ValueError):
-    """The dataset is missing, corrupt or mislabeled; the message names the file and the fix."""
-
-    default_fix = "fix the data named above, or point data.source at another dataset"
 
 
 @dataclass
@@ -56,6 +56,7 @@ class Labeled:
     x: np.ndarray
     y: np.ndarray
     class_names: list[str] = field(default_factory=list)
+    texts: list[str] | None = None  # text data: the N texts (``x`` is then empty until tokenized)
 
 
 def _load_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -114,6 +115,9 @@ def _read_table(path: Path, kind: str, origin: str) -> pd.DataFrame:
     if not path.is_file():
         raise DataError(f"{origin}: no such file; set data.source (or data.test_source) to an existing .{kind} file")
     try:
+        if kind == "jsonl":
+            # dtype=False: a text of digits stays a string, a label stays as written.
+            return pd.read_json(path, lines=True, dtype=False)
         return pd.read_csv(path) if kind == "csv" else pd.read_parquet(path, engine="pyarrow")
     except (ValueError, OSError, pyarrow.ArrowException) as err:
         # pandas' and pyarrow's parse errors are ValueErrors (UnicodeDecodeError included).
@@ -214,6 +218,41 @@ def _load_table(path: Path, kind: str, cfg: DataConfig, origin: str) -> Labeled:
     return Labeled(_reshape(x, cfg.image_shape, origin), y, names)
 
 
+def _load_text_table(path: Path, kind: str, cfg: DataConfig, origin: str) -> Labeled:
+    """A CSV/parquet/JSON Lines table of texts: ``cfg.text_column`` plus ``cfg.label_column``."""
+    assert cfg.text_column is not None  # text mode
+    df = _read_table(path, kind, origin)
+    columns = [str(c) for c in df.columns]
+    df.columns = columns
+    for role, name in (("text", cfg.text_column), ("label", cfg.label_column)):
+        if name not in columns:
+            raise DataError(
+                f"{origin}: no {role} column {name!r}; the file has columns {columns}. Set data.{role}_column "
+                "to the right name"
+            )
+    if len(df) == 0:
+        raise DataError(f"{origin}: the file has no rows")
+    texts: list[str] = []
+    for row, value in enumerate(df[cfg.text_column].tolist()):
+        if not isinstance(value, str):
+            raise DataError(
+                f"{origin}: text column {cfg.text_column!r}, data row {row}: not a string ({value!r}); "
+                "every row needs a text"
+            )
+        if not value.strip():
+            raise DataError(
+                f"{origin}: text column {cfg.text_column!r}, data row {row}: empty text; fill in or drop the row"
+            )
+        texts.append(value)
+    y, names = _table_labels(df[cfg.label_column], cfg.label_column, origin)
+    return Labeled(np.empty((len(texts), 0), dtype=np.int64), y, names, texts)
+
+
+def sample_path(name: str) -> Path:
+    """The file of a labelled text sample shipped in the package (``TEXT_SAMPLES``)."""
+    return Path(__file__).resolve().parent / "samples" / f"{name}.csv"
+
+
 def _read_image(path: Path, shown: str, mode: str, size: list[int] | None) -> np.ndarray:
     """One image file -> ``[C, H, W]`` float32 (0..255); C is 1 for mode L, 3 for RGB."""
     from PIL import Image, UnidentifiedImageError  # lazy: Pillow only for image-folder sources
@@ -297,6 +336,12 @@ def read_source(source: str, cfg: DataConfig, scratch: str | Path, fetch: Fetch 
     kind = source_kind(source)
     if kind == "digits":
         return Labeled(*_load_digits())
+    if cfg.text_column is not None:
+        if kind == "text_sample":
+            return _load_text_table(sample_path(source), "csv", cfg, source)
+        if kind not in ("csv", "parquet", "jsonl"):
+            raise DataError(f"{source}: text data (data.text_column) is read from a .csv, .parquet or .jsonl file")
+        return _load_text_table(_local(source, scratch, fetch), kind, cfg, source)
     local = _local(source, scratch, fetch)
     if local.is_dir() and kind in ("folder", "unknown"):
         return _load_image_folder(local, cfg, source)
@@ -337,7 +382,7 @@ def _align_test(train: Labeled, test: Labeled, source: str, test_source: str) ->
                 "add training samples for them or remove them from the test set"
             )
         remap = np.array([ids[n] for n in test.class_names], dtype=np.int64)
-        return Labeled(test.x, remap[test.y], list(train.class_names))
+        return Labeled(test.x, remap[test.y], list(train.class_names), test.texts)
     unknown_ids = sorted({int(c) for c in np.unique(test.y)} - {int(c) for c in np.unique(train.y)})
     if unknown_ids:
         raise DataError(
@@ -370,6 +415,11 @@ def validate(x: np.ndarray, y: np.ndarray, num_classes: int | None, origin: str)
             f"{origin}: 'x' contains {int(bad.sum())} NaN/inf value(s) (first in sample {first}); "
             "clean or drop those samples"
         )
+    return _label_count(y, num_classes, origin)
+
+
+def _label_count(y: np.ndarray, num_classes: int | None, origin: str) -> int:
+    """The number of classes (``num_classes``, or inferred), after checking every label is in range."""
     inferred = int(y.max()) + 1
     n = num_classes if num_classes is not None else inferred
     out_of_range = (y < 0) | (y >= n)
@@ -431,8 +481,79 @@ def stratified_split(
     return train, val, test
 
 
-def prepare(cfg: DataConfig, fetch: Fetch | None = None) -> Splits:
+def _check_all_present(y: np.ndarray, num_classes: int, origin: str) -> None:
+    present = np.unique(y)
+    if present.size < num_classes:
+        missing = _first_missing(present, num_classes)
+        more = num_classes - present.size - len(missing)
+        raise DataError(
+            f"{origin}: class(es) {missing}{f' and {more} more' if more else ''} have no samples; "
+            "fix the data or data.num_classes"
+        )
+
+
+# Which tokenizer encodes text data: "teacher" / "file" (loaded) or "trained" (None: train one).
+_TokenizerChoice = tuple[Literal["trained", "teacher", "file"], "Tokenizer | None"]
+
+
+def _text_tokenizer(cfg: DataConfig, scratch: Path, fetch: Fetch | None, teacher: Path | None) -> _TokenizerChoice:
+    """``data.tokenizer`` resolved: the teacher's (``auto`` with one), a file's, or None to train one."""
+    if cfg.tokenizer == "auto" and teacher is not None:
+        return "teacher", text_lib.load_tokenizer(teacher)
+    if cfg.tokenizer in ("auto", "train"):
+        return "trained", None
+    return "file", text_lib.load_tokenizer(_local(cfg.tokenizer, scratch, fetch))
+
+
+def _prepare_text(cfg: DataConfig, train: Labeled, test: Labeled | None, choice: _TokenizerChoice) -> Splits:
+    """Split, tokenize and describe text data (``prepare`` with ``data.text_column`` set)."""
+    assert train.texts is not None
+    texts, y = train.texts, train.y
+    num_classes = _label_count(y, cfg.num_classes, cfg.source)
+    _check_all_present(y, num_classes, cfg.source)
+    fp = text_lib.text_fingerprint(texts, y)
+    if test is None:
+        idx = dict(zip(SPLIT_NAMES, stratified_split(y, cfg.val_fraction, cfg.test_fraction, cfg.seed), strict=True))
+        split_texts = {name: [texts[i] for i in ids] for name, ids in idx.items()}
+        ys = {name: y[ids] for name, ids in idx.items()}
+    else:
+        assert cfg.test_source is not None and test.texts is not None
+        test = _align_test(train, test, cfg.source, cfg.test_source)
+        assert test.texts is not None
+        _label_count(test.y, num_classes, cfg.test_source)
+        train_idx, val_idx, _ = stratified_split(y, cfg.val_fraction, 0.0, cfg.seed)
+        split_texts = {"train": [texts[i] for i in train_idx], "val": [texts[i] for i in val_idx], "test": test.texts}
+        ys = {"train": y[train_idx], "val": y[val_idx], "test": test.y}
+        fp = hashlib.sha256(f"{fp}:{text_lib.text_fingerprint(test.texts, test.y)}".encode()).hexdigest()
+    origin, tokenizer = choice
+    if tokenizer is None:
+        tokenizer = text_lib.train_tokenizer(split_texts["train"], cfg.vocab_size)  # train split only: no leakage
+    xs = {name: text_lib.encode(tokenizer, split_texts[name], cfg.max_length) for name in SPLIT_NAMES}
+    meta = DatasetMeta(
+        source=cfg.source,
+        fingerprint=fp,
+        num_classes=num_classes,
+        input_shape=[cfg.max_length],
+        sizes={name: int(ys[name].size) for name in SPLIT_NAMES},
+        class_counts={name: np.bincount(ys[name], minlength=num_classes).tolist() for name in SPLIT_NAMES},
+        normalization={},
+        class_names=list(train.class_names),
+        test_source=cfg.test_source,
+        text=TextMeta(
+            pad_id=text_lib.pad_id(tokenizer),
+            max_length=cfg.max_length,
+            vocab_size=text_lib.vocabulary_size(tokenizer),
+            tokenizer_origin=origin,
+        ),
+    )
+    return Splits(x=xs, y=ys, meta=meta, tokenizer=tokenizer.to_str(pretty=True), test_texts=split_texts["test"])
+
+
+def prepare(cfg: DataConfig, fetch: Fetch | None = None, teacher_tokenizer: str | Path | None = None) -> Splits:
     """Load, validate, split and normalize ``cfg.source`` (and ``cfg.test_source``).
+
+    Text data (``cfg.text_column``) is split the same way, then tokenized into int64 ids
+    ``[N, max_length]`` (not normalized); ``meta.text`` and ``Splits.tokenizer`` say how.
 
     Without ``test_source``, one seeded stratified split gives train/val/test; with it, the
     test split is that whole file and train/val are split from ``source``. Normalization
@@ -443,6 +564,8 @@ def prepare(cfg: DataConfig, fetch: Fetch | None = None) -> Splits:
         cfg: the ``data`` section of the pipeline config.
         fetch: downloads an ``s3://`` source (``Fetch``), e.g. ``kd_lib.adapters.storage.fetch``
             bound to ``tracking.retry``; local sources need none.
+        teacher_tokenizer: Text data: the teacher's own ``tokenizer.json``, used with
+            ``data.tokenizer: auto`` (else a tokenizer is trained on the train split).
 
     Raises:
         DataError: the data is missing, unreadable, mislabeled or inconsistent (naming the file),
@@ -450,21 +573,17 @@ def prepare(cfg: DataConfig, fetch: Fetch | None = None) -> Splits:
         Exception: whatever ``fetch`` raises for a source it cannot download
             (``kd_lib.adapters.storage.StorageError`` in a pipeline).
     """
+    teacher = Path(teacher_tokenizer) if teacher_tokenizer is not None else None
     with tempfile.TemporaryDirectory(prefix="kdflow-data-") as scratch:
         train = read_source(cfg.source, cfg, Path(scratch) / "source", fetch)
         test = None
         if cfg.test_source is not None:
             test = read_source(cfg.test_source, cfg, Path(scratch) / "test_source", fetch)
+        if cfg.text_column is not None:
+            return _prepare_text(cfg, train, test, _text_tokenizer(cfg, Path(scratch) / "tokenizer", fetch, teacher))
     x, y = train.x, train.y
     num_classes = validate(x, y, cfg.num_classes, origin=cfg.source)
-    present = np.unique(y)
-    if present.size < num_classes:
-        missing = _first_missing(present, num_classes)
-        more = num_classes - present.size - len(missing)
-        raise DataError(
-            f"{cfg.source}: class(es) {missing}{f' and {more} more' if more else ''} have no samples; "
-            "fix the data or data.num_classes"
-        )
+    _check_all_present(y, num_classes, cfg.source)
     fp = fingerprint(x, y)
     if test is None:
         idx = dict(zip(SPLIT_NAMES, stratified_split(y, cfg.val_fraction, cfg.test_fraction, cfg.seed), strict=True))

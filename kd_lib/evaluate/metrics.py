@@ -20,18 +20,19 @@ from kd_lib.artifacts.model_dir import PROVENANCE_FILES
 from kd_lib.train.inference import compute_logits
 
 
-def predict(model: nn.Module, x: Tensor, batch_size: int = 512) -> Tensor:
+def predict(model: nn.Module, x: Tensor, batch_size: int = 512, pad_id: int | None = None) -> Tensor:
     """Predicted class of every sample (eval mode, no grad, CPU).
 
     Args:
         model: Maps ``[B, *input_shape]`` to ``[B, C]`` logits.
-        x: ``[N, *input_shape]`` float32.
+        x: ``[N, *input_shape]`` float32 (text: int64 token ids).
         batch_size: Samples per forward pass.
+        pad_id: Text data's padding id: batches are trimmed to their longest row.
 
     Returns:
         ``[N]`` int64 argmax labels.
     """
-    return compute_logits(model, x, batch_size=batch_size, device="cpu").argmax(dim=1)
+    return compute_logits(model, x, batch_size=batch_size, device="cpu", pad_id=pad_id).argmax(dim=1)
 
 
 def _check_pair(pred: Tensor, y: Tensor) -> None:

@@ -19,6 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from kd_lib.config import ConfigError
+from kd_lib.models import huggingface
+from kd_lib.models import text as text_models
+from kd_lib.models.resnet import resnet
 from kd_lib.plugins import Registry
 
 ModelBuilder = Callable[..., nn.Module]
@@ -142,6 +145,15 @@ def cnn(
     return nn.Sequential(*layers)
 
 
+# CIFAR-style ResNet-(6n+2), defined in kd_lib.models.resnet.
+MODELS.register("resnet")(resnet)
+# A Hugging Face sequence classifier rebuilt from its saved configuration (kd_lib.models.huggingface).
+MODELS.register(huggingface.ARCH)(huggingface.build)
+# Text classifiers on token ids (kd_lib.models.text): transformer, bilstm, textcnn.
+for _name in text_models.ARCHS:
+    MODELS.register(_name)(getattr(text_models, _name))
+
+
 def _resolve_builder(arch: str) -> ModelBuilder:
     if ":" not in arch:
         return MODELS.get(arch)
@@ -184,7 +196,7 @@ def build_model(
     """Build a model by registry name or ``"package.module:function"``.
 
     Args:
-        arch: A name in ``MODELS`` (``"mlp"``, ``"cnn"``) or ``"package.module:function"``.
+        arch: A name in ``MODELS`` (``"mlp"``, ``"cnn"``, ``"resnet"``) or ``"package.module:function"``.
         params: Keyword arguments of the builder (``{"width": 32}``); None means none.
         input_shape: Per-sample shape, e.g. ``(1, 28, 28)`` or ``(64,)``.
         num_classes: Number of output logits C.
@@ -218,6 +230,19 @@ def build_model(
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model {arch!r}: the builder returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def text_params(arch: str, vocab_size: int, pad_id: int) -> dict[str, int]:
+    """What text data gives a model's builder: ``vocab_size`` and ``pad_id``, those of them the
+    builder of ``arch`` accepts. The step that builds a model on text data merges them into the
+    configured params (``kd_lib.steps.inputs.model_params``), and the spec records them.
+
+    Raises:
+        UnknownNameError, ConfigError: ``arch`` names no builder (as ``build_model``).
+    """
+    accepted, takes_any = _accepted_params(_resolve_builder(arch))
+    given = {"vocab_size": int(vocab_size), "pad_id": int(pad_id)}
+    return {name: value for name, value in given.items() if takes_any or name in accepted}
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -3,13 +3,15 @@ start without loading torch): the step error, a model's spec, the gate record.""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
 from kd_lib.adapters.model_registry import gate_tags
 from kd_lib.artifacts import EvaluationRecord, parse_evaluation
-from kd_lib.artifacts.dataset_dir import DatasetMeta
+from kd_lib.artifacts.dataset_dir import DatasetMeta, tokenizer_path
+from kd_lib.artifacts.model_dir import TOKENIZER_FILE
 from kd_lib.config import PipelineConfig
 from kd_lib.errors import KdflowError
 from kd_lib.evaluate import gates
@@ -42,19 +44,27 @@ def owns_parent(cfg: PipelineConfig) -> bool:
     return cfg.candidate is None
 
 
-def model_spec(model_cfg: Any, meta: DatasetMeta, role: str, run_id: str) -> dict[str, Any]:
+def model_spec(
+    model_cfg: Any, meta: DatasetMeta, role: str, run_id: str, params: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """The ``spec.json`` of a model a step trained (or imported from a checkpoint) on this data.
+
+    On text data the spec also holds ``text`` (``meta.text``: the tokenizer's pad id, max
+    length, vocabulary size and origin); the model directory carries the ``tokenizer.json``
+    itself (``carry_tokenizer``).
 
     Args:
         model_cfg: The ``ModelConfig`` it was built from (architecture and parameters).
         meta: The dataset it was trained on (input shape, classes, normalization, fingerprint).
         role: ``teacher``, ``student`` or ``baseline``.
         run_id: The MLflow run of the step that made it.
+        params: The params it was built with when they differ from ``model_cfg.params`` (text
+            data adds ``vocab_size`` and ``pad_id``: ``kd_lib.steps.inputs.model_params``).
     """
-    return {
+    spec = {
         "role": role,
         "arch": model_cfg.arch,
-        "params": dict(model_cfg.params),
+        "params": dict(model_cfg.params if params is None else params),
         "input_shape": list(meta.input_shape),
         "num_classes": meta.num_classes,
         "quantization": "none",
@@ -62,6 +72,22 @@ def model_spec(model_cfg: Any, meta: DatasetMeta, role: str, run_id: str) -> dic
         "dataset_fingerprint": meta.fingerprint,
         "mlflow_run_id": run_id,
     }
+    if meta.text is not None:
+        spec["text"] = meta.text.model_dump()
+    return spec
+
+
+def carry_tokenizer(dataset_dir: str | Path, meta: DatasetMeta, directory: str | Path) -> None:
+    """Copy text data's ``tokenizer.json`` into a model directory (``model_dir.TOKENIZER_FILE``),
+    so the model turns raw strings into the ids it was trained on; nothing for other data.
+
+    Raises:
+        ArtifactError: the data is text and its tokenizer file is missing.
+    """
+    source = tokenizer_path(dataset_dir, meta)
+    if source is not None:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, Path(directory) / TOKENIZER_FILE)
 
 
 def gate_decision(

@@ -13,8 +13,8 @@ from kd_lib.artifacts.dataset_dir import Splits, load_splits
 from kd_lib.compress import quantization
 from kd_lib.config import ConfigError, LossTermConfig, PipelineConfig
 from kd_lib.models.builders import build_model, count_parameters
-from kd_lib.steps.common import model_spec
-from kd_lib.steps.inputs import augment, load_teacher, tensors
+from kd_lib.steps.common import carry_tokenizer, model_spec
+from kd_lib.steps.inputs import augment, load_teacher, model_params, pad_id, tensors
 from kd_lib.steps.training_run import checkpoint_dir, epoch_logger, launch_ranks, log_result, progress, recorder
 from kd_lib.train import loop as training
 from kd_lib.train import losses, ranks
@@ -73,10 +73,12 @@ def distill(
         )
 
         result = _train_student(cfg, splits, teacher, objective, student_augment, student_dir, epoch_logger(run, bar))
+        params = model_params(cfg.student.model, meta)  # text data: + vocab_size, pad_id
         if main:
             quantization.save_model(
-                result.model, model_spec(cfg.student.model, meta, "student", run.run_id), student_dir
+                result.model, model_spec(cfg.student.model, meta, "student", run.run_id, params), student_dir
             )
+            carry_tokenizer(dataset_dir, meta, student_dir)
         run.log_params({"num_params": count_parameters(result.model)})
         summary = log_result(run, result, bar, history_path) | {"run_id": run.run_id}
 
@@ -90,8 +92,9 @@ def distill(
             logger = epoch_logger(run, prefix="baseline.")
             base = _train_student(cfg, splits, None, ce_only, student_augment, baseline_dir, logger)
             if main:
-                spec = model_spec(cfg.student.model, meta, "baseline", run.run_id)
+                spec = model_spec(cfg.student.model, meta, "baseline", run.run_id, params)
                 quantization.save_model(base.model, spec, baseline_dir)
+                carry_tokenizer(dataset_dir, meta, baseline_dir)
             run.log_metrics({"baseline.best_val_accuracy": base.best_val_accuracy})
             summary["baseline_best_val_accuracy"] = base.best_val_accuracy
         elif main:
@@ -111,7 +114,8 @@ def _train_student(
     """One student training run: same seed, hence same initial weights, for KD and baseline."""
     torch.manual_seed(cfg.distill.train.seed)
     meta = splits.meta
-    student = build_model(cfg.student.model.arch, cfg.student.model.params, tuple(meta.input_shape), meta.num_classes)
+    params = model_params(cfg.student.model, meta)  # text data: + vocab_size, pad_id
+    student = build_model(cfg.student.model.arch, params, tuple(meta.input_shape), meta.num_classes)
     ckpt = checkpoint_dir(output_dir)
     try:
         result = training.distill(
@@ -124,6 +128,7 @@ def _train_student(
             augment=student_augment,
             on_epoch=on_epoch,
             checkpoint_dir=ckpt,
+            pad_id=pad_id(meta),
         )
     except ValueError as err:
         # A feature loss on layers that do not fit (an MLP under `at`, mismatched maps).

@@ -52,15 +52,13 @@ def evaluate(
             model, spec = quantization.load_model(model_dirs[role])
             # An imported teacher's own normalization, or an ONNX artifact's raw features.
             x_in = model_inputs(x_test, spec, meta)
-            # Dynamic int8 packs Linear weights out of .parameters(): count on the fp32 architecture.
-            fp32 = build_model(spec["arch"], spec["params"], tuple(spec["input_shape"]), spec["num_classes"])
             results[role] = evaluation.evaluate_model(
                 model,
                 x_in,
                 y_test,
                 spec["num_classes"],
                 model_dirs[role],
-                num_params=count_parameters(fp32),
+                num_params=_num_params(model, spec),
                 batch_sizes=tuple(cfg.evaluate.batch_sizes),
                 warmup=cfg.evaluate.latency_warmup,
                 iters=cfg.evaluate.latency_iters,
@@ -99,6 +97,23 @@ def evaluate(
         write_evaluation(evaluation_path, results)
         run.log_dict(results, "evaluation.json")
         return results
+
+
+def _num_params(model: torch.nn.Module, spec: Mapping[str, Any]) -> int:
+    """Parameters of a model as its fp32 architecture has them.
+
+    Dynamic int8 packs Linear weights out of ``.parameters()``, so a kdflow model is counted on
+    its architecture rebuilt from the spec. An imported ONNX teacher (``arch: onnx``) has no
+    architecture to rebuild: its graph's weight initializers are counted.
+    """
+    if spec["arch"] == "onnx":
+        # lazy: onnx loads only for an imported ONNX teacher
+        from kd_lib.compress.onnx_runtime import OrtModule, weight_count
+
+        if isinstance(model, OrtModule):  # what load_model returns for an ONNX artifact
+            return weight_count(model.model_bytes)
+    fp32 = build_model(spec["arch"], spec["params"], tuple(spec["input_shape"]), spec["num_classes"])
+    return count_parameters(fp32)
 
 
 def _deployment_fields(spec: Mapping[str, Any], selection: SelectionRecord | None) -> dict[str, Any]:

@@ -13,11 +13,12 @@ from kd_lib.compress import quantization
 from kd_lib.config import ConfigError, PipelineConfig
 from kd_lib.data.augment import augment_for
 from kd_lib.evaluate import metrics as evaluation
-from kd_lib.models.builders import for_data
+from kd_lib.models.builders import for_data, text_params
 
 
 def tensors(splits: Splits, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``name`` split (``train``, ``val``, ``test``) as ``([N, *input_shape] float32, [N] int64)``."""
+    """The ``name`` split (``train``, ``val``, ``test``) as ``([N, *input_shape] float32, [N] int64)``
+    (text data: ``x`` int64 token ids ``[N, max_length]``)."""
     return torch.from_numpy(splits.x[name]), torch.from_numpy(splits.y[name])
 
 
@@ -27,9 +28,25 @@ def load_teacher(teacher_dir: str | Path, meta: DatasetMeta) -> torch.nn.Module:
     return for_data(model, spec.get("normalization"), meta.normalization)
 
 
-def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Fraction of ``x`` [N, *input_shape] that ``model`` classifies as ``y`` [N]."""
-    return evaluation.accuracy(evaluation.predict(model, x), y)
+def pad_id(meta: DatasetMeta) -> int | None:
+    """Text data's padding id (batches are trimmed to their longest row); None for other data."""
+    return meta.text.pad_id if meta.text is not None else None
+
+
+def model_params(model_cfg: Any, meta: DatasetMeta) -> dict[str, Any]:
+    """The params a model is built with on this data: the configured ones, plus on text data
+    ``vocab_size`` and ``pad_id`` from ``meta.text`` (those its builder accepts). The spec
+    records them (``kd_lib.steps.common.model_spec``), so a saved model rebuilds from it."""
+    params = dict(model_cfg.params)
+    if meta.text is not None:
+        params |= text_params(model_cfg.arch, meta.text.vocab_size, meta.text.pad_id)
+    return params
+
+
+def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, pad: int | None = None) -> float:
+    """Fraction of ``x`` [N, *input_shape] that ``model`` classifies as ``y`` [N] (``pad``: text
+    data's padding id, ``pad_id(meta)``)."""
+    return evaluation.accuracy(evaluation.predict(model, x, pad_id=pad), y)
 
 
 def augment(cfg: PipelineConfig, meta: DatasetMeta, step: Literal["teacher", "distill"]) -> Any:

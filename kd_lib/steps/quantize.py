@@ -25,8 +25,8 @@ from kd_lib.config import PipelineConfig
 from kd_lib.evaluate import candidates as selection
 from kd_lib.evaluate import metrics as evaluation
 from kd_lib.steps import candidates
-from kd_lib.steps.common import StepError, owns_parent
-from kd_lib.steps.inputs import accuracy, augment, load_teacher, tensors
+from kd_lib.steps.common import StepError, carry_tokenizer, owns_parent
+from kd_lib.steps.inputs import accuracy, augment, load_teacher, pad_id, tensors
 from kd_lib.train import loop as training
 from kd_lib.train import losses
 from kd_lib.train.inference import compute_logits
@@ -71,7 +71,7 @@ def quantize(
             _tag(run, cfg, {"kdflow.promotion": promotion["reason"][:5000]})
         student, spec = quantization.load_model(source_dir)
         x_val, y_val = tensors(splits, "val")
-        fp32_val = accuracy(student, x_val, y_val)
+        fp32_val = accuracy(student, x_val, y_val, pad_id(meta))
         calibration = _calibration_batches(splits, cfg)
         context = quantization.QuantizeContext(
             calibration=calibration,
@@ -132,6 +132,7 @@ def quantize(
                 reference=reference.to_dict(),
             )
             shutil.copytree(built[scheme], quantized_dir, dirs_exist_ok=True)
+            carry_tokenizer(dataset_dir, meta, quantized_dir)
             write_selection(quantized_dir, selection_record)
 
         run.log_text(chosen_set.table() + f"\n\n{chosen_set.reason}\n", "candidates.txt")

@@ -149,7 +149,15 @@ def _verify(
     if not expected:
         raise StepError("the evaluation has no predictions of the quantized model to verify the version against")
     splits = load_splits(dataset_dir)
-    x_raw = denormalize(splits.x["test"], splits.meta.normalization)
+    if splits.meta.text is not None:  # a text model is served raw strings, tokenized by its own tokenizer.json
+        if splits.test_texts is None:
+            raise StepError(
+                f"{dataset_dir} holds text token ids without the raw test strings the served model is verified on",
+                fix="re-run prepare_data with this kdflow (it keeps the test split's texts)",
+            )
+        x_raw = np.asarray(splits.test_texts, dtype=np.str_)
+    else:
+        x_raw = denormalize(splits.x["test"], splits.meta.normalization)
     result = verify_version(client.tracking_uri, name, version, x_raw, np.asarray(expected, dtype=np.int64))
     run.log_metrics({"verify.mismatches": float(result.mismatches), "verify.checked": float(result.checked)})
     client.set_model_version_tag(name, version, "kdflow.verification", result.detail[:5000])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +13,9 @@ from kd_lib.artifacts.dataset_dir import load_splits
 from kd_lib.compress import quantization
 from kd_lib.config import PipelineConfig
 from kd_lib.models.builders import build_model, count_parameters
-from kd_lib.steps.common import model_spec
-from kd_lib.steps.inputs import augment, tensors
+from kd_lib.steps.common import carry_tokenizer, model_spec
+from kd_lib.steps.import_teacher import huggingface_teacher
+from kd_lib.steps.inputs import augment, model_params, pad_id, tensors
 from kd_lib.steps.training_run import checkpoint_dir, epoch_logger, launch_ranks, log_result, progress, recorder
 from kd_lib.train import loop as training
 from kd_lib.train import ranks
@@ -50,7 +52,13 @@ def train_teacher(
         splits = load_splits(dataset_dir)
         meta = splits.meta
         torch.manual_seed(train_cfg.seed)  # the initial weights: the same on every rank
-        model = build_model(cfg.teacher.model.arch, cfg.teacher.model.params, tuple(meta.input_shape), meta.num_classes)
+        if cfg.teacher.source == "huggingface":  # teacher.fine_tune: the imported model is the starting point
+            with tempfile.TemporaryDirectory() as tmp:
+                model, spec = huggingface_teacher(cfg, dataset_dir, meta, tmp, run.run_id)
+        else:
+            params = model_params(cfg.teacher.model, meta)  # text data: + vocab_size, pad_id
+            model = build_model(cfg.teacher.model.arch, params, tuple(meta.input_shape), meta.num_classes)
+            spec = model_spec(cfg.teacher.model, meta, "teacher", run.run_id, params)
         run.log_params({"num_params": count_parameters(model)})
 
         ckpt = checkpoint_dir(teacher_dir)
@@ -62,11 +70,11 @@ def train_teacher(
             on_epoch=epoch_logger(run, bar),
             checkpoint_dir=ckpt,
             augment=augment(cfg, meta, "teacher"),
+            pad_id=pad_id(meta),
         )
 
         if ranks.is_main():
-            quantization.save_model(
-                result.model, model_spec(cfg.teacher.model, meta, "teacher", run.run_id), teacher_dir
-            )
+            quantization.save_model(result.model, spec, teacher_dir)
+            carry_tokenizer(dataset_dir, meta, teacher_dir)
             shutil.rmtree(ckpt, ignore_errors=True)
         return log_result(run, result, bar, history_path) | {"run_id": run.run_id}

@@ -41,6 +41,46 @@ class BatchLossModule(nn.Module):
         return self.loss_fn(self.model, xb, idx)
 
 
+def to_sync_batchnorm(model: nn.Module, ranks: Ranks | None = None) -> Callable[[], None]:
+    """Replace every BatchNorm inside ``model`` by ``torch.nn.SyncBatchNorm``, in place.
+
+    The SyncBatchNorm layers share the BatchNorm layers' parameters (the optimizer built
+    before keeps training them), so under DistributedDataParallel the batch mean and variance
+    are those of the global batch. Returns the undo: it puts the original BatchNorm modules
+    back, holding the trained values (the state dict keys are the same either way), so the
+    saved model is an ordinary one that exports and quantizes as before.
+
+    Args:
+        model: Holds ``nn.BatchNorm1d/2d/3d`` children anywhere below it.
+        ranks: The current ranks; their device must be CUDA (None skips the check, for tests).
+
+    Raises:
+        ConfigError: the ranks do not run on CUDA (SyncBatchNorm has no CPU kernel).
+    """
+    if ranks is not None and ranks.device.type != "cuda":
+        raise ConfigError(
+            f"train.sync_batchnorm needs CUDA ranks, but this run trains on {ranks.device.type} "
+            "(torch's SyncBatchNorm does not run on CPU/gloo)",
+            "set train.device: cuda, or remove train.sync_batchnorm: each rank then keeps its own BatchNorm "
+            "statistics and rank 0's are saved",
+        )
+    originals = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, nn.SyncBatchNorm)
+    ]
+    for parent, name, child in originals:
+        setattr(parent, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+
+    def undo() -> None:
+        for parent, name, child in originals:
+            child.load_state_dict(getattr(parent, name).state_dict())
+            setattr(parent, name, child)
+
+    return undo
+
+
 def wrap(module: nn.Module, ranks: Ranks) -> nn.Module:
     """``module`` under DistributedDataParallel; it starts every rank from rank 0's weights."""
     from torch.nn.parallel import DistributedDataParallel

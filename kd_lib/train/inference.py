@@ -1,5 +1,5 @@
 """A model run over a whole array in batches: what training validates with, the teacher's logit
-cache is filled with, and evaluation predicts with."""
+cache is filled with, and evaluation predicts with; and the dynamic padding of text batches."""
 
 from __future__ import annotations
 
@@ -15,12 +15,34 @@ def home_device(model: nn.Module) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
+def trim_padding(batch: Tensor, pad_id: int | None) -> Tensor:
+    """A text batch cut to its longest row: drop the trailing columns that are padding in every row.
+
+    Text splits are right-padded to ``max_length`` (``kd_lib.data.text.encode``); a model masks
+    ``pad_id`` itself, so removing all-pad columns changes no logit, only the work. At least one
+    column is kept.
+
+    Args:
+        batch: ``[B, L]`` int64 token ids, or any other batch.
+        pad_id: The padding id; None (not text data) returns ``batch`` as it is.
+
+    Returns:
+        ``batch[:, :n]`` with ``n`` the longest row's length (>= 1), or ``batch`` itself.
+    """
+    if pad_id is None or batch.ndim != 2 or batch.dtype.is_floating_point or batch.shape[1] == 0:
+        return batch
+    used = (batch != pad_id).any(dim=0).nonzero()
+    length = int(used.max()) + 1 if used.numel() else 1
+    return batch if length == batch.shape[1] else batch[:, :length]
+
+
 @torch.no_grad()
 def compute_logits(
     model: nn.Module,
     x: Tensor,
     batch_size: int = 512,
     device: torch.device | str = "cpu",
+    pad_id: int | None = None,
 ) -> Tensor:
     """Run the model over ``x`` in eval mode without gradients, in batches.
 
@@ -29,9 +51,10 @@ def compute_logits(
 
     Args:
         model: Maps ``[B, *input_shape]`` to ``[B, C]``.
-        x: ``[N, *input_shape]`` float32.
+        x: ``[N, *input_shape]`` float32 (text: int64 ids ``[N, max_length]``).
         batch_size: Samples per forward pass (bounds memory, not the result).
         device: Where to run.
+        pad_id: Text data's padding id: each batch is trimmed to its longest row (``trim_padding``).
 
     Returns:
         ``[N, C]`` float32 logits on CPU.
@@ -45,7 +68,9 @@ def compute_logits(
     was_training, home = model.training, home_device(model)
     model.eval().to(device)
     try:
-        chunks = [model(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)]
+        chunks = [
+            model(trim_padding(x[i : i + batch_size], pad_id).to(device)).cpu() for i in range(0, len(x), batch_size)
+        ]
     finally:
         model.train(was_training).to(home)
     if not chunks:

@@ -38,8 +38,9 @@ from kd_lib.train.checkpoint import (
     save_checkpoint,
     training_state,
 )
-from kd_lib.train.inference import compute_logits
+from kd_lib.train.inference import compute_logits, trim_padding
 from kd_lib.train.losses import LossInputs, Objective, capture_features
+from kd_lib.train.objective import eval_mode
 from kd_lib.train.ranks import current, resolve_device
 
 EpochCallback = Callable[[dict[str, Any]], None]
@@ -111,10 +112,12 @@ def _step(
     device: torch.device,
     augment: Augment | None,
     augment_generator: torch.Generator,
+    pad_id: int | None = None,
 ) -> float:
     """One optimizer step on the samples ``idx`` of ``x_train`` (augmented when ``augment`` is
-    set); returns the batch's summed loss (mean loss times batch size) for the epoch's mean."""
-    xb = x_train[idx].to(device)
+    set; a text batch trimmed to its longest row); returns the batch's summed loss (mean loss
+    times batch size) for the epoch's mean."""
+    xb = trim_padding(x_train[idx], pad_id).to(device)
     if augment is not None:
         xb = augment(xb, augment_generator)
     loss = loss_fn(model, xb, idx.to(device))
@@ -136,6 +139,7 @@ def _fit(
     checkpoint_dir: str | Path | None = None,
     augment: Augment | None = None,
     objective: Objective | None = None,
+    pad_id: int | None = None,
 ) -> TrainResult:
     """The one training loop: shuffled minibatches, LR schedule, early stopping, best-epoch restore.
 
@@ -148,6 +152,9 @@ def _fit(
     calls this with the same arguments: each computes its slice of every global batch under
     DistributedDataParallel (``kd_lib.train.ddp.step``), the epoch's numbers are all-reduced
     (``ddp.reduce_epoch``), and only rank 0 calls ``on_epoch`` and writes the checkpoint.
+
+    ``pad_id`` (text data) trims every batch to its longest row (``trim_padding``); the ranks
+    of a multi-process run keep the full padded rows.
     """
     # Seeds dropout and anything else drawing from the global RNG during training. The model's
     # initial weights were drawn by the caller when it built the model, so seeding before
@@ -162,10 +169,13 @@ def _fit(
     params = list(model.parameters()) + (list(objective.parameters()) if objective is not None else [])
     optimizer = _optimizer(params, cfg)
     scheduler = _scheduler(optimizer, cfg)
+    undo_sync: Callable[[], None] | None = None
     if ranks is not None:
         ddp.check_world(ranks, len(x_train), len(x_val), cfg)
         # DDP wraps model and objective together so the objective's learnable parts (FitNets'
         # regressor) get averaged gradients too; it starts every rank from rank 0's weights.
+        # SyncBatchNorm: global-batch statistics; undone before the weights are returned.
+        undo_sync = ddp.to_sync_batchnorm(model, ranks) if cfg.sync_batchnorm else None
         ddp_loss = ddp.wrap(ddp.BatchLossModule(model, objective, loss_fn), ranks)
 
     history: list[dict[str, Any]] = []
@@ -201,12 +211,12 @@ def _fit(
                     ddp_loss, ranks, x_train, idx, augment, augment_generator, optimizer, objective, device
                 )
             else:
-                loss_sum += _step(model, loss_fn, optimizer, x_train, idx, device, augment, augment_generator)
+                loss_sum += _step(model, loss_fn, optimizer, x_train, idx, device, augment, augment_generator, pad_id)
         if scheduler is not None:
             scheduler.step()
 
         if ranks is None:
-            val_logits = compute_logits(model, x_val, device=device)
+            val_logits = compute_logits(model, x_val, device=device, pad_id=pad_id)
             val_loss = F.cross_entropy(val_logits, y_val).item()
             val_acc = (val_logits.argmax(dim=1) == y_val).float().mean().item()
             term_means = objective.epoch_means() if objective is not None else {}
@@ -269,6 +279,8 @@ def _fit(
         if stopped_early:
             break
 
+    if undo_sync is not None:
+        undo_sync()
     model.load_state_dict(best_state)
     model.to("cpu").eval()
     return TrainResult(
@@ -291,6 +303,7 @@ def train_supervised(
     on_epoch: EpochCallback | None = None,
     checkpoint_dir: str | Path | None = None,
     augment: Augment | None = None,
+    pad_id: int | None = None,
 ) -> TrainResult:
     """Train a model with cross-entropy on hard labels (the teacher).
 
@@ -313,6 +326,7 @@ def train_supervised(
             finds a checkpoint resumes after its epoch: a preempted step restarted with the
             same seed ends with the same weights as an uninterrupted run.
         augment: Applied to every training batch (``kd_lib.data.augment.make_augment``).
+        pad_id: Text data (int64 ids): the padding id; each batch is trimmed to its longest row.
 
     Returns:
         TrainResult with the kept epoch's weights (``cfg.keep``) on CPU in eval mode.
@@ -328,7 +342,7 @@ def train_supervised(
     def loss_fn(net: nn.Module, xb: Tensor, idx: Tensor) -> Tensor:
         return F.cross_entropy(net(xb), targets[idx])
 
-    return _fit(model, x_train, x_val, y_val, cfg, loss_fn, device, on_epoch, checkpoint_dir, augment)
+    return _fit(model, x_train, x_val, y_val, cfg, loss_fn, device, on_epoch, checkpoint_dir, augment, pad_id=pad_id)
 
 
 def _distill_loss(
@@ -339,6 +353,7 @@ def _distill_loss(
     y_train: Tensor,
     device: torch.device,
     live_teacher: bool,
+    pad_id: int | None = None,
 ) -> BatchLoss:
     """Bind the objective and return the per-batch loss, with the teacher cached or live.
 
@@ -357,7 +372,7 @@ def _distill_loss(
     s_layers, t_layers = objective.feature_layers()
     uses_teacher = objective.needs_teacher
     live = uses_teacher and (live_teacher or objective.needs_features)
-    cache = _teacher_cache(teacher, x_train, device) if uses_teacher and not live else None  # type: ignore[arg-type]
+    cache = _teacher_cache(teacher, x_train, device, pad_id) if uses_teacher and not live else None  # type: ignore[arg-type]
 
     def loss_fn(net: nn.Module, xb: Tensor, idx: Tensor) -> Tensor:
         if s_layers:
@@ -369,14 +384,16 @@ def _distill_loss(
         if cache is not None:
             t_logits = cache[idx]
         elif live:
-            with torch.no_grad():
+            # eval_mode: the teacher teaches with its frozen BatchNorm statistics, whatever
+            # set its flag since (nothing should; this makes it impossible).
+            with torch.no_grad(), eval_mode(teacher):  # type: ignore[arg-type]
                 t_logits, t_feats = capture_features(teacher, t_layers, xb)  # type: ignore[arg-type]
         return objective(LossInputs(logits, targets[idx], t_logits, s_feats, t_feats))
 
     return loss_fn
 
 
-def _teacher_cache(teacher: nn.Module, x_train: Tensor, device: torch.device) -> Tensor:
+def _teacher_cache(teacher: nn.Module, x_train: Tensor, device: torch.device, pad_id: int | None = None) -> Tensor:
     """The teacher's logits for every training sample, ``[N, C]`` on ``device``.
 
     Under several processes each rank runs the teacher over its contiguous shard of the
@@ -385,9 +402,10 @@ def _teacher_cache(teacher: nn.Module, x_train: Tensor, device: torch.device) ->
     """
     ranks = current()
     if ranks is None:
-        return compute_logits(teacher, x_train, device=device).to(device)
+        return compute_logits(teacher, x_train, device=device, pad_id=pad_id).to(device)
     lo, hi = ranks.bounds(len(x_train))
-    return ranks.all_gather_rows(compute_logits(teacher, x_train[lo:hi], device=device).to(device), len(x_train))
+    shard = compute_logits(teacher, x_train[lo:hi], device=device, pad_id=pad_id).to(device)
+    return ranks.all_gather_rows(shard, len(x_train))
 
 
 def distill(
@@ -403,6 +421,7 @@ def distill(
     cache_teacher_logits: bool = True,
     on_epoch: EpochCallback | None = None,
     checkpoint_dir: str | Path | None = None,
+    pad_id: int | None = None,
 ) -> TrainResult:
     """Distill a student from a frozen teacher with the configured objective.
 
@@ -426,6 +445,7 @@ def distill(
             (for benchmarking the cache).
         on_epoch: Called with a copy of each epoch's history dict (with per-term losses).
         checkpoint_dir: Per-epoch checkpoint and resume, as in ``train_supervised``.
+        pad_id: Text data: batches (and the teacher's cache fill) trimmed to their longest row.
 
     Returns:
         TrainResult with the kept epoch's weights (``cfg.keep``) on CPU in eval mode.
@@ -436,8 +456,10 @@ def distill(
     _check_data(x_train, y_train, x_val, y_val)
     device = resolve_device(cfg.device)
     live = augment is not None or not cache_teacher_logits
-    loss_fn = _distill_loss(student, teacher, objective, x_train, y_train, device, live)
-    return _fit(student, x_train, x_val, y_val, cfg, loss_fn, device, on_epoch, checkpoint_dir, augment, objective)
+    loss_fn = _distill_loss(student, teacher, objective, x_train, y_train, device, live, pad_id)
+    return _fit(
+        student, x_train, x_val, y_val, cfg, loss_fn, device, on_epoch, checkpoint_dir, augment, objective, pad_id
+    )
 
 
 def kd_finetune(

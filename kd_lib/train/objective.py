@@ -71,13 +71,19 @@ class LossTerm(nn.Module):
 def default_feature_layer(model: nn.Module) -> str:
     """Name of the module whose output is the model's last feature map: the one before its Flatten.
 
-    Searches nested containers too, so a model wrapped for quantization or input
-    normalization (``QuantWrapper(model)`` -> ``"module.3"``) resolves the same layer.
+    A module that declares its own (a ``feature_layer`` string attribute naming a submodule,
+    e.g. ``kd_lib.models.resnet.ResNet``: ``"layer3"``) is taken at its word. Searches nested
+    containers too, so a model wrapped for quantization or input normalization
+    (``QuantWrapper(model)`` -> ``"module.3"``) resolves the same layer.
 
     Raises:
         ValueError: the model has no ``nn.Flatten`` preceded by a sibling layer; name one in
             the term's ``student_layer`` / ``teacher_layer`` params instead.
     """
+    for prefix, module in model.named_modules():
+        declared = getattr(module, "feature_layer", None)
+        if isinstance(declared, str):
+            return f"{prefix}.{declared}" if prefix else declared
     for prefix, parent in model.named_modules():
         children = list(parent.named_children())
         for i, (_, child) in enumerate(children):
@@ -145,7 +151,10 @@ class Objective(nn.Module):
             term.student_layer = term.student_layer or default_feature_layer(student)
             term.teacher_layer = term.teacher_layer or default_feature_layer(teacher)  # type: ignore[arg-type]
         s_layers, t_layers = self.feature_layers()
-        with torch.no_grad():
+        # A probe, not a training step: in eval mode, or a train-mode BatchNorm would fold this
+        # sample into its running statistics (the teacher's are frozen; the student's are not
+        # the probe's to move).
+        with torch.no_grad(), eval_mode(student, teacher):  # type: ignore[arg-type]
             s_feats = capture_features(student, s_layers, sample)[1]
             t_feats = capture_features(teacher, t_layers, sample)[1]  # type: ignore[arg-type]
         for term in feature_terms:
@@ -189,6 +198,23 @@ class Objective(nn.Module):
             yield
         finally:
             self._sums, self._count = sums, count
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Put the models in eval mode inside the block and restore each submodule's own flag after.
+
+    For forward passes that must not change a model: a train-mode BatchNorm updates its
+    running statistics on every forward, ``torch.no_grad`` or not, and Dropout draws from the RNG.
+    """
+    flags = [(m, m.training) for model in models for m in model.modules()]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
 
 
 def capture_features(model: nn.Module, layers: set[str], x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:

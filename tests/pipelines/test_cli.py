@@ -58,3 +58,12 @@ def test_help_shows_examples() -> None:
     proc = kdflow("--help")
     assert proc.returncode == 0
     assert "kdflow run --local configs/demo.yaml" in proc.stdout
+
+
+def test_validate_warns_when_the_distillation_schedule_is_too_short_and_says_the_fix() -> None:
+    short = kdflow("validate", str(DEMO), "--set", "distill.train.epochs=10")
+    assert short.returncode == 0, short.stderr
+    assert "warning: distill.train.epochs is 10" in short.stderr
+    assert "  fix: set distill.train.epochs to at least" in short.stderr
+    # The demo itself is not warned about.
+    assert "warning:" not in kdflow("validate", str(DEMO)).stderr

@@ -6,6 +6,8 @@ from pathlib import Path
 import yaml
 
 from kd_lib.config import PipelineConfig, load_config
+from pipelines.chain import training_steps
+from pipelines.cluster import pytorchjob_steps
 from pipelines.compile import compile_pipeline
 
 REPO = Path(__file__).resolve().parents[2]
@@ -62,3 +64,16 @@ def test_every_step_runs_the_kdflow_image_without_pip(tmp_path: Path) -> None:
         assert container["image"].startswith("kdflow:"), name
         script = " ".join(container["command"])
         assert "pip install" not in script, f"{name} installs packages at start"
+
+
+def test_a_hugging_face_teacher_is_imported_unless_fine_tuned() -> None:
+    for fine_tune, step in ((False, "import_teacher"), (True, "train_teacher")):
+        cfg = PipelineConfig.model_validate(
+            {
+                "data": {"source": "movie_toy", "text_column": "text"},
+                "teacher": {"source": "huggingface", "uri": "/models/bert", "fine_tune": fine_tune},
+                "cluster": {"pytorchjob": {"steps": ["train_teacher", "distill"]}},
+            }
+        )
+        assert training_steps(cfg, for_cluster=False)[1] == step
+        assert ("train_teacher" in pytorchjob_steps(cfg)) is fine_tune

@@ -115,3 +115,23 @@ def test_kdflow_run_without_the_tasks_error_points_at_its_log(
     last = capsys.readouterr().err.splitlines()[-2:]
     assert last[0] == "error: Pipeline 'kdflow-x' finished with status FAILURE. Inner task failed: 'prepare-data'."
     assert last[1].startswith("fix: read the failed task's log above (full log: ")
+
+
+def test_kdflow_run_warns_about_a_too_short_distillation_before_the_run_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before_run: list[str] = []
+
+    def fake_run(cfg: object, root: object, verbose: object) -> object:
+        before_run.append(capsys.readouterr().err)  # what stderr held when the run began
+        return _result(tmp_path)
+
+    monkeypatch.setattr("pipelines.local.run_local", fake_run)
+    demo = str(Path(__file__).parents[2] / "configs" / "demo.yaml")
+    cli.main(["run", "--local", demo, "--set", "distill.train.epochs=8"])
+    (err,) = before_run
+    assert "warning: distill.train.epochs is 8" in err and "  fix: set distill.train.epochs to at least 30" in err
+    before_run.clear()
+    capsys.readouterr()  # the fake run's failure, printed after it
+    cli.main(["run", "--local", demo])
+    assert before_run == [""]  # the demo's own schedule is long enough: no warning

@@ -31,6 +31,7 @@ from kd_lib.compress.onnx_runtime import (
 from kd_lib.compress.quantization import QuantizationError, load_model, save_model
 from kd_lib.evaluate import metrics
 from kd_lib.models.builders import build_model
+from kd_lib.models.resnet import resnet
 from kd_lib.train.inference import compute_logits
 
 GRAY = (1, 8, 8)
@@ -40,45 +41,11 @@ GRAY_NORM = {"mean": 110.0, "std": 60.0}
 RGB_NORM = {"mean": [120.0, 100.0, 90.0], "std": [50.0, 60.0, 70.0]}
 
 
-class Block(nn.Module):
-    """A ResNet basic block: conv-BN-ReLU-conv-BN plus the shortcut, then ReLU; strided, with a
-    1x1 conv + BN projection shortcut, when it changes resolution or width."""
-
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
-            )
-
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.relu(self.shortcut(x) + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
-
-
-class TinyResNet(nn.Module):
-    """Stem (conv-BN-ReLU), a residual block, a strided one with a projection shortcut, adaptive
-    average pooling, a Linear head."""
-
-    def __init__(self, in_channels: int = 3, width: int = 8, num_classes: int = 5) -> None:
-        super().__init__()
-        conv = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
-        self.stem = nn.Sequential(conv, nn.BatchNorm2d(width), nn.ReLU())
-        self.layers = nn.Sequential(Block(width, width), Block(width, 2 * width, stride=2))
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(2 * width, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(torch.flatten(self.pool(self.layers(self.stem(x))), 1))
-
-
 def _resnet() -> nn.Module:
+    """The builtin ResNet-8 (stem, three stages of one BasicBlock, two of them strided with 1x1
+    projection shortcuts, adaptive average pooling, a Linear head) on RGB, width 8/16/32."""
     torch.manual_seed(0)
-    model = TinyResNet()
+    model = resnet(RGB, 5, depth=8, width=0.5)
     # Running statistics far from (0, 1), so an unfolded or train-mode BatchNorm shows in the logits.
     gen = torch.Generator().manual_seed(1)
     for m in model.modules():
@@ -285,7 +252,9 @@ def test_an_artifact_round_trips_through_load_model(
     exported: dict[str, tuple[nn.Module, Path]], scheme: str, tmp_path: Path
 ) -> None:
     model, fp32 = exported["resnet"]
-    spec = _spec("tests:TinyResNet", RGB, RGB_NORM, role="student", dataset_fingerprint="abc")
+    spec = _spec("resnet", RGB, RGB_NORM, role="student", dataset_fingerprint="abc") | {
+        "params": {"depth": 8, "width": 0.5}
+    }
     calibration = [_raw(16, RGB, seed=s) for s in range(2)]
     if scheme == "onnx_static_int8":  # the whole way: export, quantize, save
         directory = build_onnx_artifact(model, scheme, spec, calibration, tmp_path / "artifact")
@@ -313,7 +282,7 @@ def test_an_artifact_round_trips_through_load_model(
     assert written["versions"]["onnx"] == onnx.__version__
     assert written["versions"]["torch"] == written["torch_version"] == torch.__version__
     assert written["role"] == "student" and written["dataset_fingerprint"] == "abc"
-    assert written["input_shape"] == list(RGB) and written["arch"] == "tests:TinyResNet"
+    assert written["input_shape"] == list(RGB) and written["arch"] == "resnet"
     assert ("calibration" in written) == (scheme == "onnx_static_int8")
     assert spec["quantization"] == "none"  # the caller's spec is not modified
 

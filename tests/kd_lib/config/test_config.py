@@ -127,6 +127,7 @@ def test_keep_last_is_part_of_the_recipe_and_refuses_patience() -> None:
     assert dump["distill"]["train"].pop("keep") == "best" and dump["teacher"]["train"].pop("keep") == "best"
     for step in ("teacher", "distill"):
         del dump[step]["train"]["augment"]
+        del dump[step]["train"]["sync_batchnorm"]
     # Fields added later still, equally left out at their defaults.
     for section, field in (
         ("quantize", "candidates"),
@@ -134,6 +135,12 @@ def test_keep_last_is_part_of_the_recipe_and_refuses_patience() -> None:
         ("gate", "max_latency_ms"),
         ("gate", "min_speedup"),
         ("distill", "promote"),
+        ("teacher", "fine_tune"),
+        ("teacher", "input_normalization"),
+        ("data", "text_column"),
+        ("data", "max_length"),
+        ("data", "vocab_size"),
+        ("data", "tokenizer"),
     ):
         del dump[section][field]
     legacy = hashlib.sha256(json.dumps(dump, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
@@ -167,8 +174,8 @@ def test_json_round_trip_and_hash() -> None:
 def test_flat_params_use_dotted_keys() -> None:
     flat = PipelineConfig().flat()
     assert flat["distill.losses"] == [
-        {"name": "kd", "weight": 0.9, "params": {"temperature": 4.0}},
-        {"name": "ce", "weight": 0.1, "params": {}},
+        {"name": "kd", "weight": 0.25, "params": {"temperature": 2.0}},
+        {"name": "ce", "weight": 0.75, "params": {}},
     ]
     assert flat["teacher.model.params.width"] == 256
     assert flat["evaluate.batch_sizes"] == [1, 64]
@@ -250,3 +257,28 @@ def test_new_fields_at_their_defaults_leave_the_config_hash_alone() -> None:
         {"distill": {"promote": "kd"}},
     ):
         assert PipelineConfig.model_validate(changed).config_hash() != base.config_hash(), changed
+
+
+# The default distill.losses before issue #19 (Hinton's 0.9/0.1 at T=4), and the hash that a config
+# spelling them out had then (and must keep: it sets its losses, so its recipe did not change).
+OLD_DEFAULT_LOSSES = [{"name": "kd", "weight": 0.9, "params": {"temperature": 4.0}}, {"name": "ce", "weight": 0.1}]
+OLD_DEFAULT_HASH = "e41f229c9807ee71c56d1b6dab5d3ac0c22bb4bf7c51428e6fd5d1cd2b125847"
+
+
+def test_changing_the_default_losses_moved_only_the_hash_of_configs_that_leave_them_unset() -> None:
+    from kd_lib.config.train import DEFAULT_LOSSES
+
+    explicit_old = parse_config({"distill": {"losses": OLD_DEFAULT_LOSSES}})
+    assert explicit_old.config_hash() == OLD_DEFAULT_HASH
+    # A config relying on the default now trains with the new recipe, so its hash moved, on purpose:
+    # equal hashes would claim the same recipe for different students.
+    relying = PipelineConfig()
+    assert (
+        [t.model_dump() for t in relying.distill.losses]
+        == [{"params": {}, **term} for term in DEFAULT_LOSSES]
+        != OLD_DEFAULT_LOSSES
+    )
+    assert relying.config_hash() != OLD_DEFAULT_HASH
+    # ... and is exactly the hash of the same config with the new default spelt out.
+    spelt_out = parse_config({"distill": {"losses": [dict(term) for term in DEFAULT_LOSSES]}})
+    assert relying.config_hash() == spelt_out.config_hash()

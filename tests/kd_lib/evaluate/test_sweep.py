@@ -92,6 +92,7 @@ def test_a_config_without_a_sweep_hashes_as_it_did_before() -> None:
     ):  # per-step augment and keep came later still; at their defaults they are left out too
         assert dumped[step]["train"].pop("augment") is None
         assert dumped[step]["train"].pop("keep") == "best"
+        assert dumped[step]["train"].pop("sync_batchnorm") is False
     # ... and so are the deployment fields that came after those.
     for section, field in (
         ("quantize", "candidates"),
@@ -99,6 +100,12 @@ def test_a_config_without_a_sweep_hashes_as_it_did_before() -> None:
         ("gate", "max_latency_ms"),
         ("gate", "min_speedup"),
         ("distill", "promote"),
+        ("data", "text_column"),
+        ("data", "max_length"),
+        ("data", "vocab_size"),
+        ("data", "tokenizer"),
+        ("teacher", "fine_tune"),
+        ("teacher", "input_normalization"),
     ):
         del dumped[section][field]
     import hashlib
@@ -131,7 +138,7 @@ def test_names_abbreviate_known_params_and_keep_others() -> None:
         ({"temperatures": []}, r"sweep.temperatures: List should have at least 1 item"),
         ({"schemes": ["fp16", "fp16"]}, r"sweep.schemes: .*\['fp16'\] listed more than once"),
         ({"students": [STUDENTS[0], STUDENTS[0]]}, r"sweep.students: .*listed more than once"),
-        ({"students": [{"arch": "transformer"}]}, r"sweep.students: .*students.0.arch 'transformer' is not a model"),
+        ({"students": [{"arch": "perceiver"}]}, r"sweep.students: .*students.0.arch 'perceiver' is not a model"),
         ({"temperatures": [2, 2.0]}, r"sweep.temperatures: .*\[2.0\] listed more than once"),
         ({"temperatures": [0]}, r"sweep.temperatures: .*not > 0"),
         (

@@ -56,7 +56,7 @@ def test_count_parameters_matches_hand_count() -> None:
 
 
 def test_unknown_arch_lists_available() -> None:
-    with pytest.raises(UnknownNameError, match="model 'resnet9000'.*cnn, mlp"):
+    with pytest.raises(UnknownNameError, match="model 'resnet9000'.*cnn.*mlp.*textcnn, transformer"):
         build_model("resnet9000", {}, (64,), 10)
 
 

@@ -38,7 +38,7 @@ def test_a_user_resnet_quantizes_to_static_int8_registers_and_serves(in_tmp: Pat
     cfg = tiny_config(
         tmp,
         student={"model": {"arch": "tests.helpers:user_resnet", "params": {"width": 8}}},
-        distill={"train": {"epochs": 4, "batch_size": 64, "lr": 0.01, "patience": 4}},
+        distill={"train": {"epochs": 8, "batch_size": 64, "lr": 0.005, "patience": 8}},
         quantize={"scheme": "onnx_static_int8", "calibration_batches": 4},
         gate={"min_compression_ratio": 1.0, "max_quantization_drop": 3.0, "min_accuracy": 0.6},
     )

@@ -1,0 +1,152 @@
+"""A Hugging Face teacher through the steps, on real files and a real sqlite MLflow store.
+
+The tiny BERT of ``tests/kd_lib/models/test_huggingface.py`` (saved with save_pretrained, its
+WordPiece tokenizer trained on the sample's texts) is imported as the teacher of the shipped
+``movie_toy`` reviews: the data is tokenized with the teacher's own tokenizer
+(``data.tokenizer: auto``), the teacher is saved as a kdflow model directory and distilled into a
+small text CNN; with ``teacher.fine_tune`` the train_teacher step fine-tunes it first.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import uuid
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow import MlflowClient
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from kd_lib.adapters.model_registry import ModelRegistry
+from kd_lib.adapters.tracking import fluent_run
+from kd_lib.artifacts.dataset_dir import load_splits
+from kd_lib.compress import quantization
+from kd_lib.config import PipelineConfig
+from kd_lib.steps.common import StepError
+from kd_lib.steps.distill import distill
+from kd_lib.steps.import_teacher import import_teacher
+from kd_lib.steps.prepare_data import prepare_data
+from kd_lib.steps.train_teacher import train_teacher
+from tests.helpers import tiny_config
+from tests.kd_lib.models.test_huggingface import save_tiny_bert, tiny_tokenizer
+
+SAMPLE = Path(__file__).resolve().parents[3] / "kd_lib" / "data" / "samples" / "movie_toy.csv"
+CLASSES = ["mixed", "negative", "positive"]  # the sample's labels, sorted: the data's class ids
+MAX_LENGTH = 32
+
+
+def text_config(tmp: Path, teacher_uri: Path, **sections: dict) -> PipelineConfig:
+    """A tiny config of the movie_toy sample with the Hugging Face teacher at ``teacher_uri``."""
+    tree: dict[str, dict] = {
+        "data": {"source": "movie_toy", "text_column": "text", "label_column": "label", "max_length": MAX_LENGTH},
+        "teacher": {"source": "huggingface", "uri": str(teacher_uri), "train": {"epochs": 1, "lr": 1e-3}},
+        "student": {"model": {"arch": "textcnn", "params": {"embedding": 16, "channels": 8, "kernel_sizes": [3]}}},
+        "distill": {"train": {"epochs": 2, "batch_size": 64, "lr": 0.01}},
+    }
+    for name, values in sections.items():
+        tree[name] = tree.get(name, {}) | values
+    return tiny_config(tmp, **tree)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    tmp = tmp_path_factory.mktemp("hf-teacher")
+    with SAMPLE.open(newline="") as f:
+        texts = [row["text"] for row in csv.DictReader(f)]
+    bert = save_tiny_bert(tmp / "bert", texts=texts, labels=CLASSES, max_positions=MAX_LENGTH)
+    cfg = text_config(tmp, bert)
+    prepare_data(cfg, "setup", tmp / "dataset")
+    summary = import_teacher(cfg, "setup", tmp / "dataset", tmp / "teacher", tmp / "history.json")
+    return {"cfg": cfg, "tmp": tmp, "bert": bert, "dataset": tmp / "dataset", "teacher": tmp / "teacher", **summary}
+
+
+def test_the_data_is_tokenized_with_the_teachers_tokenizer(prepared: dict) -> None:
+    splits = load_splits(prepared["dataset"])
+    assert splits.meta.text is not None and splits.meta.text.tokenizer_origin == "teacher"
+    assert splits.meta.class_names == CLASSES
+    assert splits.test_texts is not None and len(splits.test_texts) == len(splits.y["test"])
+    teacher_vocab = json.loads((prepared["bert"] / "tokenizer.json").read_text())["model"]["vocab"]
+    data_vocab = json.loads((prepared["dataset"] / "tokenizer.json").read_text())["model"]["vocab"]
+    assert data_vocab == teacher_vocab
+
+
+def test_the_imported_teacher_answers_what_the_hugging_face_model_answers(prepared: dict) -> None:
+    spec = json.loads((prepared["teacher"] / "spec.json").read_text())
+    assert spec["arch"] == "huggingface" and spec["imported_from"] == str(prepared["bert"])
+    assert spec["input_shape"] == [MAX_LENGTH] and spec["num_classes"] == 3 and spec["text"]["pad_id"] == 0
+    assert (prepared["teacher"] / "tokenizer.json").read_bytes() == (
+        prepared["dataset"] / "tokenizer.json"
+    ).read_bytes()
+    teacher, _ = quantization.load_model(prepared["teacher"])
+    reference = AutoModelForSequenceClassification.from_pretrained(prepared["bert"], use_safetensors=True).eval()
+    ids = torch.from_numpy(load_splits(prepared["dataset"]).x["val"][:32])
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(ids), reference(input_ids=ids, attention_mask=(ids != 0).long()).logits)
+    assert 0.0 <= prepared["best_val_accuracy"] <= 1.0
+
+
+def test_a_student_is_distilled_from_it(prepared: dict, tmp_path: Path) -> None:
+    summary = distill(prepared["cfg"], "kd", prepared["dataset"], prepared["teacher"], tmp_path / "student")
+    assert summary["epochs_run"] == 2
+    student, spec = quantization.load_model(tmp_path / "student")
+    assert spec["arch"] == "textcnn" and (tmp_path / "student" / "tokenizer.json").is_file()
+    with torch.no_grad():
+        assert student(torch.from_numpy(load_splits(prepared["dataset"]).x["test"][:4])).shape == (4, 3)
+
+
+def test_fine_tune_trains_the_imported_weights(prepared: dict, tmp_path: Path) -> None:
+    cfg = text_config(prepared["tmp"], prepared["bert"], teacher={"fine_tune": True})
+    summary = train_teacher(cfg, "fine-tune", prepared["dataset"], tmp_path / "teacher")
+    assert summary["epochs_run"] == 1
+    tuned, spec = quantization.load_model(tmp_path / "teacher")
+    imported, _ = quantization.load_model(prepared["teacher"])
+    assert spec["arch"] == "huggingface" and spec["imported_from"] == str(prepared["bert"])
+    assert (tmp_path / "teacher" / "tokenizer.json").is_file()
+    ids = torch.from_numpy(load_splits(prepared["dataset"]).x["val"][:8])
+    with torch.no_grad():
+        assert not torch.allclose(tuned(ids), imported(ids))
+
+
+def test_data_tokenized_with_another_vocabulary_is_refused(prepared: dict, tmp_path: Path) -> None:
+    other = tmp_path / "other-tokenizer.json"
+    tiny_tokenizer(["some other words entirely", "and more of them"], vocab_size=60).save(str(other))
+    cfg = text_config(tmp_path, prepared["bert"], data={"tokenizer": str(other)})
+    prepare_data(cfg, "other", tmp_path / "dataset")
+    with pytest.raises(StepError, match="vocabulary differs from teacher.uri .*set data.tokenizer: auto"):
+        import_teacher(cfg, "other", tmp_path / "dataset", tmp_path / "teacher")
+
+
+def test_a_registered_model_of_mlflows_transformers_flavor_is_a_teacher(prepared: dict, tmp_path: Path) -> None:
+    """teacher.source mlflow accepts a transformers-flavor model: its tokenizer for data.tokenizer auto, its
+    model as the teacher (loaded like a save_pretrained directory: safetensors, no remote code)."""
+    uri = prepared["cfg"].tracking.tracking_uri
+    client = MlflowClient(uri, uri)
+    run_id = client.create_run(client.create_experiment(f"hf-flavor-{uuid.uuid4().hex[:6]}")).info.run_id
+    pieces = {
+        "model": AutoModelForSequenceClassification.from_pretrained(prepared["bert"]),
+        "tokenizer": AutoTokenizer.from_pretrained(prepared["bert"]),
+    }
+    name = f"hf-teacher-{uuid.uuid4().hex[:6]}"
+    # Registered while the run is MLflow's active one: the registry resolves the logged model through it.
+    with fluent_run(client, run_id):
+        info = mlflow.transformers.log_model(
+            pieces, name="hf", task="text-classification", pip_requirements=["transformers"]
+        )
+        version = ModelRegistry(client, name).register(info.model_uri, run_id, {}, info.model_id)
+    cfg = text_config(
+        prepared["tmp"], prepared["bert"], teacher={"source": "mlflow", "uri": f"models:/{name}/{version}"}
+    )
+    prepare_data(cfg, "flavor", tmp_path / "dataset")
+    meta = load_splits(tmp_path / "dataset").meta
+    assert meta.text is not None and meta.text.tokenizer_origin == "teacher"
+    summary = import_teacher(cfg, "flavor", tmp_path / "dataset", tmp_path / "teacher")
+    assert summary["imported_from"] == f"models:/{name}/{version}"
+    teacher, spec = quantization.load_model(tmp_path / "teacher")
+    assert spec["arch"] == "huggingface" and (tmp_path / "teacher" / "tokenizer.json").is_file()
+    imported, _ = quantization.load_model(prepared["teacher"])
+    ids = torch.from_numpy(load_splits(tmp_path / "dataset").x["val"][:16])
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(ids), imported(ids))
