@@ -113,6 +113,9 @@ def _assert_evaluate_outputs(result: LocalRunResult) -> None:
     assert "quantized_accuracy" in outputs["metrics"]["artifacts"][0]["metadata"]
 
 
+# About 200 s on 2 cores (three whole runs): in `make test-slow`. `make test` keeps a whole local run
+# against a real MLflow server (below) and the registry-teacher path at step level (tests/kd_lib/steps).
+@pytest.mark.slow
 def test_pass_then_fail_then_distill_from_the_champion_on_a_fresh_sqlite_store(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
