@@ -13,6 +13,7 @@ from kd_lib.config import PipelineConfig, parse_config
 
 if TYPE_CHECKING:  # mlflow costs seconds at import; the helpers only take a client built by the caller
     from mlflow import MlflowClient
+    from mlflow.pyfunc import PyFuncModel
 
 
 def tiny_config(tmp_path: Path, **sections: dict) -> PipelineConfig:
@@ -114,3 +115,15 @@ def user_resnet(input_shape: tuple[int, ...], num_classes: int, width: int = 8) 
         nn.Flatten(),
         nn.Linear(2 * width, num_classes),
     )
+
+
+def load_versions(uri: str, name: str, versions: dict[str, str]) -> dict[str, PyFuncModel]:
+    """Each registered version loaded through models:/ with pickle deserialization off."""
+    import mlflow
+    import pytest
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("MLFLOW_REGISTRY_URI", uri)
+        return {kind: mlflow.pyfunc.load_model(f"models:/{name}/{version}") for kind, version in versions.items()}

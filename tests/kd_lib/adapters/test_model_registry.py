@@ -31,6 +31,7 @@ from kd_lib.compress.onnx_runtime import build_onnx_artifact
 from kd_lib.config import GateConfig
 from kd_lib.evaluate.gates import decide
 from kd_lib.models.builders import build_model
+from tests.helpers import load_versions
 from tests.kd_lib.conftest import REPO_ROOT
 
 TYPE_HINT_WARNING = "Add type hints to the `predict` method"
@@ -125,15 +126,7 @@ def registered(tmp_path_factory: pytest.TempPathFactory) -> Registered:
 
 @pytest.fixture(scope="module")
 def loaded(registered: Registered) -> dict[str, PyFuncModel]:
-    """Both versions loaded through models:/ with pickle deserialization off."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
-        mp.setenv("MLFLOW_TRACKING_URI", registered.uri)
-        mp.setenv("MLFLOW_REGISTRY_URI", registered.uri)
-        return {
-            kind: mlflow.pyfunc.load_model(f"models:/{registered.name}/{version}")
-            for kind, version in registered.versions.items()
-        }
+    return load_versions(registered.uri, registered.name, registered.versions)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

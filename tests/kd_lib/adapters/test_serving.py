@@ -14,7 +14,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -32,6 +31,8 @@ from kd_lib.compress import quantization
 from kd_lib.compress.onnx_runtime import build_onnx_artifact
 from kd_lib.data import text as text_lib
 from kd_lib.models.builders import build_model
+from tests.helpers import load_versions
+from tests.kd_lib.adapters.test_model_registry import softmax
 from tests.kd_lib.models.test_huggingface import TEXTS, tiny_tokenizer
 
 MAX_LENGTH = 16
@@ -115,19 +116,7 @@ def registered(tmp_path_factory: pytest.TempPathFactory) -> TextRegistered:
 
 @pytest.fixture(scope="module")
 def loaded(registered: TextRegistered) -> dict[str, PyFuncModel]:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
-        mp.setenv("MLFLOW_TRACKING_URI", registered.uri)
-        mp.setenv("MLFLOW_REGISTRY_URI", registered.uri)
-        return {
-            kind: mlflow.pyfunc.load_model(f"models:/{registered.name}/{version}")
-            for kind, version in registered.versions.items()
-        }
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
+    return load_versions(registered.uri, registered.name, registered.versions)
 
 
 @pytest.mark.parametrize("kind", ["torch", "onnx"])
@@ -140,7 +129,7 @@ def test_raw_strings_get_labels_and_probabilities(
     assert list(answer.columns) == ["label", "class_id", "probabilities"]
     assert answer["class_id"].tolist() == expected.tolist()
     assert answer["label"].tolist() == [CLASSES[i] for i in expected]
-    np.testing.assert_allclose(np.stack(answer["probabilities"]), _softmax(registered.logits[kind]), atol=1e-5)
+    np.testing.assert_allclose(np.stack(answer["probabilities"]), softmax(registered.logits[kind]), atol=1e-5)
     # What a served {"inputs": ["...", ...]} list becomes is the same request.
     again = loaded[kind].predict({"text": np.asarray(registered.texts)})
     assert isinstance(again, pd.DataFrame) and again.equals(answer)

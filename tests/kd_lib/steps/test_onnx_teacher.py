@@ -4,8 +4,6 @@ checked against the data, distilled from (cached and live), and counted by its i
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -34,16 +32,6 @@ from tests.helpers import tiny_config
 
 # The foreign teacher was trained on (raw - 8) / 4: digits' raw pixels are 0..16.
 TEACHER_NORM = {"mean": 8.0, "std": 4.0}
-
-
-@pytest.fixture()
-def in_tmp(tmp_path: Path) -> Iterator[Path]:
-    cwd = os.getcwd()
-    os.chdir(tmp_path)  # the sqlite store's run artifacts land here
-    try:
-        yield tmp_path
-    finally:
-        os.chdir(cwd)
 
 
 def _raw(x: torch.Tensor, norm: dict) -> torch.Tensor:

@@ -5,8 +5,6 @@ built, verified in a fresh process and promoted."""
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,16 +19,6 @@ from kd_lib.steps.quantize import quantize
 from kd_lib.steps.register import register
 from kd_lib.steps.train_teacher import train_teacher
 from tests.helpers import tiny_config
-
-
-@pytest.fixture()
-def in_tmp(tmp_path: Path) -> Iterator[Path]:
-    cwd = os.getcwd()
-    os.chdir(tmp_path)  # the sqlite store's run artifacts land here
-    try:
-        yield tmp_path
-    finally:
-        os.chdir(cwd)
 
 
 def test_a_user_resnet_quantizes_to_static_int8_registers_and_serves(in_tmp: Path) -> None:
