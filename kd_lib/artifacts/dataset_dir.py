@@ -8,6 +8,11 @@ is read with ``allow_pickle=False``. ``meta.json`` is ``DatasetMeta`` as indente
 Text data (``data.text_column``): ``x_*`` are int64 token ids ``[N, max_length]``, right-padded,
 not normalized; ``meta.text`` (``TextMeta``) says how, and the directory also holds the
 tokenizer that made them, ``tokenizer.json`` (``kd_lib.data.text``).
+
+A transfer set (``distill.transfer_source``: unlabeled samples the student learns from the
+teacher alone) adds ``x_transfer`` ``[M, *input_shape]``, encoded like ``x_train`` (the train
+split's normalization, or its tokenizer) and without labels; ``meta.transfer`` (``TransferMeta``)
+says where it came from.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ META_FILE = "meta.json"
 SPLIT_NAMES = ("train", "val", "test")
 # splits.npz key of text data's raw test strings (``Splits.test_texts``).
 TEST_TEXTS_KEY = "text_test"
+# splits.npz key of the transfer set's samples (``Splits.transfer``).
+TRANSFER_KEY = "x_transfer"
 _FIX = "re-run the prepare_data step"
 
 
@@ -53,12 +60,29 @@ class TextMeta(BaseModel):
     tokenizer_origin: Literal["trained", "teacher", "file"]
 
 
+class TransferMeta(BaseModel):
+    """Where a transfer set came from (``distill.transfer_source``).
+
+    Attributes:
+        source: ``distill.transfer_source`` as configured.
+        size: Number of transfer samples.
+        fingerprint: sha256 of the samples as read (before encoding).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: Str
+    size: Int = Field(ge=1)
+    fingerprint: Str
+
+
 class DatasetMeta(BaseModel):
     """What later steps (and the registered model) need to know about the data.
 
     Attributes:
         source: ``data.source`` as configured.
-        fingerprint: sha256 of the arrays (and of the test file's, with ``test_source``).
+        fingerprint: sha256 of the arrays (and of the test file's, with ``test_source``, and
+            the transfer set's, with ``transfer``): the data's identity.
         num_classes: Number of classes.
         input_shape: One sample's shape.
         sizes: Split name -> number of samples.
@@ -69,6 +93,7 @@ class DatasetMeta(BaseModel):
             when labels are ids.
         test_source: ``data.test_source``, when the test split came from its own file.
         text: Text data only: the tokenizer and padding of the token ids (``TextMeta``).
+        transfer: With a transfer set only: its source, size and fingerprint (``TransferMeta``).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -83,6 +108,7 @@ class DatasetMeta(BaseModel):
     class_names: list[Str] = Field(default_factory=list)
     test_source: Str | None = None
     text: TextMeta | None = None
+    transfer: TransferMeta | None = None
 
 
 @dataclass
@@ -91,13 +117,15 @@ class Splits:
     ``[N, *input_shape]`` (text: int64 token ids ``[N, max_length]``), ``y[name]`` int64 ``[N]``
     for each of SPLIT_NAMES; ``tokenizer``: text data's ``tokenizer.json`` content;
     ``test_texts``: text data's raw test strings (``x["test"]`` is their ids), what a served text
-    model is given when the registered version is verified."""
+    model is given when the registered version is verified; ``transfer``: the transfer set's
+    unlabeled samples ``[M, *input_shape]``, encoded like ``x["train"]`` (``meta.transfer``)."""
 
     x: dict[str, np.ndarray]
     y: dict[str, np.ndarray]
     meta: DatasetMeta
     tokenizer: str | None = None
     test_texts: list[str] | None = None
+    transfer: np.ndarray | None = None
 
 
 def _not_prepared(directory: Path, detail: str) -> ArtifactError:
@@ -111,13 +139,18 @@ def save_splits(splits: Splits, directory: str | Path) -> Path:
     arrays: dict[str, Any] = {f"x_{n}": splits.x[n] for n in SPLIT_NAMES} | {f"y_{n}": splits.y[n] for n in SPLIT_NAMES}
     if splits.test_texts is not None:  # a unicode array: read back with allow_pickle=False
         arrays[TEST_TEXTS_KEY] = np.asarray(splits.test_texts, dtype=np.str_)
+    if (splits.transfer is None) != (splits.meta.transfer is None):
+        raise ValueError("a transfer set needs both its samples (Splits.transfer) and meta.transfer")
+    if splits.transfer is not None:
+        arrays[TRANSFER_KEY] = splits.transfer
     np.savez(d / SPLITS_FILE, **arrays)
     if splits.meta.text is not None:
         if splits.tokenizer is None:
             raise ValueError("text splits need their tokenizer (Splits.tokenizer) to be saved")
         (d / splits.meta.text.tokenizer_file).write_text(splits.tokenizer, encoding="utf-8")
-    # A dataset without text writes meta.json exactly as before the field existed.
-    write_json(d / META_FILE, splits.meta.model_dump(exclude={"text"} if splits.meta.text is None else None), indent=2)
+    # A dataset without text (or transfer set) writes meta.json exactly as before the field existed.
+    absent = {name for name in ("text", "transfer") if getattr(splits.meta, name) is None}
+    write_json(d / META_FILE, splits.meta.model_dump(exclude=absent or None), indent=2)
     return d
 
 
@@ -153,8 +186,13 @@ def read_meta(directory: str | Path) -> DatasetMeta:
         raise _not_prepared(d, f"{d / META_FILE}: {describe(err)}") from None
 
 
-def load_splits(directory: str | Path) -> Splits:
+def load_splits(directory: str | Path, transfer: bool = False) -> Splits:
     """Inverse of ``save_splits``.
+
+    Args:
+        directory: The prepared dataset directory.
+        transfer: Also read the transfer set's samples (``Splits.transfer``, when ``meta.transfer``
+            says there are some); only the distill step trains on them, so the others skip them.
 
     Raises:
         ArtifactError: a file is missing or corrupt, naming it (and the field of ``meta.json``).
@@ -166,6 +204,7 @@ def load_splits(directory: str | Path) -> Splits:
             xs = {n: npz[f"x_{n}"] for n in SPLIT_NAMES}
             ys = {n: npz[f"y_{n}"] for n in SPLIT_NAMES}
             texts = npz[TEST_TEXTS_KEY].tolist() if TEST_TEXTS_KEY in npz.files else None
+            x_transfer = npz[TRANSFER_KEY] if transfer and meta.transfer is not None else None
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
         raise _not_prepared(d, f"{d / SPLITS_FILE}: {err}") from None
-    return Splits(x=xs, y=ys, meta=meta, test_texts=texts)
+    return Splits(x=xs, y=ys, meta=meta, test_texts=texts, transfer=x_transfer)

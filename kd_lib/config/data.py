@@ -46,16 +46,21 @@ TEXT_SUFFIXES = {**TABULAR_SUFFIXES, ".jsonl": "jsonl"}
 SOURCE_SUFFIXES = {".npz": "npz", **TEXT_SUFFIXES}
 # Labelled text files shipped in the package (kd_lib/data/samples/<name>.csv): no download.
 TEXT_SAMPLES = ("movie_toy",)
+# Labelled images shipped in the package (kd_lib/data/samples/<name>.npz): no download.
+IMAGE_SAMPLES = ("mnist14",)
 
 
 def source_kind(source: str) -> str:
-    """``'digits'``, ``'text_sample'`` (a name in TEXT_SAMPLES), ``'npz'``, ``'csv'``,
+    """``'digits'``, ``'text_sample'`` (a name in TEXT_SAMPLES), ``'image_sample'`` (a name in
+    IMAGE_SAMPLES), ``'npz'``, ``'csv'``,
     ``'parquet'``, ``'jsonl'``, ``'folder'`` (no suffix, or a trailing ``/``: a directory or s3
     prefix of class sub-folders) or ``'unknown'`` (another suffix)."""
     if source == "digits":
         return "digits"
     if source in TEXT_SAMPLES:
         return "text_sample"
+    if source in IMAGE_SAMPLES:
+        return "image_sample"
     if source.endswith("/"):
         return "folder"
     suffix = Path(source.rsplit("/", 1)[-1]).suffix.lower()
@@ -65,7 +70,8 @@ def source_kind(source: str) -> str:
 class DataConfig(_Strict):
     source: str = Field(
         "digits",
-        description="'digits' (scikit-learn's builtin 8x8 digits); or a local path or s3://bucket/key of: a .npz "
+        description="'digits' (scikit-learn's builtin 8x8 digits); 'mnist14' (5,000 MNIST digits shrunk to 14x14, "
+        "shipped in the package); or a local path or s3://bucket/key of: a .npz "
         "with arrays x and y; a .csv or .parquet with a label column and feature columns (or one pixel column); "
         "or a directory / s3 prefix with one sub-folder of PNG/JPEG images per class. s3:// reads its endpoint "
         "and credentials from AWS_ENDPOINT_URL (or MLFLOW_S3_ENDPOINT_URL), AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY.",
@@ -133,7 +139,7 @@ class DataConfig(_Strict):
     @field_validator("source", "test_source", "tokenizer")
     @classmethod
     def _local_or_s3(cls, source: str | None) -> str | None:
-        if source is None or source in ("digits", "auto", "train", *TEXT_SAMPLES):
+        if source is None or source in ("digits", "auto", "train", *TEXT_SAMPLES, *IMAGE_SAMPLES):
             return source
         scheme = urlparse(source).scheme
         # One-letter schemes are Windows drive letters (C:\data.csv), not URLs.
@@ -172,7 +178,7 @@ class DataConfig(_Strict):
             raise ValueError(f"label_column {self.label_column!r} is also listed in feature_columns")
         if (self.pixel_column is not None or self.feature_columns is not None) and not tabular:
             raise ValueError(f"pixel_column / feature_columns apply to .csv and .parquet sources, not {self.source!r}")
-        if self.image_shape is not None and kind in ("digits", "folder"):
+        if self.image_shape is not None and kind in ("digits", "image_sample", "folder"):
             raise ValueError(
                 f"image_shape reshapes flat features; {self.source!r} already holds images "
                 "(use image_size to resize an image folder)"
@@ -183,8 +189,10 @@ class DataConfig(_Strict):
                 f"not {self.source!r}"
             )
         if self.test_source is not None:
-            if kind == "digits":
-                raise ValueError("test_source needs a source file or folder; 'digits' is split into train/val/test")
+            if kind in ("digits", "image_sample"):
+                raise ValueError(
+                    f"test_source needs a source file or folder; {self.source!r} is split into train/val/test"
+                )
             if source_kind(self.test_source).replace("unknown", "folder") != kind:
                 raise ValueError(
                     f"test_source {self.test_source!r} must have the format of source {self.source!r} "

@@ -12,11 +12,11 @@ from kd_lib import __version__
 from kd_lib.config.base import _Strict, flatten
 from kd_lib.config.cluster import ClusterConfig
 from kd_lib.config.compress import QuantizeConfig
-from kd_lib.config.data import AugmentConfig, DataConfig
+from kd_lib.config.data import AugmentConfig, DataConfig, source_kind
 from kd_lib.config.evaluate import EvaluateConfig, GateConfig
 from kd_lib.config.sweep import CANDIDATE_PATTERN, TEMPERATURE_LOSSES, SweepConfig
 from kd_lib.config.tracking import RegistryConfig, TrackingConfig
-from kd_lib.config.train import FEATURE_LOSSES, DistillConfig, StudentConfig, TeacherConfig
+from kd_lib.config.train import FEATURE_LOSSES, TRANSFORMER_LOSSES, DistillConfig, StudentConfig, TeacherConfig
 
 
 class PipelineConfig(_Strict):
@@ -119,6 +119,55 @@ class PipelineConfig(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _transfer_set_fits_the_data(self) -> PipelineConfig:
+        transfer = self.distill.transfer_source
+        if transfer is None:
+            return self
+        kind, transfer_kind = (source_kind(s).replace("unknown", "folder") for s in (self.data.source, transfer))
+        if self.data.text_column is not None:
+            if transfer_kind not in ("csv", "parquet", "jsonl"):
+                raise ValueError(
+                    f"distill.transfer_source {transfer!r}: text data (data.text_column) needs a .csv, .parquet or "
+                    ".jsonl file of texts in that column"
+                )
+        elif kind == "digits":
+            raise ValueError(
+                "distill.transfer_source needs data.source to be a file or folder whose format it shares, not "
+                "'digits': export the digits to an .npz (x, y) and point data.source at it, or remove transfer_source"
+            )
+        elif transfer_kind != kind:
+            raise ValueError(
+                f"distill.transfer_source {transfer!r} must have the format of data.source {self.data.source!r} "
+                f"({source_kind(transfer)} vs {kind})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _transformer_parts_need_transformers(self) -> PipelineConfig:
+        # Caught here, before a teacher trains for nothing: the transformer losses and the
+        # DistilBERT init read BERT-family encoder layers (kd_lib.models.transformer_layers).
+        # Archs named here are known not to be transformers; user archs are checked when bound.
+        others = ("mlp", "cnn", "resnet", "bilstm", "textcnn")
+        users = sorted({t.name for t in self.distill.losses if t.name in TRANSFORMER_LOSSES and t.weight > 0})
+        if self.student.init_from_teacher:
+            users.append("student.init_from_teacher")
+        if not users:
+            return self
+        wrong = []
+        if self.student.model.arch in others:
+            wrong.append(f"student.model.arch is {self.student.model.arch!r}")
+        if self.teacher.source in ("train", "checkpoint") and self.teacher.model.arch in others:
+            wrong.append(f"teacher.model.arch is {self.teacher.model.arch!r}")
+        if self.teacher.source == "onnx" and self.student.init_from_teacher:
+            wrong.append("teacher.source 'onnx' gives no weights to copy")
+        if wrong:
+            raise ValueError(
+                f"{', '.join(users)} read(s) transformer layers, but {' and '.join(wrong)}: use arch transformer "
+                "(teacher: transformer or source huggingface), or remove them"
+            )
+        return self
+
     def to_json(self) -> str:
         """Canonical JSON (sorted keys): what crosses the KFP boundary and what is hashed."""
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
@@ -153,9 +202,10 @@ class PipelineConfig(_Strict):
         added_later = {
             "quantize": ("candidates", "select"),
             "gate": ("max_latency_ms", "min_speedup"),
-            "distill": ("promote",),
+            "distill": ("promote", "transfer_source"),
             "teacher": ("fine_tune", "input_normalization"),
             "data": ("text_column", "max_length", "vocab_size", "tokenizer"),
+            "student": ("init_from_teacher",),
         }
         for section_name, names in added_later.items():
             section = getattr(self, section_name)

@@ -9,10 +9,10 @@ from __future__ import annotations
 from typing import Any, Literal
 from urllib.parse import urlparse
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from kd_lib.config.base import _Strict
-from kd_lib.config.data import AugmentConfig
+from kd_lib.config.data import AugmentConfig, DataConfig
 
 
 class ModelConfig(_Strict):
@@ -201,17 +201,34 @@ class TeacherConfig(_Strict):
 
 class StudentConfig(_Strict):
     model: ModelConfig = Field(default_factory=lambda: ModelConfig(arch="mlp", params={"width": 32, "depth": 1}))
+    init_from_teacher: bool = Field(
+        False,
+        description="DistilBERT initialization of a transformer student (kd_lib.models.init_from_teacher): copy the "
+        "teacher's embeddings, its layer m*N/M into student layer m (every other layer for a half-depth student), "
+        "and the pooler and classifier when their shapes match. Needs the teacher's hidden, heads and intermediate "
+        "sizes. The KD student only: the baseline keeps its random initialization.",
+    )
 
 
 # The registered losses that read intermediate feature maps (kd_lib.train.losses: needs_features);
 # the config cannot import the registry (torch), a test keeps the two in step.
-FEATURE_LOSSES = ("fitnets", "at")
+FEATURE_LOSSES = ("fitnets", "at", "hidden_mse", "attention_kl")
+# Of those, the ones that read transformer layers (hidden states, self-attention): both models
+# must be BERT-family encoders (kdflow's transformer, a Hugging Face teacher).
+TRANSFORMER_LOSSES = ("hidden_mse", "attention_kl")
+# The registered teacher losses that also read the hard label (dkd splits on the target class): they
+# cannot learn from unlabeled transfer samples (distill.transfer_source); a test keeps this in step.
+LABELED_TEACHER_LOSSES = ("dkd",)
 
 
 class LossTermConfig(_Strict):
     """One weighted term of the distillation objective."""
 
-    name: str = Field(..., min_length=1, description="A name in kd_lib.train.losses.LOSSES: ce, kd, dkd, fitnets, at.")
+    name: str = Field(
+        ...,
+        min_length=1,
+        description="A name in kd_lib.train.losses.LOSSES: ce, kd, dkd, fitnets, at, hidden_mse, attention_kl.",
+    )
     weight: float = Field(1.0, ge=0, description="Multiplier of this term in the sum.")
     params: dict[str, Any] = Field(
         default_factory=dict, description="Keyword arguments of the loss, e.g. {temperature: 4}."
@@ -262,11 +279,44 @@ class DistillConfig(_Strict):
         "p < 0.05), and says so in the summary, report and version tags; 'kd' always sends the KD student and "
         "fails the gate with that reason instead.",
     )
+    transfer_source: str | None = Field(
+        None,
+        min_length=1,
+        description="A transfer set: unlabeled samples in the format of data.source (text: a .csv, .parquet or "
+        ".jsonl with data.text_column; images: an .npz with x, a .csv/.parquet with the feature columns, or a "
+        "folder of images, class sub-folders optional and ignored), a local path or s3:// URI; any labels in it "
+        "are ignored. prepare_data encodes them like the train split (its tokenizer or normalization); the KD "
+        "student trains on train + transfer samples, learning from the teacher's outputs alone on the transfer "
+        "ones (ce counts labeled samples only); the baseline never sees them. Needs a teacher term (kd); dkd is "
+        "refused, it needs each sample's class.",
+    )
+
+    @field_validator("transfer_source")
+    @classmethod
+    def _transfer_local_or_s3(cls, source: str | None) -> str | None:
+        return DataConfig._local_or_s3(source)
 
     @model_validator(mode="after")
     def _some_weight(self) -> DistillConfig:
         if not any(term.weight > 0 for term in self.losses):
             raise ValueError("losses: every weight is 0; give at least one term a positive weight")
+        return self
+
+    @model_validator(mode="after")
+    def _transfer_set_needs_the_teacher(self) -> DistillConfig:
+        if self.transfer_source is None:
+            return self
+        if not self.uses_teacher:
+            raise ValueError(
+                "distill.transfer_source: the student learns from the teacher's outputs on the unlabeled transfer "
+                "samples, but distill.losses has no teacher term (ce skips samples without labels): add one, e.g. "
+                "{name: kd, weight: 0.5, params: {temperature: 2}}, or remove transfer_source"
+            )
+        if any(t.name in LABELED_TEACHER_LOSSES and t.weight > 0 for t in self.losses):
+            raise ValueError(
+                f"distill.transfer_source: {'/'.join(LABELED_TEACHER_LOSSES)} needs each sample's true class, which "
+                "the unlabeled transfer samples lack: use kd with a transfer set, or remove transfer_source"
+            )
         return self
 
     @property

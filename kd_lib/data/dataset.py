@@ -5,6 +5,8 @@ Sources (``data.source``, and optionally ``data.test_source``), each a local pat
 ``kd_lib.adapters.storage.fetch``; this layer imports no storage client):
 
 - ``digits``: scikit-learn's builtin 8x8 digits;
+- ``mnist14``: 5,000 MNIST digits shrunk to 14x14, shipped in the package
+  (``kd_lib/data/samples/``, where its README says where they come from);
 - ``.npz`` with arrays ``x`` ``[N, ...]`` and ``y`` ``[N]``;
 - ``.csv`` / ``.parquet``: a label column (class ids or class names) plus numeric feature
   columns, or one column of flattened pixels reshaped by ``data.image_shape``;
@@ -13,6 +15,10 @@ Sources (``data.source``, and optionally ``data.test_source``), each a local pat
   column and a label column, or a labelled text file shipped in the package (``movie_toy``,
   ``kd_lib/data/samples/``). The texts are tokenized (``kd_lib.data.text``) into int64 ids
   ``[N, max_length]`` with a tokenizer trained on the train split (or the teacher's, or a file).
+
+A transfer set (``distill.transfer_source``) is read by the same loaders without labels
+(``read_source(..., labeled=False)``): an ``.npz`` with ``x`` alone, a table without its label
+column, a folder of images (class sub-folders optional, ignored), texts without labels.
 
 Arrays on disk and between steps are numpy; ``x`` is float32 ``[N, *input_shape]`` (images
 as ``[N, C, H, W]``), ``y`` is int64 ``[N]``. Nothing here is pickled: npz files are read with
@@ -33,7 +39,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from kd_lib.artifacts.dataset_dir import SPLIT_NAMES, DatasetMeta, Splits, TextMeta
+from kd_lib.artifacts.dataset_dir import SPLIT_NAMES, DatasetMeta, Splits, TextMeta, TransferMeta
 from kd_lib.config import DataConfig, source_kind
 from kd_lib.data import text as text_lib
 from kd_lib.data.errors import DataError
@@ -44,14 +50,17 @@ if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# The labels of samples read without them (``read_source(..., labeled=False)``: a transfer set).
+NO_LABEL = -1
 # (remote URI, scratch directory for the download) -> the local file or directory it became.
 Fetch = Callable[[str, Path], Path]
 
 
 @dataclass
 class Labeled:
-    """One source read into arrays: ``x`` float32 ``[N, ...]``, ``y`` int64 ``[N]``, and the
-    class names ``y`` indexes (empty when the labels were integer class ids already)."""
+    """One source read into arrays: ``x`` float32 ``[N, ...]``, ``y`` int64 ``[N]`` (``NO_LABEL``
+    for a source read without labels), and the class names ``y`` indexes (empty when the labels
+    were integer class ids already)."""
 
     x: np.ndarray
     y: np.ndarray
@@ -81,18 +90,21 @@ def _reshape(x: np.ndarray, image_shape: list[int] | None, origin: str) -> np.nd
     return x.reshape(x.shape[0], *image_shape)
 
 
-def _load_npz(path: Path, origin: str) -> tuple[np.ndarray, np.ndarray]:
+def _load_npz(path: Path, origin: str, labeled: bool = True) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_file():
         raise DataError(f"{origin}: no such file; set data.source to an existing .npz file or 'digits'")
     try:
         with np.load(path, allow_pickle=False) as npz:
-            missing = [k for k in ("x", "y") if k not in npz.files]
+            missing = [k for k in ("x", "y") if k not in npz.files and (labeled or k == "x")]
             if missing:
+                how = "features as 'x' and labels as 'y' (np.savez(path, x=..., y=...))"
                 raise DataError(
                     f"{origin}: missing array(s) {missing}; found {sorted(npz.files)}. "
-                    "Save features as 'x' and labels as 'y' (np.savez(path, x=..., y=...))"
+                    f"Save {how if labeled else 'the unlabeled samples as x (np.savez(path, x=...))'}"
                 )
-            x, y = npz["x"], npz["y"]
+            x = npz["x"]
+            # Labels an unlabeled read finds are ignored (a transfer set may be labeled data with its labels hidden).
+            y = npz["y"] if labeled else np.full(len(x) if x.ndim else 0, NO_LABEL, dtype=np.int64)
     except DataError:
         raise
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
@@ -178,8 +190,9 @@ def _pixel_column(column: pd.Series, name: str, image_shape: list[int], origin: 
     return out.reshape(len(column), *image_shape)
 
 
-def _load_table(path: Path, kind: str, cfg: DataConfig, origin: str) -> Labeled:
-    """A CSV/parquet table: ``cfg.label_column`` plus feature columns (or one pixel column)."""
+def _load_table(path: Path, kind: str, cfg: DataConfig, origin: str, labeled: bool = True) -> Labeled:
+    """A CSV/parquet table: ``cfg.label_column`` plus feature columns (or one pixel column);
+    without ``labeled``, the label column is optional and ignored."""
     import pandas as pd  # lazy: pandas only for CSV / parquet sources
 
     df = _read_table(path, kind, origin)
@@ -193,8 +206,11 @@ def _load_table(path: Path, kind: str, cfg: DataConfig, origin: str) -> Labeled:
             field_name = f"data.{role}_columns" if role == "feature" else f"data.{role}_column"
             raise DataError(f"{origin}: no {what}; the file has columns {columns}. Set {field_name} to the right name")
 
-    absent([cfg.label_column], "label")
-    y, names = _table_labels(df[cfg.label_column], cfg.label_column, origin)
+    if labeled:
+        absent([cfg.label_column], "label")
+        y, names = _table_labels(df[cfg.label_column], cfg.label_column, origin)
+    else:
+        y, names = np.full(len(df), NO_LABEL, dtype=np.int64), []
     if cfg.pixel_column is not None:
         absent([cfg.pixel_column], "pixel")
         assert cfg.image_shape is not None  # DataConfig requires it with pixel_column
@@ -218,13 +234,15 @@ def _load_table(path: Path, kind: str, cfg: DataConfig, origin: str) -> Labeled:
     return Labeled(_reshape(x, cfg.image_shape, origin), y, names)
 
 
-def _load_text_table(path: Path, kind: str, cfg: DataConfig, origin: str) -> Labeled:
-    """A CSV/parquet/JSON Lines table of texts: ``cfg.text_column`` plus ``cfg.label_column``."""
+def _load_text_table(path: Path, kind: str, cfg: DataConfig, origin: str, labeled: bool = True) -> Labeled:
+    """A CSV/parquet/JSON Lines table of texts: ``cfg.text_column`` plus ``cfg.label_column``
+    (without ``labeled``: the texts alone, a label column ignored)."""
     assert cfg.text_column is not None  # text mode
     df = _read_table(path, kind, origin)
     columns = [str(c) for c in df.columns]
     df.columns = columns
-    for role, name in (("text", cfg.text_column), ("label", cfg.label_column)):
+    roles = (("text", cfg.text_column), ("label", cfg.label_column)) if labeled else (("text", cfg.text_column),)
+    for role, name in roles:
         if name not in columns:
             raise DataError(
                 f"{origin}: no {role} column {name!r}; the file has columns {columns}. Set data.{role}_column "
@@ -244,13 +262,16 @@ def _load_text_table(path: Path, kind: str, cfg: DataConfig, origin: str) -> Lab
                 f"{origin}: text column {cfg.text_column!r}, data row {row}: empty text; fill in or drop the row"
             )
         texts.append(value)
+    if not labeled:
+        return Labeled(np.empty((len(texts), 0), dtype=np.int64), np.full(len(texts), NO_LABEL, np.int64), [], texts)
     y, names = _table_labels(df[cfg.label_column], cfg.label_column, origin)
     return Labeled(np.empty((len(texts), 0), dtype=np.int64), y, names, texts)
 
 
-def sample_path(name: str) -> Path:
-    """The file of a labelled text sample shipped in the package (``TEXT_SAMPLES``)."""
-    return Path(__file__).resolve().parent / "samples" / f"{name}.csv"
+def sample_path(name: str, suffix: str = ".csv") -> Path:
+    """The file of a labelled sample shipped in the package: texts (``TEXT_SAMPLES``) are a
+    ``.csv``, images (``IMAGE_SAMPLES``) an ``.npz``."""
+    return Path(__file__).resolve().parent / "samples" / f"{name}{suffix}"
 
 
 def _read_image(path: Path, shown: str, mode: str, size: list[int] | None) -> np.ndarray:
@@ -275,29 +296,56 @@ def _load_image_folder(root: Path, cfg: DataConfig, origin: str) -> Labeled:
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
         raise DataError(f"{origin}: no class sub-folders; lay the images out as {shown_root}/<class name>/<image>.png")
-    images: list[np.ndarray] = []
+    files: list[Path] = []
     labels: list[int] = []
-    first = ""
     for label, class_dir in enumerate(class_dirs):
-        # Other files (README, .DS_Store) are not samples: only image suffixes are read.
-        files = sorted(p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
+        found = _image_files(class_dir)
+        if not found:
             raise DataError(
                 f"{shown_root}/{class_dir.name}: class folder has no PNG/JPEG images; add some or remove the folder"
             )
-        for path in files:
-            shown = f"{shown_root}/{path.relative_to(root).as_posix()}"
-            arr = _read_image(path, shown, cfg.image_mode, cfg.image_size)
-            if images and arr.shape != images[0].shape:
-                raise DataError(
-                    f"{shown}: image is {arr.shape[1]}x{arr.shape[2]} (HxW) but {first} is "
-                    f"{images[0].shape[1]}x{images[0].shape[2]}; set data.image_size: [H, W] to resize every "
-                    "image, or fix this one"
-                )
-            first = first or shown
-            images.append(arr)
-            labels.append(label)
-    return Labeled(np.stack(images), np.array(labels, dtype=np.int64), [d.name for d in class_dirs])
+        files += found
+        labels += [label] * len(found)
+    images = _read_images(files, root, shown_root, cfg)
+    return Labeled(images, np.array(labels, dtype=np.int64), [d.name for d in class_dirs])
+
+
+def _image_files(folder: Path, skip_hidden: bool = False) -> list[Path]:
+    """The PNG/JPEG files under ``folder``, sub-folders included, sorted (``skip_hidden``: not
+    those inside a hidden folder, ``.git``). Other files (README, .DS_Store) are not samples."""
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in IMAGE_SUFFIXES
+        and not (skip_hidden and any(part.startswith(".") for part in p.relative_to(folder).parts[:-1]))
+    )
+
+
+def _read_images(files: list[Path], root: Path, shown_root: str, cfg: DataConfig) -> np.ndarray:
+    """The files as images ``[N, C, H, W]`` float32; all must have the first one's shape."""
+    images: list[np.ndarray] = []
+    first = ""
+    for path in files:
+        shown = f"{shown_root}/{path.relative_to(root).as_posix()}"
+        arr = _read_image(path, shown, cfg.image_mode, cfg.image_size)
+        if images and arr.shape != images[0].shape:
+            raise DataError(
+                f"{shown}: image is {arr.shape[1]}x{arr.shape[2]} (HxW) but {first} is "
+                f"{images[0].shape[1]}x{images[0].shape[2]}; set data.image_size: [H, W] to resize every "
+                "image, or fix this one"
+            )
+        first = first or shown
+        images.append(arr)
+    return np.stack(images)
+
+
+def _load_unlabeled_images(root: Path, cfg: DataConfig, origin: str) -> Labeled:
+    """Every image under ``root`` (class sub-folders or none; their names are ignored) -> ``[N, C, H, W]``."""
+    files = _image_files(root, skip_hidden=True)
+    if not files:
+        raise DataError(f"{origin}: no PNG/JPEG images in the folder or its sub-folders; add some or fix the path")
+    return Labeled(_read_images(files, root, origin.rstrip("/"), cfg), np.full(len(files), NO_LABEL, dtype=np.int64))
 
 
 def is_remote(source: str) -> bool:
@@ -318,14 +366,20 @@ def _local(source: str, scratch: str | Path, fetch: Fetch | None) -> Path:
     return fetch(source, Path(scratch))
 
 
-def read_source(source: str, cfg: DataConfig, scratch: str | Path, fetch: Fetch | None = None) -> Labeled:
-    """Read one source (``cfg.source`` or ``cfg.test_source``) into arrays, without validating.
+def read_source(
+    source: str, cfg: DataConfig, scratch: str | Path, fetch: Fetch | None = None, labeled: bool = True
+) -> Labeled:
+    """Read one source (``cfg.source``, ``cfg.test_source`` or a transfer set) into arrays, without validating.
 
     Args:
-        source: ``'digits'``, a local path, or an ``s3://`` URI (fetched into ``scratch``).
+        source: ``'digits'``, a shipped sample (``'mnist14'``, ``'movie_toy'``), a local path, or an
+            ``s3://`` URI (fetched into ``scratch``).
         cfg: how to read it (label/feature/pixel columns, image shape, size and mode).
         scratch: a directory for downloads; the caller removes it.
         fetch: downloads a remote source (``Fetch``); needed only for one.
+        labeled: False reads samples without labels (a transfer set): an ``.npz`` needs only
+            ``x``, a table no label column, a folder of images no class sub-folders; labels
+            found are ignored and ``y`` is ``NO_LABEL``.
 
     Raises:
         DataError: the file is missing, unreadable, or not laid out as ``cfg`` says (naming it),
@@ -336,20 +390,22 @@ def read_source(source: str, cfg: DataConfig, scratch: str | Path, fetch: Fetch 
     kind = source_kind(source)
     if kind == "digits":
         return Labeled(*_load_digits())
+    if kind == "image_sample":
+        return Labeled(*_load_npz(sample_path(source, ".npz"), source, labeled))
     if cfg.text_column is not None:
         if kind == "text_sample":
-            return _load_text_table(sample_path(source), "csv", cfg, source)
+            return _load_text_table(sample_path(source), "csv", cfg, source, labeled)
         if kind not in ("csv", "parquet", "jsonl"):
             raise DataError(f"{source}: text data (data.text_column) is read from a .csv, .parquet or .jsonl file")
-        return _load_text_table(_local(source, scratch, fetch), kind, cfg, source)
+        return _load_text_table(_local(source, scratch, fetch), kind, cfg, source, labeled)
     local = _local(source, scratch, fetch)
     if local.is_dir() and kind in ("folder", "unknown"):
-        return _load_image_folder(local, cfg, source)
+        return _load_image_folder(local, cfg, source) if labeled else _load_unlabeled_images(local, cfg, source)
     if kind == "npz":
-        x, y = _load_npz(local, source)
+        x, y = _load_npz(local, source, labeled)
         return Labeled(_reshape(x, cfg.image_shape, source), y)
     if kind in ("csv", "parquet"):
-        return _load_table(local, kind, cfg, source)
+        return _load_table(local, kind, cfg, source, labeled)
     if kind == "folder":
         raise DataError(f"{source}: no such directory; set data.source to a folder with one sub-folder per class")
     raise DataError(
@@ -404,6 +460,14 @@ def validate(x: np.ndarray, y: np.ndarray, num_classes: int | None, origin: str)
         raise DataError(f"{origin}: 'y' has shape {y.shape}; expected a flat vector of N labels")
     if x.shape[0] != y.shape[0]:
         raise DataError(f"{origin}: shape mismatch, {x.shape[0]} samples in 'x' but {y.shape[0]} labels in 'y'")
+    _check_samples(x, origin)
+    return _label_count(y, num_classes, origin)
+
+
+def _check_samples(x: np.ndarray, origin: str) -> None:
+    """Samples ``x`` ``[N, ...]``: at least one, each with features, all finite (``validate``'s part without labels)."""
+    if x.ndim < 2:
+        raise DataError(f"{origin}: 'x' has shape {x.shape}; expected [N, features] or [N, C, H, W]")
     if x.shape[0] == 0:
         raise DataError(f"{origin}: the dataset is empty")
     if x[0].size == 0:
@@ -415,7 +479,6 @@ def validate(x: np.ndarray, y: np.ndarray, num_classes: int | None, origin: str)
             f"{origin}: 'x' contains {int(bad.sum())} NaN/inf value(s) (first in sample {first}); "
             "clean or drop those samples"
         )
-    return _label_count(y, num_classes, origin)
 
 
 def _label_count(y: np.ndarray, num_classes: int | None, origin: str) -> int:
@@ -505,7 +568,18 @@ def _text_tokenizer(cfg: DataConfig, scratch: Path, fetch: Fetch | None, teacher
     return "file", text_lib.load_tokenizer(_local(cfg.tokenizer, scratch, fetch))
 
 
-def _prepare_text(cfg: DataConfig, train: Labeled, test: Labeled | None, choice: _TokenizerChoice) -> Splits:
+def _with_transfer_fingerprint(fp: str, transfer: TransferMeta | None) -> str:
+    """The data's fingerprint covering the transfer set too: two sha256s in one."""
+    return fp if transfer is None else hashlib.sha256(f"{fp}:transfer:{transfer.fingerprint}".encode()).hexdigest()
+
+
+def _prepare_text(
+    cfg: DataConfig,
+    train: Labeled,
+    test: Labeled | None,
+    choice: _TokenizerChoice,
+    transfer: tuple[str, Labeled] | None = None,
+) -> Splits:
     """Split, tokenize and describe text data (``prepare`` with ``data.text_column`` set)."""
     assert train.texts is not None
     texts, y = train.texts, train.y
@@ -529,9 +603,17 @@ def _prepare_text(cfg: DataConfig, train: Labeled, test: Labeled | None, choice:
     if tokenizer is None:
         tokenizer = text_lib.train_tokenizer(split_texts["train"], cfg.vocab_size)  # train split only: no leakage
     xs = {name: text_lib.encode(tokenizer, split_texts[name], cfg.max_length) for name in SPLIT_NAMES}
+    x_transfer, transfer_meta = None, None
+    if transfer is not None:
+        transfer_source, unlabeled = transfer
+        assert unlabeled.texts is not None
+        # The train split's tokenizer: the transfer texts never shape the vocabulary.
+        x_transfer = text_lib.encode(tokenizer, unlabeled.texts, cfg.max_length)
+        transfer_fp = text_lib.text_fingerprint(unlabeled.texts, unlabeled.y)
+        transfer_meta = TransferMeta(source=transfer_source, size=len(unlabeled.texts), fingerprint=transfer_fp)
     meta = DatasetMeta(
         source=cfg.source,
-        fingerprint=fp,
+        fingerprint=_with_transfer_fingerprint(fp, transfer_meta),
         num_classes=num_classes,
         input_shape=[cfg.max_length],
         sizes={name: int(ys[name].size) for name in SPLIT_NAMES},
@@ -545,12 +627,25 @@ def _prepare_text(cfg: DataConfig, train: Labeled, test: Labeled | None, choice:
             vocab_size=text_lib.vocabulary_size(tokenizer),
             tokenizer_origin=origin,
         ),
+        transfer=transfer_meta,
     )
-    return Splits(x=xs, y=ys, meta=meta, tokenizer=tokenizer.to_str(pretty=True), test_texts=split_texts["test"])
+    return Splits(
+        x=xs,
+        y=ys,
+        meta=meta,
+        tokenizer=tokenizer.to_str(pretty=True),
+        test_texts=split_texts["test"],
+        transfer=x_transfer,
+    )
 
 
-def prepare(cfg: DataConfig, fetch: Fetch | None = None, teacher_tokenizer: str | Path | None = None) -> Splits:
-    """Load, validate, split and normalize ``cfg.source`` (and ``cfg.test_source``).
+def prepare(
+    cfg: DataConfig,
+    fetch: Fetch | None = None,
+    teacher_tokenizer: str | Path | None = None,
+    transfer_source: str | None = None,
+) -> Splits:
+    """Load, validate, split and normalize ``cfg.source`` (and ``cfg.test_source``, and a transfer set).
 
     Text data (``cfg.text_column``) is split the same way, then tokenized into int64 ids
     ``[N, max_length]`` (not normalized); ``meta.text`` and ``Splits.tokenizer`` say how.
@@ -560,12 +655,19 @@ def prepare(cfg: DataConfig, fetch: Fetch | None = None, teacher_tokenizer: str 
     statistics come from the train split only (no test leakage); they travel in the metadata
     so the registered model applies the same transform.
 
+    A transfer set (``transfer_source``: unlabeled samples in the format of ``cfg.source``) is
+    encoded like the train split, normalized with its statistics or tokenized with its
+    tokenizer, into ``Splits.transfer``; ``meta.transfer`` records its size and fingerprint, and
+    the dataset's fingerprint covers it.
+
     Args:
         cfg: the ``data`` section of the pipeline config.
         fetch: downloads an ``s3://`` source (``Fetch``), e.g. ``kd_lib.adapters.storage.fetch``
             bound to ``tracking.retry``; local sources need none.
         teacher_tokenizer: Text data: the teacher's own ``tokenizer.json``, used with
             ``data.tokenizer: auto`` (else a tokenizer is trained on the train split).
+        transfer_source: ``distill.transfer_source``: a local path or ``s3://`` URI of unlabeled
+            samples, read by ``read_source(..., labeled=False)``; None for no transfer set.
 
     Raises:
         DataError: the data is missing, unreadable, mislabeled or inconsistent (naming the file),
@@ -579,8 +681,13 @@ def prepare(cfg: DataConfig, fetch: Fetch | None = None, teacher_tokenizer: str 
         test = None
         if cfg.test_source is not None:
             test = read_source(cfg.test_source, cfg, Path(scratch) / "test_source", fetch)
+        transfer = None
+        if transfer_source is not None:
+            unlabeled = read_source(transfer_source, cfg, Path(scratch) / "transfer_source", fetch, labeled=False)
+            transfer = (transfer_source, unlabeled)
         if cfg.text_column is not None:
-            return _prepare_text(cfg, train, test, _text_tokenizer(cfg, Path(scratch) / "tokenizer", fetch, teacher))
+            choice = _text_tokenizer(cfg, Path(scratch) / "tokenizer", fetch, teacher)
+            return _prepare_text(cfg, train, test, choice, transfer)
     x, y = train.x, train.y
     num_classes = validate(x, y, cfg.num_classes, origin=cfg.source)
     _check_all_present(y, num_classes, cfg.source)
@@ -603,11 +710,23 @@ def prepare(cfg: DataConfig, fetch: Fetch | None = None, teacher_tokenizer: str 
         ys = {"train": y[train_idx], "val": y[val_idx], "test": test.y}
         # Which file is test is part of what the data is: two sha256s in one.
         fp = hashlib.sha256(f"{fp}:{fingerprint(test.x, test.y)}".encode()).hexdigest()
+    x_transfer, transfer_meta = None, None
+    if transfer is not None:
+        transfer_source, unlabeled = transfer
+        _check_samples(unlabeled.x, transfer_source)
+        if unlabeled.x.shape[1:] != x.shape[1:]:
+            raise DataError(
+                f"{transfer_source}: samples have shape {list(unlabeled.x.shape[1:])} but those of {cfg.source} "
+                f"{list(x.shape[1:])}; a transfer set holds the same kind of sample as the data"
+            )
+        x_transfer = unlabeled.x
+        transfer_fp = fingerprint(unlabeled.x, unlabeled.y)
+        transfer_meta = TransferMeta(source=transfer_source, size=len(unlabeled.x), fingerprint=transfer_fp)
     norm = normalization_stats(xs["train"])
     xs = {name: normalize(v, norm) for name, v in xs.items()}
     meta = DatasetMeta(
         source=cfg.source,
-        fingerprint=fp,
+        fingerprint=_with_transfer_fingerprint(fp, transfer_meta),
         num_classes=num_classes,
         input_shape=list(x.shape[1:]),
         sizes={name: int(ys[name].size) for name in SPLIT_NAMES},
@@ -615,5 +734,8 @@ def prepare(cfg: DataConfig, fetch: Fetch | None = None, teacher_tokenizer: str 
         normalization=norm,
         class_names=list(train.class_names),
         test_source=cfg.test_source,
+        transfer=transfer_meta,
     )
-    return Splits(x=xs, y=ys, meta=meta)
+    # The train split's statistics: the transfer samples are inputs like any other, not a split to fit.
+    transfer_x = normalize(x_transfer, norm) if x_transfer is not None else None
+    return Splits(x=xs, y=ys, meta=meta, transfer=transfer_x)

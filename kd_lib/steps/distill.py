@@ -7,12 +7,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from kd_lib.artifacts.dataset_dir import Splits, load_splits
+from kd_lib.artifacts.dataset_dir import DatasetMeta, Splits, load_splits
 from kd_lib.compress import quantization
 from kd_lib.config import ConfigError, LossTermConfig, PipelineConfig
 from kd_lib.models.builders import build_model, count_parameters
+from kd_lib.models.init_from_teacher import init_from_teacher
 from kd_lib.steps.common import carry_tokenizer, model_spec
 from kd_lib.steps.inputs import augment, load_teacher, model_params, pad_id, tensors
 from kd_lib.steps.training_run import checkpoint_dir, epoch_logger, launch_ranks, log_result, progress, recorder
@@ -42,6 +44,10 @@ def distill(
     ``distill.train.distributed.nproc_per_node > 1`` both train on that many processes: every
     rank runs this function, rank 0 alone records (``kd_lib.steps.training_run``).
 
+    With a transfer set (``distill.transfer_source``, prepared into the dataset directory) the KD
+    student trains on train + transfer samples, learning from the teacher alone on the
+    unlabeled ones; the baseline trains on the labeled train split only.
+
     Returns:
         ``best_epoch``, ``best_val_accuracy``, ``epochs_run``, ``stopped_early``, the step's
         ``run_id`` and, with a baseline, ``baseline_best_val_accuracy``.
@@ -59,10 +65,12 @@ def distill(
         )
     main = ranks.is_main()
     with recorder(cfg, pipeline_run_id, "distill") as run, progress("distill", cfg.distill.train.epochs) as bar:
-        splits = load_splits(dataset_dir)
+        splits = load_splits(dataset_dir, transfer=True)
         meta = splits.meta
+        _check_transfer(cfg, meta)
         objective = losses.build_objective(cfg.distill.losses)
-        teacher = load_teacher(teacher_dir, meta) if objective.needs_teacher else None
+        needs_teacher = objective.needs_teacher or cfg.student.init_from_teacher
+        teacher = load_teacher(teacher_dir, meta) if needs_teacher else None
         student_augment = augment(cfg, meta, "distill")
         run.log_params(
             {
@@ -70,9 +78,12 @@ def distill(
                 "baseline": cfg.distill.baseline,
             }
             | losses.as_params(cfg.distill.losses)
+            | _transfer_params(meta)
         )
 
-        result = _train_student(cfg, splits, teacher, objective, student_augment, student_dir, epoch_logger(run, bar))
+        result = _train_student(
+            cfg, splits, teacher, objective, student_augment, student_dir, epoch_logger(run, bar), splits.transfer
+        )
         params = model_params(cfg.student.model, meta)  # text data: + vocab_size, pad_id
         if main:
             quantization.save_model(
@@ -102,6 +113,28 @@ def distill(
         return summary
 
 
+def _check_transfer(cfg: PipelineConfig, meta: DatasetMeta) -> None:
+    """The dataset holds the transfer set the config names (prepare_data read the same config).
+
+    Raises:
+        ConfigError: ``distill.transfer_source`` and the dataset's transfer set disagree.
+    """
+    wanted = cfg.distill.transfer_source
+    held = meta.transfer.source if meta.transfer is not None else None
+    if wanted != held:
+        raise ConfigError(
+            f"distill.transfer_source is {wanted!r} but the prepared dataset's transfer set is {held!r}",
+            "re-run prepare_data with this config (the dataset and the distill step must share one config)",
+        )
+
+
+def _transfer_params(meta: DatasetMeta) -> dict[str, Any]:
+    """The transfer set's MLflow params: its source, size and fingerprint (none without one)."""
+    if meta.transfer is None:
+        return {}
+    return {f"transfer_{k}": v for k, v in meta.transfer.model_dump().items()}
+
+
 def _train_student(
     cfg: PipelineConfig,
     splits: Splits,
@@ -110,12 +143,18 @@ def _train_student(
     student_augment: Any,
     output_dir: str | Path,
     on_epoch: Any,
+    transfer: np.ndarray | None = None,
 ) -> training.TrainResult:
-    """One student training run: same seed, hence same initial weights, for KD and baseline."""
+    """One student training run: same seed, hence same initial weights, for KD and baseline;
+    ``transfer`` (the KD student's only): unlabeled samples learnt from the teacher alone."""
     torch.manual_seed(cfg.distill.train.seed)
     meta = splits.meta
     params = model_params(cfg.student.model, meta)  # text data: + vocab_size, pad_id
     student = build_model(cfg.student.model.arch, params, tuple(meta.input_shape), meta.num_classes)
+    if cfg.student.init_from_teacher and teacher is not None:
+        # DistilBERT init for the KD student only: the baseline (teacher None) starts from the
+        # same random weights, so it measures all the teacher adds, initialization included.
+        init_from_teacher(student, teacher)
     ckpt = checkpoint_dir(output_dir)
     try:
         result = training.distill(
@@ -129,6 +168,7 @@ def _train_student(
             on_epoch=on_epoch,
             checkpoint_dir=ckpt,
             pad_id=pad_id(meta),
+            x_transfer=torch.from_numpy(transfer) if transfer is not None else None,
         )
     except ValueError as err:
         # A feature loss on layers that do not fit (an MLP under `at`, mismatched maps).

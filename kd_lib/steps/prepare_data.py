@@ -19,7 +19,9 @@ def prepare_data(cfg: PipelineConfig, pipeline_run_id: str, dataset_dir: str | P
 
     ``s3://`` sources are fetched with ``tracking.retry``'s attempts and timeouts. Text data
     with ``data.tokenizer: auto`` is tokenized with the teacher's own tokenizer when the teacher
-    has one (``teacher.source: huggingface``), else with one trained on the train split.
+    has one (``teacher.source: huggingface``), else with one trained on the train split. A
+    transfer set (``distill.transfer_source``) is read here too and encoded like the train split,
+    for the distill step.
 
     Returns:
         The dataset's metadata (``DatasetMeta`` fields: fingerprint, sizes, classes ...).
@@ -28,7 +30,9 @@ def prepare_data(cfg: PipelineConfig, pipeline_run_id: str, dataset_dir: str | P
         fetch = partial(storage.fetch, retry=cfg.tracking.retry)
         with tempfile.TemporaryDirectory(prefix="kdflow-tokenizer-") as tmp:
             teacher_tokenizer = _teacher_tokenizer(cfg, tmp, fetch, run)
-            splits = data_lib.prepare(cfg.data, fetch=fetch, teacher_tokenizer=teacher_tokenizer)
+            splits = data_lib.prepare(
+                cfg.data, fetch=fetch, teacher_tokenizer=teacher_tokenizer, transfer_source=cfg.distill.transfer_source
+            )
         save_splits(splits, dataset_dir)
 
         meta = splits.meta
@@ -39,15 +43,18 @@ def prepare_data(cfg: PipelineConfig, pipeline_run_id: str, dataset_dir: str | P
         }
         if meta.test_source:
             params["test_source"] = meta.test_source
+        if meta.transfer is not None:
+            params |= {f"transfer_{k}": v for k, v in meta.transfer.model_dump().items()}
         if meta.text is not None:
             params |= {f"text.{k}": v for k, v in meta.text.model_dump().items() if k != "tokenizer_file"}
         if meta.class_names:
             # A param for search and display (MLflow caps its length); the full list is in dataset_meta.json.
             params["class_names"] = ",".join(meta.class_names)[:500]
         run.log_params(params)
-        run.log_metrics({f"n_{k}": v for k, v in meta.sizes.items()} | {"num_classes": meta.num_classes})
+        sizes = meta.sizes | ({"transfer": meta.transfer.size} if meta.transfer is not None else {})
+        run.log_metrics({f"n_{k}": v for k, v in sizes.items()} | {"num_classes": meta.num_classes})
         run.set_tags({"kdflow.dataset_fingerprint": meta.fingerprint}, on_parent=True)
-        run.log_dict(meta.model_dump(), "dataset_meta.json")
+        run.log_dict(meta.model_dump(exclude={"transfer"} if meta.transfer is None else None), "dataset_meta.json")
         return meta.model_dump()
 
 

@@ -40,7 +40,7 @@ from kd_lib.train.checkpoint import (
 )
 from kd_lib.train.inference import compute_logits, trim_padding
 from kd_lib.train.losses import LossInputs, Objective, capture_features
-from kd_lib.train.objective import eval_mode
+from kd_lib.train.objective import UNLABELED, eval_mode
 from kd_lib.train.ranks import current, resolve_device
 
 EpochCallback = Callable[[dict[str, Any]], None]
@@ -388,7 +388,7 @@ def _distill_loss(
             # set its flag since (nothing should; this makes it impossible).
             with torch.no_grad(), eval_mode(teacher):  # type: ignore[arg-type]
                 t_logits, t_feats = capture_features(teacher, t_layers, xb)  # type: ignore[arg-type]
-        return objective(LossInputs(logits, targets[idx], t_logits, s_feats, t_feats))
+        return objective(LossInputs(logits, targets[idx], t_logits, s_feats, t_feats, inputs=xb))
 
     return loss_fn
 
@@ -422,6 +422,7 @@ def distill(
     on_epoch: EpochCallback | None = None,
     checkpoint_dir: str | Path | None = None,
     pad_id: int | None = None,
+    x_transfer: Tensor | None = None,
 ) -> TrainResult:
     """Distill a student from a frozen teacher with the configured objective.
 
@@ -430,6 +431,12 @@ def distill(
     eval mode); otherwise the teacher runs on every batch. Validation accuracy and early
     stopping are measured on hard labels, as for the teacher. ``objective = [ce]`` with the
     same ``cfg`` and ``augment`` is the fair no-KD baseline: same loop, same everything.
+
+    A transfer set (``x_transfer``, unlabeled samples) joins the training set with the label
+    ``UNLABELED``: every epoch shuffles train and transfer samples together, the teacher's
+    logits for both come from the one cache (or the live teacher), and label terms skip the
+    transfer samples (``ce`` averages over the labeled ones), so the student learns there from
+    the teacher alone. ``train_loss`` is then the mean over train + transfer samples.
 
     Args:
         student: Maps ``[B, *input_shape]`` to ``[B, C]``; trained in place and returned.
@@ -446,20 +453,42 @@ def distill(
         on_epoch: Called with a copy of each epoch's history dict (with per-term losses).
         checkpoint_dir: Per-epoch checkpoint and resume, as in ``train_supervised``.
         pad_id: Text data: batches (and the teacher's cache fill) trimmed to their longest row.
+        x_transfer: ``[M, *input_shape]`` unlabeled samples encoded like ``x_train`` (a transfer
+            set), or None.
 
     Returns:
         TrainResult with the kept epoch's weights (``cfg.keep``) on CPU in eval mode.
 
     Raises:
-        ValueError: lengths differ, or the objective needs a teacher and none was given.
+        ValueError: lengths differ, the objective needs a teacher and none was given, or a
+            transfer set is given to an objective that does not use the teacher, or one whose
+            samples differ in shape or dtype from the training samples.
     """
     _check_data(x_train, y_train, x_val, y_val)
+    if x_transfer is not None:
+        x_train, y_train = _with_transfer(x_train, y_train, x_transfer, objective)
     device = resolve_device(cfg.device)
     live = augment is not None or not cache_teacher_logits
     loss_fn = _distill_loss(student, teacher, objective, x_train, y_train, device, live, pad_id)
     return _fit(
         student, x_train, x_val, y_val, cfg, loss_fn, device, on_epoch, checkpoint_dir, augment, objective, pad_id
     )
+
+
+def _with_transfer(x_train: Tensor, y_train: Tensor, x_transfer: Tensor, objective: Objective) -> tuple[Tensor, Tensor]:
+    """Train + transfer samples ``[N + M, ...]`` and their labels, ``UNLABELED`` for the transfer ones."""
+    if not objective.needs_teacher:
+        raise ValueError(
+            f"a transfer set is learnt from the teacher alone, but the objective ({', '.join(objective.names)}) "
+            "does not use the teacher; add a teacher term (kd) or leave the transfer set out"
+        )
+    if x_transfer.shape[1:] != x_train.shape[1:] or x_transfer.dtype != x_train.dtype:
+        raise ValueError(
+            f"transfer samples are {x_transfer.dtype} {list(x_transfer.shape[1:])} but training samples "
+            f"{x_train.dtype} {list(x_train.shape[1:])}: encode them the same way"
+        )
+    unlabeled = torch.full((len(x_transfer),), UNLABELED, dtype=y_train.dtype)
+    return torch.cat([x_train, x_transfer]), torch.cat([y_train, unlabeled])
 
 
 def kd_finetune(

@@ -2,7 +2,8 @@
 
 Two layers:
 
-* Pure functions (``ce``, ``kd``, ``dkd``, ``hint_loss``, ``attention_transfer``): tensors in,
+* Pure functions (``ce``, ``kd``, ``dkd``, ``hint_loss``, ``attention_transfer``, ``hidden_mse``,
+  ``attention_kl``): tensors in,
   scalar out, formula and paper in the docstring, unit-tested against hand-computed values.
 * One registered ``LossTerm`` per name in ``LOSSES`` wrapping a function with its parameters
   (and, for FitNets, the learned regressor); ``build_objective`` turns a config's
@@ -16,14 +17,20 @@ How terms combine (``LossTerm``, ``LossInputs``, ``Objective``, feature capture,
 from __future__ import annotations
 
 import inspect
+import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd_lib.config import ConfigError, LossTermConfig
+from kd_lib.models.transformer_layers import Encoder, find_encoder, is_self_attention, pad_id_of, uniform_layer_map
 from kd_lib.plugins import Registry, UnknownNameError
 from kd_lib.train.objective import (
+    ATTENTION,
+    HIDDEN,
+    UNLABELED,
     LossInputs,
     LossTerm,
     Objective,
@@ -35,15 +42,18 @@ from kd_lib.train.objective import (
 
 __all__ = [
     "LOSSES",
+    "AttentionKLTerm",
     "AttentionTransferTerm",
     "CrossEntropyTerm",
     "DKDTerm",
     "FitNetsTerm",
+    "HiddenMSETerm",
     "KDTerm",
     "LossInputs",
     "LossTerm",
     "Objective",
     "as_params",
+    "attention_kl",
     "attention_map",
     "attention_transfer",
     "build_objective",
@@ -52,6 +62,7 @@ __all__ = [
     "default_feature_layer",
     "describe",
     "dkd",
+    "hidden_mse",
     "hint_loss",
     "kd",
 ]
@@ -64,14 +75,22 @@ __all__ = [
 def ce(student_logits: Tensor, labels: Tensor) -> Tensor:
     """Cross-entropy of the student on the hard labels (the teacher plays no part).
 
+    Samples labeled ``UNLABELED`` (-1: a transfer set's) are skipped: the mean runs over the
+    labeled samples only, and a batch without any gives 0 (with a zero gradient, not NaN).
+
     Args:
         student_logits: ``[B, C]`` float.
-        labels: ``[B]`` int64 class indices.
+        labels: ``[B]`` int64 class indices, or ``UNLABELED``.
 
     Returns:
-        Scalar mean cross-entropy over the batch.
+        Scalar mean cross-entropy over the batch's labeled samples.
     """
-    return F.cross_entropy(student_logits, labels)
+    labeled = labels != UNLABELED
+    if bool(labeled.all()):
+        return F.cross_entropy(student_logits, labels)
+    # sum / max(count, 1): 0 for an all-unlabeled batch, where cross_entropy's own mean is 0/0.
+    summed = F.cross_entropy(student_logits[labeled], labels[labeled], reduction="sum")
+    return summed / labeled.sum().clamp(min=1)
 
 
 def _check_pair(student: Tensor, teacher: Tensor | None, what: str) -> Tensor:
@@ -258,6 +277,95 @@ def attention_transfer(student_features: Tensor, teacher_features: Tensor, p: fl
     return (attention_map(student_features, p) - attention_map(teacher_features, p)).pow(2).mean()
 
 
+def hidden_mse(student_hidden: Tensor, teacher_hidden: Tensor, mask: Tensor | None = None) -> Tensor:
+    """TinyBERT hidden-state distillation (Jiao et al., 2020) for one student/teacher layer pair.
+
+    ``L = MSE(H_s W_h, H_t)`` over the real tokens: with ``D`` the teacher's width and ``P`` the
+    set of unpadded positions (``mask`` true),
+    ``L = 1 / (|P| * D) * sum_{(b, i) in P} sum_d (H_s W_h - H_t)[b, i, d]^2``. The caller
+    applies the learned projection ``W_h`` (``HiddenMSETerm``: student width -> teacher width,
+    identity when the widths are equal) before calling this.
+
+    Reference:
+        X. Jiao, Y. Yin, L. Shang, X. Jiang, X. Chen, L. Li, F. Wang, Q. Liu. "TinyBERT:
+        Distilling BERT for Natural Language Understanding". Findings of EMNLP 2020,
+        arXiv:1909.10351 (equation 9, hidden-states based distillation).
+
+    Args:
+        student_hidden: ``[B, L, D]`` the student's (projected) hidden states.
+        teacher_hidden: ``[B, L, D]`` the teacher's hidden states of the mapped layer.
+        mask: ``[B, L]`` bool, true at real tokens (``ids != pad_id``); None counts every position.
+
+    Returns:
+        Scalar loss.
+    """
+    if student_hidden.shape != teacher_hidden.shape:
+        raise ValueError(
+            f"hidden_mse shapes differ: student {tuple(student_hidden.shape)} vs teacher {tuple(teacher_hidden.shape)}"
+        )
+    per_position = (student_hidden - teacher_hidden).pow(2).mean(dim=-1)  # [B, L]
+    if mask is None:
+        return per_position.mean()
+    weights = mask.to(per_position.dtype)
+    return (per_position * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def masked_log_softmax(scores: Tensor, mask: Tensor | None = None) -> Tensor:
+    """``log_softmax`` over the last axis (keys) of ``[B, H, L, L]`` scores, padded keys excluded.
+
+    A padded key gets the lowest finite score, hence probability 0 (to float precision) and no NaN.
+    """
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, None, :], torch.finfo(scores.dtype).min)
+    return F.log_softmax(scores, dim=-1)
+
+
+def attention_kl(student_log_probs: Tensor, teacher_log_probs: Tensor, mask: Tensor | None = None) -> Tensor:
+    """MiniLM self-attention distribution transfer (Wang et al., 2020) for one layer pair.
+
+    For each head ``a`` and query position ``t`` the attention of the query over the keys is a
+    distribution ``A[a, t, :]``; the loss is the teacher-to-student KL per query, averaged over
+    heads, then over the real (unpadded) query positions of the whole batch::
+
+        L = 1 / (A_h |x|) * sum_a sum_t KL(A_t[a, t] || A_s[a, t]),
+        KL(p || q) = sum_k p_k (log p_k - log q_k)   over the real keys k
+
+    When teacher and student have different numbers of heads, there is no head-to-head pairing:
+    each side's distributions are first averaged over its heads, ``Abar[t] = 1/H sum_a A[a, t]``
+    (a mean of distributions is a distribution), and ``L = 1/|x| sum_t KL(Abar_t[t] || Abar_s[t])``.
+    With equal head counts the paper's per-head form is used (by convexity of KL it is at least
+    the head-averaged one).
+
+    Reference:
+        W. Wang, F. Wei, L. Dong, H. Bao, N. Yang, M. Zhou. "MiniLM: Deep Self-Attention
+        Distillation for Task-Agnostic Compression of Pre-Trained Transformers". NeurIPS 2020,
+        arXiv:2002.10957 (equation 4, self-attention distribution transfer).
+
+    Args:
+        student_log_probs: ``[B, Hs, L, L]`` log attention probabilities (query, key), e.g.
+            ``masked_log_softmax`` of the scores.
+        teacher_log_probs: ``[B, Ht, L, L]``.
+        mask: ``[B, L]`` bool, true at real tokens; padded keys and queries are left out. None
+            counts every position.
+
+    Returns:
+        Scalar loss.
+    """
+    s_shape, t_shape = student_log_probs.shape, teacher_log_probs.shape
+    if student_log_probs.dim() != 4 or s_shape[0] != t_shape[0] or s_shape[2:] != t_shape[2:]:
+        raise ValueError(f"attention_kl needs [B, H, L, L] maps of one batch and length; got {s_shape} and {t_shape}")
+    if s_shape[1] != t_shape[1]:
+        student_log_probs = torch.logsumexp(student_log_probs, dim=1, keepdim=True) - math.log(s_shape[1])
+        teacher_log_probs = torch.logsumexp(teacher_log_probs, dim=1, keepdim=True) - math.log(t_shape[1])
+    pointwise = teacher_log_probs.exp() * (teacher_log_probs - student_log_probs)  # [B, H, L, L]
+    if mask is None:
+        return pointwise.sum(dim=-1).mean()
+    keys = mask[:, None, None, :]
+    per_query = torch.where(keys, pointwise, torch.zeros_like(pointwise)).sum(dim=-1).mean(dim=1)  # [B, L]
+    weights = mask.to(per_query.dtype)
+    return (per_query * weights).sum() / weights.sum().clamp(min=1.0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Registered terms
 # ---------------------------------------------------------------------------------------------
@@ -379,6 +487,193 @@ class AttentionTransferTerm(LossTerm):
             inputs.teacher_features[self.teacher_layer],  # type: ignore[index]
             self.p,
         )
+
+
+LayerRef = int | str
+
+_TRANSFORMER_FIX = (
+    "use arch transformer for the student (and a transformer or Hugging Face BERT-family teacher), "
+    "or remove the term from distill.losses (fitnets reads one layer of any architecture)"
+)
+
+
+def _layer_pairs(name: str, layers: Any) -> list[tuple[LayerRef, LayerRef]] | None:
+    """Check a ``layers`` param: None, or ``[[student, teacher], ...]`` of layer numbers or module paths."""
+    if layers is None:
+        return None
+    if not isinstance(layers, (list, tuple)) or not layers:
+        raise ValueError(f"{name}: layers must be a non-empty list of [student, teacher] pairs, got {layers!r}")
+    pairs: list[tuple[LayerRef, LayerRef]] = []
+    for pair in layers:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise ValueError(f"{name}: each entry of layers is a [student, teacher] pair, got {pair!r}")
+        for ref in pair:
+            if isinstance(ref, bool) or not isinstance(ref, (int, str)) or (isinstance(ref, int) and ref < 0):
+                raise ValueError(
+                    f"{name}: a layer is a number >= 0 (0: embeddings, m: the m-th transformer layer) "
+                    f"or a module path, got {ref!r}"
+                )
+        pairs.append((pair[0], pair[1]))
+    return pairs
+
+
+def _encoders(name: str, student: nn.Module, teacher: nn.Module) -> tuple[Encoder, Encoder]:
+    """Both models' transformer encoders, or a ConfigError naming the term and the fix."""
+    found = []
+    for role, model in (("student", student), ("teacher", teacher)):
+        encoder = find_encoder(model)
+        if encoder is None:
+            raise ConfigError(
+                f"loss {name!r} distills transformer layers, but the {role} ({type(model).__name__}) "
+                "has no BERT-family encoder (encoder.layer.N with attention.self)",
+                _TRANSFORMER_FIX,
+            )
+        found.append(encoder)
+    return found[0], found[1]
+
+
+def _resolve_pairs(
+    name: str,
+    pairs: list[tuple[LayerRef, LayerRef]] | None,
+    encoders: tuple[Encoder, Encoder],
+    path_of: str,
+) -> list[tuple[str, str]]:
+    """Module paths of each (student, teacher) pair: numbers through the encoders, paths as given.
+
+    ``path_of``: ``"layer_path"`` (hidden states) or ``"attention_path"`` (self-attention).
+    """
+    student, teacher = encoders
+    chosen = pairs if pairs is not None else uniform_layer_map(student.depth, teacher.depth)
+    resolved = []
+    for s_ref, t_ref in chosen:
+        paths = []
+        for role, ref, encoder in (("student", s_ref, student), ("teacher", t_ref, teacher)):
+            if isinstance(ref, str):
+                paths.append(ref)
+                continue
+            try:
+                paths.append(getattr(encoder, path_of)(ref))
+            except ValueError as err:
+                raise ConfigError(f"loss {name!r}: params.layers {[s_ref, t_ref]}: {role} {err}") from None
+        resolved.append((paths[0], paths[1]))
+    return resolved
+
+
+def _token_mask(inputs: LossInputs, pad_id: int | None) -> Tensor | None:
+    """``[B, L]`` true at real tokens (``ids != pad_id``), or None (no ids or no padding id)."""
+    ids = inputs.inputs
+    if ids is None or pad_id is None or ids.dim() != 2 or ids.dtype.is_floating_point:
+        return None
+    return ids != pad_id
+
+
+@LOSSES.register("hidden_mse")
+class HiddenMSETerm(LossTerm):
+    """``hidden_mse``: TinyBERT hidden-state distillation (``hidden_mse``) over a layer mapping.
+
+    Params: ``layers``, ``[[student, teacher], ...]`` pairs of layer numbers (0: the embedding
+    layer's output, m: the m-th transformer layer, 1-based) or module paths; default TinyBERT's
+    uniform map ``m -> m * N / M`` over the M student layers
+    (``kd_lib.models.transformer_layers.uniform_layer_map``). The loss is the mean of
+    ``hidden_mse`` over the pairs, padding masked out. When the widths differ, one learned
+    ``W_h`` (a bias-free linear map, student width -> teacher width) is shared by every pair, as
+    in the paper; with equal widths there is none (identity). Both models must be BERT-family
+    transformers (kdflow's ``transformer`` or a Hugging Face teacher).
+    """
+
+    needs_features = True
+
+    def __init__(self, layers: list[list[LayerRef]] | None = None) -> None:
+        super().__init__()
+        self.pairs_param = _layer_pairs("hidden_mse", layers)
+        self.pairs: list[tuple[str, str]] = []
+        self.pad_id: int | None = None
+        self.projection: nn.Linear | None = None
+
+    def resolve(self, student: nn.Module, teacher: nn.Module) -> None:
+        encoders = _encoders("hidden_mse", student, teacher)
+        paths = _resolve_pairs("hidden_mse", self.pairs_param, encoders, "layer_path")
+        self.pairs = [(s + HIDDEN, t + HIDDEN) for s, t in paths]
+        self.pad_id = pad_id_of(student)
+
+    def features(self) -> tuple[set[str], set[str]]:
+        return {s for s, _ in self.pairs}, {t for _, t in self.pairs}
+
+    def bind_features(self, student: dict[str, Tensor], teacher: dict[str, Tensor]) -> None:
+        widths = {(student[s].shape[-1], teacher[t].shape[-1]) for s, t in self.pairs}
+        if len(widths) != 1:
+            raise ConfigError(
+                f"loss 'hidden_mse': the mapped layers have several (student, teacher) widths {sorted(widths)}; "
+                "one W_h needs one width per side",
+                "map layers of one width on each side (params.layers)",
+            )
+        s_width, t_width = widths.pop()
+        self.projection = nn.Linear(s_width, t_width, bias=False) if s_width != t_width else None
+
+    def forward(self, inputs: LossInputs) -> Tensor:
+        mask = _token_mask(inputs, self.pad_id)
+        values = []
+        for s, t in self.pairs:
+            student = inputs.student_features[s]
+            if self.projection is not None:
+                student = self.projection(student)
+            values.append(hidden_mse(student, inputs.teacher_features[t], mask))
+        return torch.stack(values).mean()
+
+
+@LOSSES.register("attention_kl")
+class AttentionKLTerm(LossTerm):
+    """``attention_kl``: MiniLM self-attention distribution transfer (``attention_kl``) over a layer mapping.
+
+    Params: ``layers``, ``[[student, teacher], ...]`` transformer layer numbers (1-based) or
+    module paths of self-attention modules (``...attention.self``); default the uniform map
+    ``m -> m * N / M``. Each layer's attention probabilities are recomputed from the
+    self-attention's input with its own query/key projections (``softmax(Q K^T / sqrt(d))``
+    over the real keys: no attention dropout, any attention implementation); the loss is the
+    mean of ``attention_kl`` over the pairs. Different head counts compare head-averaged
+    distributions (see ``attention_kl``). Nothing is learned.
+    """
+
+    needs_features = True
+
+    def __init__(self, layers: list[list[LayerRef]] | None = None) -> None:
+        super().__init__()
+        self.pairs_param = _layer_pairs("attention_kl", layers)
+        self.pairs: list[tuple[str, str]] = []
+        self.pad_id: int | None = None
+
+    def resolve(self, student: nn.Module, teacher: nn.Module) -> None:
+        encoders = _encoders("attention_kl", student, teacher)
+        paths = _resolve_pairs("attention_kl", self.pairs_param, encoders, "attention_path")
+        for (s_path, t_path), pair in zip(paths, self.pairs_param or [], strict=False):
+            for role, model, path in (("student", student, s_path), ("teacher", teacher, t_path)):
+                module = dict(model.named_modules()).get(path)
+                if module is not None and not is_self_attention(module):
+                    raise ConfigError(
+                        f"loss 'attention_kl': params.layers {list(pair)}: the {role}'s {path!r} is a "
+                        f"{type(module).__name__}, not a self-attention (query and key projections)",
+                        "name a layer by number, or a module path ending in attention.self",
+                    )
+        self.pairs = [(s + ATTENTION, t + ATTENTION) for s, t in paths]
+        self.pad_id = pad_id_of(student)
+
+    def features(self) -> tuple[set[str], set[str]]:
+        return {s for s, _ in self.pairs}, {t for _, t in self.pairs}
+
+    def bind_features(self, student: dict[str, Tensor], teacher: dict[str, Tensor]) -> None:
+        """Nothing to learn; the probe has already checked that every module is a self-attention."""
+
+    def forward(self, inputs: LossInputs) -> Tensor:
+        mask = _token_mask(inputs, self.pad_id)
+        values = [
+            attention_kl(
+                masked_log_softmax(inputs.student_features[s], mask),
+                masked_log_softmax(inputs.teacher_features[t], mask),
+                mask,
+            )
+            for s, t in self.pairs
+        ]
+        return torch.stack(values).mean()
 
 
 def build_objective(terms: list[LossTermConfig], where: str = "distill.losses") -> Objective:

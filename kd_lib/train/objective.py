@@ -26,6 +26,18 @@ import torch
 from torch import Tensor, nn
 
 from kd_lib.config import LossTermConfig
+from kd_lib.models.transformer_layers import attention_scores, hidden_output
+
+# A feature name is a module path (its forward output, as it is), or a module path with one of
+# these suffixes: "@hidden", the hidden states [B, L, D] of a transformer layer (the first
+# element of a tuple output); "@attention", the pre-softmax self-attention scores [B, H, L, L]
+# recomputed from a BERT self-attention module's input (kd_lib.models.transformer_layers).
+HIDDEN, ATTENTION = "@hidden", "@attention"
+
+
+# The label of an unlabeled sample (a transfer-set sample, ``distill.transfer_source``): terms
+# that read labels skip it (``ce``), the teacher terms learn from it like from any other.
+UNLABELED = -1
 
 
 @dataclass
@@ -34,10 +46,12 @@ class LossInputs:
 
     Attributes:
         student_logits: ``[B, C]``.
-        labels: ``[B]`` int64.
+        labels: ``[B]`` int64; ``UNLABELED`` (-1) for samples without a label (a transfer set).
         teacher_logits: ``[B, C]`` or None when no term needs the teacher.
         student_features: Layer name -> student activations captured during the forward pass.
         teacher_features: Layer name -> teacher activations.
+        inputs: The batch both models saw, ``[B, *input_shape]`` (text: ``[B, L]`` int64 ids,
+            from which the transformer terms mask padding), or None.
     """
 
     student_logits: Tensor
@@ -45,6 +59,7 @@ class LossInputs:
     teacher_logits: Tensor | None = None
     student_features: dict[str, Tensor] = field(default_factory=dict)
     teacher_features: dict[str, Tensor] = field(default_factory=dict)
+    inputs: Tensor | None = None
 
 
 class LossTerm(nn.Module):
@@ -53,13 +68,32 @@ class LossTerm(nn.Module):
     Class attributes tell the training loop what to compute: ``needs_teacher`` (teacher
     logits), ``needs_features`` (intermediate feature maps of both models, hence a live teacher).
     Feature terms name their layers (``student_layer``, ``teacher_layer``); None means the
-    model's default feature layer, resolved by ``Objective.bind``.
+    model's default feature layer, resolved by ``Objective.bind``. A term reading several
+    layers (the transformer terms) overrides ``resolve``, ``features`` and ``bind_features``.
     """
 
     needs_teacher: ClassVar[bool] = True
     needs_features: ClassVar[bool] = False
     student_layer: str | None = None
     teacher_layer: str | None = None
+
+    def resolve(self, student: nn.Module, teacher: nn.Module) -> None:
+        """Name the features this term reads, from the two models (before any forward pass).
+
+        The default: ``student_layer`` / ``teacher_layer``, each model's default feature layer when None.
+        """
+        self.student_layer = self.student_layer or default_feature_layer(student)
+        self.teacher_layer = self.teacher_layer or default_feature_layer(teacher)
+
+    def features(self) -> tuple[set[str], set[str]]:
+        """(student feature names, teacher feature names) this term reads; after ``resolve``."""
+        return {self.student_layer}, {self.teacher_layer}  # type: ignore[arg-type]
+
+    def bind_features(self, student: dict[str, Tensor], teacher: dict[str, Tensor]) -> None:
+        """Create learnable parts from one probe batch's features; the default calls ``bind``."""
+        s_layer, t_layer = self.student_layer, self.teacher_layer
+        assert s_layer is not None and t_layer is not None  # set by resolve
+        self.bind(tuple(student[s_layer].shape[1:]), tuple(teacher[t_layer].shape[1:]))
 
     def bind(self, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]) -> None:
         """Create learnable parts from the per-sample feature shapes (FitNets' regressor)."""
@@ -131,8 +165,14 @@ class Objective(nn.Module):
 
     def feature_layers(self) -> tuple[set[str], set[str]]:
         """(student layer names, teacher layer names) the active terms read; call after ``bind``."""
-        active = [t for _, _, t in self._active() if t.needs_features]
-        return {t.student_layer for t in active}, {t.teacher_layer for t in active}  # type: ignore[misc]
+        student: set[str] = set()
+        teacher: set[str] = set()
+        for _, _, term in self._active():
+            if term.needs_features:
+                s_names, t_names = term.features()
+                student |= s_names
+                teacher |= t_names
+        return student, teacher
 
     def bind(self, student: nn.Module, teacher: nn.Module | None, sample: Tensor) -> None:
         """Resolve default layer names and create learnable parts from one forward pass.
@@ -148,8 +188,7 @@ class Objective(nn.Module):
         if not feature_terms:
             return
         for term in feature_terms:
-            term.student_layer = term.student_layer or default_feature_layer(student)
-            term.teacher_layer = term.teacher_layer or default_feature_layer(teacher)  # type: ignore[arg-type]
+            term.resolve(student, teacher)  # type: ignore[arg-type]
         s_layers, t_layers = self.feature_layers()
         # A probe, not a training step: in eval mode, or a train-mode BatchNorm would fold this
         # sample into its running statistics (the teacher's are frozen; the student's are not
@@ -158,9 +197,7 @@ class Objective(nn.Module):
             s_feats = capture_features(student, s_layers, sample)[1]
             t_feats = capture_features(teacher, t_layers, sample)[1]  # type: ignore[arg-type]
         for term in feature_terms:
-            s_layer, t_layer = term.student_layer, term.teacher_layer
-            assert s_layer is not None and t_layer is not None  # resolved just above
-            term.bind(tuple(s_feats[s_layer].shape[1:]), tuple(t_feats[t_layer].shape[1:]))
+            term.bind_features(s_feats, t_feats)
         self.to(sample.device)
 
     def forward(self, inputs: LossInputs) -> Tensor:
@@ -218,23 +255,39 @@ def eval_mode(*models: nn.Module) -> Iterator[None]:
 
 
 def capture_features(model: nn.Module, layers: set[str], x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-    """Run ``model(x)`` and return its output plus the outputs of the named submodules.
+    """Run ``model(x)`` and return its output plus the features of the named submodules.
 
+    A name is a module path (its output), or a path with the suffix ``@hidden`` (a transformer
+    layer's hidden states) or ``@attention`` (a self-attention's scores, see ``ATTENTION``).
     Forward hooks are removed again, whatever happens.
 
     Raises:
         ValueError: a layer name is not a submodule of the model (lists the valid names).
     """
     modules = dict(model.named_modules())
-    missing = sorted(n for n in layers if n not in modules)
+
+    def path(name: str) -> str:
+        return name.removesuffix(HIDDEN).removesuffix(ATTENTION)
+
+    missing = sorted(n for n in layers if path(n) not in modules)
     if missing:
         valid = [n for n in modules if n]
         raise ValueError(f"no layer(s) {missing} in {type(model).__name__}; valid names: {valid}")
     captured: dict[str, Tensor] = {}
-    handles = [
-        modules[name].register_forward_hook(lambda _m, _i, out, name=name: captured.__setitem__(name, out))
-        for name in layers
-    ]
+
+    def hook(name: str) -> Any:
+        def store(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+            if name.endswith(HIDDEN):
+                captured[name] = hidden_output(out)
+            elif name.endswith(ATTENTION):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                captured[name] = attention_scores(module, hidden)
+            else:
+                captured[name] = out
+
+        return store
+
+    handles = [modules[path(name)].register_forward_hook(hook(name), with_kwargs=True) for name in layers]
     try:
         out = model(x)
     finally:

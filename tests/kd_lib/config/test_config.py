@@ -141,6 +141,8 @@ def test_keep_last_is_part_of_the_recipe_and_refuses_patience() -> None:
         ("data", "max_length"),
         ("data", "vocab_size"),
         ("data", "tokenizer"),
+        ("student", "init_from_teacher"),
+        ("distill", "transfer_source"),
     ):
         del dump[section][field]
     legacy = hashlib.sha256(json.dumps(dump, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
@@ -259,6 +261,34 @@ def test_new_fields_at_their_defaults_leave_the_config_hash_alone() -> None:
         assert PipelineConfig.model_validate(changed).config_hash() != base.config_hash(), changed
 
 
+def test_a_transfer_set_is_part_of_the_recipe_and_needs_a_teacher_term_and_the_data_format() -> None:
+    text = {"source": "reviews.csv", "text_column": "text"}
+    plain = parse_config({"data": text})
+    with_set = parse_config({"data": text, "distill": {"transfer_source": "s3://bucket/unlabeled.jsonl"}})
+    assert with_set.distill.transfer_source == "s3://bucket/unlabeled.jsonl"
+    assert with_set.config_hash() != plain.config_hash()
+    assert parse_config({"data": text, "distill": {"transfer_source": None}}).config_hash() == plain.config_hash()
+    images = parse_config({"data": {"source": "d.npz"}, "distill": {"transfer_source": "more.npz"}})
+    assert images.distill.transfer_source == "more.npz"
+    assert parse_config({"data": {"source": "imgs/"}, "distill": {"transfer_source": "unlabeled"}})
+    for distill, data, message in (
+        ({"losses": [{"name": "ce"}]}, text, "distill.transfer_source: .* no teacher term .* remove transfer_source"),
+        (
+            {"losses": [{"name": "kd", "weight": 0.0}, {"name": "ce"}]},
+            text,
+            "no teacher term",
+        ),
+        ({"losses": [{"name": "dkd"}, {"name": "kd"}]}, text, "dkd needs each sample's true class"),
+        ({}, {"source": "d.npz"}, r"must have the format of data.source 'd.npz' \(csv vs npz\)"),
+        ({}, {"source": "digits"}, "export the digits to an .npz"),
+        ({"transfer_source": "more.npz"}, text, "text data .* needs a .csv, .parquet or .jsonl file"),
+        ({"transfer_source": "gs://b/u.csv"}, text, "only local paths and s3://"),
+    ):
+        tree = {"data": data, "distill": {"transfer_source": "unlabeled.csv"} | distill}
+        with pytest.raises(ConfigError, match=message):
+            parse_config(tree)
+
+
 # The default distill.losses before issue #19 (Hinton's 0.9/0.1 at T=4), and the hash that a config
 # spelling them out had then (and must keep: it sets its losses, so its recipe did not change).
 OLD_DEFAULT_LOSSES = [{"name": "kd", "weight": 0.9, "params": {"temperature": 4.0}}, {"name": "ce", "weight": 0.1}]
@@ -282,3 +312,34 @@ def test_changing_the_default_losses_moved_only_the_hash_of_configs_that_leave_t
     # ... and is exactly the hash of the same config with the new default spelt out.
     spelt_out = parse_config({"distill": {"losses": [dict(term) for term in DEFAULT_LOSSES]}})
     assert relying.config_hash() == spelt_out.config_hash()
+
+
+def test_transformer_losses_and_teacher_init_need_transformer_archs() -> None:
+    bert = {"arch": "transformer", "params": {"layers": 2}}
+    text = {"source": "movie_toy", "text_column": "text"}
+    recipe = {
+        "data": text,
+        "teacher": {"model": bert},
+        "student": {"model": bert, "init_from_teacher": True},
+        "distill": {"losses": [{"name": "kd"}, {"name": "hidden_mse", "params": {"layers": [[1, 2]]}}]},
+    }
+    ok = parse_config(recipe)
+    recipe["student"] = {"model": bert}
+    assert ok.student.init_from_teacher and ok.config_hash() != parse_config(recipe).config_hash()
+    with pytest.raises(ConfigError, match="attention_kl, hidden_mse read.*student.model.arch is 'textcnn'"):
+        parse_config(
+            {
+                "data": text,
+                "teacher": {"model": bert},
+                "student": {"model": {"arch": "textcnn"}},
+                "distill": {"losses": [{"name": "hidden_mse"}, {"name": "attention_kl"}]},
+            }
+        )
+    with pytest.raises(ConfigError, match="student.init_from_teacher read.*teacher.model.arch is 'bilstm'"):
+        parse_config(
+            {
+                "data": text,
+                "teacher": {"model": {"arch": "bilstm"}},
+                "student": {"init_from_teacher": True, "model": bert},
+            }
+        )

@@ -106,6 +106,8 @@ def test_a_config_without_a_sweep_hashes_as_it_did_before() -> None:
         ("data", "tokenizer"),
         ("teacher", "fine_tune"),
         ("teacher", "input_normalization"),
+        ("student", "init_from_teacher"),
+        ("distill", "transfer_source"),
     ):
         del dumped[section][field]
     import hashlib

@@ -43,7 +43,7 @@ def _kl_by_hand(t: float) -> float:
 
 
 def test_registry_names_every_method() -> None:
-    assert LOSSES.names() == ["at", "ce", "dkd", "fitnets", "kd"]
+    assert LOSSES.names() == ["at", "attention_kl", "ce", "dkd", "fitnets", "hidden_mse", "kd"]
 
 
 def test_kd_at_t1_matches_explicit_numbers() -> None:
