@@ -44,9 +44,10 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 # Lint first (a failure stops here), then every test, the cluster-side checks included (they
-# fail, not skip, when their tools are missing).
+# fail, not skip, when their tools are missing). Two pytest-xdist workers, one per core: many
+# cases wait on a child process (an MLflow server, a kfp.local task, a fresh-process load).
 test: lint $(STAMP) $(CHECKS_STAMP)
-	KDFLOW_REQUIRE_CLUSTER_CHECKS=1 $(PY) -m pytest -q -m "not slow"
+	KDFLOW_REQUIRE_CLUSTER_CHECKS=1 $(PY) -m pytest -q -m "not slow" -n 2
 
 # The cases `make test` leaves out (marker slow): more failure paths and a second sweep.
 test-slow: $(STAMP)

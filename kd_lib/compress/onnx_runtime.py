@@ -478,11 +478,14 @@ def quantize_onnx_file(
                     calibrate_method=ortq.CalibrationMethod.MinMax,
                 )
             else:
-                # MatMul/Gemm only, like torch's dynamic_int8 (nn.Linear only): ORT's ConvInteger
+                # MatMul/Gemm, like torch's dynamic_int8 (nn.Linear only): ORT's ConvInteger
                 # runs 4-6x slower than its fp32 Conv here (1 thread; CNN student b1 0.101 vs
-                # 0.026 ms, ResNet b1 0.90 vs 0.15 ms); convolutions are static int8's.
+                # 0.026 ms, ResNet b1 0.90 vs 0.15 ms); convolutions are static int8's. A text
+                # model's embedding tables (Gather on int64 ids) hold most of its weights: they
+                # are stored int8 too (one scale per table, dequantized after the lookup).
+                ops = ["MatMul", "Gemm"] + (["Gather"] if _takes_token_ids(source) else [])
                 ortq.quantize_dynamic(
-                    str(prepared), str(out), weight_type=ortq.QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"]
+                    str(prepared), str(out), weight_type=ortq.QuantType.QInt8, op_types_to_quantize=ops
                 )
     except Exception as err:  # ORT's quantizer raises many types; each means "cannot quantize this graph"
         raise QuantizationError(
@@ -495,10 +498,20 @@ def quantize_onnx_file(
     return out
 
 
-def _input_name(path: Path) -> str:
+def _graph_input(path: Path) -> onnx.ValueInfoProto:
+    """The graph's first input that is not an initializer: the samples it takes."""
     proto = onnx.load_model(str(path), load_external_data=False)
     initializers = {i.name for i in proto.graph.initializer}
-    return next(i.name for i in proto.graph.input if i.name not in initializers)
+    return next(i for i in proto.graph.input if i.name not in initializers)
+
+
+def _takes_token_ids(path: Path) -> bool:
+    """Whether the graph's input is int64: a text model's token ids."""
+    return bool(_graph_input(path).type.tensor_type.elem_type == onnx.TensorProto.INT64)
+
+
+def _input_name(path: Path) -> str:
+    return str(_graph_input(path).name)
 
 
 # --------------------------------------------------------------------------------------------
