@@ -127,3 +127,32 @@ def load_versions(uri: str, name: str, versions: dict[str, str]) -> dict[str, Py
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.setenv("MLFLOW_REGISTRY_URI", uri)
         return {kind: mlflow.pyfunc.load_model(f"models:/{name}/{version}") for kind, version in versions.items()}
+
+
+def tiny_bert(
+    layers: int,
+    hidden: int = 16,
+    heads: int = 2,
+    intermediate: int | None = None,
+    *,
+    length: int = 12,
+    vocab_size: int = 30,
+    num_classes: int = 3,
+    seed: int = 0,
+    dropout: float = 0.1,
+) -> nn.Module:
+    """kdflow's ``transformer`` (a BertModel encoder), seeded, small enough for unit tests; pad id 0."""
+    from kd_lib.models.text import transformer  # lazy: transformers only for the text tests
+
+    torch.manual_seed(seed)
+    return transformer(
+        (length,),
+        num_classes,
+        vocab_size=vocab_size,
+        pad_id=0,
+        layers=layers,
+        hidden=hidden,
+        heads=heads,
+        intermediate=2 * hidden if intermediate is None else intermediate,
+        dropout=dropout,
+    )

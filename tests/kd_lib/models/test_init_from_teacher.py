@@ -12,21 +12,14 @@ from kd_lib.config import ConfigError
 from kd_lib.models import huggingface
 from kd_lib.models.init_from_teacher import init_from_teacher
 from kd_lib.models.text import bilstm, transformer
+from tests.helpers import tiny_bert
 
 VOCAB, PAD, CLASSES = 30, 0, 3
 
 
 def _bert(layers: int, hidden: int = 16, heads: int = 2, intermediate: int = 32, length: int = 12, seed: int = 0):
-    torch.manual_seed(seed)
-    return transformer(
-        (length,),
-        CLASSES,
-        vocab_size=VOCAB,
-        pad_id=PAD,
-        layers=layers,
-        hidden=hidden,
-        heads=heads,
-        intermediate=intermediate,
+    return tiny_bert(
+        layers, hidden, heads, intermediate, length=length, vocab_size=VOCAB, num_classes=CLASSES, seed=seed
     )
 
 

@@ -18,7 +18,7 @@ from torch import Tensor
 from kd_lib.config import ConfigError, LossTermConfig, TrainConfig
 from kd_lib.config.train import FEATURE_LOSSES, TRANSFORMER_LOSSES
 from kd_lib.models import huggingface
-from kd_lib.models.text import textcnn, transformer
+from kd_lib.models.text import textcnn
 from kd_lib.models.transformer_layers import uniform_layer_map
 from kd_lib.train.loop import distill
 from kd_lib.train.losses import (
@@ -31,22 +31,14 @@ from kd_lib.train.losses import (
     hidden_mse,
     masked_log_softmax,
 )
+from tests.helpers import tiny_bert
 
 VOCAB, PAD, LENGTH, CLASSES = 40, 0, 10, 3
 
 
 def _bert(layers: int, hidden: int, heads: int, seed: int = 0) -> Any:
-    torch.manual_seed(seed)
-    return transformer(
-        (LENGTH,),
-        CLASSES,
-        vocab_size=VOCAB,
-        pad_id=PAD,
-        layers=layers,
-        hidden=hidden,
-        heads=heads,
-        intermediate=2 * hidden,
-        dropout=0.0,
+    return tiny_bert(
+        layers, hidden, heads, length=LENGTH, vocab_size=VOCAB, num_classes=CLASSES, seed=seed, dropout=0.0
     )
 
 
