@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -567,8 +567,39 @@ def _token_mask(inputs: LossInputs, pad_id: int | None) -> Tensor | None:
     return ids != pad_id
 
 
+class _LayerPairsTerm(LossTerm):
+    """A term over (student, teacher) transformer layer pairs: the ``layers`` param (default the
+    uniform map), their module paths resolved through both models' encoders, and the student's
+    padding id for the token mask. Subclasses name the term, the ``Encoder`` method that gives
+    a layer's module path (``path_of``) and the feature suffix they read (``suffix``)."""
+
+    needs_features = True
+    term_name: ClassVar[str]
+    path_of: ClassVar[str]
+    suffix: ClassVar[str]
+
+    def __init__(self, layers: list[list[LayerRef]] | None = None) -> None:
+        super().__init__()
+        self.pairs_param = _layer_pairs(self.term_name, layers)
+        self.pairs: list[tuple[str, str]] = []
+        self.pad_id: int | None = None
+
+    def resolve(self, student: nn.Module, teacher: nn.Module) -> None:
+        encoders = _encoders(self.term_name, student, teacher)
+        paths = _resolve_pairs(self.term_name, self.pairs_param, encoders, self.path_of)
+        self.check_paths(paths, student, teacher)
+        self.pairs = [(s + self.suffix, t + self.suffix) for s, t in paths]
+        self.pad_id = pad_id_of(student)
+
+    def check_paths(self, paths: list[tuple[str, str]], student: nn.Module, teacher: nn.Module) -> None:
+        """Refuse resolved module paths the term cannot read (default: any will do)."""
+
+    def features(self) -> tuple[set[str], set[str]]:
+        return {s for s, _ in self.pairs}, {t for _, t in self.pairs}
+
+
 @LOSSES.register("hidden_mse")
-class HiddenMSETerm(LossTerm):
+class HiddenMSETerm(_LayerPairsTerm):
     """``hidden_mse``: TinyBERT hidden-state distillation (``hidden_mse``) over a layer mapping.
 
     Params: ``layers``, ``[[student, teacher], ...]`` pairs of layer numbers (0: the embedding
@@ -581,23 +612,11 @@ class HiddenMSETerm(LossTerm):
     transformers (kdflow's ``transformer`` or a Hugging Face teacher).
     """
 
-    needs_features = True
+    term_name, path_of, suffix = "hidden_mse", "layer_path", HIDDEN
 
     def __init__(self, layers: list[list[LayerRef]] | None = None) -> None:
-        super().__init__()
-        self.pairs_param = _layer_pairs("hidden_mse", layers)
-        self.pairs: list[tuple[str, str]] = []
-        self.pad_id: int | None = None
+        super().__init__(layers)
         self.projection: nn.Linear | None = None
-
-    def resolve(self, student: nn.Module, teacher: nn.Module) -> None:
-        encoders = _encoders("hidden_mse", student, teacher)
-        paths = _resolve_pairs("hidden_mse", self.pairs_param, encoders, "layer_path")
-        self.pairs = [(s + HIDDEN, t + HIDDEN) for s, t in paths]
-        self.pad_id = pad_id_of(student)
-
-    def features(self) -> tuple[set[str], set[str]]:
-        return {s for s, _ in self.pairs}, {t for _, t in self.pairs}
 
     def bind_features(self, student: dict[str, Tensor], teacher: dict[str, Tensor]) -> None:
         widths = {(student[s].shape[-1], teacher[t].shape[-1]) for s, t in self.pairs}
@@ -622,7 +641,7 @@ class HiddenMSETerm(LossTerm):
 
 
 @LOSSES.register("attention_kl")
-class AttentionKLTerm(LossTerm):
+class AttentionKLTerm(_LayerPairsTerm):
     """``attention_kl``: MiniLM self-attention distribution transfer (``attention_kl``) over a layer mapping.
 
     Params: ``layers``, ``[[student, teacher], ...]`` transformer layer numbers (1-based) or
@@ -634,17 +653,9 @@ class AttentionKLTerm(LossTerm):
     distributions (see ``attention_kl``). Nothing is learned.
     """
 
-    needs_features = True
+    term_name, path_of, suffix = "attention_kl", "attention_path", ATTENTION
 
-    def __init__(self, layers: list[list[LayerRef]] | None = None) -> None:
-        super().__init__()
-        self.pairs_param = _layer_pairs("attention_kl", layers)
-        self.pairs: list[tuple[str, str]] = []
-        self.pad_id: int | None = None
-
-    def resolve(self, student: nn.Module, teacher: nn.Module) -> None:
-        encoders = _encoders("attention_kl", student, teacher)
-        paths = _resolve_pairs("attention_kl", self.pairs_param, encoders, "attention_path")
+    def check_paths(self, paths: list[tuple[str, str]], student: nn.Module, teacher: nn.Module) -> None:
         for (s_path, t_path), pair in zip(paths, self.pairs_param or [], strict=False):
             for role, model, path in (("student", student, s_path), ("teacher", teacher, t_path)):
                 module = dict(model.named_modules()).get(path)
@@ -654,11 +665,6 @@ class AttentionKLTerm(LossTerm):
                         f"{type(module).__name__}, not a self-attention (query and key projections)",
                         "name a layer by number, or a module path ending in attention.self",
                     )
-        self.pairs = [(s + ATTENTION, t + ATTENTION) for s, t in paths]
-        self.pad_id = pad_id_of(student)
-
-    def features(self) -> tuple[set[str], set[str]]:
-        return {s for s, _ in self.pairs}, {t for _, t in self.pairs}
 
     def bind_features(self, student: dict[str, Tensor], teacher: dict[str, Tensor]) -> None:
         """Nothing to learn; the probe has already checked that every module is a self-attention."""
