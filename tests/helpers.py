@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
+import tempfile
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import nn
 
+from kd_lib.artifacts.dataset_dir import SPLIT_NAMES, Splits, save_splits
 from kd_lib.config import PipelineConfig, parse_config
+from kd_lib.data import lazy
 
 if TYPE_CHECKING:  # mlflow costs seconds at import; the helpers only take a client built by the caller
     from mlflow import MlflowClient
     from mlflow.pyfunc import PyFuncModel
+
+
+def as_arrays(splits: Splits, fetch=None) -> Splits:  # noqa: ANN001 - a kd_lib.data.dataset.Fetch
+    """``kd_lib.data.dataset.prepare``'s splits as the steps read them, in arrays: data prepared
+    as a manifest (image folders, tables) is saved, opened lazily and read whole, transfer set too."""
+    if splits.manifest is None:
+        return splits
+    with tempfile.TemporaryDirectory() as tmp:
+        opened = lazy.open_splits(save_splits(splits, Path(tmp) / "ds"), Path(tmp) / "scratch", fetch, transfer=True)
+        x = {name: np.asarray(opened.x[name]) for name in SPLIT_NAMES}
+        transfer = np.asarray(opened.transfer) if opened.transfer is not None else None
+        return Splits(x=x, y=opened.y, meta=opened.meta, transfer=transfer)
 
 
 def tiny_config(tmp_path: Path, **sections: dict) -> PipelineConfig:

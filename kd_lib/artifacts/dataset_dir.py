@@ -13,6 +13,13 @@ A transfer set (``distill.transfer_source``: unlabeled samples the student learn
 teacher alone) adds ``x_transfer`` ``[M, *input_shape]``, encoded like ``x_train`` (the train
 split's normalization, or its tokenizer) and without labels; ``meta.transfer`` (``TransferMeta``)
 says where it came from.
+
+Image folders and image tables (``.csv`` / ``.parquet`` without ``data.text_column``) are not
+copied: their directory holds ``manifest.npz`` instead of ``splits.npz``, the sample ids of each
+split (a folder's files by path relative to its root, a table's rows by number) and their labels
+(``ids_{split}``, ``y_{split}``; ``ids_transfer`` for a transfer set), and ``meta.manifest``
+(``ManifestMeta``) says where the samples are and how to decode them; the steps read them lazily
+(``kd_lib.data.lazy``). The manifest grows with the number of samples, not their size.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from kd_lib.artifacts.errors import ArtifactError
 from kd_lib.artifacts.model_dir import TOKENIZER_FILE
 
 SPLITS_FILE = "splits.npz"
+MANIFEST_FILE = "manifest.npz"
 META_FILE = "meta.json"
 SPLIT_NAMES = ("train", "val", "test")
 # splits.npz key of text data's raw test strings (``Splits.test_texts``).
@@ -76,6 +84,45 @@ class TransferMeta(BaseModel):
     fingerprint: Str
 
 
+class ManifestMeta(BaseModel):
+    """Where the samples of a dataset read lazily are, and how each is decoded.
+
+    Attributes:
+        kind: ``folder`` (one image file per sample) or ``table`` (one row of a ``.csv`` /
+            ``.parquet`` file per sample).
+        sources: Split name (and ``transfer``) -> the source its ids point into, as configured
+            (a local path or ``s3://`` URI: ``data.source``, ``data.test_source`` or
+            ``distill.transfer_source``).
+        image_mode: Folders: ``L`` or ``RGB`` (``data.image_mode``).
+        image_size: Folders: ``[H, W]`` every image is resized to, or None.
+        label_column: Tables: the label column (not part of the samples).
+        pixel_column: Tables: the one column of flattened pixels, or None.
+        feature_columns: Tables: the feature columns in order (resolved when the file was read).
+        image_shape: Tables: ``[C, H, W]`` the flat features are reshaped to, or None.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["folder", "table"]
+    sources: dict[str, Str]
+    image_mode: Literal["L", "RGB"] = "L"
+    image_size: list[Int] | None = None
+    label_column: Str = "label"
+    pixel_column: Str | None = None
+    feature_columns: list[Str] | None = None
+    image_shape: list[Int] | None = None
+
+
+@dataclass
+class Manifest:
+    """The samples of a lazily read dataset: ``ids[name]`` (file paths relative to the source
+    root, or int64 row numbers) and ``y[name]`` int64 labels, for each of SPLIT_NAMES (and
+    ``transfer``, without labels), plus ``meta.manifest``'s description of where they are."""
+
+    ids: dict[str, np.ndarray]
+    y: dict[str, np.ndarray]
+
+
 class DatasetMeta(BaseModel):
     """What later steps (and the registered model) need to know about the data.
 
@@ -94,6 +141,8 @@ class DatasetMeta(BaseModel):
         test_source: ``data.test_source``, when the test split came from its own file.
         text: Text data only: the tokenizer and padding of the token ids (``TextMeta``).
         transfer: With a transfer set only: its source, size and fingerprint (``TransferMeta``).
+        manifest: Lazily read data only (image folders and tables): where the samples are
+            (``ManifestMeta``); the directory then holds ``manifest.npz``, not ``splits.npz``.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -109,6 +158,7 @@ class DatasetMeta(BaseModel):
     test_source: Str | None = None
     text: TextMeta | None = None
     transfer: TransferMeta | None = None
+    manifest: ManifestMeta | None = None
 
 
 @dataclass
@@ -118,14 +168,19 @@ class Splits:
     for each of SPLIT_NAMES; ``tokenizer``: text data's ``tokenizer.json`` content;
     ``test_texts``: text data's raw test strings (``x["test"]`` is their ids), what a served text
     model is given when the registered version is verified; ``transfer``: the transfer set's
-    unlabeled samples ``[M, *input_shape]``, encoded like ``x["train"]`` (``meta.transfer``)."""
+    unlabeled samples ``[M, *input_shape]``, encoded like ``x["train"]`` (``meta.transfer``).
 
-    x: dict[str, np.ndarray]
+    Data read lazily (``meta.manifest`` set) holds no arrays: ``manifest`` says which samples each
+    split has, and ``kd_lib.data.lazy.open_splits`` fills ``x`` (and ``transfer``) with views that
+    read them on demand."""
+
+    x: dict[str, Any]
     y: dict[str, np.ndarray]
     meta: DatasetMeta
     tokenizer: str | None = None
     test_texts: list[str] | None = None
-    transfer: np.ndarray | None = None
+    transfer: Any = None
+    manifest: Manifest | None = None
 
 
 def _not_prepared(directory: Path, detail: str) -> ArtifactError:
@@ -136,6 +191,13 @@ def save_splits(splits: Splits, directory: str | Path) -> Path:
     """Write ``splits.npz`` and ``meta.json`` into ``directory`` (a KFP Dataset artifact)."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
+    if (splits.manifest is None) != (splits.meta.manifest is None):
+        raise ValueError("lazily read data needs both its sample ids (Splits.manifest) and meta.manifest")
+    if splits.manifest is not None:
+        _save_manifest(splits.manifest, d / MANIFEST_FILE)
+        absent = {name for name in ("text", "transfer") if getattr(splits.meta, name) is None}
+        write_json(d / META_FILE, splits.meta.model_dump(exclude=absent), indent=2)
+        return d
     arrays: dict[str, Any] = {f"x_{n}": splits.x[n] for n in SPLIT_NAMES} | {f"y_{n}": splits.y[n] for n in SPLIT_NAMES}
     if splits.test_texts is not None:  # a unicode array: read back with allow_pickle=False
         arrays[TEST_TEXTS_KEY] = np.asarray(splits.test_texts, dtype=np.str_)
@@ -149,9 +211,17 @@ def save_splits(splits: Splits, directory: str | Path) -> Path:
             raise ValueError("text splits need their tokenizer (Splits.tokenizer) to be saved")
         (d / splits.meta.text.tokenizer_file).write_text(splits.tokenizer, encoding="utf-8")
     # A dataset without text (or transfer set) writes meta.json exactly as before the field existed.
-    absent = {name for name in ("text", "transfer") if getattr(splits.meta, name) is None}
+    absent = {name for name in ("text", "transfer", "manifest") if getattr(splits.meta, name) is None}
     write_json(d / META_FILE, splits.meta.model_dump(exclude=absent or None), indent=2)
     return d
+
+
+def _save_manifest(manifest: Manifest, path: Path) -> None:
+    # Compressed: sorted relative paths ("cat/0001.png") and row numbers shrink several-fold.
+    arrays = {f"ids_{n}": np.asarray(v) for n, v in manifest.ids.items()} | {
+        f"y_{n}": np.asarray(v, dtype=np.int64) for n, v in manifest.y.items()
+    }
+    np.savez_compressed(path, **arrays)
 
 
 def tokenizer_path(directory: str | Path, meta: DatasetMeta | None = None) -> Path | None:
@@ -187,7 +257,8 @@ def read_meta(directory: str | Path) -> DatasetMeta:
 
 
 def load_splits(directory: str | Path, transfer: bool = False) -> Splits:
-    """Inverse of ``save_splits``.
+    """Inverse of ``save_splits``. Data read lazily comes back as its ``manifest`` and labels with
+    ``x`` empty: ``kd_lib.data.lazy.open_splits`` opens it.
 
     Args:
         directory: The prepared dataset directory.
@@ -199,6 +270,9 @@ def load_splits(directory: str | Path, transfer: bool = False) -> Splits:
     """
     d = Path(directory)
     meta = read_meta(d)
+    if meta.manifest is not None:
+        manifest = _load_manifest(d, meta, transfer)
+        return Splits(x={}, y={n: manifest.y[n] for n in SPLIT_NAMES}, meta=meta, manifest=manifest)
     try:
         with np.load(d / SPLITS_FILE, allow_pickle=False) as npz:
             xs = {n: npz[f"x_{n}"] for n in SPLIT_NAMES}
@@ -208,3 +282,17 @@ def load_splits(directory: str | Path, transfer: bool = False) -> Splits:
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
         raise _not_prepared(d, f"{d / SPLITS_FILE}: {err}") from None
     return Splits(x=xs, y=ys, meta=meta, test_texts=texts, transfer=x_transfer)
+
+
+def _load_manifest(d: Path, meta: DatasetMeta, transfer: bool) -> Manifest:
+    names = SPLIT_NAMES + (("transfer",) if transfer and meta.transfer is not None else ())
+    try:
+        with np.load(d / MANIFEST_FILE, allow_pickle=False) as npz:
+            ids = {n: npz[f"ids_{n}"] for n in names}
+            ys = {n: npz[f"y_{n}"] for n in names if n != "transfer"}
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
+        raise _not_prepared(d, f"{d / MANIFEST_FILE}: {err}") from None
+    for n in SPLIT_NAMES:
+        if len(ids[n]) != len(ys[n]) or len(ys[n]) != meta.sizes.get(n, -1):
+            raise _not_prepared(d, f"{d / MANIFEST_FILE}: split {n!r} has {len(ids[n])} ids and {len(ys[n])} labels")
+    return Manifest(ids=ids, y=ys)

@@ -117,6 +117,13 @@ class DataConfig(_Strict):
         "L", description="Image folders: 'L' reads images as grayscale [1, H, W], 'RGB' as colour [3, H, W]."
     )
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Training-batch augmentation.")
+    num_workers: int = Field(
+        0,
+        ge=0,
+        description="Image folders and tables (read lazily): DataLoader worker processes that decode training "
+        "batches ahead of the step (pinned memory on a GPU); 0 reads them in the training process. The batches, "
+        "hence the weights, are the same with any number.",
+    )
     text_column: str | None = Field(
         None,
         min_length=1,

@@ -204,7 +204,7 @@ class PipelineConfig(_Strict):
             "gate": ("max_latency_ms", "min_speedup"),
             "distill": ("promote", "transfer_source"),
             "teacher": ("fine_tune", "input_normalization"),
-            "data": ("text_column", "max_length", "vocab_size", "tokenizer"),
+            "data": ("text_column", "max_length", "vocab_size", "tokenizer", "num_workers"),
             "student": ("init_from_teacher",),
         }
         for section_name, names in added_later.items():

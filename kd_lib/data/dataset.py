@@ -39,19 +39,28 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from kd_lib.artifacts.dataset_dir import SPLIT_NAMES, DatasetMeta, Splits, TextMeta, TransferMeta
+from kd_lib.artifacts.dataset_dir import (
+    SPLIT_NAMES,
+    DatasetMeta,
+    Manifest,
+    ManifestMeta,
+    Splits,
+    TextMeta,
+    TransferMeta,
+)
 from kd_lib.config import DataConfig, source_kind
+from kd_lib.data import stream
 from kd_lib.data import text as text_lib
 from kd_lib.data.errors import DataError
-from kd_lib.data.normalization import normalization_stats, normalize
+from kd_lib.data.normalization import normalization_stats, normalize, stats_from_sums, values_per_sample
 
 if TYPE_CHECKING:
     import pandas as pd
     from tokenizers import Tokenizer
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_SUFFIXES = stream.IMAGE_SUFFIXES
 # The labels of samples read without them (``read_source(..., labeled=False)``: a transfer set).
-NO_LABEL = -1
+NO_LABEL = stream.NO_LABEL
 # (remote URI, scratch directory for the download) -> the local file or directory it became.
 Fetch = Callable[[str, Path], Path]
 
@@ -75,19 +84,6 @@ def _load_digits() -> tuple[np.ndarray, np.ndarray]:
     bunch = load_digits()
     x = bunch.images.astype(np.float32)[:, None, :, :]  # [N, 1, 8, 8], values 0..16
     return x, bunch.target.astype(np.int64)
-
-
-def _reshape(x: np.ndarray, image_shape: list[int] | None, origin: str) -> np.ndarray:
-    """``[N, F]`` -> ``[N, *image_shape]`` when an image shape is declared."""
-    if image_shape is None or x.ndim < 2:
-        return x
-    per_sample = int(np.prod(x.shape[1:]))
-    if per_sample != int(np.prod(image_shape)):
-        raise DataError(
-            f"{origin}: samples have {per_sample} features but data.image_shape {image_shape} needs "
-            f"{int(np.prod(image_shape))}; fix image_shape (C, H, W) or the data"
-        )
-    return x.reshape(x.shape[0], *image_shape)
 
 
 def _load_npz(path: Path, origin: str, labeled: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -137,103 +133,6 @@ def _read_table(path: Path, kind: str, origin: str) -> pd.DataFrame:
         raise DataError(f"{origin}: not a readable {kind} file ({first}); re-export it as {kind}") from None
 
 
-def _table_labels(column: pd.Series, name: str, origin: str) -> tuple[np.ndarray, list[str]]:
-    """A label column -> (``y`` [N] int64, class names): integer ids as they are, names sorted."""
-    import pandas as pd  # lazy: pandas only for CSV / parquet sources
-
-    missing = column.isna().to_numpy()
-    if missing.any():
-        raise DataError(
-            f"{origin}: label column {name!r} is empty in {int(missing.sum())} row(s) (first: data row "
-            f"{int(np.flatnonzero(missing)[0])}); fill in or drop those rows"
-        )
-    if pd.api.types.is_bool_dtype(column):
-        return column.to_numpy().astype(np.int64), []
-    if pd.api.types.is_numeric_dtype(column):
-        values = column.to_numpy()
-        whole = np.isfinite(values) & (values == np.round(values))
-        if not whole.all():
-            bad = values[~whole][:3].tolist()
-            raise DataError(
-                f"{origin}: label column {name!r} holds non-integer numbers (e.g. {bad}); "
-                "use class ids 0..num_classes-1 or class names"
-            )
-        return values.astype(np.int64), []
-    # Class names ("cat", "dog"): ids in sorted order, so the same names give the same ids.
-    text = column.astype(str).to_numpy()
-    names = sorted(set(text.tolist()))
-    lookup = {n: i for i, n in enumerate(names)}
-    return np.array([lookup[t] for t in text], dtype=np.int64), names
-
-
-def _pixel_column(column: pd.Series, name: str, image_shape: list[int], origin: str) -> np.ndarray:
-    """Each cell one sample's flattened pixels -> ``[N, *image_shape]`` float32."""
-    need = int(np.prod(image_shape))
-    out = np.empty((len(column), need), dtype=np.float32)
-    for i, cell in enumerate(column.to_numpy()):
-        try:
-            if isinstance(cell, str):  # CSV: "0 12 255 ..."
-                values = np.array(cell.split(), dtype=np.float32)
-            else:  # parquet: a list (read back as an array)
-                values = np.asarray(cell, dtype=np.float32).reshape(-1)
-        except (ValueError, TypeError):
-            raise DataError(
-                f"{origin}: pixel column {name!r}, data row {i}: not a list of numbers ({str(cell)[:40]!r}); "
-                "write each row's pixels as space-separated numbers (CSV) or a list of numbers (parquet)"
-            ) from None
-        if values.size != need:
-            raise DataError(
-                f"{origin}: pixel column {name!r} has {values.size} values in data row {i} but data.image_shape "
-                f"{image_shape} needs {need}; fix image_shape (C, H, W) or the data"
-            )
-        out[i] = values
-    return out.reshape(len(column), *image_shape)
-
-
-def _load_table(path: Path, kind: str, cfg: DataConfig, origin: str, labeled: bool = True) -> Labeled:
-    """A CSV/parquet table: ``cfg.label_column`` plus feature columns (or one pixel column);
-    without ``labeled``, the label column is optional and ignored."""
-    import pandas as pd  # lazy: pandas only for CSV / parquet sources
-
-    df = _read_table(path, kind, origin)
-    columns = [str(c) for c in df.columns]
-    df.columns = columns
-
-    def absent(wanted: list[str], role: str) -> None:
-        missing = [c for c in wanted if c not in columns]
-        if missing:
-            what = f"{role} column {missing[0]!r}" if len(wanted) == 1 else f"{role} column(s) {missing}"
-            field_name = f"data.{role}_columns" if role == "feature" else f"data.{role}_column"
-            raise DataError(f"{origin}: no {what}; the file has columns {columns}. Set {field_name} to the right name")
-
-    if labeled:
-        absent([cfg.label_column], "label")
-        y, names = _table_labels(df[cfg.label_column], cfg.label_column, origin)
-    else:
-        y, names = np.full(len(df), NO_LABEL, dtype=np.int64), []
-    if cfg.pixel_column is not None:
-        absent([cfg.pixel_column], "pixel")
-        assert cfg.image_shape is not None  # DataConfig requires it with pixel_column
-        x = _pixel_column(df[cfg.pixel_column], cfg.pixel_column, cfg.image_shape, origin)
-        return Labeled(x, y, names)
-    features = cfg.feature_columns or [c for c in columns if c != cfg.label_column]
-    absent(features, "feature")
-    if not features:
-        raise DataError(f"{origin}: no feature columns besides the label column {cfg.label_column!r}")
-    for c in features:
-        if not pd.api.types.is_numeric_dtype(df[c]):
-            example = df[c].dropna().iloc[0] if df[c].notna().any() else None
-            raise DataError(
-                f"{origin}: feature column {c!r} is not numeric (dtype {df[c].dtype}, e.g. {example!r}); "
-                "convert it to numbers, or leave it out by listing the numeric columns in data.feature_columns"
-            )
-    empty = [c for c in features if df[c].isna().any()]
-    if empty:
-        raise DataError(f"{origin}: feature column(s) {empty[:5]} have empty cells; fill in or drop those rows")
-    x = df[features].to_numpy(dtype=np.float32)
-    return Labeled(_reshape(x, cfg.image_shape, origin), y, names)
-
-
 def _load_text_table(path: Path, kind: str, cfg: DataConfig, origin: str, labeled: bool = True) -> Labeled:
     """A CSV/parquet/JSON Lines table of texts: ``cfg.text_column`` plus ``cfg.label_column``
     (without ``labeled``: the texts alone, a label column ignored)."""
@@ -264,7 +163,7 @@ def _load_text_table(path: Path, kind: str, cfg: DataConfig, origin: str, labele
         texts.append(value)
     if not labeled:
         return Labeled(np.empty((len(texts), 0), dtype=np.int64), np.full(len(texts), NO_LABEL, np.int64), [], texts)
-    y, names = _table_labels(df[cfg.label_column], cfg.label_column, origin)
+    y, names = stream.table_labels(df[cfg.label_column], cfg.label_column, origin)
     return Labeled(np.empty((len(texts), 0), dtype=np.int64), y, names, texts)
 
 
@@ -274,86 +173,12 @@ def sample_path(name: str, suffix: str = ".csv") -> Path:
     return Path(__file__).resolve().parent / "samples" / f"{name}{suffix}"
 
 
-def _read_image(path: Path, shown: str, mode: str, size: list[int] | None) -> np.ndarray:
-    """One image file -> ``[C, H, W]`` float32 (0..255); C is 1 for mode L, 3 for RGB."""
-    from PIL import Image, UnidentifiedImageError  # lazy: Pillow only for image-folder sources
-
-    try:
-        with Image.open(path) as opened:
-            img = opened.convert(mode)  # decodes: truncated or corrupt data fails here
-            if size is not None:
-                img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-            arr = np.asarray(img, dtype=np.float32)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        # SyntaxError is how some Pillow plugins report a file that is not what its header says.
-        raise DataError(f"{shown}: not a readable image ({err}); re-export it as PNG or JPEG, or remove it") from None
-    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-
-
-def _load_image_folder(root: Path, cfg: DataConfig, origin: str) -> Labeled:
-    """``root/<class>/<image>`` -> images ``[N, C, H, W]`` float32, labels by sorted class name."""
-    shown_root = origin.rstrip("/")
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not class_dirs:
-        raise DataError(f"{origin}: no class sub-folders; lay the images out as {shown_root}/<class name>/<image>.png")
-    files: list[Path] = []
-    labels: list[int] = []
-    for label, class_dir in enumerate(class_dirs):
-        found = _image_files(class_dir)
-        if not found:
-            raise DataError(
-                f"{shown_root}/{class_dir.name}: class folder has no PNG/JPEG images; add some or remove the folder"
-            )
-        files += found
-        labels += [label] * len(found)
-    images = _read_images(files, root, shown_root, cfg)
-    return Labeled(images, np.array(labels, dtype=np.int64), [d.name for d in class_dirs])
-
-
-def _image_files(folder: Path, skip_hidden: bool = False) -> list[Path]:
-    """The PNG/JPEG files under ``folder``, sub-folders included, sorted (``skip_hidden``: not
-    those inside a hidden folder, ``.git``). Other files (README, .DS_Store) are not samples."""
-    return sorted(
-        p
-        for p in folder.rglob("*")
-        if p.is_file()
-        and p.suffix.lower() in IMAGE_SUFFIXES
-        and not (skip_hidden and any(part.startswith(".") for part in p.relative_to(folder).parts[:-1]))
-    )
-
-
-def _read_images(files: list[Path], root: Path, shown_root: str, cfg: DataConfig) -> np.ndarray:
-    """The files as images ``[N, C, H, W]`` float32; all must have the first one's shape."""
-    images: list[np.ndarray] = []
-    first = ""
-    for path in files:
-        shown = f"{shown_root}/{path.relative_to(root).as_posix()}"
-        arr = _read_image(path, shown, cfg.image_mode, cfg.image_size)
-        if images and arr.shape != images[0].shape:
-            raise DataError(
-                f"{shown}: image is {arr.shape[1]}x{arr.shape[2]} (HxW) but {first} is "
-                f"{images[0].shape[1]}x{images[0].shape[2]}; set data.image_size: [H, W] to resize every "
-                "image, or fix this one"
-            )
-        first = first or shown
-        images.append(arr)
-    return np.stack(images)
-
-
-def _load_unlabeled_images(root: Path, cfg: DataConfig, origin: str) -> Labeled:
-    """Every image under ``root`` (class sub-folders or none; their names are ignored) -> ``[N, C, H, W]``."""
-    files = _image_files(root, skip_hidden=True)
-    if not files:
-        raise DataError(f"{origin}: no PNG/JPEG images in the folder or its sub-folders; add some or fix the path")
-    return Labeled(_read_images(files, root, origin.rstrip("/"), cfg), np.full(len(files), NO_LABEL, dtype=np.int64))
-
-
 def is_remote(source: str) -> bool:
     """Whether ``source`` is a URI to download (``s3://...``) rather than a local path."""
     return "://" in source
 
 
-def _local(source: str, scratch: str | Path, fetch: Fetch | None) -> Path:
+def local_path(source: str, scratch: str | Path, fetch: Fetch | None) -> Path:
     """Where ``source`` can be read: a local path as it is, a remote one fetched into ``scratch``."""
     if not is_remote(source):
         return Path(source).expanduser()
@@ -397,21 +222,47 @@ def read_source(
             return _load_text_table(sample_path(source), "csv", cfg, source, labeled)
         if kind not in ("csv", "parquet", "jsonl"):
             raise DataError(f"{source}: text data (data.text_column) is read from a .csv, .parquet or .jsonl file")
-        return _load_text_table(_local(source, scratch, fetch), kind, cfg, source, labeled)
-    local = _local(source, scratch, fetch)
-    if local.is_dir() and kind in ("folder", "unknown"):
-        return _load_image_folder(local, cfg, source) if labeled else _load_unlabeled_images(local, cfg, source)
+        return _load_text_table(local_path(source, scratch, fetch), kind, cfg, source, labeled)
+    local = local_path(source, scratch, fetch)
+    if local.is_dir() and kind == "unknown":
+        kind = "folder"
     if kind == "npz":
         x, y = _load_npz(local, source, labeled)
-        return Labeled(_reshape(x, cfg.image_shape, source), y)
-    if kind in ("csv", "parquet"):
-        return _load_table(local, kind, cfg, source, labeled)
-    if kind == "folder":
-        raise DataError(f"{source}: no such directory; set data.source to a folder with one sub-folder per class")
+        return Labeled(stream.reshape(x, cfg.image_shape, source), y)
+    if kind in ("csv", "parquet", "folder"):
+        scanned = _scan(kind, local, source, cfg, labeled, keep=True)
+        assert scanned.x is not None
+        return Labeled(scanned.x, scanned.y, scanned.class_names)
     raise DataError(
         f"data.source={source!r}: unsupported source; use 'digits', a .npz, .csv or .parquet file, "
         "or a directory of class sub-folders of images"
     )
+
+
+# Sources read lazily by the steps (image folders and image tables): prepare_data scans them once
+# and writes a manifest, not the decoded samples. "unknown" is a directory with a dotted name.
+STREAMED_KINDS = ("folder", "csv", "parquet", "unknown")
+
+
+def _scan(
+    kind: str,
+    local: Path,
+    source: str,
+    cfg: DataConfig,
+    labeled: bool,
+    keep: bool = False,
+    columns: stream.TableColumns | None = None,
+) -> stream.Scanned:
+    """One pass over an image folder or table (``stream.scan``) read as ``cfg`` says."""
+    if kind == "unknown":
+        if not local.is_dir():
+            raise DataError(
+                f"data.source={source!r}: unsupported source; use 'digits', a .npz, .csv or .parquet file, "
+                "or a directory of class sub-folders of images"
+            )
+        kind = "folder"
+    spec = columns or stream.TableColumns(cfg.label_column, cfg.pixel_column, cfg.feature_columns, cfg.image_shape)
+    return stream.scan(kind, local, source, labeled, cfg.image_mode, cfg.image_size, spec, keep)
 
 
 def load_source(
@@ -508,13 +359,13 @@ def _first_missing(present: np.ndarray, num_classes: int, limit: int = 10) -> li
 
 
 def fingerprint(x: np.ndarray, y: np.ndarray) -> str:
-    """sha256 over dtype, shape and bytes of x and y: changes if any sample or label does."""
-    h = hashlib.sha256()
-    for arr in (x, y):
-        arr = np.ascontiguousarray(arr)
-        h.update(f"{arr.dtype.str}{arr.shape}".encode())
-        h.update(arr.tobytes())
-    return h.hexdigest()
+    """sha256 over the samples' float32 bytes, their shape and the labels: changes if any sample
+    or label does, and equals the fingerprint of the same samples read chunk by chunk
+    (``kd_lib.data.stream.Fingerprint``)."""
+    fp = stream.Fingerprint()
+    for i in range(0, len(x), 4096):
+        fp.update(x[i : i + 4096])
+    return fp.hexdigest(list(x.shape[1:]), y)
 
 
 def stratified_split(
@@ -565,7 +416,7 @@ def _text_tokenizer(cfg: DataConfig, scratch: Path, fetch: Fetch | None, teacher
         return "teacher", text_lib.load_tokenizer(teacher)
     if cfg.tokenizer in ("auto", "train"):
         return "trained", None
-    return "file", text_lib.load_tokenizer(_local(cfg.tokenizer, scratch, fetch))
+    return "file", text_lib.load_tokenizer(local_path(cfg.tokenizer, scratch, fetch))
 
 
 def _with_transfer_fingerprint(fp: str, transfer: TransferMeta | None) -> str:
@@ -677,6 +528,8 @@ def prepare(
     """
     teacher = Path(teacher_tokenizer) if teacher_tokenizer is not None else None
     with tempfile.TemporaryDirectory(prefix="kdflow-data-") as scratch:
+        if cfg.text_column is None and source_kind(cfg.source) in STREAMED_KINDS:
+            return _prepare_streamed(cfg, Path(scratch), fetch, transfer_source)
         train = read_source(cfg.source, cfg, Path(scratch) / "source", fetch)
         test = None
         if cfg.test_source is not None:
@@ -739,3 +592,77 @@ def prepare(
     # The train split's statistics: the transfer samples are inputs like any other, not a split to fit.
     transfer_x = normalize(x_transfer, norm) if x_transfer is not None else None
     return Splits(x=xs, y=ys, meta=meta, transfer=transfer_x)
+
+
+def _prepare_streamed(cfg: DataConfig, scratch: Path, fetch: Fetch | None, transfer_source: str | None) -> Splits:
+    """``prepare`` for an image folder or table: one streaming pass per source, and a manifest
+    (sample ids and labels per split) instead of the decoded samples (``Splits.manifest``)."""
+
+    def scan(source: str, name: str, labeled: bool = True, columns: stream.TableColumns | None = None):
+        local = local_path(source, scratch / name, fetch)
+        return _scan(source_kind(source), local, source, cfg, labeled, columns=columns)
+
+    train = scan(cfg.source, "source")
+    y = train.y
+    num_classes = _label_count(y, cfg.num_classes, cfg.source)
+    _check_all_present(y, num_classes, cfg.source)
+    fp = train.fingerprint
+    if cfg.test_source is None:
+        train_idx, val_idx, test_idx = stratified_split(y, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+        ids = {"train": train.ids[train_idx], "val": train.ids[val_idx], "test": train.ids[test_idx]}
+        ys = {"train": y[train_idx], "val": y[val_idx], "test": y[test_idx]}
+    else:
+        test = scan(cfg.test_source, "test_source", columns=train.columns)
+        empty = np.empty((0,), dtype=np.float32)
+        aligned = _align_test(
+            Labeled(empty, y, train.class_names), Labeled(empty, test.y, test.class_names), cfg.source, cfg.test_source
+        )
+        _label_count(aligned.y, num_classes, cfg.test_source)
+        if test.sample_shape != train.sample_shape:
+            raise DataError(
+                f"{cfg.test_source}: samples have shape {test.sample_shape} but those of {cfg.source} "
+                f"{train.sample_shape}; both files must hold the same kind of sample"
+            )
+        train_idx, val_idx, _ = stratified_split(y, cfg.val_fraction, 0.0, cfg.seed)
+        ids = {"train": train.ids[train_idx], "val": train.ids[val_idx], "test": test.ids}
+        ys = {"train": y[train_idx], "val": y[val_idx], "test": aligned.y}
+        fp = hashlib.sha256(f"{fp}:{test.fingerprint}".encode()).hexdigest()
+    sources = {"train": cfg.source, "val": cfg.source, "test": cfg.test_source or cfg.source}
+    transfer_meta = None
+    if transfer_source is not None:
+        unlabeled = scan(transfer_source, "transfer_source", labeled=False, columns=train.columns)
+        if unlabeled.sample_shape != train.sample_shape:
+            raise DataError(
+                f"{transfer_source}: samples have shape {unlabeled.sample_shape} but those of {cfg.source} "
+                f"{train.sample_shape}; a transfer set holds the same kind of sample as the data"
+            )
+        ids["transfer"] = unlabeled.ids
+        sources["transfer"] = transfer_source
+        transfer_meta = TransferMeta(source=transfer_source, size=len(unlabeled.ids), fingerprint=unlabeled.fingerprint)
+    shape = train.sample_shape
+    norm = stats_from_sums(train.sums[train_idx], train.sumsq[train_idx], values_per_sample(shape))
+    columns = train.columns
+    manifest_meta = ManifestMeta(
+        kind="folder" if columns is None else "table",
+        sources=sources,
+        image_mode=cfg.image_mode,
+        image_size=cfg.image_size,
+        label_column=cfg.label_column,
+        pixel_column=columns.pixel_column if columns is not None else None,
+        feature_columns=columns.feature_columns if columns is not None else None,
+        image_shape=columns.image_shape if columns is not None else None,
+    )
+    meta = DatasetMeta(
+        source=cfg.source,
+        fingerprint=_with_transfer_fingerprint(fp, transfer_meta),
+        num_classes=num_classes,
+        input_shape=shape,
+        sizes={name: int(ys[name].size) for name in SPLIT_NAMES},
+        class_counts={name: np.bincount(ys[name], minlength=num_classes).tolist() for name in SPLIT_NAMES},
+        normalization=norm,
+        class_names=list(train.class_names),
+        test_source=cfg.test_source,
+        transfer=transfer_meta,
+        manifest=manifest_meta,
+    )
+    return Splits(x={}, y=ys, meta=meta, manifest=Manifest(ids=ids, y=ys))

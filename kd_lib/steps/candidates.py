@@ -19,6 +19,7 @@ import torch
 from kd_lib.artifacts.dataset_dir import DatasetMeta
 from kd_lib.compress import quantization
 from kd_lib.config import ONNX_SCHEMES, PipelineConfig
+from kd_lib.data.lazy import LazySamples
 from kd_lib.evaluate import metrics as evaluation
 from kd_lib.evaluate.candidates import Candidate
 from kd_lib.models.builders import for_data
@@ -28,11 +29,15 @@ from kd_lib.steps.inputs import accuracy, pad_id
 LATENCY_ROUNDS = 3
 
 
-def model_inputs(x: torch.Tensor, spec: dict[str, Any], meta: DatasetMeta) -> torch.Tensor:
+def model_inputs(x: Any, spec: dict[str, Any], meta: DatasetMeta) -> Any:
     """``x`` (normalized with this run's train split) as the model in ``spec`` takes it: the same
-    tensor for a model trained on it, raw features for an ONNX artifact (normalization folded in)."""
+    tensor for a model trained on it, raw features for an ONNX artifact (normalization folded in).
+    Samples read lazily (``kd_lib.data.lazy``) get the transform on every read."""
+    transform = for_data(torch.nn.Identity(), spec.get("normalization"), meta.normalization)
+    if isinstance(x, LazySamples):
+        return x if isinstance(transform, torch.nn.Identity) else x.map(transform)
     with torch.no_grad():
-        return for_data(torch.nn.Identity(), spec.get("normalization"), meta.normalization)(x)
+        return transform(x)
 
 
 def build(

@@ -7,16 +7,15 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from kd_lib.artifacts.dataset_dir import DatasetMeta, Splits, load_splits
+from kd_lib.artifacts.dataset_dir import DatasetMeta, Splits
 from kd_lib.compress import quantization
 from kd_lib.config import ConfigError, LossTermConfig, PipelineConfig
 from kd_lib.models.builders import build_model, count_parameters
 from kd_lib.models.init_from_teacher import init_from_teacher
 from kd_lib.steps.common import carry_tokenizer, model_spec
-from kd_lib.steps.inputs import augment, load_teacher, model_params, pad_id, tensors
+from kd_lib.steps.inputs import augment, load_teacher, model_params, open_dataset, pad_id, tensors, transfer_samples
 from kd_lib.steps.training_run import checkpoint_dir, epoch_logger, launch_ranks, log_result, progress, recorder
 from kd_lib.train import loop as training
 from kd_lib.train import losses, ranks
@@ -64,8 +63,11 @@ def distill(
             baseline_dir=baseline_dir,
         )
     main = ranks.is_main()
-    with recorder(cfg, pipeline_run_id, "distill") as run, progress("distill", cfg.distill.train.epochs) as bar:
-        splits = load_splits(dataset_dir, transfer=True)
+    with (
+        recorder(cfg, pipeline_run_id, "distill") as run,
+        progress("distill", cfg.distill.train.epochs) as bar,
+        open_dataset(cfg, dataset_dir, transfer=True) as splits,
+    ):
         meta = splits.meta
         _check_transfer(cfg, meta)
         objective = losses.build_objective(cfg.distill.losses)
@@ -82,7 +84,14 @@ def distill(
         )
 
         result = _train_student(
-            cfg, splits, teacher, objective, student_augment, student_dir, epoch_logger(run, bar), splits.transfer
+            cfg,
+            splits,
+            teacher,
+            objective,
+            student_augment,
+            student_dir,
+            epoch_logger(run, bar),
+            transfer_samples(splits),
         )
         params = model_params(cfg.student.model, meta)  # text data: + vocab_size, pad_id
         if main:
@@ -143,7 +152,7 @@ def _train_student(
     student_augment: Any,
     output_dir: str | Path,
     on_epoch: Any,
-    transfer: np.ndarray | None = None,
+    transfer: Any = None,
 ) -> training.TrainResult:
     """One student training run: same seed, hence same initial weights, for KD and baseline;
     ``transfer`` (the KD student's only): unlabeled samples learnt from the teacher alone."""
@@ -168,7 +177,8 @@ def _train_student(
             on_epoch=on_epoch,
             checkpoint_dir=ckpt,
             pad_id=pad_id(meta),
-            x_transfer=torch.from_numpy(transfer) if transfer is not None else None,
+            x_transfer=transfer,
+            num_workers=cfg.data.num_workers,
         )
     except ValueError as err:
         # A feature loss on layers that do not fit (an MLP under `at`, mismatched maps).

@@ -11,7 +11,7 @@ import torch
 from kd_lib import report
 from kd_lib.adapters.tracking import step_run
 from kd_lib.artifacts import has_model, read_evaluation, read_history, write_evaluation
-from kd_lib.artifacts.dataset_dir import DatasetMeta, load_splits, read_meta
+from kd_lib.artifacts.dataset_dir import DatasetMeta, read_meta
 from kd_lib.artifacts.model_dir import SelectionRecord, read_selection
 from kd_lib.compress import quantization
 from kd_lib.config import PipelineConfig
@@ -19,7 +19,7 @@ from kd_lib.evaluate import metrics as evaluation
 from kd_lib.models.builders import build_model, count_parameters
 from kd_lib.steps.candidates import model_inputs
 from kd_lib.steps.common import gate_decision
-from kd_lib.steps.inputs import tensors
+from kd_lib.steps.inputs import open_dataset, tensors
 
 # The models every evaluation has; the no-KD baseline joins them when distill trained one.
 MODEL_ROLES = ("teacher", "student", "quantized")
@@ -41,8 +41,7 @@ def evaluate(
     Returns:
         Role -> its measurements, as written.
     """
-    with step_run(cfg, pipeline_run_id, "evaluate") as run:
-        splits = load_splits(dataset_dir)
+    with step_run(cfg, pipeline_run_id, "evaluate") as run, open_dataset(cfg, dataset_dir) as splits:
         meta = splits.meta
         x_test, y_test = tensors(splits, "test")
 

@@ -6,7 +6,6 @@ from pathlib import Path
 
 from kd_lib.adapters.tracking import step_run
 from kd_lib.artifacts import read_evaluation, write_decision
-from kd_lib.artifacts.dataset_dir import load_splits
 from kd_lib.config import PipelineConfig
 from kd_lib.evaluate import gates
 from kd_lib.steps.common import gate_decision, log_gate, owns_parent
@@ -32,8 +31,10 @@ def gate(
         if cfg.gate.champion_policy != "ignore":
             # lazy: measuring the champion loads torch; a gate without the comparison starts without it
             from kd_lib.steps.champion import champion_metrics
+            from kd_lib.steps.inputs import open_dataset
 
-            champion = champion_metrics(cfg, load_splits(dataset_dir), run)
+            with open_dataset(cfg, dataset_dir) as splits:
+                champion = champion_metrics(cfg, splits, run)
             if champion:
                 run.log_metrics(
                     {"champion.accuracy": champion["accuracy"], "champion.size_bytes": champion["size_bytes"]}

@@ -13,7 +13,7 @@ from kd_lib.adapters import storage
 from kd_lib.adapters.model_registry import ModelRegistry, RegistryError, registry_errors, transformers_flavor
 from kd_lib.adapters.tracking import StepRun, step_run
 from kd_lib.artifacts import write_history
-from kd_lib.artifacts.dataset_dir import DatasetMeta, TextMeta, load_splits, tokenizer_path
+from kd_lib.artifacts.dataset_dir import DatasetMeta, TextMeta, tokenizer_path
 from kd_lib.artifacts.errors import ArtifactError
 from kd_lib.artifacts.model_dir import SPEC_FILE, TOKENIZER_FILE
 from kd_lib.compress import quantization
@@ -29,7 +29,7 @@ from kd_lib.config.train import ModelConfig
 from kd_lib.models import huggingface
 from kd_lib.models.builders import build_model, for_data
 from kd_lib.steps.common import StepError, carry_tokenizer, model_spec
-from kd_lib.steps.inputs import accuracy, model_params, tensors
+from kd_lib.steps.inputs import accuracy, model_params, open_dataset, tensors
 
 
 def parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
@@ -79,8 +79,7 @@ def import_teacher(
         StepError: the model is missing from the registry, does not fit the data, or the
             checkpoint does not fit ``teacher.model``.
     """
-    with step_run(cfg, pipeline_run_id, "import_teacher") as run:
-        splits = load_splits(dataset_dir)
+    with step_run(cfg, pipeline_run_id, "import_teacher") as run, open_dataset(cfg, dataset_dir) as splits:
         meta = splits.meta
         uri = cfg.teacher.uri or ""
         run.log_params({"source": cfg.teacher.source, "uri": uri})

@@ -3,23 +3,48 @@ it, a model's accuracy, and a training step's augmentation."""
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
+from kd_lib.adapters import storage
 from kd_lib.artifacts.dataset_dir import DatasetMeta, Splits
 from kd_lib.compress import quantization
 from kd_lib.config import ConfigError, PipelineConfig
+from kd_lib.data import lazy
 from kd_lib.data.augment import augment_for
 from kd_lib.evaluate import metrics as evaluation
 from kd_lib.models.builders import for_data, text_params
 
 
-def tensors(splits: Splits, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+@contextmanager
+def open_dataset(cfg: PipelineConfig, dataset_dir: str | Path, transfer: bool = False) -> Iterator[Splits]:
+    """The prepared dataset for the length of a step: arrays, or for a manifest (image folders
+    and tables) splits read lazily from their sources (``kd_lib.data.lazy``), ``s3://`` ones
+    downloaded once into a scratch directory removed when the step ends."""
+    with tempfile.TemporaryDirectory(prefix="kdflow-samples-") as scratch:
+        fetch = partial(storage.fetch, retry=cfg.tracking.retry)
+        yield lazy.open_splits(dataset_dir, scratch, fetch, transfer=transfer)
+
+
+def tensors(splits: Splits, name: str) -> tuple[Any, torch.Tensor]:
     """The ``name`` split (``train``, ``val``, ``test``) as ``([N, *input_shape] float32, [N] int64)``
-    (text data: ``x`` int64 token ids ``[N, max_length]``)."""
-    return torch.from_numpy(splits.x[name]), torch.from_numpy(splits.y[name])
+    (text data: ``x`` int64 token ids ``[N, max_length]``). ``x`` is a tensor, or for data read
+    lazily a ``kd_lib.data.lazy.LazySamples`` indexed the same way."""
+    x = splits.x[name]
+    return (torch.from_numpy(x) if isinstance(x, np.ndarray) else x), torch.from_numpy(splits.y[name])
+
+
+def transfer_samples(splits: Splits) -> Any:
+    """The transfer set's samples like ``tensors``' ``x`` (a tensor or lazy samples), or None."""
+    x = splits.transfer
+    return torch.from_numpy(x) if isinstance(x, np.ndarray) else x
 
 
 def load_teacher(teacher_dir: str | Path, meta: DatasetMeta) -> torch.nn.Module:

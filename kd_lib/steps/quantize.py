@@ -18,7 +18,7 @@ import torch
 
 from kd_lib.adapters.tracking import StepRun, step_run
 from kd_lib.artifacts import ModelSpec, has_model, read_spec
-from kd_lib.artifacts.dataset_dir import Splits, load_splits
+from kd_lib.artifacts.dataset_dir import Splits
 from kd_lib.artifacts.model_dir import SelectionRecord, write_selection
 from kd_lib.compress import quantization
 from kd_lib.config import PipelineConfig
@@ -26,7 +26,7 @@ from kd_lib.evaluate import candidates as selection
 from kd_lib.evaluate import metrics as evaluation
 from kd_lib.steps import candidates
 from kd_lib.steps.common import StepError, carry_tokenizer, owns_parent
-from kd_lib.steps.inputs import accuracy, augment, load_teacher, pad_id, tensors
+from kd_lib.steps.inputs import accuracy, augment, load_teacher, open_dataset, pad_id, tensors
 from kd_lib.train import loop as training
 from kd_lib.train import losses
 from kd_lib.train.inference import compute_logits
@@ -61,8 +61,7 @@ def quantize(
         ``source_role``, ``auto_found`` and ``auto_reason`` (``onnx`` with an export).
     """
     qcfg = cfg.quantize
-    with step_run(cfg, pipeline_run_id, "quantize") as run:
-        splits = load_splits(dataset_dir)
+    with step_run(cfg, pipeline_run_id, "quantize") as run, open_dataset(cfg, dataset_dir) as splits:
         meta = splits.meta
         promotion = _promotion(cfg, splits, student_dir, baseline_dir)
         source_dir = baseline_dir if promotion["source_role"] == "baseline" else student_dir
@@ -260,7 +259,7 @@ def _promotion(
 
 def _calibration_batches(splits: Splits, cfg: PipelineConfig) -> list[torch.Tensor]:
     """``quantize.calibration_batches`` batches of training samples, in a seeded random order."""
-    x = torch.from_numpy(splits.x["train"])
+    x, _ = tensors(splits, "train")
     size = cfg.quantize.calibration_batch_size
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.distill.train.seed))
     order = order[: cfg.quantize.calibration_batches * size]

@@ -11,7 +11,7 @@ from kd_lib.adapters.serving import log_pyfunc, pip_requirements
 from kd_lib.adapters.tracking import StepRun, fluent_run, step_run
 from kd_lib.adapters.verify import verify_version
 from kd_lib.artifacts import read_decision, read_evaluation, read_spec
-from kd_lib.artifacts.dataset_dir import load_splits, read_meta
+from kd_lib.artifacts.dataset_dir import Splits, read_meta
 from kd_lib.config import PipelineConfig
 from kd_lib.data.normalization import denormalize
 from kd_lib.evaluate import gates
@@ -148,16 +148,11 @@ def _verify(
         return  # verified by an earlier try of this run
     if not expected:
         raise StepError("the evaluation has no predictions of the quantized model to verify the version against")
-    splits = load_splits(dataset_dir)
-    if splits.meta.text is not None:  # a text model is served raw strings, tokenized by its own tokenizer.json
-        if splits.test_texts is None:
-            raise StepError(
-                f"{dataset_dir} holds text token ids without the raw test strings the served model is verified on",
-                fix="re-run prepare_data with this kdflow (it keeps the test split's texts)",
-            )
-        x_raw = np.asarray(splits.test_texts, dtype=np.str_)
-    else:
-        x_raw = denormalize(splits.x["test"], splits.meta.normalization)
+    # lazy: steps.inputs imports torch, which only reading an image folder's or table's test split needs here
+    from kd_lib.steps.inputs import open_dataset
+
+    with open_dataset(cfg, dataset_dir) as splits:
+        x_raw = _served_inputs(dataset_dir, splits)
     result = verify_version(client.tracking_uri, name, version, x_raw, np.asarray(expected, dtype=np.int64))
     run.log_metrics({"verify.mismatches": float(result.mismatches), "verify.checked": float(result.checked)})
     client.set_model_version_tag(name, version, "kdflow.verification", result.detail[:5000])
@@ -170,3 +165,15 @@ def _verify(
             fix="load the version by hand (mlflow.pyfunc.load_model) to see the failure; fix it and run again",
         )
     client.set_model_version_tag(name, version, VALIDATION_STATUS, verdict)
+
+
+def _served_inputs(dataset_dir: str | Path, splits: Splits) -> np.ndarray:
+    """The test split as the served model is given it: raw strings for text, raw samples else."""
+    if splits.meta.text is not None:  # a text model is served raw strings, tokenized by its own tokenizer.json
+        if splits.test_texts is None:
+            raise StepError(
+                f"{dataset_dir} holds text token ids without the raw test strings the served model is verified on",
+                fix="re-run prepare_data with this kdflow (it keeps the test split's texts)",
+            )
+        return np.asarray(splits.test_texts, dtype=np.str_)
+    return denormalize(np.asarray(splits.x["test"]), splits.meta.normalization)

@@ -9,13 +9,12 @@ from typing import Any
 
 import torch
 
-from kd_lib.artifacts.dataset_dir import load_splits
 from kd_lib.compress import quantization
 from kd_lib.config import PipelineConfig
 from kd_lib.models.builders import build_model, count_parameters
 from kd_lib.steps.common import carry_tokenizer, model_spec
 from kd_lib.steps.import_teacher import huggingface_teacher
-from kd_lib.steps.inputs import augment, model_params, pad_id, tensors
+from kd_lib.steps.inputs import augment, model_params, open_dataset, pad_id, tensors
 from kd_lib.steps.training_run import checkpoint_dir, epoch_logger, launch_ranks, log_result, progress, recorder
 from kd_lib.train import loop as training
 from kd_lib.train import ranks
@@ -48,8 +47,11 @@ def train_teacher(
             teacher_dir=teacher_dir,
             history_path=history_path,
         )
-    with recorder(cfg, pipeline_run_id, "train_teacher") as run, progress("train_teacher", train_cfg.epochs) as bar:
-        splits = load_splits(dataset_dir)
+    with (
+        recorder(cfg, pipeline_run_id, "train_teacher") as run,
+        progress("train_teacher", train_cfg.epochs) as bar,
+        open_dataset(cfg, dataset_dir) as splits,
+    ):
         meta = splits.meta
         torch.manual_seed(train_cfg.seed)  # the initial weights: the same on every rank
         if cfg.teacher.source == "huggingface":  # teacher.fine_tune: the imported model is the starting point
@@ -71,6 +73,7 @@ def train_teacher(
             checkpoint_dir=ckpt,
             augment=augment(cfg, meta, "teacher"),
             pad_id=pad_id(meta),
+            num_workers=cfg.data.num_workers,
         )
 
         if ranks.is_main():

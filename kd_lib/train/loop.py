@@ -12,24 +12,35 @@ feature-based loss, the teacher runs live on every batch.
 
 Under torchrun (``kd_lib.train.ranks``) the same loop runs on every rank, data-parallel, with
 the global batches of a single process: see ``_fit``.
+
+Training samples are a tensor, or samples read lazily (``kd_lib.data.lazy.LazySamples``: image
+folders and tables), indexed alike. Lazy samples are read by ``num_workers`` ``DataLoader``
+worker processes ahead of the step (pinned memory on a GPU); the batch order stays the seeded
+one, so a run gives the same weights with any number of workers. A teacher-logit cache too big
+to hold comfortably in memory is a memory-mapped file instead (``_teacher_cache``).
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import os
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from kd_lib.config import ConfigError, TrainConfig
 from kd_lib.data.augment import Augment
+from kd_lib.data.lazy import Concat, LazySamples
 from kd_lib.train import ddp
 from kd_lib.train.checkpoint import (
     CHECKPOINT_FILE,
@@ -107,17 +118,17 @@ def _step(
     model: nn.Module,
     loss_fn: BatchLoss,
     optimizer: torch.optim.Optimizer,
-    x_train: Tensor,
+    batch: Tensor,
     idx: Tensor,
     device: torch.device,
     augment: Augment | None,
     augment_generator: torch.Generator,
     pad_id: int | None = None,
 ) -> float:
-    """One optimizer step on the samples ``idx`` of ``x_train`` (augmented when ``augment`` is
-    set; a text batch trimmed to its longest row); returns the batch's summed loss (mean loss
-    times batch size) for the epoch's mean."""
-    xb = trim_padding(x_train[idx], pad_id).to(device)
+    """One optimizer step on ``batch``, the samples ``idx`` of the training set (augmented when
+    ``augment`` is set; a text batch trimmed to its longest row); returns the batch's summed
+    loss (mean loss times batch size) for the epoch's mean."""
+    xb = trim_padding(batch, pad_id).to(device, non_blocking=True)
     if augment is not None:
         xb = augment(xb, augment_generator)
     loss = loss_fn(model, xb, idx.to(device))
@@ -125,6 +136,46 @@ def _step(
     loss.backward()
     optimizer.step()
     return loss.item() * len(idx)
+
+
+class _BatchReader(torch.utils.data.Dataset):
+    """Lazy samples as a ``DataLoader`` dataset whose items are whole batches: item ``idx`` (a
+    tensor of sample indices) is ``x[idx]``, read in a worker process."""
+
+    def __init__(self, x: LazySamples) -> None:
+        self.x = x
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, idx: Tensor) -> Tensor:
+        return self.x[idx]
+
+
+def _one_thread(_: int) -> None:
+    torch.set_num_threads(1)  # a worker decodes; the main process's threads do the math
+
+
+def _batches(
+    x: Any, order: Tensor, batch_size: int, num_workers: int, device: torch.device
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """``(idx, x[idx])`` for each batch of ``order``, in order: read ahead by ``num_workers``
+    ``DataLoader`` workers when ``x`` is read lazily, indexed in place when it is a tensor."""
+    chunks = list(torch.split(order, batch_size))
+    if num_workers == 0 or not isinstance(x, LazySamples):
+        for idx in chunks:
+            yield idx, x[idx]
+        return
+    loader = DataLoader(
+        _BatchReader(x),
+        sampler=chunks,  # type: ignore[arg-type]  # each "index" is one batch's sample indices
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        worker_init_fn=_one_thread,
+        prefetch_factor=2,
+    )
+    yield from zip(chunks, loader, strict=True)
 
 
 def _fit(
@@ -140,6 +191,7 @@ def _fit(
     augment: Augment | None = None,
     objective: Objective | None = None,
     pad_id: int | None = None,
+    num_workers: int = 0,
 ) -> TrainResult:
     """The one training loop: shuffled minibatches, LR schedule, early stopping, best-epoch restore.
 
@@ -204,14 +256,14 @@ def _fit(
         model.train()
         order = torch.randperm(n, generator=generator)
         loss_sum = 0.0
-        for i in range(0, n, cfg.batch_size):
-            idx = order[i : i + cfg.batch_size]
-            if ranks is not None:
+        if ranks is not None:
+            for idx in torch.split(order, cfg.batch_size):
                 loss_sum += ddp.step(
                     ddp_loss, ranks, x_train, idx, augment, augment_generator, optimizer, objective, device
                 )
-            else:
-                loss_sum += _step(model, loss_fn, optimizer, x_train, idx, device, augment, augment_generator, pad_id)
+        else:
+            for idx, batch in _batches(x_train, order, cfg.batch_size, num_workers, device):
+                loss_sum += _step(model, loss_fn, optimizer, batch, idx, device, augment, augment_generator, pad_id)
         if scheduler is not None:
             scheduler.step()
 
@@ -304,6 +356,7 @@ def train_supervised(
     checkpoint_dir: str | Path | None = None,
     augment: Augment | None = None,
     pad_id: int | None = None,
+    num_workers: int = 0,
 ) -> TrainResult:
     """Train a model with cross-entropy on hard labels (the teacher).
 
@@ -327,6 +380,8 @@ def train_supervised(
             same seed ends with the same weights as an uninterrupted run.
         augment: Applied to every training batch (``kd_lib.data.augment.make_augment``).
         pad_id: Text data (int64 ids): the padding id; each batch is trimmed to its longest row.
+        num_workers: ``DataLoader`` workers reading batches of lazily read samples ahead (0: in
+            the training process); tensors are indexed in place either way.
 
     Returns:
         TrainResult with the kept epoch's weights (``cfg.keep``) on CPU in eval mode.
@@ -342,7 +397,20 @@ def train_supervised(
     def loss_fn(net: nn.Module, xb: Tensor, idx: Tensor) -> Tensor:
         return F.cross_entropy(net(xb), targets[idx])
 
-    return _fit(model, x_train, x_val, y_val, cfg, loss_fn, device, on_epoch, checkpoint_dir, augment, pad_id=pad_id)
+    return _fit(
+        model,
+        x_train,
+        x_val,
+        y_val,
+        cfg,
+        loss_fn,
+        device,
+        on_epoch,
+        checkpoint_dir,
+        augment,
+        pad_id=pad_id,
+        num_workers=num_workers,
+    )
 
 
 def _distill_loss(
@@ -354,6 +422,8 @@ def _distill_loss(
     device: torch.device,
     live_teacher: bool,
     pad_id: int | None = None,
+    cache_dir: str | Path | None = None,
+    cache_budget_bytes: int | None = None,
 ) -> BatchLoss:
     """Bind the objective and return the per-batch loss, with the teacher cached or live.
 
@@ -372,7 +442,11 @@ def _distill_loss(
     s_layers, t_layers = objective.feature_layers()
     uses_teacher = objective.needs_teacher
     live = uses_teacher and (live_teacher or objective.needs_features)
-    cache = _teacher_cache(teacher, x_train, device, pad_id) if uses_teacher and not live else None  # type: ignore[arg-type]
+    cache = (
+        _teacher_cache(teacher, x_train, device, pad_id, cache_dir, cache_budget_bytes)  # type: ignore[arg-type]
+        if uses_teacher and not live
+        else None
+    )
 
     def loss_fn(net: nn.Module, xb: Tensor, idx: Tensor) -> Tensor:
         if s_layers:
@@ -393,8 +467,44 @@ def _distill_loss(
     return loss_fn
 
 
-def _teacher_cache(teacher: nn.Module, x_train: Tensor, device: torch.device, pad_id: int | None = None) -> Tensor:
-    """The teacher's logits for every training sample, ``[N, C]`` on ``device``.
+class _MappedLogits:
+    """The teacher-logit cache as a memory-mapped ``.npy`` file ``[N, C]`` float32: rows are read
+    by sample index (``cache[idx]``) and moved to ``device``; only the rows read stay in memory."""
+
+    def __init__(self, array: np.memmap, device: torch.device) -> None:
+        self.array, self.device = array, device
+
+    def __getitem__(self, idx: Tensor) -> Tensor:
+        rows = np.asarray(self.array[idx.detach().cpu().numpy()])
+        return torch.from_numpy(rows).to(self.device)
+
+
+def cache_budget() -> int:
+    """Bytes a teacher-logit cache may take in memory: a quarter of the memory available now
+    (``KDFLOW_LOGIT_CACHE_BYTES`` overrides it). A larger cache is memory-mapped from disk."""
+    override = os.environ.get("KDFLOW_LOGIT_CACHE_BYTES")
+    if override:
+        return int(override)
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    except (ValueError, OSError):  # no sysconf (not Linux): a fixed 1 GiB
+        return 1 << 30
+
+
+def _teacher_cache(
+    teacher: nn.Module,
+    x_train: Any,
+    device: torch.device,
+    pad_id: int | None = None,
+    cache_dir: str | Path | None = None,
+    budget_bytes: int | None = None,
+) -> Any:
+    """The teacher's logits for every training sample, ``[N, C]``, indexed by sample (``cache[idx]``).
+
+    In memory on ``device`` when ``N * C * 4`` bytes fit ``budget_bytes`` (default
+    ``cache_budget()``); otherwise written batch by batch to ``teacher_logits.npy`` in
+    ``cache_dir`` (beside the step's output: its checkpoint directory; a temporary directory
+    without one) and memory-mapped.
 
     Under several processes each rank runs the teacher over its contiguous shard of the
     training set only, and the shards are all-gathered: every rank ends with the full table,
@@ -402,7 +512,22 @@ def _teacher_cache(teacher: nn.Module, x_train: Tensor, device: torch.device, pa
     """
     ranks = current()
     if ranks is None:
-        return compute_logits(teacher, x_train, device=device, pad_id=pad_id).to(device)
+        step = 4096  # rows per teacher pass (a multiple of compute_logits' batch): the first tells the width
+        first = compute_logits(teacher, x_train[:step], device=device, pad_id=pad_id)
+        rest = range(step, len(x_train), step)
+        if len(x_train) * first.shape[1] * 4 <= (cache_budget() if budget_bytes is None else budget_bytes):
+            chunks = [compute_logits(teacher, x_train[i : i + step], device=device, pad_id=pad_id) for i in rest]
+            return torch.cat([first, *chunks]).to(device)
+        folder = Path(cache_dir) if cache_dir is not None else Path(tempfile.mkdtemp(prefix="kdflow-logits-"))
+        folder.mkdir(parents=True, exist_ok=True)
+        array = np.lib.format.open_memmap(
+            folder / "teacher_logits.npy", mode="w+", dtype=np.float32, shape=(len(x_train), first.shape[1])
+        )
+        array[: len(first)] = first.numpy()
+        for i in rest:
+            array[i : i + step] = compute_logits(teacher, x_train[i : i + step], device=device, pad_id=pad_id).numpy()
+        array.flush()
+        return _MappedLogits(array, device)
     lo, hi = ranks.bounds(len(x_train))
     shard = compute_logits(teacher, x_train[lo:hi], device=device, pad_id=pad_id).to(device)
     return ranks.all_gather_rows(shard, len(x_train))
@@ -422,7 +547,9 @@ def distill(
     on_epoch: EpochCallback | None = None,
     checkpoint_dir: str | Path | None = None,
     pad_id: int | None = None,
-    x_transfer: Tensor | None = None,
+    x_transfer: Any = None,
+    num_workers: int = 0,
+    logit_cache_budget_bytes: int | None = None,
 ) -> TrainResult:
     """Distill a student from a frozen teacher with the configured objective.
 
@@ -455,6 +582,9 @@ def distill(
         pad_id: Text data: batches (and the teacher's cache fill) trimmed to their longest row.
         x_transfer: ``[M, *input_shape]`` unlabeled samples encoded like ``x_train`` (a transfer
             set), or None.
+        num_workers: ``DataLoader`` workers reading lazily read samples ahead, as in ``train_supervised``.
+        logit_cache_budget_bytes: Largest teacher-logit cache held in memory; a larger one is a
+            memory-mapped file in ``checkpoint_dir`` (default: ``cache_budget()``).
 
     Returns:
         TrainResult with the kept epoch's weights (``cfg.keep``) on CPU in eval mode.
@@ -469,13 +599,27 @@ def distill(
         x_train, y_train = _with_transfer(x_train, y_train, x_transfer, objective)
     device = resolve_device(cfg.device)
     live = augment is not None or not cache_teacher_logits
-    loss_fn = _distill_loss(student, teacher, objective, x_train, y_train, device, live, pad_id)
+    loss_fn = _distill_loss(
+        student, teacher, objective, x_train, y_train, device, live, pad_id, checkpoint_dir, logit_cache_budget_bytes
+    )
     return _fit(
-        student, x_train, x_val, y_val, cfg, loss_fn, device, on_epoch, checkpoint_dir, augment, objective, pad_id
+        student,
+        x_train,
+        x_val,
+        y_val,
+        cfg,
+        loss_fn,
+        device,
+        on_epoch,
+        checkpoint_dir,
+        augment,
+        objective,
+        pad_id,
+        num_workers,
     )
 
 
-def _with_transfer(x_train: Tensor, y_train: Tensor, x_transfer: Tensor, objective: Objective) -> tuple[Tensor, Tensor]:
+def _with_transfer(x_train: Any, y_train: Tensor, x_transfer: Any, objective: Objective) -> tuple[Any, Tensor]:
     """Train + transfer samples ``[N + M, ...]`` and their labels, ``UNLABELED`` for the transfer ones."""
     if not objective.needs_teacher:
         raise ValueError(
@@ -488,6 +632,10 @@ def _with_transfer(x_train: Tensor, y_train: Tensor, x_transfer: Tensor, objecti
             f"{x_train.dtype} {list(x_train.shape[1:])}: encode them the same way"
         )
     unlabeled = torch.full((len(x_transfer),), UNLABELED, dtype=y_train.dtype)
+    if isinstance(x_train, LazySamples) or isinstance(x_transfer, LazySamples):
+        if not (isinstance(x_train, LazySamples) and isinstance(x_transfer, LazySamples)):
+            raise ValueError("transfer samples must be read the same way as the training samples (both lazily or not)")
+        return Concat(x_train, x_transfer), torch.cat([y_train, unlabeled])
     return torch.cat([x_train, x_transfer]), torch.cat([y_train, unlabeled])
 
 
@@ -539,9 +687,8 @@ def kd_finetune(
         start = time.perf_counter()
         loss_sum = 0.0
         order = torch.randperm(n, generator=generator)
-        for i in range(0, n, cfg.batch_size):
-            idx = order[i : i + cfg.batch_size]
-            loss_sum += _step(model, loss_fn, optimizer, x_train, idx, device, augment, augment_generator)
+        for idx, batch in _batches(x_train, order, cfg.batch_size, 0, device):
+            loss_sum += _step(model, loss_fn, optimizer, batch, idx, device, augment, augment_generator)
         record = {"epoch": epoch, "train_loss": loss_sum / n, "seconds": time.perf_counter() - start}
         record |= objective.epoch_means()
         history.append(record)

@@ -143,6 +143,7 @@ def test_keep_last_is_part_of_the_recipe_and_refuses_patience() -> None:
         ("data", "tokenizer"),
         ("student", "init_from_teacher"),
         ("distill", "transfer_source"),
+        ("data", "num_workers"),
     ):
         del dump[section][field]
     legacy = hashlib.sha256(json.dumps(dump, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

@@ -20,6 +20,7 @@ from kd_lib.config import DataConfig, RetryConfig
 from kd_lib.data import dataset as data
 from kd_lib.data.normalization import denormalize, normalize
 from kd_lib.errors import KdflowError
+from tests.helpers import as_arrays
 from tests.kd_lib.conftest import S3
 
 CLASSES = ["cat", "dog", "fish"]
@@ -39,7 +40,9 @@ FETCH = partial(storage.fetch, retry=RetryConfig())
 
 
 def _prepare(fetch: data.Fetch | None = None, **fields) -> Splits:
-    return data.prepare(DataConfig(**fields), fetch=fetch)
+    """The splits as the steps read them, as arrays: image folders and tables are prepared as a
+    manifest, saved, opened lazily (``kd_lib.data.lazy``) and read whole."""
+    return as_arrays(data.prepare(DataConfig(**fields), fetch=fetch), fetch)
 
 
 def _same(a: Splits, b: Splits) -> None:

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from kd_lib.artifacts.dataset_dir import SPLIT_NAMES
 from kd_lib.config import ConfigError, DataConfig, PipelineConfig, parse_config
 from kd_lib.data import dataset as data
+from tests.helpers import as_arrays
 
 SECTIONS = list(PipelineConfig.model_fields)
 leaf = st.one_of(
@@ -160,7 +161,7 @@ def test_random_csv_prepare_or_raise_data_error(
                     return
             else:
                 df.to_csv(path, index=False)
-            splits = data.prepare(DataConfig(source=str(path), **cfg_fields))
+            splits = as_arrays(data.prepare(DataConfig(source=str(path), **cfg_fields)))
     except data.DataError as err:
         assert "d.csv" in str(err) or "d.parquet" in str(err) or "class" in str(err)
         event("rejected: " + re.sub(r"\d+", "N", str(err).split(": ", 1)[-1])[:32])

@@ -20,6 +20,7 @@ from kd_lib.config import DataConfig, RetryConfig
 from kd_lib.data import dataset as data
 from kd_lib.data import text as text_lib
 from kd_lib.data.normalization import normalize
+from tests.helpers import as_arrays
 from tests.kd_lib.conftest import S3
 
 WORDS = {"pos": ["great", "lovely", "superb", "fun"], "neg": ["awful", "dull", "bad", "grim"]}
@@ -173,8 +174,8 @@ def test_table_transfer_needs_the_feature_columns_only(tmp_path: Path, suffix: s
     write(_table(raw, None), tmp_path / f"bare{suffix}")
     write(_table(raw, np.zeros(6, dtype=np.int64)), tmp_path / f"labeled{suffix}")
     cfg = DataConfig(source=str(tmp_path / f"data{suffix}"), image_shape=[1, 4, 5])
-    bare = data.prepare(cfg, transfer_source=str(tmp_path / f"bare{suffix}"))
-    labeled = data.prepare(cfg, transfer_source=str(tmp_path / f"labeled{suffix}"))
+    bare = as_arrays(data.prepare(cfg, transfer_source=str(tmp_path / f"bare{suffix}")))
+    labeled = as_arrays(data.prepare(cfg, transfer_source=str(tmp_path / f"labeled{suffix}")))
     assert bare.transfer is not None and bare.transfer.shape == (6, 1, 4, 5)
     np.testing.assert_allclose(bare.transfer, normalize(raw, bare.meta.normalization), rtol=1e-6)
     np.testing.assert_array_equal(bare.transfer, labeled.transfer)
@@ -204,8 +205,8 @@ def test_image_folder_transfer_with_or_without_class_folders(tmp_path: Path) -> 
     (tmp_path / "flat" / "README.txt").write_text("not an image")
     _save(raw[0], tmp_path / "flat" / ".thumbnails" / "000.png")  # a hidden folder is no sample
     cfg = DataConfig(source=str(tmp_path / "data"))
-    flat = data.prepare(cfg, transfer_source=str(tmp_path / "flat"))
-    nested = data.prepare(cfg, transfer_source=str(tmp_path / "nested"))
+    flat = as_arrays(data.prepare(cfg, transfer_source=str(tmp_path / "flat")))
+    nested = as_arrays(data.prepare(cfg, transfer_source=str(tmp_path / "nested")))
     assert flat.transfer is not None and flat.transfer.shape == (5, 1, 4, 5)
     np.testing.assert_allclose(flat.transfer, normalize(raw, flat.meta.normalization), rtol=1e-6)
     np.testing.assert_array_equal(flat.transfer, nested.transfer)
