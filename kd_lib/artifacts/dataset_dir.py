@@ -218,7 +218,7 @@ def save_splits(splits: Splits, directory: str | Path) -> Path:
 
 def _save_manifest(manifest: Manifest, path: Path) -> None:
     # Compressed: sorted relative paths ("cat/0001.png") and row numbers shrink several-fold.
-    arrays = {f"ids_{n}": np.asarray(v) for n, v in manifest.ids.items()} | {
+    arrays: dict[str, Any] = {f"ids_{n}": np.asarray(v) for n, v in manifest.ids.items()} | {
         f"y_{n}": np.asarray(v, dtype=np.int64) for n, v in manifest.y.items()
     }
     np.savez_compressed(path, **arrays)

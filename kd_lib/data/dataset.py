@@ -20,6 +20,12 @@ A transfer set (``distill.transfer_source``) is read by the same loaders without
 (``read_source(..., labeled=False)``): an ``.npz`` with ``x`` alone, a table without its label
 column, a folder of images (class sub-folders optional, ignored), texts without labels.
 
+Image folders and image tables (``.csv`` / ``.parquet`` without a text column) are not loaded
+into memory by ``prepare``: one streaming pass (``kd_lib.data.stream.scan``) checks them and
+computes the fingerprint and the train split's statistics, and the result is a manifest of
+sample ids per split (``Splits.manifest``) that the steps read lazily (``kd_lib.data.lazy``).
+``read_source`` still reads any source whole, for callers that want the arrays.
+
 Arrays on disk and between steps are numpy; ``x`` is float32 ``[N, *input_shape]`` (images
 as ``[N, C, H, W]``), ``y`` is int64 ``[N]``. Nothing here is pickled: npz files are read with
 ``allow_pickle=False``. pandas, pyarrow and Pillow are imported only by the loaders that
@@ -500,6 +506,10 @@ def prepare(
 
     Text data (``cfg.text_column``) is split the same way, then tokenized into int64 ids
     ``[N, max_length]`` (not normalized); ``meta.text`` and ``Splits.tokenizer`` say how.
+
+    An image folder or image table is read in one streaming pass and comes back as a manifest
+    (``Splits.manifest`` and ``meta.manifest``: sample ids and labels per split, ``x`` empty):
+    ``save_splits`` writes it and ``kd_lib.data.lazy.open_splits`` reads the samples back.
 
     Without ``test_source``, one seeded stratified split gives train/val/test; with it, the
     test split is that whole file and train/val are split from ``source``. Normalization

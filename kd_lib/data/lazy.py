@@ -22,11 +22,12 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.data import Dataset
 
 from kd_lib.artifacts.dataset_dir import SPLIT_NAMES, ManifestMeta, Splits, load_splits
 from kd_lib.config import source_kind
@@ -51,12 +52,14 @@ def _positions(index: Any, count: int) -> tuple[np.ndarray, bool]:
     return positions, False
 
 
-class LazySamples:
+class LazySamples(Dataset[Tensor]):
     """``[N, *sample_shape]`` float32 samples read when indexed, normalized with ``normalization``.
 
     Indexing (an int, a slice, a tensor or array of positions) returns a float32 tensor, as
     indexing the split's tensor would; ``numpy`` returns the same values as an array, and
-    ``np.asarray(samples)`` reads the whole split (for small data and tests). Subclasses read
+    ``np.asarray(samples)`` reads the whole split (for small data and tests). A
+    ``torch.utils.data.Dataset`` of single samples, so any ``DataLoader`` can read it; the
+    training loop reads whole batches per item instead (``kd_lib.train.loop``). Subclasses read
     raw samples (``_read``).
     """
 
@@ -207,6 +210,10 @@ class _Mapped(LazySamples):
         with torch.no_grad():
             x = self._transform(self._inner[positions]).numpy()
         return x[0] if single else x
+
+
+# What training and inference index: a split's tensor, or its samples read lazily.
+Samples = Union[Tensor, LazySamples]  # noqa: UP007 - a runtime alias: X | Y of classes needs Python 3.10 types
 
 
 def open_splits(

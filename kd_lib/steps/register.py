@@ -11,7 +11,7 @@ from kd_lib.adapters.serving import log_pyfunc, pip_requirements
 from kd_lib.adapters.tracking import StepRun, fluent_run, step_run
 from kd_lib.adapters.verify import verify_version
 from kd_lib.artifacts import read_decision, read_evaluation, read_spec
-from kd_lib.artifacts.dataset_dir import Splits, read_meta
+from kd_lib.artifacts.dataset_dir import Splits, load_splits, read_meta
 from kd_lib.config import PipelineConfig
 from kd_lib.data.normalization import denormalize
 from kd_lib.evaluate import gates
@@ -148,11 +148,14 @@ def _verify(
         return  # verified by an earlier try of this run
     if not expected:
         raise StepError("the evaluation has no predictions of the quantized model to verify the version against")
-    # lazy: steps.inputs imports torch, which only reading an image folder's or table's test split needs here
-    from kd_lib.steps.inputs import open_dataset
+    if read_meta(dataset_dir).manifest is None:
+        x_raw = _served_inputs(dataset_dir, load_splits(dataset_dir))
+    else:
+        # lazy: reading an image folder's or a table's test split needs torch; the arrays of other data do not
+        from kd_lib.steps.inputs import open_dataset
 
-    with open_dataset(cfg, dataset_dir) as splits:
-        x_raw = _served_inputs(dataset_dir, splits)
+        with open_dataset(cfg, dataset_dir) as splits:
+            x_raw = _served_inputs(dataset_dir, splits)
     result = verify_version(client.tracking_uri, name, version, x_raw, np.asarray(expected, dtype=np.int64))
     run.log_metrics({"verify.mismatches": float(result.mismatches), "verify.checked": float(result.checked)})
     client.set_model_version_tag(name, version, "kdflow.verification", result.detail[:5000])

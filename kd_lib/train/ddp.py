@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from kd_lib.config import ConfigError, TrainConfig
 from kd_lib.data.augment import Augment
+from kd_lib.data.lazy import Samples
 from kd_lib.train.losses import Objective
 from kd_lib.train.ranks import Ranks
 
@@ -110,7 +111,7 @@ def check_world(ranks: Ranks, n_train: int, n_val: int, cfg: TrainConfig) -> Non
 def step(
     ddp_loss: nn.Module,
     ranks: Ranks,
-    x_train: Tensor,
+    x_train: Samples,
     idx: Tensor,
     augment: Augment | None,
     augment_generator: torch.Generator,

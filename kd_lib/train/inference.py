@@ -8,6 +8,8 @@ import itertools
 import torch
 from torch import Tensor, nn
 
+from kd_lib.data.lazy import Samples
+
 
 def home_device(model: nn.Module) -> torch.device:
     """Where ``model``'s first parameter (or buffer) lives; CPU for a module that has neither."""
@@ -39,7 +41,7 @@ def trim_padding(batch: Tensor, pad_id: int | None) -> Tensor:
 @torch.no_grad()
 def compute_logits(
     model: nn.Module,
-    x: Tensor,
+    x: Samples,
     batch_size: int = 512,
     device: torch.device | str = "cpu",
     pad_id: int | None = None,
@@ -51,7 +53,8 @@ def compute_logits(
 
     Args:
         model: Maps ``[B, *input_shape]`` to ``[B, C]``.
-        x: ``[N, *input_shape]`` float32 (text: int64 ids ``[N, max_length]``).
+        x: ``[N, *input_shape]`` float32 (text: int64 ids ``[N, max_length]``), a tensor or
+            samples read lazily (``kd_lib.data.lazy``).
         batch_size: Samples per forward pass (bounds memory, not the result).
         device: Where to run.
         pad_id: Text data's padding id: each batch is trimmed to its longest row (``trim_padding``).

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader
 
 from kd_lib.config import ConfigError, TrainConfig
 from kd_lib.data.augment import Augment
-from kd_lib.data.lazy import Concat, LazySamples
+from kd_lib.data.lazy import Concat, LazySamples, Samples
 from kd_lib.train import ddp
 from kd_lib.train.checkpoint import (
     CHECKPOINT_FILE,
@@ -105,7 +105,7 @@ def _scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.opti
     raise ConfigError(f"train.scheduler {cfg.scheduler!r} is not one of cosine, step, none")
 
 
-def _check_data(x_train: Tensor, y_train: Tensor, x_val: Tensor, y_val: Tensor) -> None:
+def _check_data(x_train: Samples, y_train: Tensor, x_val: Samples, y_val: Tensor) -> None:
     if len(x_train) != len(y_train):
         raise ValueError(f"x_train has {len(x_train)} samples but y_train has {len(y_train)}")
     if len(x_val) != len(y_val):
@@ -157,7 +157,7 @@ def _one_thread(_: int) -> None:
 
 
 def _batches(
-    x: Any, order: Tensor, batch_size: int, num_workers: int, device: torch.device
+    x: Samples, order: Tensor, batch_size: int, num_workers: int, device: torch.device
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """``(idx, x[idx])`` for each batch of ``order``, in order: read ahead by ``num_workers``
     ``DataLoader`` workers when ``x`` is read lazily, indexed in place when it is a tensor."""
@@ -168,7 +168,7 @@ def _batches(
         return
     loader = DataLoader(
         _BatchReader(x),
-        sampler=chunks,  # type: ignore[arg-type]  # each "index" is one batch's sample indices
+        sampler=chunks,  # each "index" is one batch's sample indices
         batch_size=None,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
@@ -180,8 +180,8 @@ def _batches(
 
 def _fit(
     model: nn.Module,
-    x_train: Tensor,
-    x_val: Tensor,
+    x_train: Samples,
+    x_val: Samples,
     y_val: Tensor,
     cfg: TrainConfig,
     loss_fn: BatchLoss,
@@ -347,9 +347,9 @@ def _fit(
 
 def train_supervised(
     model: nn.Module,
-    x_train: Tensor,
+    x_train: Samples,
     y_train: Tensor,
-    x_val: Tensor,
+    x_val: Samples,
     y_val: Tensor,
     cfg: TrainConfig,
     on_epoch: EpochCallback | None = None,
@@ -417,7 +417,7 @@ def _distill_loss(
     student: nn.Module,
     teacher: nn.Module | None,
     objective: Objective,
-    x_train: Tensor,
+    x_train: Samples,
     y_train: Tensor,
     device: torch.device,
     live_teacher: bool,
@@ -493,7 +493,7 @@ def cache_budget() -> int:
 
 def _teacher_cache(
     teacher: nn.Module,
-    x_train: Any,
+    x_train: Samples,
     device: torch.device,
     pad_id: int | None = None,
     cache_dir: str | Path | None = None,
@@ -537,9 +537,9 @@ def distill(
     student: nn.Module,
     teacher: nn.Module | None,
     objective: Objective,
-    x_train: Tensor,
+    x_train: Samples,
     y_train: Tensor,
-    x_val: Tensor,
+    x_val: Samples,
     y_val: Tensor,
     cfg: TrainConfig,
     augment: Augment | None = None,
@@ -547,7 +547,7 @@ def distill(
     on_epoch: EpochCallback | None = None,
     checkpoint_dir: str | Path | None = None,
     pad_id: int | None = None,
-    x_transfer: Any = None,
+    x_transfer: Samples | None = None,
     num_workers: int = 0,
     logit_cache_budget_bytes: int | None = None,
 ) -> TrainResult:
@@ -619,7 +619,9 @@ def distill(
     )
 
 
-def _with_transfer(x_train: Any, y_train: Tensor, x_transfer: Any, objective: Objective) -> tuple[Any, Tensor]:
+def _with_transfer(
+    x_train: Samples, y_train: Tensor, x_transfer: Samples, objective: Objective
+) -> tuple[Samples, Tensor]:
     """Train + transfer samples ``[N + M, ...]`` and their labels, ``UNLABELED`` for the transfer ones."""
     if not objective.needs_teacher:
         raise ValueError(
@@ -643,7 +645,7 @@ def kd_finetune(
     model: nn.Module,
     teacher: nn.Module | None,
     objective: Objective,
-    x_train: Tensor,
+    x_train: Samples,
     y_train: Tensor,
     cfg: TrainConfig,
     augment: Augment | None = None,

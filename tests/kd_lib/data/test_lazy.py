@@ -83,6 +83,8 @@ def test_manifest_reads_the_samples_of_the_npz(tmp_path: Path, kind: str) -> Non
     assert train[[]].shape == (0, *ref.shape[1:])
     with pytest.raises(IndexError):
         train[len(train)]
+    # A torch Dataset of single samples: any DataLoader reads it.
+    assert torch.equal(torch.cat(list(torch.utils.data.DataLoader(train, batch_size=16))), ref)
 
 
 def test_manifest_is_a_small_fraction_of_the_samples(tmp_path: Path) -> None:

@@ -10,15 +10,19 @@ the collective rank 0 waits in).
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from kd_lib.config import AugmentConfig, DistributedConfig, LossTermConfig, TrainConfig
+from kd_lib.data import lazy
 from kd_lib.data.augment import Augment, make_augment
 from kd_lib.models.builders import build_model
 from kd_lib.train import loop as training
@@ -28,7 +32,9 @@ from kd_lib.train.losses import build_objective
 # 225 = 7 * 32 + 1: the last global batch holds one sample, so one of two ranks has none.
 N_TRAIN, N_VAL, SHAPE, CLASSES = 225, 91, (1, 4, 4), 3
 CFG = TrainConfig(epochs=6, batch_size=32, lr=0.01, patience=100, seed=5, scheduler="cosine")
-CASES = ("supervised", "distill")
+# distill_lazy: the distill case on samples read lazily from record files (what a table's
+# manifest is read through), each rank reading its own rows: the same weights as distill.
+CASES = ("supervised", "distill", "distill_lazy")
 BATCHES = -(-N_TRAIN // CFG.batch_size)  # per epoch
 RESUME_EPOCH = 3
 
@@ -67,9 +73,31 @@ def crash_at(batch: int) -> Callable[[Augment], Augment]:
     return wrap
 
 
-def run_case(case: str, wrap_augment: Callable[[Augment], Augment] | None = None, **kw: Any) -> training.TrainResult:
-    """Train one case; ``kw`` goes to the training function (on_epoch, checkpoint_dir)."""
+def _read_lazily(x: torch.Tensor, path: Path) -> lazy.LazySamples:
+    """``x`` written as float32 records at ``path`` (atomically: the ranks write the same bytes)
+    and read back lazily, unnormalized."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_suffix(f".{os.getpid()}")
+    part.write_bytes(x.numpy().astype(np.float32).tobytes())
+    os.replace(part, path)
+    records = lazy.RecordFile(path, len(x), x.shape[1:])
+    return lazy.TableRows(records, np.arange(len(x)), str(path), {})
+
+
+def run_case(
+    case: str,
+    wrap_augment: Callable[[Augment], Augment] | None = None,
+    scratch: Path | None = None,
+    **kw: Any,
+) -> training.TrainResult:
+    """Train one case; ``kw`` goes to the training function (on_epoch, checkpoint_dir);
+    ``scratch`` holds distill_lazy's record files (a temporary directory without it)."""
+    x: Any
+    xv: Any
     x, y, xv, yv = data()
+    if case == "distill_lazy":
+        where = scratch if scratch is not None else Path(tempfile.mkdtemp(prefix="ddp-lazy-"))
+        x, xv = _read_lazily(x, where / "train.f32"), _read_lazily(xv, where / "val.f32")
     if case == "supervised":
         # Noise augmentation: the ranks must reproduce one process's augmentation stream.
         augment = make_augment(AugmentConfig(noise_std=0.2), SHAPE)
@@ -114,7 +142,9 @@ def main(out: Path, mode: str) -> None:
                 written["epochs"] += 1
                 history.append(row)
 
-            result = run_case(case, on_epoch=on_epoch, checkpoint_dir=out / f"{case}-checkpoint")
+            result = run_case(
+                case, on_epoch=on_epoch, checkpoint_dir=out / f"{case}-checkpoint", scratch=out / "records"
+            )
             if ranks.is_main:
                 torch.save(result.model.state_dict(), out / f"{case}.pt")
                 (out / f"{case}-history.json").write_text(json.dumps(history))

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -158,3 +159,52 @@ def test_distill_step_on_two_processes_records_once_like_one_process(tmp_path: P
     assert distill_run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(distill_run.info.run_id, "val_accuracy")] == [1, 2, 3]
     assert [m.step for m in client.get_metric_history(distill_run.info.run_id, "baseline.val_accuracy")] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_a_user_resnet_distills_on_two_processes_from_an_image_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any module through DDP: a user's ResNet (BatchNorm, residual adds; ``tests.helpers:user_resnet``)
+    distilled by two ranks with a feature loss on a module path, from an image folder each rank
+    reads lazily with its own DataLoader worker. Each rank keeps its own BatchNorm statistics
+    (no CUDA here for SyncBatchNorm) and rank 0's are saved: the student is a working model."""
+    from PIL import Image
+
+    from kd_lib.data import dataset as data_lib
+
+    x, y = data_lib.load_source("mnist14")
+    picked = np.random.default_rng(1).permutation(len(y))[:600]
+    for i in picked:
+        folder = tmp_path / "digits" / str(y[i])
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(x[i, 0].astype(np.uint8), mode="L").save(folder / f"{i}.png")
+    # The ranks import the user's module: the repository must be on their path.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    arch = "tests.helpers:user_resnet"
+    cfg = tiny_config(
+        tmp_path,
+        data={"source": str(tmp_path / "digits"), "num_workers": 1},
+        teacher={"model": {"arch": arch, "params": {"width": 12}}, "train": {"epochs": 10, "lr": 0.02}},
+        student={"model": {"arch": arch, "params": {"width": 6}}},
+        distill={
+            "losses": [
+                {"name": "kd", "weight": 0.9, "params": {"temperature": 4.0}},
+                {"name": "ce", "weight": 0.1},
+                {"name": "at", "weight": 10.0, "params": {"student_layer": "4", "teacher_layer": "4"}},
+            ],
+            "train": {"epochs": 10, "batch_size": 64, "lr": 0.02, "patience": 10, "distributed": TWO.model_dump()},
+        },
+    )
+    prepare_data(cfg, "ddp-user", tmp_path / "dataset")
+    train_teacher(cfg, "ddp-user", tmp_path / "dataset", tmp_path / "teacher")
+    summary = distill(cfg, "ddp-user", tmp_path / "dataset", tmp_path / "teacher", tmp_path / "student")
+    # 420 training images and 10 epochs: one process reaches about 0.5 on validation (chance: 0.1).
+    assert summary["epochs_run"] == 10 and summary["best_val_accuracy"] > 0.35
+    student, spec = quantization.load_model(tmp_path / "student")
+    assert spec["arch"] == arch and any(isinstance(m, torch.nn.BatchNorm2d) for m in student.modules())
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    runs = client.search_runs(
+        [experiment_id(client, cfg.tracking.experiment)], "tags.`kdflow.pipeline_run_id` = 'ddp-user'"
+    )
+    assert [r.info.run_name for r in runs].count("distill") == 1  # rank 0 alone records

@@ -5,6 +5,7 @@ memory or memory-mapped from disk, with a lazily read transfer set."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -57,7 +58,7 @@ def _same(a: nn.Module, b: nn.Module) -> None:
         assert torch.equal(sa[k], sb[k]), k
 
 
-def _splits(opened, lazy_read: bool):  # noqa: ANN001, ANN202
+def _splits(opened, lazy_read: bool) -> tuple[Any, torch.Tensor, Any, torch.Tensor]:  # noqa: ANN001
     if lazy_read:
         return (
             opened.x["train"],
@@ -65,10 +66,8 @@ def _splits(opened, lazy_read: bool):  # noqa: ANN001, ANN202
             opened.x["val"],
             torch.from_numpy(opened.y["val"]),
         )
-    return tuple(
-        torch.from_numpy(np.asarray(v))
-        for v in (opened.x["train"], opened.y["train"], opened.x["val"], opened.y["val"])
-    )
+    x, y, xv, yv = (np.asarray(v) for v in (opened.x["train"], opened.y["train"], opened.x["val"], opened.y["val"]))
+    return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(xv), torch.from_numpy(yv)
 
 
 def test_workers_and_lazy_reads_train_the_same_weights(folder_and_arrays, tmp_path: Path) -> None:  # noqa: ANN001
