@@ -5,10 +5,11 @@ stratified split: train one CNN teacher (on randomly shifted images), then for e
 train the same small CNN student (on the plain images unless ``--crop``) once per method and
 per point of the tuning grid: ``scratch`` (cross-entropy only) and each KD objective. Every
 student run uses exactly the same architecture, initial weights (per seed), schedule, learning
-rate, weight decay, batch order and augmentation: only ``distill.losses`` differs, so the
-scratch student is a fair baseline. Each student keeps its last epoch (``train.keep: last``):
-choosing the best of many epochs on 400 validation images selects noise, the same for every
-method but adding spread to every arm.
+rate, weight decay, batch order and augmentation: only ``distill.losses`` differs (and ``fm``,
+consistent teaching, also mixes its samples with mixup: a mixed sample has no label, which the
+other methods need), so the scratch student is a fair baseline. Each student keeps its last
+epoch (``train.keep: last``): choosing the best of many epochs on 400 validation images selects
+noise, the same for every method but adding spread to every arm.
 
 Tuning effort is the same for every method: each runs every number of epochs in
 ``--grid-epochs`` for every seed, and keeps the one with the best mean VALIDATION accuracy
@@ -76,7 +77,12 @@ METHODS: dict[str, list[dict[str, Any]]] = {
     ],
     "fitnets": [{"name": "fitnets", "weight": 1.0}, {"name": "ce", "weight": 1.0}],
     "at": [{"name": "at", "weight": 500.0}, {"name": "ce", "weight": 1.0}],
+    # Consistent teaching ("function matching", Beyer et al. 2022): the teacher's answers on the
+    # same mixed-up view alone, at T=1; its mixup is in METHOD_MIXUP (crop comes from --crop).
+    "fm": [{"name": "kd", "weight": 1.0, "params": {"temperature": 1.0}}],
 }
+# Methods that mix their training samples (mixup alpha): teacher and student see the same mixed batch.
+METHOD_MIXUP: dict[str, float] = {"fm": 1.0}
 
 # Per dataset: the teacher and student architectures and the training recipes.
 SETUPS: dict[str, dict[str, Any]] = {
@@ -140,7 +146,8 @@ def _student_run(task: dict[str, Any]) -> dict[str, Any]:
     teacher = build_model(teacher_arch, teacher_params, shape, classes)
     teacher.load_state_dict(torch.load(task["teacher_weights"], weights_only=True))
     teacher.eval()
-    augment = make_augment(AugmentConfig(random_crop_padding=task["crop"]), shape) if task["crop"] else None
+    mixing = AugmentConfig(random_crop_padding=task["crop"], mixup_alpha=METHOD_MIXUP.get(task["method"], 0.0))
+    augment = make_augment(mixing, shape)
     losses = [LossTermConfig(**t) for t in METHODS[task["method"]]]
     cfg = TrainConfig(
         epochs=task["epochs"],

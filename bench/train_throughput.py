@@ -11,6 +11,9 @@ Measured side by side, alternating, ``--repeats`` times each (the median is repo
   teacher runs on every batch, as in the plain loop).
 * ``kdflow cached``: ``kd_lib.train.loop.distill`` with the teacher-logit cache (teacher run
   once over the training set, its cost included in the time).
+* ``kdflow fm``: consistent teaching ("function matching"): random crop (2 px) and mixup
+  (alpha 1) on every batch, teacher and student on the same view, KD at T=1 alone; the teacher
+  runs live, so this is what consistent teaching costs against the cache.
 
 Reported: samples/s over the whole call (epochs x N / wall seconds, the cache's one-off
 teacher pass included) and the median epoch time (an epoch = training pass + validation;
@@ -38,8 +41,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kd_lib.config import DataConfig, LossTermConfig, TrainConfig  # noqa: E402
+from kd_lib.config import AugmentConfig, DataConfig, LossTermConfig, TrainConfig  # noqa: E402
 from kd_lib.data import dataset as data_lib  # noqa: E402
+from kd_lib.data.augment import make_augment  # noqa: E402
 from kd_lib.models.builders import build_model, count_parameters  # noqa: E402
 from kd_lib.train import loop as training  # noqa: E402
 from kd_lib.train.losses import build_objective  # noqa: E402
@@ -183,6 +187,19 @@ def main(argv: list[str] | None = None) -> int:
             ),
             "kdflow cached": lambda: training.distill(
                 fresh(), teacher, build_objective(objective_terms), x["train"], y["train"], x["val"], y["val"], cfg
+            ),
+            # Consistent teaching ("function matching"): teacher and student on the same cropped,
+            # mixed-up batch, so the teacher runs on every batch: what it costs against the cache.
+            "kdflow fm": lambda: training.distill(
+                fresh(),
+                teacher,
+                build_objective([LossTermConfig(name="kd", weight=1.0, params={"temperature": 1.0})]),
+                x["train"],
+                y["train"],
+                x["val"],
+                y["val"],
+                cfg,
+                augment=make_augment(AugmentConfig(random_crop_padding=2, mixup_alpha=1.0), shape),
             ),
         }
         _time(variants["plain (no val)"])  # warm-up: allocator, kernels, first-call overheads

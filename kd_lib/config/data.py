@@ -33,10 +33,19 @@ class AugmentConfig(_Strict):
         False, description="Mirror half of the images left-right (off for digits: a mirrored 3 is not a 3)."
     )
     noise_std: float = Field(0.0, ge=0, description="Std of Gaussian noise added to the normalized inputs; 0 = off.")
+    mixup_alpha: float = Field(
+        0.0,
+        ge=0,
+        description="Mixup (Zhang et al. 2018), applied after the other transforms: each sample becomes "
+        "lam * x + (1 - lam) * x_other, another sample of the batch, lam ~ Beta(alpha, alpha) per sample; 0 = off. "
+        "Distillation only, with teacher terms only: teacher and student see the same mixed batch and the student "
+        "matches the teacher on it ('function matching', Beyer et al. 2022). A mixed sample has no single label, "
+        "so ce and dkd are refused with it, and the distill.baseline student trains without it.",
+    )
 
     @property
     def enabled(self) -> bool:
-        return self.random_crop_padding > 0 or self.horizontal_flip or self.noise_std > 0
+        return self.random_crop_padding > 0 or self.horizontal_flip or self.noise_std > 0 or self.mixup_alpha > 0
 
 
 # What a data source is, from its name alone (the config is checked where the data may not be).

@@ -120,6 +120,23 @@ class PipelineConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _mixup_is_distillation_without_labels(self) -> PipelineConfig:
+        teacher_augment, where = self.augment_of("teacher")
+        if teacher_augment.mixup_alpha > 0:
+            raise ValueError(
+                f"{where}.mixup_alpha applies to distillation (the student matches the teacher on mixed samples), "
+                "not to the teacher's own training: set it in distill.train.augment instead"
+            )
+        augment, where = self.augment_of("distill")
+        labeled = [t.name for t in self.distill.losses if t.name in ("ce", "dkd") and t.weight > 0]
+        if augment.mixup_alpha > 0 and labeled:
+            raise ValueError(
+                f"{where}.mixup_alpha: a mixed sample has no single label, but distill.losses has {labeled}; "
+                "learn from the teacher alone (losses: [{name: kd, params: {temperature: 1}}]) or turn mixup off"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _transfer_set_fits_the_data(self) -> PipelineConfig:
         transfer = self.distill.transfer_source
         if transfer is None:
@@ -224,6 +241,10 @@ class PipelineConfig(_Strict):
                 for name, default in (("augment", None), ("keep", "best"), ("sync_batchnorm", False))
                 if getattr(train, name) == default
             }
+            if train.augment is not None and train.augment.mixup_alpha == 0:
+                defaults["augment"] = {"mixup_alpha": True}
             if defaults:
                 unset.setdefault(step, {})["train"] = defaults
+        if self.data.augment.mixup_alpha == 0:
+            unset.setdefault("data", {})["augment"] = {"mixup_alpha": True}
         return unset

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -53,6 +54,29 @@ def gaussian_noise(x: Tensor, std: float, generator: torch.Generator) -> Tensor:
     return x + std * torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
 
 
+def mixup(x: Tensor, alpha: float, generator: torch.Generator) -> Tensor:
+    """Mix each sample with another sample of the batch: ``lam * x[i] + (1 - lam) * x[j]``.
+
+    ``j`` is a random permutation of the batch and ``lam ~ Beta(alpha, alpha)``, one per sample.
+    torch's Beta sampler takes no generator, so the draws come from numpy's, seeded from ``generator``:
+    the same generator state gives the same batch.
+
+    Args:
+        x: ``[B, ...]`` float.
+        alpha: Beta's concentration (> 0): 1 draws ``lam`` uniformly; small values keep most
+            samples close to one of the two.
+        generator: Source of the permutation and of the seed of the ``lam`` draws.
+
+    Returns:
+        ``[B, ...]``, same dtype and device.
+    """
+    partner = torch.randperm(len(x), generator=generator).to(x.device)
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+    lam = np.random.default_rng(seed).beta(alpha, alpha, size=len(x))
+    lam_t = torch.from_numpy(lam).to(x.device, x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+    return lam_t * x + (1 - lam_t) * x[partner]
+
+
 def make_augment(cfg: AugmentConfig, input_shape: tuple[int, ...], where: str = "data.augment") -> Augment | None:
     """The configured augmentation as one function, or None when every transform is off.
     ``where`` is the config field ``cfg`` came from, named in errors.
@@ -80,15 +104,20 @@ def make_augment(cfg: AugmentConfig, input_shape: tuple[int, ...], where: str = 
             x = random_hflip(x, generator)
         if cfg.noise_std > 0:
             x = gaussian_noise(x, cfg.noise_std, generator)
+        if cfg.mixup_alpha > 0:
+            x = mixup(x, cfg.mixup_alpha, generator)
         return x
 
     return augment
 
 
 def augment_for(
-    cfg: PipelineConfig, step: Literal["teacher", "distill"], input_shape: tuple[int, ...]
+    cfg: PipelineConfig, step: Literal["teacher", "distill"], input_shape: tuple[int, ...], mixup: bool = True
 ) -> Augment | None:
     """The augmentation training ``step`` applies (``<step>.train.augment`` when set, else
-    ``data.augment``); errors name the field it came from. Raises ValueError as ``make_augment``."""
+    ``data.augment``); errors name the field it came from. ``mixup=False`` leaves mixup out (the
+    no-teacher baseline: a mixed sample has no label). Raises ValueError as ``make_augment``."""
     augment_cfg, where = cfg.augment_of(step)
+    if not mixup:
+        augment_cfg = augment_cfg.model_copy(update={"mixup_alpha": 0.0})
     return make_augment(augment_cfg, input_shape, where)

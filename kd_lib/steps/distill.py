@@ -108,9 +108,11 @@ def distill(
             Path(baseline_dir).mkdir(parents=True, exist_ok=True)
         if cfg.distill.baseline:
             # Same seed, data, augmentation and loop, cross-entropy alone: what the teacher adds.
+            # Mixup excepted: a mixed sample has no label to learn.
             ce_only = losses.build_objective([LossTermConfig(name="ce")])
             logger = epoch_logger(run, prefix="baseline.")
-            base = _train_student(cfg, splits, None, ce_only, student_augment, baseline_dir, logger)
+            base_augment = augment(cfg, meta, "distill", mixup=False)
+            base = _train_student(cfg, splits, None, ce_only, base_augment, baseline_dir, logger)
             if main:
                 spec = model_spec(cfg.student.model, meta, "baseline", run.run_id, params)
                 quantization.save_model(base.model, spec, baseline_dir)

@@ -74,13 +74,13 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, pad: int 
     return evaluation.accuracy(evaluation.predict(model, x, pad_id=pad), y)
 
 
-def augment(cfg: PipelineConfig, meta: DatasetMeta, step: Literal["teacher", "distill"]) -> Any:
-    """The step's training augmentation, or None.
+def augment(cfg: PipelineConfig, meta: DatasetMeta, step: Literal["teacher", "distill"], mixup: bool = True) -> Any:
+    """The step's training augmentation, or None (``mixup=False``: without mixup, for the baseline).
 
     Raises:
         ConfigError: the augmentation does not fit the data (a crop of flat vectors).
     """
     try:
-        return augment_for(cfg, step, tuple(meta.input_shape))
+        return augment_for(cfg, step, tuple(meta.input_shape), mixup)
     except ValueError as err:
         raise ConfigError(str(err)) from None

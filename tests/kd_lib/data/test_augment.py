@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd_lib.config import AugmentConfig, parse_config
-from kd_lib.data.augment import augment_for, gaussian_noise, make_augment, random_crop, random_hflip
+from kd_lib.config import AugmentConfig, ConfigError, parse_config
+from kd_lib.data.augment import augment_for, gaussian_noise, make_augment, mixup, random_crop, random_hflip
 
 
 def _images(b: int = 64, c: int = 2, h: int = 5, w: int = 6) -> torch.Tensor:
@@ -94,3 +94,43 @@ def test_augment_for_uses_the_steps_own_augment_and_names_it_in_errors() -> None
     with pytest.raises(ValueError, match="teacher.train.augment.random_crop_padding needs image inputs"):
         augment_for(cfg, "teacher", (30,))
     assert augment_for(cfg, "distill", (30,)) is not None
+
+
+def test_mixup_mixes_each_sample_with_one_other_of_the_batch() -> None:
+    # Sample i is 10 * e_i: a mixed sample shows which two it came from and with what weights.
+    x = (10 * torch.eye(8)).reshape(8, 1, 2, 4)
+    out = mixup(x, 0.4, torch.Generator().manual_seed(3)).reshape(8, 8)
+    assert torch.allclose(out.sum(dim=1), torch.full((8,), 10.0))  # convex: weights sum to 1
+    partners = set()
+    for i, row in enumerate(out):
+        used = set(row.nonzero().flatten().tolist())
+        assert i in used or row[i] == 0  # lam can be ~0: then the row is all its partner
+        assert len(used) <= 2 and (row >= 0).all()
+        partners |= used - {i}
+    assert len(partners) >= 4  # a permutation: different samples are mixed with different partners
+    again = mixup(x, 0.4, torch.Generator().manual_seed(3)).reshape(8, 8)
+    assert torch.equal(out, again)  # the generator alone decides
+    assert not torch.equal(out, mixup(x, 0.4, torch.Generator().manual_seed(4)).reshape(8, 8))
+
+
+def test_mixup_is_distillation_from_the_teacher_alone() -> None:
+    kd_only = [{"name": "kd", "weight": 1.0, "params": {"temperature": 1.0}}]
+    ok = parse_config({"distill": {"losses": kd_only, "train": {"augment": {"mixup_alpha": 1.0}}}})
+    assert ok.augment_of("distill")[0].mixup_alpha == 1.0 and ok.augment_of("teacher")[0].mixup_alpha == 0
+    assert ok.config_hash() != parse_config({"distill": {"losses": kd_only}}).config_hash()
+    with pytest.raises(ConfigError, match=r"data.augment.mixup_alpha applies to distillation .*distill.train.augment"):
+        parse_config({"data": {"augment": {"mixup_alpha": 1.0}}, "distill": {"losses": kd_only}})
+    with pytest.raises(
+        ConfigError, match=r"distill.train.augment.mixup_alpha: a mixed sample has no single label.*\['ce'\]"
+    ):
+        parse_config({"distill": {"train": {"augment": {"mixup_alpha": 1.0}}}})  # the default losses have ce
+    # Off, the baseline's augmentation: the other transforms stay.
+    both = parse_config(
+        {"distill": {"losses": kd_only, "train": {"augment": {"mixup_alpha": 1.0, "random_crop_padding": 1}}}}
+    )
+    without = augment_for(both, "distill", (1, 4, 4), mixup=False)
+    assert without is not None
+    x = _images(b=6, c=1, h=4, w=4)
+    assert torch.equal(
+        without(x, torch.Generator().manual_seed(0)), random_crop(x, 1, torch.Generator().manual_seed(0))
+    )

@@ -177,3 +177,30 @@ def test_import_from_the_registry_by_alias_and_version(prepared: dict, tmp_path:
     cfg = _with_teacher(cfg, "mlflow", f"models:/{name}@nobody")
     with pytest.raises(StepError, match="has no alias 'nobody'"):
         import_teacher(cfg, "reg-missing", prepared["dataset"], tmp_path / "missing")
+
+
+def test_mixup_distills_from_the_live_teacher_and_leaves_the_baseline_alone(
+    prepared: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Function matching: the student learns the teacher's answers on mixed samples (the teacher
+    live, no cache); the no-teacher baseline trains on unmixed ones, since they have labels."""
+    from kd_lib.config import AugmentConfig
+    from kd_lib.data import augment as augment_lib
+
+    cfg = prepared["cfg"].model_copy(deep=True)
+    cfg.distill.losses = [type(cfg.distill.losses[0])(name="kd", weight=1.0, params={"temperature": 1.0})]
+    cfg.distill.train.augment = AugmentConfig(mixup_alpha=1.0)
+    cfg.distill.baseline = True
+    calls = []
+    real_mixup = augment_lib.mixup
+    monkeypatch.setattr(augment_lib, "mixup", lambda x, *a: calls.append(len(x)) or real_mixup(x, *a))
+    summary = distill(
+        cfg, "mixup", prepared["dataset"], prepared["teacher"], tmp_path / "student", None, tmp_path / "baseline"
+    )
+    n_train = len(load_splits(prepared["dataset"]).y["train"])
+    batch, epochs = cfg.distill.train.batch_size, summary["epochs_run"]
+    assert len(calls) == epochs * -(-n_train // batch)  # every KD batch mixed, no baseline batch
+    assert "baseline_best_val_accuracy" in summary
+    run = MlflowClient(cfg.tracking.tracking_uri).get_run(summary["run_id"])
+    assert run.data.params["teacher_logit_cache"] == "false"
+    assert quantization.load_model(tmp_path / "baseline")[1]["role"] == "baseline"
