@@ -236,7 +236,7 @@ class PipelineConfig(_Strict):
                 unset[section_name] = left
         for step in ("teacher", "distill"):
             train = getattr(self, step).train
-            defaults = {
+            defaults: dict[str, Any] = {
                 name: True
                 for name, default in (("augment", None), ("keep", "best"), ("sync_batchnorm", False))
                 if getattr(train, name) == default

@@ -191,9 +191,14 @@ def test_mixup_distills_from_the_live_teacher_and_leaves_the_baseline_alone(
     cfg.distill.losses = [type(cfg.distill.losses[0])(name="kd", weight=1.0, params={"temperature": 1.0})]
     cfg.distill.train.augment = AugmentConfig(mixup_alpha=1.0)
     cfg.distill.baseline = True
-    calls = []
+    calls: list[int] = []
     real_mixup = augment_lib.mixup
-    monkeypatch.setattr(augment_lib, "mixup", lambda x, *a: calls.append(len(x)) or real_mixup(x, *a))
+
+    def counted(x: torch.Tensor, *args: object) -> torch.Tensor:
+        calls.append(len(x))
+        return real_mixup(x, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(augment_lib, "mixup", counted)
     summary = distill(
         cfg, "mixup", prepared["dataset"], prepared["teacher"], tmp_path / "student", None, tmp_path / "baseline"
     )
