@@ -97,6 +97,17 @@ SETUPS: dict[str, dict[str, Any]] = {
         "student": ("cnn", {"channels": 8, "depth": 2, "hidden": 64}),
         "student_epochs": [60, 120],
     },
+    # CIFAR-style ResNets (kd_lib.models.resnet), the pairing KD papers benchmark (ResNet-56 ->
+    # ResNet-20 on CIFAR), shrunk for 2 CPU cores: ResNet-14 (175k params) -> ResNet-8 at half
+    # width (20k, 1/9), the pair of configs/resnet.yaml.
+    "digits_resnet": {
+        "teacher": ("resnet", {"depth": 14, "width": 1}),
+        "teacher_epochs": 40,
+        "teacher_lr": 3e-3,
+        "teacher_crop": 1,
+        "student": ("resnet", {"depth": 8, "width": 0.5}),
+        "student_epochs": [30, 60],
+    },
     "digits": {
         "teacher": ("cnn", {"channels": 32, "depth": 2, "hidden": 512, "dropout": 0.5}),
         "teacher_epochs": 80,
@@ -447,8 +458,8 @@ def main(argv: list[str] | None = None) -> int:
 
     results = []
     for name in args.datasets:
-        source = args.data if name == "mnist5k" else "digits"
-        if name == "mnist5k" and not Path(source).is_file():
+        source = args.data if name.startswith("mnist5k") else "digits"
+        if name.startswith("mnist5k") and not Path(source).is_file():
             print(f"skipping mnist5k: {source} not found (pass --data)", file=sys.stderr)
             continue
         results.append(run_dataset(name, source, args))
