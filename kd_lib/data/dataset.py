@@ -587,21 +587,37 @@ def prepare(
         transfer_meta = TransferMeta(source=transfer_source, size=len(unlabeled.x), fingerprint=transfer_fp)
     norm = normalization_stats(xs["train"])
     xs = {name: normalize(v, norm) for name, v in xs.items()}
-    meta = DatasetMeta(
-        source=cfg.source,
-        fingerprint=_with_transfer_fingerprint(fp, transfer_meta),
-        num_classes=num_classes,
-        input_shape=list(x.shape[1:]),
-        sizes={name: int(ys[name].size) for name in SPLIT_NAMES},
-        class_counts={name: np.bincount(ys[name], minlength=num_classes).tolist() for name in SPLIT_NAMES},
-        normalization=norm,
-        class_names=list(train.class_names),
-        test_source=cfg.test_source,
-        transfer=transfer_meta,
-    )
+    meta = _sample_meta(cfg, fp, transfer_meta, num_classes, list(x.shape[1:]), ys, norm, train.class_names)
     # The train split's statistics: the transfer samples are inputs like any other, not a split to fit.
     transfer_x = normalize(x_transfer, norm) if x_transfer is not None else None
     return Splits(x=xs, y=ys, meta=meta, transfer=transfer_x)
+
+
+def _sample_meta(
+    cfg: DataConfig,
+    fp: str,
+    transfer: TransferMeta | None,
+    num_classes: int,
+    input_shape: list[int],
+    ys: dict[str, np.ndarray],
+    normalization: dict[str, float | list[float]],
+    class_names: list[str],
+    manifest: ManifestMeta | None = None,
+) -> DatasetMeta:
+    """The metadata of prepared samples (arrays or a manifest; text has its own, ``_prepare_text``)."""
+    return DatasetMeta(
+        source=cfg.source,
+        fingerprint=_with_transfer_fingerprint(fp, transfer),
+        num_classes=num_classes,
+        input_shape=input_shape,
+        sizes={name: int(ys[name].size) for name in SPLIT_NAMES},
+        class_counts={name: np.bincount(ys[name], minlength=num_classes).tolist() for name in SPLIT_NAMES},
+        normalization=normalization,
+        class_names=list(class_names),
+        test_source=cfg.test_source,
+        transfer=transfer,
+        manifest=manifest,
+    )
 
 
 def _prepare_streamed(cfg: DataConfig, scratch: Path, fetch: Fetch | None, transfer_source: str | None) -> Splits:
@@ -662,17 +678,5 @@ def _prepare_streamed(cfg: DataConfig, scratch: Path, fetch: Fetch | None, trans
         feature_columns=columns.feature_columns if columns is not None else None,
         image_shape=columns.image_shape if columns is not None else None,
     )
-    meta = DatasetMeta(
-        source=cfg.source,
-        fingerprint=_with_transfer_fingerprint(fp, transfer_meta),
-        num_classes=num_classes,
-        input_shape=shape,
-        sizes={name: int(ys[name].size) for name in SPLIT_NAMES},
-        class_counts={name: np.bincount(ys[name], minlength=num_classes).tolist() for name in SPLIT_NAMES},
-        normalization=norm,
-        class_names=list(train.class_names),
-        test_source=cfg.test_source,
-        transfer=transfer_meta,
-        manifest=manifest_meta,
-    )
+    meta = _sample_meta(cfg, fp, transfer_meta, num_classes, shape, ys, norm, train.class_names, manifest_meta)
     return Splits(x={}, y=ys, meta=meta, manifest=Manifest(ids=ids, y=ys))
