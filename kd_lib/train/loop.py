@@ -138,20 +138,6 @@ def _step(
     return loss.item() * len(idx)
 
 
-class _BatchReader(torch.utils.data.Dataset):
-    """Lazy samples as a ``DataLoader`` dataset whose items are whole batches: item ``idx`` (a
-    tensor of sample indices) is ``x[idx]``, read in a worker process."""
-
-    def __init__(self, x: LazySamples) -> None:
-        self.x = x
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, idx: Tensor) -> Tensor:
-        return self.x[idx]
-
-
 def _one_thread(_: int) -> None:
     torch.set_num_threads(1)  # a worker decodes; the main process's threads do the math
 
@@ -166,9 +152,10 @@ def _batches(
         for idx in chunks:
             yield idx, x[idx]
         return
+    # Lazy samples index by a tensor of positions too: each item the sampler names is a whole batch.
     loader = DataLoader(
-        _BatchReader(x),
-        sampler=chunks,  # each "index" is one batch's sample indices
+        x,
+        sampler=chunks,  # a batch's indices, not one sample's
         batch_size=None,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
