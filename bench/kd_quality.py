@@ -102,8 +102,9 @@ SETUPS: dict[str, dict[str, Any]] = {
     # width (20k, 1/9), the pair of configs/resnet.yaml.
     "digits_resnet": {
         "teacher": ("resnet", {"depth": 14, "width": 1}),
-        "teacher_epochs": 40,
-        "teacher_lr": 3e-3,
+        # 40 epochs at 3e-3 left the teacher below the scratch student (96.7% against 97.7% test).
+        "teacher_epochs": 100,
+        "teacher_lr": 2e-3,
         "teacher_crop": 1,
         "student": ("resnet", {"depth": 8, "width": 0.5}),
         "student_epochs": [30, 60],
