@@ -33,9 +33,9 @@ sys.path.insert(0, str(HERE.parents[1]))
 
 from tabulate import tabulate  # noqa: E402
 
-from kd_lib.artifacts.dataset_dir import load_splits  # noqa: E402
 from kd_lib.compress import quantization  # noqa: E402
 from kd_lib.config import load_config  # noqa: E402
+from kd_lib.data import lazy  # noqa: E402
 from kd_lib.evaluate import metrics  # noqa: E402
 from kd_lib.steps import candidates  # noqa: E402
 from kd_lib.steps.distill import distill  # noqa: E402
@@ -71,7 +71,7 @@ def main() -> None:
         )
         pipeline_s = time.perf_counter() - started
 
-        splits = load_splits(d["dataset"])
+        splits = lazy.open_splits(d["dataset"], root / "samples")  # arrays, or a folder's or table's samples
         x_test, y_test = tensors(splits, "test")
         chosen, chosen_spec = quantization.load_model(d["quantized"])
         source = d["baseline"] if info["source_role"] == "baseline" else d["student"]

@@ -3,7 +3,8 @@
 - ``model_dir``: a saved model directory (``spec.json`` + ``weights.bin``); ``ModelSpec``,
   ``read_spec``. Rebuilding the ``nn.Module`` is ``kd_lib.compress.quantization.load_model``.
 - ``weights_file``: the pickle-free state-dict format of ``weights.bin``.
-- ``dataset_dir``: a prepared dataset directory (``splits.npz`` + ``meta.json``);
+- ``dataset_dir``: a prepared dataset directory (``splits.npz`` or, for image folders and
+  tables, ``manifest.npz``, + ``meta.json``);
   ``DatasetMeta``, ``Splits``, ``save_splits``, ``load_splits``.
 - ``records``: the JSON records ``evaluation.json``, ``decision.json`` and ``history.json``.
 
