@@ -188,7 +188,8 @@ def _not_prepared(directory: Path, detail: str) -> ArtifactError:
 
 
 def save_splits(splits: Splits, directory: str | Path) -> Path:
-    """Write ``splits.npz`` and ``meta.json`` into ``directory`` (a KFP Dataset artifact)."""
+    """Write ``splits.npz`` (``manifest.npz`` for data read lazily) and ``meta.json`` into
+    ``directory`` (a KFP Dataset artifact)."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     if (splits.manifest is None) != (splits.meta.manifest is None):
@@ -294,5 +295,9 @@ def _load_manifest(d: Path, meta: DatasetMeta, transfer: bool) -> Manifest:
         raise _not_prepared(d, f"{d / MANIFEST_FILE}: {err}") from None
     for n in SPLIT_NAMES:
         if len(ids[n]) != len(ys[n]) or len(ys[n]) != meta.sizes.get(n, -1):
-            raise _not_prepared(d, f"{d / MANIFEST_FILE}: split {n!r} has {len(ids[n])} ids and {len(ys[n])} labels")
+            raise _not_prepared(
+                d,
+                f"{d / MANIFEST_FILE}: split {n!r} has {len(ids[n])} ids and {len(ys[n])} labels, "
+                f"{META_FILE} says {meta.sizes.get(n)} samples",
+            )
     return Manifest(ids=ids, y=ys)

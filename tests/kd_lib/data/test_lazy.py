@@ -4,6 +4,7 @@ that name what went wrong, and an s3:// source downloaded once per step."""
 
 from __future__ import annotations
 
+import json
 from functools import partial
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from PIL import Image
 
 from kd_lib.adapters import storage
 from kd_lib.artifacts.dataset_dir import MANIFEST_FILE, SPLIT_NAMES, SPLITS_FILE, load_splits, save_splits
+from kd_lib.artifacts.errors import ArtifactError
 from kd_lib.config import DataConfig, RetryConfig
 from kd_lib.data import dataset as data
 from kd_lib.data import lazy
@@ -184,3 +186,17 @@ def test_statistics_from_per_sample_sums_are_those_of_the_subset() -> None:
     assert flat["mean"] == pytest.approx(float(x[:, 0].mean()), rel=1e-6)
     assert flat["std"] == pytest.approx(float(x[:, 0].std()), rel=1e-5)
     assert normalization_stats(np.ones((5, 3), np.float32))["std"] == 1.0  # constant input: no division by zero
+
+
+def test_a_broken_manifest_is_named_with_the_fix(tmp_path: Path) -> None:
+    x, y = _images()
+    directory = save_splits(data.prepare(DataConfig(source=str(_folder(tmp_path / "imgs", x, y)))), tmp_path / "ds")
+    meta = json.loads((directory / "meta.json").read_text())
+    meta["sizes"]["train"] += 1
+    (directory / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match=r"manifest.npz: split 'train' has \d+ ids .* meta.json says") as err:
+        load_splits(directory)
+    assert "re-run the prepare_data step" in err.value.fix
+    (directory / MANIFEST_FILE).unlink()
+    with pytest.raises(ArtifactError, match="manifest.npz"):
+        load_splits(directory)
