@@ -150,3 +150,34 @@ def test_a_registered_model_of_mlflows_transformers_flavor_is_a_teacher(prepared
     ids = torch.from_numpy(load_splits(tmp_path / "dataset").x["val"][:16])
     with torch.no_grad():
         torch.testing.assert_close(teacher(ids), imported(ids))
+
+
+def test_a_transformer_student_learns_its_layers_and_attention(prepared: dict, tmp_path: Path) -> None:
+    """TinyBERT/MiniLM through the step: hidden-state MSE and attention KL read the Hugging Face
+    teacher's own encoder layers (``bert.encoder.layer.N``), and the student starts from the
+    teacher's embeddings and every other layer (DistilBERT init)."""
+    from kd_lib.config import LossTermConfig
+
+    cfg = prepared["cfg"].model_copy(deep=True)
+    student = {"arch": "transformer", "params": {"layers": 1, "hidden": 32, "heads": 2, "intermediate": 64}}
+    cfg.student = type(cfg.student)(model=student, init_from_teacher=True)
+    cfg.distill.losses = [
+        LossTermConfig(name="kd", weight=0.5, params={"temperature": 2.0}),
+        LossTermConfig(name="ce", weight=0.5),
+        LossTermConfig(name="hidden_mse", weight=1.0),
+        LossTermConfig(name="attention_kl", weight=1.0),
+    ]
+    history = tmp_path / "history.json"
+    summary = distill(cfg, "tinybert", prepared["dataset"], prepared["teacher"], tmp_path / "student", history)
+    epochs = json.loads(history.read_text())
+    assert summary["epochs_run"] == 2 and len(epochs) == 2
+    for row in epochs:  # every term was computed on every epoch, and none is degenerate
+        for term in ("loss_hidden_mse", "loss_attention_kl", "loss_kd", "loss_ce"):
+            assert row[term] > 0 and row[term] == row[term], (term, row)
+    run = MlflowClient(cfg.tracking.tracking_uri).get_run(summary["run_id"])
+    assert run.data.params["teacher_logit_cache"] == "false"  # feature terms run the teacher live
+    model, spec = quantization.load_model(tmp_path / "student")
+    assert spec["arch"] == "transformer" and (tmp_path / "student" / "tokenizer.json").is_file()
+    ids = torch.from_numpy(load_splits(prepared["dataset"]).x["test"][:4])
+    with torch.no_grad():
+        assert model(ids).shape == (4, 3)

@@ -34,7 +34,9 @@ N_TRAIN, N_VAL, SHAPE, CLASSES = 225, 91, (1, 4, 4), 3
 CFG = TrainConfig(epochs=6, batch_size=32, lr=0.01, patience=100, seed=5, scheduler="cosine")
 # distill_lazy: the distill case on samples read lazily from record files (what a table's
 # manifest is read through), each rank reading its own rows: the same weights as distill.
-CASES = ("supervised", "distill", "distill_lazy")
+# tinybert: a transformer student learning a transformer teacher's hidden states and attention
+# (hidden_mse with its learned projection, attention_kl) on token ids.
+CASES = ("supervised", "distill", "distill_lazy", "tinybert")
 BATCHES = -(-N_TRAIN // CFG.batch_size)  # per epoch
 RESUME_EPOCH = 3
 
@@ -84,6 +86,29 @@ def _read_lazily(x: torch.Tensor, path: Path) -> lazy.LazySamples:
     return lazy.TableRows(records, np.arange(len(x)), str(path), {})
 
 
+def _tinybert(**kw: Any) -> training.TrainResult:
+    from tests.helpers import tiny_bert  # lazy: transformers only for this case
+
+    g = torch.Generator().manual_seed(0)
+    # Full rows: hidden_mse and attention_kl average over real tokens, so with padding each rank
+    # would weigh its own tokens (the usual DDP semantics) and one process could not match it.
+    ids = torch.randint(1, 30, (N_TRAIN + N_VAL, 12), generator=g)
+    labels = ids[:, 1] % CLASSES
+    # No dropout: ranks draw their own dropout masks, which one process cannot reproduce.
+    teacher = tiny_bert(2, hidden=16, seed=2, dropout=0.0).eval()
+    student = tiny_bert(1, hidden=8, seed=3, dropout=0.0)
+    objective = build_objective(
+        [
+            LossTermConfig(name="kd", weight=0.5, params={"temperature": 2.0}),
+            LossTermConfig(name="ce", weight=0.5),
+            LossTermConfig(name="hidden_mse", weight=1.0),
+            LossTermConfig(name="attention_kl", weight=1.0),
+        ]
+    )
+    x, y, xv, yv = ids[:N_TRAIN], labels[:N_TRAIN], ids[N_TRAIN:], labels[N_TRAIN:]
+    return training.distill(student, teacher, objective, x, y, xv, yv, CFG, **kw)
+
+
 def run_case(
     case: str,
     wrap_augment: Callable[[Augment], Augment] | None = None,
@@ -92,6 +117,8 @@ def run_case(
 ) -> training.TrainResult:
     """Train one case; ``kw`` goes to the training function (on_epoch, checkpoint_dir);
     ``scratch`` holds distill_lazy's record files (a temporary directory without it)."""
+    if case == "tinybert":
+        return _tinybert(**kw)
     x: Any
     xv: Any
     x, y, xv, yv = data()

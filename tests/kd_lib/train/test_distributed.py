@@ -33,6 +33,10 @@ REPO = Path(__file__).resolve().parents[3]
 # Max |weight difference| allowed between 1 and 2 processes after 6 epochs of Adam; measured
 # differences are below 1e-7 (float32 rounding of a differently ordered gradient sum).
 ATOL = 1e-5
+# The transformer case drifts further: attention and LayerNorm sum many more terms in float32, and
+# 48 Adam steps compound the order differences (measured: 5e-5). A real difference is far larger:
+# with padded rows each rank averages over its own tokens, and the weights differ by 1e-2.
+CASE_ATOL = {"tinybert": 5e-4}
 TWO = DistributedConfig(nproc_per_node=2, threads_per_process=1)
 
 
@@ -70,7 +74,7 @@ def test_two_processes_end_with_the_weights_of_one(two_ranks: Path, case: str) -
     history: list[dict] = []
     single = ddp_cases.run_case(case, on_epoch=history.append)
     distributed_weights = torch.load(two_ranks / f"{case}.pt", weights_only=True)
-    assert _max_diff(single.model.state_dict(), distributed_weights) < ATOL
+    assert _max_diff(single.model.state_dict(), distributed_weights) < CASE_ATOL.get(case, ATOL)
     # The history rank 0 reported is the whole run's: losses summed over both ranks, the
     # validation accuracy an exact count over both shards of the validation set.
     reported = json.loads((two_ranks / f"{case}-history.json").read_text())
