@@ -171,8 +171,9 @@ def test_a_user_resnet_distills_on_two_processes_from_an_image_folder(
 ) -> None:
     """Any module through DDP: a user's ResNet (BatchNorm, residual adds; ``tests.helpers:user_resnet``)
     distilled by two ranks with a feature loss on a module path, from an image folder each rank
-    reads lazily with its own DataLoader worker. Each rank keeps its own BatchNorm statistics
-    (no CUDA here for SyncBatchNorm) and rank 0's are saved: the student is a working model."""
+    reads lazily (``data.num_workers`` is set, and left unused by the ranks, which read in
+    process). Each rank keeps its own BatchNorm statistics (no CUDA here for SyncBatchNorm) and
+    rank 0's are saved: the student is a working model."""
     from PIL import Image
 
     from kd_lib.data import dataset as data_lib
