@@ -172,3 +172,19 @@ def tiny_bert(
         intermediate=2 * hidden if intermediate is None else intermediate,
         dropout=dropout,
     )
+
+
+class _BatchRelative(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        level = x.flatten(1).mean(dim=1)
+        above = level - level.mean()  # brighter than the rest of its batch: class 0
+        return torch.stack([above, -above], dim=1)
+
+
+def batch_relative(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """A model whose answer depends on the other samples of its batch (``arch:
+    tests.helpers:batch_relative``), as a dynamically quantized one's can: class 0 when a sample is
+    brighter than its batch's mean. Two classes; no weights."""
+    if num_classes != 2:
+        raise ValueError(f"batch_relative has 2 classes, not {num_classes}")
+    return _BatchRelative()

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kd_lib.config import PREDICT_BATCH_SIZE
+
 CHILD_MODULE = "kd_lib.adapters.verify_child"
 # How much of the child's stderr a failed check quotes.
 _TAIL_LINES = 12
@@ -59,6 +61,7 @@ def verify_version(
     x_raw: np.ndarray,
     expected_class_ids: np.ndarray,
     timeout_s: float = 300,
+    batch_size: int = PREDICT_BATCH_SIZE,
 ) -> VerifyResult:
     """Load ``models:/model_name/version`` in a fresh process with pickle off and check its predictions.
 
@@ -78,6 +81,8 @@ def verify_version(
             DataFrame column ``text``).
         expected_class_ids: ``[N]`` the class ids the model must predict (evaluate's).
         timeout_s: How long the child may take to load and predict before it is killed.
+        batch_size: Rows per ``predict`` call in the child: evaluate's (``PREDICT_BATCH_SIZE``),
+            so a dynamically quantized model sees the batches it was evaluated on.
 
     Returns:
         ``VerifyResult``: ok only when the model loaded, predicted N class ids and all equal
@@ -109,7 +114,7 @@ def verify_version(
         started = time.monotonic()
         try:
             proc = subprocess.run(
-                [sys.executable, "-m", CHILD_MODULE, uri, str(x_path), str(out_path)],
+                [sys.executable, "-m", CHILD_MODULE, uri, str(x_path), str(out_path), str(batch_size)],
                 env=env,
                 capture_output=True,
                 text=True,

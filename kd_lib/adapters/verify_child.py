@@ -1,10 +1,11 @@
 """The fresh-process half of ``kd_lib.adapters.verify``: load a registered model, predict, save class ids.
 
-Run as ``python -m kd_lib.adapters.verify_child MODEL_URI X_NPY OUT_NPY`` by ``verify_version``,
+Run as ``python -m kd_lib.adapters.verify_child MODEL_URI X_NPY OUT_NPY BATCH`` by ``verify_version``,
 with ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false`` and the tracking and registry URIs in its
 environment. It reads ``X_NPY`` (float32 ``[N, *input_shape]``, raw features; or, for a text
 model, a unicode array ``[N]`` of raw strings, predicted as a DataFrame column ``text``) with
-``allow_pickle=False``, predicts with ``mlflow.pyfunc.load_model(MODEL_URI)`` and writes the
+``allow_pickle=False``, predicts with ``mlflow.pyfunc.load_model(MODEL_URI)``, ``BATCH`` rows per
+call (the batches evaluate predicted in: a dynamically quantized model's answers depend on them), and writes the
 predicted class ids (int64 ``[N]``) to ``OUT_NPY``. On failure it prints the traceback and, as
 its last stderr line, ``kdflow-verify: <stage> of <uri> failed: <error>``, and exits with 2.
 
@@ -23,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 FAILURE_MARKER = "kdflow-verify: "
-USAGE = "usage: python -m kd_lib.adapters.verify_child MODEL_URI X_NPY OUT_NPY"
+USAGE = "usage: python -m kd_lib.adapters.verify_child MODEL_URI X_NPY OUT_NPY BATCH"
 
 
 def class_ids(prediction: Any) -> np.ndarray:
@@ -54,15 +55,16 @@ def model_input(values: np.ndarray) -> Any:
 
 def main(argv: list[str]) -> int:
     """Load, predict, save; returns the exit status (0, or 2 on failure, 64 on bad arguments)."""
-    if len(argv) != 3:
+    if len(argv) != 4 or not argv[3].isdigit() or int(argv[3]) < 1:
         print(USAGE, file=sys.stderr)
         return 64
-    uri, x_path, out_path = argv
+    uri, x_path, out_path, batch = argv[0], argv[1], argv[2], int(argv[3])
     stage = "load"
     try:
         model = mlflow.pyfunc.load_model(uri)
         stage = "predict"
-        ids = class_ids(model.predict(model_input(np.load(x_path, allow_pickle=False))))
+        x = np.load(x_path, allow_pickle=False)
+        ids = np.concatenate([class_ids(model.predict(model_input(x[i : i + batch]))) for i in range(0, len(x), batch)])
     except Exception as err:  # every failure is the answer: report it, never raise
         traceback.print_exc()
         message = " ".join(str(err).split())[:1000]

@@ -48,7 +48,7 @@ from kd_lib.config.data import (
     DataConfig,
     source_kind,
 )
-from kd_lib.config.evaluate import EvaluateConfig, GateConfig
+from kd_lib.config.evaluate import PREDICT_BATCH_SIZE, EvaluateConfig, GateConfig
 from kd_lib.config.load import apply_override, config_from_json, load_config, parse_config
 from kd_lib.config.pipeline import PipelineConfig
 from kd_lib.config.sweep import CANDIDATE_PATTERN, TEMPERATURE_LOSSES, SweepConfig
@@ -64,6 +64,7 @@ from kd_lib.config.train import (
 )
 
 __all__ = [
+    "PREDICT_BATCH_SIZE",
     "CANDIDATE_PATTERN",
     "DEFAULT_CANDIDATES",
     "ONNX_SCHEMES",

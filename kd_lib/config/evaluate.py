@@ -12,6 +12,12 @@ from pydantic import Field
 
 from kd_lib.config.base import _Strict
 
+# Samples per forward pass when a model's test predictions are computed: by evaluate, and by
+# register's fresh-process verification of the registered version, which must batch the same way.
+# A dynamically quantized model (ONNX Runtime dynamic int8) takes its activation ranges from each
+# batch, so its predictions on a near tie can depend on which samples share the batch.
+PREDICT_BATCH_SIZE = 512
+
 
 class EvaluateConfig(_Strict):
     latency_warmup: int = Field(5, ge=0)

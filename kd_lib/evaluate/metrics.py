@@ -17,16 +17,18 @@ from torch import Tensor, nn
 
 from kd_lib.artifacts import SPEC_FILE
 from kd_lib.artifacts.model_dir import PROVENANCE_FILES
+from kd_lib.config import PREDICT_BATCH_SIZE
+from kd_lib.data.lazy import Samples
 from kd_lib.train.inference import compute_logits
 
 
-def predict(model: nn.Module, x: Tensor, batch_size: int = 512, pad_id: int | None = None) -> Tensor:
+def predict(model: nn.Module, x: Samples, batch_size: int = PREDICT_BATCH_SIZE, pad_id: int | None = None) -> Tensor:
     """Predicted class of every sample (eval mode, no grad, CPU).
 
     Args:
         model: Maps ``[B, *input_shape]`` to ``[B, C]`` logits.
         x: ``[N, *input_shape]`` float32 (text: int64 token ids).
-        batch_size: Samples per forward pass.
+        batch_size: Samples per forward pass (``PREDICT_BATCH_SIZE``: register verifies with the same).
         pad_id: Text data's padding id: batches are trimmed to their longest row.
 
     Returns:

@@ -79,3 +79,34 @@ def test_a_user_resnet_torch_artifact_loads_where_its_package_is_not_installed(
     result = verify_version(uri, "user-resnet", version, x_raw, expected)
     assert result.ok, result.detail
     assert os.getcwd() == str(away)
+
+
+def test_verification_predicts_in_the_batches_evaluate_used(tmp_path: Path) -> None:
+    """A model whose answers depend on the batch (ONNX Runtime's dynamic int8 takes activation
+    ranges per batch) is verified in evaluate's batches: predicting the whole split at once
+    would disagree with what was evaluated and mark a good version broken."""
+    from kd_lib.evaluate.metrics import predict
+
+    arch = "tests.helpers:batch_relative"
+    model = build_model(arch, {}, (1, 2, 2), 2).eval()
+    spec = {"arch": arch, "params": {}, "input_shape": [1, 2, 2], "num_classes": 2, "quantization": "none"}
+    directory = quantization.save_model(model, spec, tmp_path / "model")
+    x_raw = np.repeat(np.linspace(0.0, 11.0, 12, dtype=np.float32), 4).reshape(12, 1, 2, 2)
+    evaluated = predict(model, torch.from_numpy(x_raw), batch_size=4).numpy()
+    whole = predict(model, torch.from_numpy(x_raw), batch_size=12).numpy()
+    assert (evaluated != whole).any(), "the batches must matter for this model"
+
+    uri = f"sqlite:///{tmp_path / 'registry.db'}"
+    client = MlflowClient(uri, uri)
+    experiment = client.create_experiment("batches", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    with fluent_run(client, run_id):
+        written = json.loads((directory / "spec.json").read_text())
+        source, model_id = log_pyfunc(directory, written, pip_requirements(written))
+        version = ModelRegistry(client, "batch-relative").register(source, run_id, {}, model_id)
+    client.set_terminated(run_id)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        assert verify_version(uri, "batch-relative", version, x_raw, evaluated, batch_size=4).ok
+        mismatched = verify_version(uri, "batch-relative", version, x_raw, evaluated, batch_size=12)
+    assert not mismatched.ok and "differ" in mismatched.detail
