@@ -1,13 +1,14 @@
 """The fresh-process half of ``kd_lib.adapters.verify``: load a registered model, predict, save class ids.
 
-Run as ``python -m kd_lib.adapters.verify_child MODEL_URI X_NPY OUT_NPY BATCH`` by ``verify_version``,
-with ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false`` and the tracking and registry URIs in its
-environment. It reads ``X_NPY`` (float32 ``[N, *input_shape]``, raw features; or, for a text
-model, a unicode array ``[N]`` of raw strings, predicted as a DataFrame column ``text``) with
+Run as ``python -m kd_lib.adapters.verify_child MODEL_URI X_NPY OUT_NPY BATCH`` by
+``verify_version``, with ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false`` and the tracking and registry
+URIs in its environment. It reads ``X_NPY`` (float32 ``[N, *input_shape]``, raw features; or, for a
+text model, a unicode array ``[N]`` of raw strings, predicted as a DataFrame column ``text``) with
 ``allow_pickle=False``, predicts with ``mlflow.pyfunc.load_model(MODEL_URI)``, ``BATCH`` rows per
-call (the batches evaluate predicted in: a dynamically quantized model's answers depend on them), and writes the
-predicted class ids (int64 ``[N]``) to ``OUT_NPY``. On failure it prints the traceback and, as
-its last stderr line, ``kdflow-verify: <stage> of <uri> failed: <error>``, and exits with 2.
+call (the batches evaluate predicted in: a dynamically quantized model's answers depend on them),
+and writes the predicted class ids (int64 ``[N]``) to ``OUT_NPY``. On failure it prints the
+traceback and, as its last stderr line, ``kdflow-verify: <stage> of <uri> failed: <error>``, and
+exits with 2.
 
 It imports nothing of kd_lib: loading the model puts the model's own copy of kd_lib (shipped in
 its code directory) first on ``sys.path``, and that copy is what must be verified.
