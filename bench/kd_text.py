@@ -82,6 +82,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -342,34 +343,61 @@ def gap_recovered(kd: float, scratch: float, teacher: float) -> float | None:
     return (kd - scratch) / (teacher - scratch) if teacher != scratch else None
 
 
-def half_arms(
-    row: dict[str, Any],
-    half: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, int]],
-    teacher_name: str,
-    student: tuple[str, dict[str, Any]],
-    kd: list[LossTermConfig],
-    classes: int,
-    teacher_epochs: int | None,
-    student_cfg: TrainConfig,
-    seed: int,
-) -> None:
+@dataclass(frozen=True)
+class Recipe:
+    """What every arm of a seed shares: the teacher recipe, the student, the KD losses, the classes,
+    the teacher's epochs override, the student's train config and the seed."""
+
+    teacher_name: str
+    student: tuple[str, dict[str, Any]]
+    kd: list[LossTermConfig]
+    classes: int
+    teacher_epochs: int | None
+    student_cfg: TrainConfig
+    seed: int
+
+
+Split = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, int]]
+# (arm name, its losses, its transfer ids or None)
+Arm = tuple[str, list[LossTermConfig], torch.Tensor | None]
+
+
+def run_arms(
+    row: dict[str, Any], split: Split, fit: str, teacher_key: str, arms: list[Arm], recipe: Recipe
+) -> tuple[torch.nn.Module, dict[str, torch.nn.Module]]:
+    """Train the teacher on ``split``'s ``fit`` part (validated on ``val``), then each arm's student
+    (the KD arms taught by it); their validation and test accuracies go into ``row`` under
+    ``teacher_key`` and the arm names. Returns the teacher and the students by arm."""
+    x, y, params = split
+    pad = params["pad_id"]
+    train = (x[fit], y[fit], x["val"], y["val"])
+    teacher, row["val"][teacher_key] = train_teacher(
+        recipe.teacher_name, params, recipe.classes, train, recipe.seed, recipe.teacher_epochs
+    )
+    row[teacher_key] = accuracy(teacher, x["test"], y["test"], pad)
+    students = {}
+    for arm, losses, transfer in arms:
+        kd_teacher = teacher if losses is recipe.kd else None
+        result = student_run(
+            recipe.student, params, recipe.classes, kd_teacher, losses, train, recipe.student_cfg, recipe.seed, transfer
+        )
+        students[arm] = result.model
+        row["val"][arm] = result.best_val_accuracy
+        row[arm] = accuracy(result.model, x["test"], y["test"], pad)
+    return teacher, students
+
+
+def half_arms(row: dict[str, Any], half: Split, recipe: Recipe) -> None:
     """The half-label arms of one seed, into ``row``: teacher_half, scratch_half, kd_half, kd_half_transfer."""
     ids, labels, params = half
-    pad = params["pad_id"]
-    train = (ids["labeled"], labels["labeled"], ids["val"], labels["val"])
-    teacher, row["val"]["teacher_half"] = train_teacher(teacher_name, params, classes, train, seed, teacher_epochs)
-    row["teacher_half"] = accuracy(teacher, ids["test"], labels["test"], pad)
-    # How well the teacher labels the transfer texts it teaches on (their hidden labels, for reading only).
-    row["teacher_half_on_transfer"] = accuracy(teacher, ids["transfer"], labels["transfer"], pad)
-    for arm, losses, transfer in (
+    arms: list[Arm] = [
         ("scratch_half", SCRATCH, None),
-        ("kd_half", kd, None),
-        ("kd_half_transfer", kd, ids["transfer"]),
-    ):
-        kd_teacher = teacher if losses is kd else None
-        result = student_run(student, params, classes, kd_teacher, losses, train, student_cfg, seed, transfer)
-        row["val"][arm] = result.best_val_accuracy
-        row[arm] = accuracy(result.model, ids["test"], labels["test"], pad)
+        ("kd_half", recipe.kd, None),
+        ("kd_half_transfer", recipe.kd, ids["transfer"]),
+    ]
+    teacher, _ = run_arms(row, half, "labeled", "teacher_half", arms, recipe)
+    # How well the teacher labels the transfer texts it teaches on (their hidden labels, for reading only).
+    row["teacher_half_on_transfer"] = accuracy(teacher, ids["transfer"], labels["transfer"], params["pad_id"])
     row["kd_half_minus_scratch_half"] = row["kd_half"] - row["scratch_half"]
     row["transfer_minus_kd_half"] = row["kd_half_transfer"] - row["kd_half"]
     row["gap_recovered_half"] = gap_recovered(row["kd_half"], row["scratch_half"], row["teacher_half"])
@@ -427,36 +455,17 @@ def deployment(
     row["kd_minus_kd_int8"] = row["kd"] - row["kd_int8"]
 
 
-def full_arms(
-    row: dict[str, Any],
-    splits: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, int]],
-    teacher_name: str,
-    student: tuple[str, dict[str, Any]],
-    kd: list[LossTermConfig],
-    classes: int,
-    teacher_epochs: int | None,
-    student_cfg: TrainConfig,
-    seed: int,
-) -> None:
+def full_arms(row: dict[str, Any], splits: Split, recipe: Recipe) -> None:
     """The all-labels arms of one seed, into ``row``: teacher, scratch, kd, kd_int8 and deployment numbers."""
     x, y, data_params = splits
-    pad = data_params["pad_id"]
-    train = (x["train"], y["train"], x["val"], y["val"])
-    teacher, row["val"]["teacher"] = train_teacher(teacher_name, data_params, classes, train, seed, teacher_epochs)
-    row["teacher"] = accuracy(teacher, x["test"], y["test"], pad)
+    arms: list[Arm] = [("scratch", SCRATCH, None), ("kd", recipe.kd, None)]
+    teacher, students = run_arms(row, splits, "train", "teacher", arms, recipe)
     row["teacher_params"] = count_parameters(teacher)
-    students = {}
-    for arm, losses in (("scratch", SCRATCH), ("kd", kd)):
-        teacher_model = teacher if arm == "kd" else None
-        result = student_run(student, data_params, classes, teacher_model, losses, train, student_cfg, seed)
-        students[arm] = result.model
-        row["val"][arm] = result.best_val_accuracy
-        row[arm] = accuracy(result.model, x["test"], y["test"], pad)
     row["student_params"] = count_parameters(students["kd"])
     row["params_ratio"] = row["student_params"] / row["teacher_params"]
     row["kd_minus_scratch"] = row["kd"] - row["scratch"]
     row["gap_recovered"] = gap_recovered(row["kd"], row["scratch"], row["teacher"])
-    deployment(row, teacher, students["kd"], x, y, pad, (x["train"].shape[1],))
+    deployment(row, teacher, students["kd"], x, y, data_params["pad_id"], (x["train"].shape[1],))
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -626,11 +635,11 @@ def main() -> None:
     for seed in args.seeds:
         student_cfg = TrainConfig(**(STUDENT_TRAIN | {"epochs": args.student_epochs}), seed=seed)
         row: dict[str, Any] = {"seed": seed, "val": {}}
+        recipe = Recipe(args.teacher, student_arch, kd, classes, args.teacher_epochs, student_cfg, seed)
         if half is not None:
-            half_arms(row, half, args.teacher, student_arch, kd, classes, args.teacher_epochs, student_cfg, seed)
+            half_arms(row, half, recipe)
         if "full" in args.settings:
-            splits_t = (x, y, data_params)
-            full_arms(row, splits_t, args.teacher, student_arch, kd, classes, args.teacher_epochs, student_cfg, seed)
+            full_arms(row, (x, y, data_params), recipe)
         row["load_average"] = os.getloadavg()
         runs.append(row)
         print(json.dumps(row), flush=True)

@@ -13,6 +13,7 @@ from torch import nn
 
 from kd_lib.artifacts.dataset_dir import SPLIT_NAMES, Splits, save_splits
 from kd_lib.config import PipelineConfig, parse_config
+from kd_lib.data import dataset as data_lib
 from kd_lib.data import lazy
 
 if TYPE_CHECKING:  # mlflow costs seconds at import; the helpers only take a client built by the caller
@@ -188,3 +189,16 @@ def batch_relative(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     if num_classes != 2:
         raise ValueError(f"batch_relative has 2 classes, not {num_classes}")
     return _BatchRelative()
+
+
+def mnist14_pngs(folder: Path, picks: np.ndarray, class_prefix: str | None = "") -> None:
+    """Write the shipped MNIST digits ``picks`` (indices into ``mnist14``) as grey PNG files named
+    by their position in ``picks``: into ``folder/<class_prefix><label>/`` (an image folder), or,
+    with ``class_prefix=None``, straight into ``folder`` (unlabeled images)."""
+    from PIL import Image  # lazy: Pillow only for the image-folder tests
+
+    x, y = data_lib.load_source("mnist14")
+    for position, k in enumerate(picks):
+        target = folder if class_prefix is None else folder / f"{class_prefix}{y[k]}"
+        target.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(x[k, 0].astype(np.uint8), mode="L").save(target / f"{position:04d}.png")

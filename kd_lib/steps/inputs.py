@@ -37,13 +37,16 @@ def tensors(splits: Splits, name: str) -> tuple[Any, torch.Tensor]:
     """The ``name`` split (``train``, ``val``, ``test``) as ``([N, *input_shape] float32, [N] int64)``
     (text data: ``x`` int64 token ids ``[N, max_length]``). ``x`` is a tensor, or for data read
     lazily a ``kd_lib.data.lazy.LazySamples`` indexed the same way."""
-    x = splits.x[name]
-    return (torch.from_numpy(x) if isinstance(x, np.ndarray) else x), torch.from_numpy(splits.y[name])
+    return _samples(splits.x[name]), torch.from_numpy(splits.y[name])
 
 
 def transfer_samples(splits: Splits) -> Any:
     """The transfer set's samples like ``tensors``' ``x`` (a tensor or lazy samples), or None."""
-    x = splits.transfer
+    return _samples(splits.transfer)
+
+
+def _samples(x: Any) -> Any:
+    """Arrays as a tensor sharing their memory; lazy samples (or None) as they are."""
     return torch.from_numpy(x) if isinstance(x, np.ndarray) else x
 
 

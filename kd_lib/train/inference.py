@@ -8,6 +8,7 @@ import itertools
 import torch
 from torch import Tensor, nn
 
+from kd_lib.config import PREDICT_BATCH_SIZE
 from kd_lib.data.lazy import Samples
 
 
@@ -42,7 +43,7 @@ def trim_padding(batch: Tensor, pad_id: int | None) -> Tensor:
 def compute_logits(
     model: nn.Module,
     x: Samples,
-    batch_size: int = 512,
+    batch_size: int = PREDICT_BATCH_SIZE,
     device: torch.device | str = "cpu",
     pad_id: int | None = None,
 ) -> Tensor:
@@ -55,7 +56,9 @@ def compute_logits(
         model: Maps ``[B, *input_shape]`` to ``[B, C]``.
         x: ``[N, *input_shape]`` float32 (text: int64 ids ``[N, max_length]``), a tensor or
             samples read lazily (``kd_lib.data.lazy``).
-        batch_size: Samples per forward pass (bounds memory, not the result).
+        batch_size: Samples per forward pass. It bounds memory. It also shapes the result of a model
+            that takes activation ranges per batch (dynamic int8), which is why evaluate and register's
+            verification share ``PREDICT_BATCH_SIZE``.
         device: Where to run.
         pad_id: Text data's padding id: each batch is trimmed to its longest row (``trim_padding``).
 

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from kd_lib.config import ConfigError, TrainConfig
+from kd_lib.config import PREDICT_BATCH_SIZE, ConfigError, TrainConfig
 from kd_lib.data.augment import Augment
 from kd_lib.data.lazy import Concat, LazySamples, Samples
 from kd_lib.train import ddp
@@ -456,10 +456,14 @@ def _distill_loss(
 
 class _MappedLogits:
     """The teacher-logit cache as a memory-mapped ``.npy`` file ``[N, C]`` float32: rows are read
-    by sample index (``cache[idx]``) and moved to ``device``; only the rows read stay in memory."""
+    by sample index (``cache[idx]``) and moved to ``device``; only the rows read stay in memory.
+    ``scratch``: the temporary directory holding the file when no checkpoint directory did, removed
+    with this object."""
 
-    def __init__(self, array: np.memmap, device: torch.device) -> None:
-        self.array, self.device = array, device
+    def __init__(
+        self, array: np.memmap, device: torch.device, scratch: tempfile.TemporaryDirectory[str] | None = None
+    ) -> None:
+        self.array, self.device, self._scratch = array, device, scratch
 
     def __getitem__(self, idx: Tensor) -> Tensor:
         rows = np.asarray(self.array[idx.detach().cpu().numpy()])
@@ -499,13 +503,18 @@ def _teacher_cache(
     """
     ranks = current()
     if ranks is None:
-        step = 4096  # rows per teacher pass (a multiple of compute_logits' batch): the first tells the width
+        # Rows per teacher pass, in whole batches of compute_logits; the first pass tells the width.
+        step = 8 * PREDICT_BATCH_SIZE
         first = compute_logits(teacher, x_train[:step], device=device, pad_id=pad_id)
         rest = range(step, len(x_train), step)
         if len(x_train) * first.shape[1] * 4 <= (cache_budget() if budget_bytes is None else budget_bytes):
             chunks = [compute_logits(teacher, x_train[i : i + step], device=device, pad_id=pad_id) for i in rest]
             return torch.cat([first, *chunks]).to(device)
-        folder = Path(cache_dir) if cache_dir is not None else Path(tempfile.mkdtemp(prefix="kdflow-logits-"))
+        scratch = None
+        if cache_dir is None:  # no checkpoint directory to put it beside: a temporary one, removed with the cache
+            scratch = tempfile.TemporaryDirectory(prefix="kdflow-logits-")
+            cache_dir = scratch.name
+        folder = Path(cache_dir)
         folder.mkdir(parents=True, exist_ok=True)
         array = np.lib.format.open_memmap(
             folder / "teacher_logits.npy", mode="w+", dtype=np.float32, shape=(len(x_train), first.shape[1])
@@ -514,7 +523,7 @@ def _teacher_cache(
         for i in rest:
             array[i : i + step] = compute_logits(teacher, x_train[i : i + step], device=device, pad_id=pad_id).numpy()
         array.flush()
-        return _MappedLogits(array, device)
+        return _MappedLogits(array, device, scratch)
     lo, hi = ranks.bounds(len(x_train))
     shard = compute_logits(teacher, x_train[lo:hi], device=device, pad_id=pad_id).to(device)
     return ranks.all_gather_rows(shard, len(x_train))

@@ -20,10 +20,9 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from kd_lib.artifacts.dataset_dir import MANIFEST_FILE, SPLITS_FILE, load_splits
-from kd_lib.data import dataset as data
 from pipelines.local import run_local
 from tests.e2e.test_serve import post, serve
-from tests.helpers import tiny_config
+from tests.helpers import mnist14_pngs, tiny_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 
@@ -33,13 +32,9 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("image-folder-e2e")
-    x, y = data.load_source("mnist14")  # sorted by digit: a seeded draw of 1,200
-    picked = np.random.default_rng(0).permutation(len(y))[:1200]
-    for i, k in enumerate(picked):  # 1,000 labelled images in 10 class folders, 200 more without labels
-        img = Image.fromarray(x[k, 0].astype(np.uint8), mode="L")
-        folder = tmp / "digits" / f"digit{y[k]}" if i < 1000 else tmp / "unlabeled"
-        folder.mkdir(parents=True, exist_ok=True)
-        img.save(folder / f"{i:04d}.png")
+    picked = np.random.default_rng(0).permutation(5000)[:1200]  # mnist14 is sorted by digit: a seeded draw
+    mnist14_pngs(tmp / "digits", picked[:1000], class_prefix="digit")  # 1,000 labelled, 10 class folders
+    mnist14_pngs(tmp / "unlabeled", picked[1000:], class_prefix=None)  # 200 more without labels
     user_resnet = "tests.helpers:user_resnet"
     cfg = tiny_config(
         tmp,

@@ -25,6 +25,23 @@ ARCH = "tests.helpers:user_resnet"
 NORMALIZATION = {"mean": 8.0, "std": 4.0}
 
 
+def _register(directory: Path, tmp_path: Path, name: str) -> tuple[str, str]:
+    """The saved model ``directory`` logged as a pyfunc (with its code_paths) and registered as
+    ``name`` in a sqlite store under ``tmp_path``; its artifacts land in ``tmp_path / artifacts``.
+    Returns (the store's URI, the version)."""
+    uri = f"sqlite:///{tmp_path / 'registry.db'}"
+    client = MlflowClient(uri, uri)
+    experiment = client.create_experiment(name, artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    with fluent_run(client, run_id):
+        written = json.loads((directory / "spec.json").read_text())
+        source, model_id = log_pyfunc(directory, written, pip_requirements(written))
+        # Inside: MLflow looks the logged model up through its global tracking URI.
+        version = ModelRegistry(client, name).register(source, run_id, {}, model_id)
+    client.set_terminated(run_id)
+    return uri, version
+
+
 def test_user_code_paths_name_the_package_of_a_user_architecture() -> None:
     assert user_code_paths("resnet") == [] and user_code_paths("mlp") == []
     assert user_code_paths(ARCH) == [str(Path(tests.__file__).parent)]
@@ -56,16 +73,7 @@ def test_a_user_resnet_torch_artifact_loads_where_its_package_is_not_installed(
         expected = model((torch.from_numpy(x_raw) - 8.0) / 4.0).argmax(1).numpy()
     assert len(set(expected)) > 1, "the inputs should not all fall in one class"
 
-    uri = f"sqlite:///{tmp_path / 'registry.db'}"
-    client = MlflowClient(uri, uri)
-    experiment = client.create_experiment("user-code", artifact_location=(tmp_path / "artifacts").as_uri())
-    run_id = client.create_run(experiment).info.run_id
-    with fluent_run(client, run_id):
-        written = json.loads((directory / "spec.json").read_text())
-        source, model_id = log_pyfunc(directory, written, pip_requirements(written))
-        # Inside: MLflow looks the logged model up through its global tracking URI.
-        version = ModelRegistry(client, "user-resnet").register(source, run_id, {}, model_id)
-    client.set_terminated(run_id)
+    uri, version = _register(directory, tmp_path, "user-resnet")
     shipped = list((tmp_path / "artifacts").rglob("code/tests/helpers.py"))
     assert len(shipped) == 1, "the user package is not in the logged model"
     assert (shipped[0].parents[1] / "kd_lib" / "models" / "builders.py").is_file()
@@ -96,15 +104,7 @@ def test_verification_predicts_in_the_batches_evaluate_used(tmp_path: Path) -> N
     whole = predict(model, torch.from_numpy(x_raw), batch_size=12).numpy()
     assert (evaluated != whole).any(), "the batches must matter for this model"
 
-    uri = f"sqlite:///{tmp_path / 'registry.db'}"
-    client = MlflowClient(uri, uri)
-    experiment = client.create_experiment("batches", artifact_location=(tmp_path / "artifacts").as_uri())
-    run_id = client.create_run(experiment).info.run_id
-    with fluent_run(client, run_id):
-        written = json.loads((directory / "spec.json").read_text())
-        source, model_id = log_pyfunc(directory, written, pip_requirements(written))
-        version = ModelRegistry(client, "batch-relative").register(source, run_id, {}, model_id)
-    client.set_terminated(run_id)
+    uri, version = _register(directory, tmp_path, "batch-relative")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         assert verify_version(uri, "batch-relative", version, x_raw, evaluated, batch_size=4).ok

@@ -26,7 +26,7 @@ from kd_lib.launch import torchrun as distributed
 from kd_lib.steps.distill import distill
 from kd_lib.steps.prepare_data import prepare_data
 from kd_lib.steps.train_teacher import train_teacher
-from tests.helpers import experiment_id, tiny_config
+from tests.helpers import experiment_id, mnist14_pngs, tiny_config
 from tests.kd_lib.train import ddp_cases
 
 REPO = Path(__file__).resolve().parents[3]
@@ -174,16 +174,7 @@ def test_a_user_resnet_distills_on_two_processes_from_an_image_folder(
     reads lazily (``data.num_workers`` is set, and left unused by the ranks, which read in
     process). Each rank keeps its own BatchNorm statistics (no CUDA here for SyncBatchNorm) and
     rank 0's are saved: the student is a working model."""
-    from PIL import Image
-
-    from kd_lib.data import dataset as data_lib
-
-    x, y = data_lib.load_source("mnist14")
-    picked = np.random.default_rng(1).permutation(len(y))[:600]
-    for i in picked:
-        folder = tmp_path / "digits" / str(y[i])
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(x[i, 0].astype(np.uint8), mode="L").save(folder / f"{i}.png")
+    mnist14_pngs(tmp_path / "digits", np.random.default_rng(1).permutation(5000)[:600])
     # The ranks import the user's module: the repository must be on their path.
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     arch = "tests.helpers:user_resnet"
