@@ -14,7 +14,10 @@ noise, the same for every method but adding spread to every arm.
 Tuning effort is the same for every method: each runs every number of epochs in
 ``--grid-epochs`` for every seed, and keeps the one with the best mean VALIDATION accuracy
 over the seeds (ties: fewer epochs). The test split decides nothing. Each kept student is then
-quantized (``--scheme``, static int8 by default) and measured again.
+quantized (``--scheme``, static int8 by default) and measured again. With ``--tune`` each KD
+method also runs its variants (``METHODS``' ``<method>@<change>``: a temperature, a weight), and
+the setting with the best mean validation accuracy is its tuned one, reported beside the
+paper's; the held-out seeds run both.
 
 Reported per method: its chosen epochs, test accuracy mean and standard deviation over the
 seeds, the difference to scratch (and its standard deviation over paired seeds), "gap
@@ -70,13 +73,32 @@ METHODS: dict[str, list[dict[str, Any]]] = {
     # What a config without distill.losses gets (kd_lib.config.train), beside the papers' settings.
     "default": [term.model_dump() for term in DistillConfig().losses],
     "kd": [{"name": "kd", "weight": 0.9, "params": {"temperature": 4.0}}, {"name": "ce", "weight": 0.1}],
-    "kd_T2": [{"name": "kd", "weight": 0.9, "params": {"temperature": 2.0}}, {"name": "ce", "weight": 0.1}],
     "dkd": [
         {"name": "dkd", "weight": 1.0, "params": {"alpha": 1.0, "beta": 8.0, "temperature": 4.0}},
         {"name": "ce", "weight": 1.0},
     ],
     "fitnets": [{"name": "fitnets", "weight": 1.0}, {"name": "ce", "weight": 1.0}],
     "at": [{"name": "at", "weight": 500.0}, {"name": "ce", "weight": 1.0}],
+    # The tuning variants (``--tune``): ``<method>@<change>``, each one change to the paper's
+    # setting above, chosen on validation against it (``choose_variants``). A small grid, fixed
+    # before any run: temperature and soft-target weight for KD, DKD's non-target weight beta,
+    # the feature terms' weight a decade either side.
+    "kd@T2": [{"name": "kd", "weight": 0.9, "params": {"temperature": 2.0}}, {"name": "ce", "weight": 0.1}],
+    "kd@T8": [{"name": "kd", "weight": 0.9, "params": {"temperature": 8.0}}, {"name": "ce", "weight": 0.1}],
+    "kd@a0.5": [{"name": "kd", "weight": 0.5, "params": {"temperature": 4.0}}, {"name": "ce", "weight": 0.5}],
+    "kd@a1": [{"name": "kd", "weight": 1.0, "params": {"temperature": 4.0}}],
+    "dkd@b2": [
+        {"name": "dkd", "weight": 1.0, "params": {"alpha": 1.0, "beta": 2.0, "temperature": 4.0}},
+        {"name": "ce", "weight": 1.0},
+    ],
+    "dkd@b4": [
+        {"name": "dkd", "weight": 1.0, "params": {"alpha": 1.0, "beta": 4.0, "temperature": 4.0}},
+        {"name": "ce", "weight": 1.0},
+    ],
+    "fitnets@w0.1": [{"name": "fitnets", "weight": 0.1}, {"name": "ce", "weight": 1.0}],
+    "fitnets@w10": [{"name": "fitnets", "weight": 10.0}, {"name": "ce", "weight": 1.0}],
+    "at@w50": [{"name": "at", "weight": 50.0}, {"name": "ce", "weight": 1.0}],
+    "at@w5": [{"name": "at", "weight": 5.0}, {"name": "ce", "weight": 1.0}],
     # Consistent teaching ("function matching", Beyer et al. 2022): the teacher's answers on the
     # same mixed-up view alone, at T=1; its mixup is in METHOD_MIXUP (crop comes from --crop).
     "fm": [{"name": "kd", "weight": 1.0, "params": {"temperature": 1.0}}],
@@ -231,7 +253,7 @@ def run_dataset(name: str, source: str, args: argparse.Namespace) -> dict[str, A
 
     student = tuple(setup["student"]) if args.student is None else tuple(json.loads(args.student))
     grid = args.grid_epochs or setup["student_epochs"]
-    methods = [m for m in METHODS if not args.methods or m in args.methods]
+    methods = select_methods(args.methods, args.tune)
     common = {
         "dataset": name,
         "source": source,
@@ -254,11 +276,14 @@ def run_dataset(name: str, source: str, args: argparse.Namespace) -> dict[str, A
     ]
     runs = _run_all(name, tasks, args.jobs)
     chosen = choose_epochs(runs)
-    # Held-out seeds, run only after the choice: each method at its chosen epochs, nothing tuned on them.
+    tuned = choose_variants(runs, chosen)
+    # Held-out seeds, run only after the choice: each paper setting and each method's tuned
+    # variant at its chosen epochs, nothing tuned on them.
+    kept_methods = [m for m in methods if "@" not in m or m in tuned.values()]
     holdout_tasks = [
         common | {"method": method, "seed": seed, "epochs": chosen[method]}
         for seed in args.holdout_seeds
-        for method in methods
+        for method in kept_methods
     ]
     holdout = _run_all(name, holdout_tasks, args.jobs) if holdout_tasks else []
     labels = y["test"].tolist()
@@ -283,6 +308,7 @@ def run_dataset(name: str, source: str, args: argparse.Namespace) -> dict[str, A
         },
         "grid_epochs": grid,
         "chosen_epochs": chosen,
+        "tuned": tuned,
         "holdout_seeds": args.holdout_seeds,
         "runs": [_without_predictions(r) for r in runs],
         "holdout_runs": [_without_predictions(r) for r in holdout],
@@ -305,6 +331,34 @@ def _run_all(name: str, tasks: list[dict[str, Any]], jobs: int) -> list[dict[str
 
 def _without_predictions(run: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in run.items() if k != "test_pred"}
+
+
+def family(method: str) -> str:
+    """The paper's method a tuning variant belongs to (``"dkd@b2"`` -> ``"dkd"``)."""
+    return method.split("@", 1)[0]
+
+
+def select_methods(names: list[str] | None, tune: bool) -> list[str]:
+    """The methods to run: the paper settings named (all by default), then with ``tune`` every
+    variant of theirs; a variant named explicitly runs too."""
+    base = [m for m in METHODS if "@" not in m and (not names or m in names)]
+    variants = [m for m in METHODS if "@" in m and ((tune and family(m) in base) or (names and m in names))]
+    return base + variants
+
+
+def choose_variants(runs: list[dict[str, Any]], chosen: dict[str, int]) -> dict[str, str]:
+    """Per method family, the setting (the paper's or a variant, each at its chosen epochs) with
+    the best mean VALIDATION accuracy over the seeds; ties go to the paper's setting."""
+    val: dict[str, list[float]] = {}
+    for r in runs:
+        if r["epochs"] == chosen[r["method"]]:
+            val.setdefault(r["method"], []).append(r["val_accuracy"])
+    best: dict[str, str] = {}
+    for method in sorted(val, key=lambda m: ("@" in m, m)):
+        name = family(method)
+        if name not in best or statistics.fmean(val[method]) > statistics.fmean(val[best[name]]):
+            best[name] = method
+    return best
 
 
 def choose_epochs(runs: list[dict[str, Any]]) -> dict[str, int]:
@@ -381,14 +435,35 @@ def print_table(result: dict[str, Any]) -> None:
     )
     print(f"each method's epochs chosen on validation from {result['grid_epochs']}; last epoch kept")
     _print_summary("tuning seeds (epochs chosen on their validation accuracy)", result["summary"])
+    if any(method != name for name, method in result["tuned"].items()):
+        _print_side_by_side("tuning seeds", result["summary"], result["tuned"])
     if "holdout_summary" in result:
-        _print_summary(f"held-out seeds {result['holdout_seeds']} (nothing chosen on them)", result["holdout_summary"])
+        title = f"held-out seeds {result['holdout_seeds']} (nothing chosen on them)"
+        _print_summary(title, result["holdout_summary"])
+        _print_side_by_side(title, result["holdout_summary"], result["tuned"])
+
+
+def _print_side_by_side(title: str, summary: dict[str, dict[str, Any]], tuned: dict[str, str]) -> None:
+    """Per method family: the paper's setting beside the variant chosen on validation."""
+    print(f"\n{title}: the paper's setting | the tuned one (chosen on validation)")
+    for name, method in tuned.items():
+        if name == "scratch" or name not in summary or method not in summary:
+            continue
+        cells = []
+        for key in (name, method):
+            row = summary[key]
+            gap = f", {100 * row['gap_recovered']:.0f}% of the gap" if "gap_recovered" in row else ""
+            cells.append(
+                f"{key} {row['epochs']} ep: {100 * row['mean']:.2f}±{100 * row['std']:.2f}% "
+                f"({100 * row.get('delta_vs_scratch', 0.0):+.2f}pt{gap})"
+            )
+        print(f"  {name:8s} {cells[0]:52s} | {cells[1] if method != name else '(the paper setting)'}")
 
 
 def _print_summary(title: str, summary: dict[str, dict[str, Any]]) -> None:
     print(f"\n{title}; McNemar: exact p per seed against scratch, + / - significantly better / worse")
     header = (
-        f"{'method':9s} {'epochs':>6s} {'test acc (mean±sd)':>20s} {'vs scratch':>16s} {'gap rec.':>9s} "
+        f"{'method':12s} {'epochs':>6s} {'test acc (mean±sd)':>20s} {'vs scratch':>16s} {'gap rec.':>9s} "
         f"{'>2sd':>5s} {'int8 acc':>16s}  McNemar"
     )
     print(header)
@@ -400,7 +475,7 @@ def _print_summary(title: str, summary: dict[str, dict[str, Any]]) -> None:
         gap = f"{100 * row['gap_recovered']:.0f}%" if "gap_recovered" in row else ""
         beats = ("yes" if row["beats_scratch_2sd"] else "no") if "beats_scratch_2sd" in row else ""
         print(
-            f"{method:9s} {row['epochs']:6d} {100 * row['mean']:13.2f}±{100 * row['std']:.2f}% "
+            f"{method:12s} {row['epochs']:6d} {100 * row['mean']:13.2f}±{100 * row['std']:.2f}% "
             f"{delta:>16s} {gap:>9s} {beats:>5s} "
             f"{100 * row['int8_mean']:9.2f}±{100 * row['int8_std']:.2f}%  {_mcnemar(row)}"
         )
@@ -426,6 +501,11 @@ def main(argv: list[str] | None = None) -> int:
         help="seeds run only after the choice, each method at its chosen epochs (e.g. 3 4 5)",
     )
     parser.add_argument("--methods", nargs="*", default=None, help=f"subset of {list(METHODS)}")
+    parser.add_argument(
+        "--tune",
+        action="store_true",
+        help="also run each chosen method's variants (METHODS' <method>@<change>) and pick one on validation",
+    )
     parser.add_argument(
         "--lr", type=float, default=3e-3, help="student learning rate (AdamW), the same for every method"
     )
