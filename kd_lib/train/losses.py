@@ -525,7 +525,8 @@ def _encoders(name: str, student: nn.Module, teacher: nn.Module) -> tuple[Encode
         if encoder is None:
             raise ConfigError(
                 f"loss {name!r} distills transformer layers, but the {role} ({type(model).__name__}) "
-                "has no BERT-family encoder (encoder.layer.N with attention.self)",
+                "has no BERT-family encoder (encoder.layer.N with attention.self, or DistilBERT's "
+                "transformer.layer.N with attention)",
                 _TRANSFORMER_FIX,
             )
         found.append(encoder)
@@ -645,8 +646,8 @@ class AttentionKLTerm(_LayerPairsTerm):
     """``attention_kl``: MiniLM self-attention distribution transfer (``attention_kl``) over a layer mapping.
 
     Params: ``layers``, ``[[student, teacher], ...]`` transformer layer numbers (1-based) or
-    module paths of self-attention modules (``...attention.self``); default the uniform map
-    ``m -> m * N / M``. Each layer's attention probabilities are recomputed from the
+    module paths of self-attention modules (``...attention.self``; DistilBERT's ``...attention``);
+    default the uniform map ``m -> m * N / M``. Each layer's attention probabilities are recomputed from the
     self-attention's input with its own query/key projections (``softmax(Q K^T / sqrt(d))``
     over the real keys: no attention dropout, any attention implementation); the loss is the
     mean of ``attention_kl`` over the pairs. Different head counts compare head-averaged
@@ -663,7 +664,7 @@ class AttentionKLTerm(_LayerPairsTerm):
                     raise ConfigError(
                         f"loss 'attention_kl': params.layers {list(pair)}: the {role}'s {path!r} is a "
                         f"{type(module).__name__}, not a self-attention (query and key projections)",
-                        "name a layer by number, or a module path ending in attention.self",
+                        "name a layer by number, or a module path ending in attention.self (DistilBERT: attention)",
                     )
 
     def bind_features(self, student: dict[str, Tensor], teacher: dict[str, Tensor]) -> None:

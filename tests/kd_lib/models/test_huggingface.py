@@ -10,11 +10,19 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 
 from kd_lib.adapters import storage
 from kd_lib.compress import quantization
@@ -58,8 +66,10 @@ def save_tiny_bert(
     seed: int = 0,
     safe_serialization: bool = True,
     max_positions: int = 64,
+    arch: str = "bert",
 ) -> Path:
-    """Save a 2-layer, 32-wide BERT classifier and its fast tokenizer into ``directory`` (save_pretrained)."""
+    """Save a 2-layer, 32-wide BERT (``arch`` "distilbert": DistilBERT) classifier and its fast
+    tokenizer into ``directory`` (save_pretrained)."""
     tokenizer = tiny_tokenizer(texts)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
@@ -69,18 +79,31 @@ def save_tiny_bert(
         sep_token="[SEP]",
         mask_token="[MASK]",
     )
-    config = BertConfig(
-        vocab_size=tokenizer.get_vocab_size(),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=max_positions,
-        id2label=dict(enumerate(labels)),  # num_labels follows
-        label2id={name: i for i, name in enumerate(labels)},
-    )
+    names: dict[str, Any] = {"id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}}
     torch.manual_seed(seed)
-    model = BertForSequenceClassification(config)
+    if arch == "distilbert":
+        model: PreTrainedModel = DistilBertForSequenceClassification(
+            DistilBertConfig(
+                vocab_size=tokenizer.get_vocab_size(),
+                dim=32,
+                n_layers=2,
+                n_heads=2,
+                hidden_dim=64,
+                max_position_embeddings=max_positions,
+                **names,
+            )
+        )
+    else:
+        config = BertConfig(
+            vocab_size=tokenizer.get_vocab_size(),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=max_positions,
+            **names,  # num_labels follows id2label
+        )
+        model = BertForSequenceClassification(config)
     model.save_pretrained(directory)
     if not safe_serialization:  # the older pickle format (transformers 5 writes safetensors only)
         (directory / "model.safetensors").unlink()

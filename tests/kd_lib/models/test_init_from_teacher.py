@@ -116,6 +116,45 @@ def test_a_larger_student_table_or_a_non_transformer_is_refused() -> None:
         init_from_teacher(_bert(1), lstm)
 
 
+def test_a_distilbert_teacher_of_the_same_depth_gives_its_own_encoder() -> None:
+    """DistilBERT's layers are BERT's under other names: copied by name into a BERT student of the
+    same shape, every layer computes what the teacher's does (the student's token-type table is
+    zeroed: DistilBERT has none). Its head is not BERT's, so neither pooler nor classifier is copied."""
+    config = {
+        "model_type": "distilbert",
+        "vocab_size": VOCAB,
+        "dim": 16,
+        "n_layers": 2,
+        "n_heads": 2,
+        "hidden_dim": 32,
+        "max_position_embeddings": 40,
+        "num_labels": CLASSES,
+        "pad_token_id": PAD,
+    }
+    torch.manual_seed(1)
+    teacher = huggingface.build((12,), CLASSES, config, pad_id=PAD).eval()
+    student = _bert(2, seed=2).eval()
+    assert init_from_teacher(student, teacher) == {"layer_map": [[1, 1], [2, 2]], "pooler": False, "classifier": False}
+    ids = torch.tensor([[2, 7, 9, 4, 3, PAD, PAD, PAD, PAD, PAD, PAD, PAD], [2, 5, 11, 12, 6, 8, 10, 3, 1, 1, 1, 1]])
+    mask = (ids != PAD).long()
+    with torch.no_grad():
+        mine = student.bert.bert(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        theirs = teacher.model.distilbert(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    assert len(mine) == len(theirs) == 3
+    for layer, (a, b) in enumerate(zip(mine, theirs, strict=True)):
+        torch.testing.assert_close(a[mask.bool()], b[mask.bool()], atol=1e-5, rtol=1e-5, msg=f"layer {layer}")
+    assert not torch.equal(student.bert.classifier.weight, teacher.model.classifier.weight)
+
+
+def test_a_distilbert_teacher_of_another_feed_forward_width_names_hidden_dim() -> None:
+    config = {"model_type": "distilbert", "vocab_size": VOCAB, "dim": 16, "n_layers": 2, "n_heads": 2}
+    torch.manual_seed(1)
+    teacher = huggingface.build((12,), CLASSES, config | {"hidden_dim": 48, "num_labels": CLASSES}, pad_id=PAD)
+    with pytest.raises(ConfigError, match="same intermediate_size: the student has 32, the teacher 48") as err:
+        init_from_teacher(_bert(1), teacher)
+    assert "student.model.params.intermediate: 48" in err.value.fix
+
+
 def test_a_roberta_teacher_is_refused() -> None:
     config = {
         "model_type": "roberta",

@@ -181,3 +181,43 @@ def test_a_transformer_student_learns_its_layers_and_attention(prepared: dict, t
     ids = torch.from_numpy(load_splits(prepared["dataset"]).x["test"][:4])
     with torch.no_grad():
         assert model(ids).shape == (4, 3)
+
+
+def test_a_distilbert_teacher_is_imported_and_taught_to_a_transformer_student(tmp_path: Path) -> None:
+    """A DistilBERT save_pretrained directory as the teacher: imported with its own tokenizer, its
+    layers (``distilbert.transformer.layer.N``) read by hidden_mse and attention_kl, and its
+    weights the student's start (DistilBERT's layers copied into a BERT of the same width)."""
+    from kd_lib.config import LossTermConfig
+
+    with SAMPLE.open(newline="") as f:
+        texts = [row["text"] for row in csv.DictReader(f)]
+    teacher_dir = save_tiny_bert(
+        tmp_path / "distilbert", texts=texts, labels=CLASSES, max_positions=MAX_LENGTH, arch="distilbert"
+    )
+    cfg = text_config(tmp_path, teacher_dir)
+    student = {"arch": "transformer", "params": {"layers": 1, "hidden": 32, "heads": 2, "intermediate": 64}}
+    cfg.student = type(cfg.student)(model=student, init_from_teacher=True)
+    cfg.distill.losses = [
+        LossTermConfig(name="kd", weight=0.5, params={"temperature": 2.0}),
+        LossTermConfig(name="ce", weight=0.5),
+        LossTermConfig(name="hidden_mse", weight=1.0),
+        LossTermConfig(name="attention_kl", weight=1.0),
+    ]
+    prepare_data(cfg, "setup", tmp_path / "dataset")
+    import_teacher(cfg, "setup", tmp_path / "dataset", tmp_path / "teacher")
+    teacher, spec = quantization.load_model(tmp_path / "teacher")
+    assert spec["arch"] == "huggingface" and spec["params"]["config"]["model_type"] == "distilbert"
+    ids = torch.from_numpy(load_splits(tmp_path / "dataset").x["val"][:8])
+    reference = AutoModelForSequenceClassification.from_pretrained(teacher_dir).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(ids), reference(input_ids=ids, attention_mask=(ids != 0).long()).logits)
+    history = tmp_path / "history.json"
+    summary = distill(cfg, "distilbert", tmp_path / "dataset", tmp_path / "teacher", tmp_path / "student", history)
+    for row in json.loads(history.read_text()):
+        for term in ("loss_hidden_mse", "loss_attention_kl", "loss_kd", "loss_ce"):
+            assert row[term] > 0 and row[term] == row[term], (term, row)
+    assert summary["epochs_run"] == 2
+    model, spec = quantization.load_model(tmp_path / "student")
+    assert spec["arch"] == "transformer"
+    with torch.no_grad():
+        assert model(ids).shape == (8, 3)

@@ -243,6 +243,46 @@ def test_hugging_face_teacher_layers_under_model_bert() -> None:
     assert torch.isfinite(loss) and loss.item() > 0
 
 
+def test_a_distilbert_teacher_is_read_by_its_own_layout() -> None:
+    """DistilBERT names its parts apart from BERT (``distilbert.transformer.layer.N``, the
+    self-attention at ``attention`` with ``q_lin``/``k_lin``/``n_heads``): both terms find them,
+    and the recomputed probabilities are the model's own."""
+    config = {
+        "model_type": "distilbert",
+        "vocab_size": VOCAB,
+        "dim": 16,
+        "n_layers": 4,
+        "n_heads": 4,
+        "hidden_dim": 32,
+        "max_position_embeddings": 64,
+        "num_labels": CLASSES,
+        "pad_token_id": PAD,
+    }
+    torch.manual_seed(0)
+    teacher = huggingface.build((LENGTH,), CLASSES, config, pad_id=PAD).eval()
+    student = _bert(2, 8, 2)
+    ids = _ids([10, 4])
+    objective = _objective(LossTermConfig(name="hidden_mse"), LossTermConfig(name="attention_kl"))
+    objective.bind(student, teacher, ids)
+    prefix = "model.distilbert.transformer.layer"
+    assert objective.feature_layers()[1] == {
+        f"{prefix}.1@hidden",
+        f"{prefix}.3@hidden",
+        f"{prefix}.1.attention@attention",
+        f"{prefix}.3.attention@attention",
+    }
+    loss = _batch_loss(objective, student, teacher, ids)
+    assert torch.isfinite(loss) and loss.item() > 0
+    teacher.model.set_attn_implementation("eager")  # eager attention returns its probabilities
+    name = f"{prefix}.3.attention@attention"
+    mask = ids != PAD
+    with torch.no_grad():
+        _, feats = capture_features(teacher, {name}, ids)
+        own = teacher.model(input_ids=ids, attention_mask=mask.long(), output_attentions=True).attentions[3]
+    keys = mask[:, None, None, :].expand_as(own)
+    torch.testing.assert_close(masked_log_softmax(feats[name], mask).exp()[keys], own[keys], atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["hidden_mse", "attention_kl"])
 def test_a_non_transformer_model_is_a_config_error_at_bind(name: str) -> None:
     torch.manual_seed(0)
