@@ -26,7 +26,7 @@ from kd_lib.evaluate import candidates as selection
 from kd_lib.evaluate import metrics as evaluation
 from kd_lib.steps import candidates
 from kd_lib.steps.common import StepError, carry_tokenizer, owns_parent
-from kd_lib.steps.inputs import accuracy, augment, load_teacher, open_dataset, pad_id, tensors
+from kd_lib.steps.inputs import accuracy, augment, load_teacher, open_dataset, pad_id, tensors, transfer_samples
 from kd_lib.train import loop as training
 from kd_lib.train import losses
 from kd_lib.train.inference import compute_logits
@@ -61,7 +61,11 @@ def quantize(
         ``source_role``, ``auto_found`` and ``auto_reason`` (``onnx`` with an export).
     """
     qcfg = cfg.quantize
-    with step_run(cfg, pipeline_run_id, "quantize") as run, open_dataset(cfg, dataset_dir) as splits:
+    transfer = cfg.distill.transfer_source is not None and "qat_int8" in _schemes(cfg)
+    with (
+        step_run(cfg, pipeline_run_id, "quantize") as run,
+        open_dataset(cfg, dataset_dir, transfer=transfer) as splits,
+    ):
         meta = splits.meta
         promotion = _promotion(cfg, splits, student_dir, baseline_dir)
         source_dir = baseline_dir if promotion["source_role"] == "baseline" else student_dir
@@ -79,7 +83,7 @@ def quantize(
         )
 
         auto = qcfg.scheme == "auto"
-        names = list(qcfg.candidates) if auto else [qcfg.scheme]
+        names = _schemes(cfg)
         # Torch fp32 is always measured: the reference no artifact may be slower than.
         measured = names if selection.REFERENCE in names else [selection.REFERENCE, *names]
         # Every candidate is saved with the spec it ships with, so the bytes measured are the
@@ -266,14 +270,21 @@ def _calibration_batches(splits: Splits, cfg: PipelineConfig) -> list[torch.Tens
     return [x[order[i : i + size]] for i in range(0, len(order), size)]
 
 
+def _schemes(cfg: PipelineConfig) -> list[str]:
+    """The schemes this quantize step builds: ``quantize.candidates`` under auto, else the scheme."""
+    return list(cfg.quantize.candidates) if cfg.quantize.scheme == "auto" else [cfg.quantize.scheme]
+
+
 def _qat_finetune(
     cfg: PipelineConfig, splits: Splits, teacher_dir: str | Path | None, run: StepRun
 ) -> Callable[[torch.nn.Module], None]:
     """The fine-tuning function of qat_int8: the distillation objective, quantize.qat_* settings.
 
-    Feature terms (fitnets, at) are left out: their layers are wrapped in fake-quantize
-    modules, and the logit terms carry the teacher's knowledge through this short phase.
-    The terms used are logged as ``qat.objective``.
+    Feature terms (fitnets, at, hidden_mse, attention_kl) are left out: their layers are
+    wrapped in fake-quantize modules, and the logit terms carry the teacher's knowledge through
+    this short phase. The transfer set (``distill.transfer_source``), when the dataset holds
+    one, is learnt from the teacher here as in distill. The terms used are logged as
+    ``qat.objective``, the transfer samples' count as ``qat.transfer_size``.
     """
 
     def finetune(model: torch.nn.Module) -> None:
@@ -286,7 +297,10 @@ def _qat_finetune(
             if teacher_dir is None:
                 raise StepError("qat_int8 fine-tunes with the KD loss and needs the teacher; pass teacher_dir")
             teacher = load_teacher(teacher_dir, splits.meta)
-        run.log_params({"qat.objective": losses.describe(terms)})
+        transfer = transfer_samples(splits) if objective.needs_teacher else None
+        run.log_params(
+            {"qat.objective": losses.describe(terms), "qat.transfer_size": 0 if transfer is None else len(transfer)}
+        )
         train_cfg = cfg.distill.train.model_copy(update={"epochs": cfg.quantize.qat_epochs, "lr": cfg.quantize.qat_lr})
         history = training.kd_finetune(
             model,
@@ -297,6 +311,7 @@ def _qat_finetune(
             train_cfg,
             augment=augment(cfg, splits.meta, "distill"),
             on_epoch=lambda row: run.log_metrics({"qat.train_loss": row["train_loss"]}, step=int(row["epoch"])),
+            x_transfer=transfer,
         )
         run.log_dict(history, "qat_history.json")
 

@@ -646,6 +646,7 @@ def kd_finetune(
     cfg: TrainConfig,
     augment: Augment | None = None,
     on_epoch: EpochCallback | None = None,
+    x_transfer: Samples | None = None,
 ) -> list[dict[str, Any]]:
     """Fine-tune ``model`` in place for exactly ``cfg.epochs`` epochs with the KD objective.
 
@@ -663,15 +664,19 @@ def kd_finetune(
         cfg: Epochs, batch size, lr, optimizer, seed and device (the scheduler is ignored).
         augment: Applied to every training batch.
         on_epoch: Called with ``{"epoch", "train_loss", "seconds", "loss_<term>"...}`` after each epoch.
+        x_transfer: Unlabeled samples learnt from the teacher alone, as in ``distill``.
 
     Returns:
         One such dict per epoch.
 
     Raises:
-        ValueError: lengths differ, or the objective needs a teacher and none was given.
+        ValueError: lengths differ, the objective needs a teacher and none was given, or a
+            transfer set that ``distill`` would refuse.
     """
     if len(x_train) != len(y_train) or len(x_train) == 0:
         raise ValueError(f"need matching, non-empty x_train and y_train; got {len(x_train)} and {len(y_train)}")
+    if x_transfer is not None:
+        x_train, y_train = _with_transfer(x_train, y_train, x_transfer, objective)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)

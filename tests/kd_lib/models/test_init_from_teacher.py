@@ -132,7 +132,7 @@ def test_a_distilbert_teacher_of_the_same_depth_gives_its_own_encoder() -> None:
         "pad_token_id": PAD,
     }
     torch.manual_seed(1)
-    teacher = huggingface.build((12,), CLASSES, config, pad_id=PAD).eval()
+    teacher: Any = huggingface.build((12,), CLASSES, config, pad_id=PAD).eval()
     student = _bert(2, seed=2).eval()
     assert init_from_teacher(student, teacher) == {"layer_map": [[1, 1], [2, 2]], "pooler": False, "classifier": False}
     ids = torch.tensor([[2, 7, 9, 4, 3, PAD, PAD, PAD, PAD, PAD, PAD, PAD], [2, 5, 11, 12, 6, 8, 10, 3, 1, 1, 1, 1]])

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from kd_lib.adapters.tracking import client_for
+from kd_lib.artifacts.dataset_dir import load_splits
 from kd_lib.compress.quantization import QuantizationError, load_model, save_model
 from kd_lib.config import DEFAULT_CANDIDATES, PipelineConfig
 from kd_lib.evaluate import gates
@@ -122,6 +123,41 @@ def test_qat_fine_tunes_with_the_teacher(trained, tmp_path: Path) -> None:
     run = _step_run(cfg, f"run-{tmp_path.name}")
     assert "qat.train_loss" in run["metrics"]
     assert json.loads((out / "selection.json").read_text())["candidates"][0]["val_accuracy"] > 0.8
+
+
+def test_qat_fine_tunes_on_the_transfer_set_too(tmp_path: Path) -> None:
+    """With distill.transfer_source, qat_int8's fine-tuning learns the teacher's answers on the
+    unlabeled samples as distill did (logged as qat.transfer_size), and its weights differ from a
+    fine-tuning without them (its answers on the validation split differ)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x, y = digits.images[:, None].astype(np.float32), digits.target.astype(np.int64)
+    np.savez(tmp_path / "labeled.npz", x=x[:600], y=y[:600])
+    np.savez(tmp_path / "unlabeled.npz", x=x[600:])
+    sections: dict = {
+        "data": {"source": str(tmp_path / "labeled.npz")},
+        "distill": {"transfer_source": str(tmp_path / "unlabeled.npz")},
+        "student": {"model": {"arch": "cnn", "params": {"channels": 4, "depth": 1, "hidden": 16}}},
+        "quantize": {"scheme": "qat_int8", "qat_epochs": 1},
+    }
+    cfg = tiny_config(tmp_path, **sections)
+    prepare_data(cfg, "qat", tmp_path / "dataset")
+    train_teacher(cfg, "qat", tmp_path / "dataset", tmp_path / "teacher")
+    distill(cfg, "qat", tmp_path / "dataset", tmp_path / "teacher", tmp_path / "student")
+    x_val = torch.from_numpy(load_splits(tmp_path / "dataset").x["val"])
+    outputs = {}
+    for name, transfer in (("with", cfg.distill.transfer_source), ("without", None)):
+        run_cfg = cfg.model_copy(deep=True)
+        run_cfg.distill.transfer_source = transfer
+        out = tmp_path / f"q-{name}"
+        quantize_step(run_cfg, f"qat-{name}", tmp_path / "dataset", tmp_path / "student", out, tmp_path / "teacher")
+        assert _step_run(run_cfg, f"qat-{name}")["params"]["qat.transfer_size"] == ("1197" if transfer else "0")
+        model, spec = load_model(out)
+        assert spec["quantization"] == "qat_int8"
+        with torch.no_grad():
+            outputs[name] = model(x_val)
+    assert not torch.equal(outputs["with"], outputs["without"])
 
 
 def test_auto_measures_every_candidate_and_keeps_the_fastest_not_slower_than_torch_fp32(

@@ -13,7 +13,7 @@ from kd_lib.config import LossTermConfig, TrainConfig
 from kd_lib.config.train import LABELED_TEACHER_LOSSES
 from kd_lib.models.builders import mlp
 from kd_lib.train.inference import compute_logits
-from kd_lib.train.loop import distill
+from kd_lib.train.loop import distill, kd_finetune
 from kd_lib.train.losses import LOSSES, LossInputs, build_objective, ce
 from kd_lib.train.objective import UNLABELED
 from tests.helpers import TableTeacher
@@ -116,3 +116,23 @@ def test_a_transfer_set_needs_a_teacher_term_and_samples_like_train(blobs: Data,
     teacher = TableTeacher(x_train, torch.zeros(len(x_train), 3))
     with pytest.raises(ValueError, match=r"transfer samples are torch.float32 \[4\] but training samples"):
         distill(_student(), teacher, _objective(), x_train, y_train, x_val, y_val, fast_cfg, x_transfer=x_train[:, :4])
+
+
+def test_quantization_aware_fine_tuning_learns_the_transfer_samples_too(blobs: Data, fast_cfg: TrainConfig) -> None:
+    """kd_finetune (qat_int8's fine-tuning) takes the transfer set as distill does: the teacher's
+    shifted answers on the transfer samples move the student only when they are given."""
+    x_train, y_train, x_val, y_val = blobs
+    x_labeled, y_labeled, x_transfer = x_train[:30], y_train[:30], x_train[30:]
+    logits = nn.functional.one_hot(torch.cat([y_labeled, (y_train[30:] + 1) % 3]), 3).float() * 10
+    shifted: dict[str, float] = {}
+    for name, transfer in (("with", x_transfer), ("without", None)):
+        teacher = TableTeacher(torch.cat([x_labeled, x_transfer]), logits)
+        student = _student()
+        history = kd_finetune(student, teacher, _objective(), x_labeled, y_labeled, fast_cfg, x_transfer=transfer)
+        assert len(history) == fast_cfg.epochs and all(math.isfinite(row["loss_ce"]) for row in history)
+        predicted = compute_logits(student, x_val).argmax(1)
+        shifted[name] = (predicted == (y_val + 1) % 3).float().mean().item()
+    assert shifted["with"] > 0.85 and shifted["without"] < 0.2, shifted
+    with pytest.raises(ValueError, match=r"objective \(ce\) does not use the teacher"):
+        kd_finetune(_student(), None, build_objective([LossTermConfig(name="ce")]), x_labeled, y_labeled, fast_cfg,
+                    x_transfer=x_transfer)  # fmt: skip

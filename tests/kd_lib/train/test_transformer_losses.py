@@ -259,7 +259,7 @@ def test_a_distilbert_teacher_is_read_by_its_own_layout() -> None:
         "pad_token_id": PAD,
     }
     torch.manual_seed(0)
-    teacher = huggingface.build((LENGTH,), CLASSES, config, pad_id=PAD).eval()
+    teacher: Any = huggingface.build((LENGTH,), CLASSES, config, pad_id=PAD).eval()
     student = _bert(2, 8, 2)
     ids = _ids([10, 4])
     objective = _objective(LossTermConfig(name="hidden_mse"), LossTermConfig(name="attention_kl"))
