@@ -21,6 +21,41 @@ if TYPE_CHECKING:  # mlflow costs seconds at import; the helpers only take a cli
     from mlflow.pyfunc import PyFuncModel
 
 
+# Every config field added after config hashes were in use, written out by hand (not read from
+# kd_lib.config.pipeline): a config that leaves them at their defaults must hash as it did before.
+LATER_FIELDS = (
+    ("quantize", "candidates"),
+    ("quantize", "select"),
+    ("gate", "max_latency_ms"),
+    ("gate", "min_speedup"),
+    ("distill", "promote"),
+    ("distill", "transfer_source"),
+    ("teacher", "fine_tune"),
+    ("teacher", "input_normalization"),
+    ("data", "text_column"),
+    ("data", "max_length"),
+    ("data", "vocab_size"),
+    ("data", "tokenizer"),
+    ("data", "num_workers"),
+    ("student", "init_from_teacher"),
+)
+LATER_TRAIN_FIELDS = ("augment", "keep", "sync_batchnorm")  # in teacher.train and distill.train
+
+
+def recipe_before_extensions(cfg: PipelineConfig) -> dict:
+    """``cfg``'s hashed recipe as it was before any of ``LATER_FIELDS`` existed: its JSON dump
+    without them (nor the labels ``tracking``, ``image``, ``cluster``, ``sweep``, ``candidate``),
+    for a config that leaves them all at their defaults."""
+    dump = cfg.model_dump(mode="json", exclude={"tracking", "image", "cluster", "sweep", "candidate"})
+    for section, field in LATER_FIELDS:
+        del dump[section][field]
+    for step in ("teacher", "distill"):
+        for field in LATER_TRAIN_FIELDS:
+            del dump[step]["train"][field]
+    del dump["data"]["augment"]["mixup_alpha"]  # a field added to a nested section
+    return dump
+
+
 def as_arrays(splits: Splits, fetch=None) -> Splits:  # noqa: ANN001 - a kd_lib.data.dataset.Fetch
     """``kd_lib.data.dataset.prepare``'s splits as the steps read them, in arrays: data prepared
     as a manifest (image folders, tables) is saved, opened lazily and read whole, transfer set too."""
