@@ -18,6 +18,9 @@ train split only (``kd_lib.data.dataset.prepare``):
   trained with cross-entropy alone;
 - ``kd``: the same student, same initial weights and batch order, distilled from that seed's
   teacher (Hinton KD, ``--kd-temperature`` 1, ``--kd-alpha`` 0.9);
+- ``default``: the same student distilled with the default recipe, what a config without
+  ``distill.losses`` gets (``kd`` at T=2 weight 0.25 plus ``ce`` 0.75), beside the tuned one; both
+  are tested against scratch per seed (exact McNemar on the same test sentences);
 - ``kd_int8``: the KD student exported to ONNX (int64 ids, dynamic batch and sequence axes) and
   quantized by ONNX Runtime dynamic int8 (MatMul/Gemm and the embedding Gathers): its accuracy,
   bytes and p50 latency (1 thread, batch 1 and 32, ids of length max_length) beside the torch
@@ -92,10 +95,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kd_lib.compress import onnx_runtime  # noqa: E402
-from kd_lib.config import DataConfig, LossTermConfig, TrainConfig  # noqa: E402
+from kd_lib.config import DataConfig, DistillConfig, LossTermConfig, TrainConfig  # noqa: E402
 from kd_lib.data import text as text_lib  # noqa: E402
 from kd_lib.data.dataset import prepare, read_source, stratified_split  # noqa: E402
-from kd_lib.evaluate.metrics import latency_ms, predict  # noqa: E402
+from kd_lib.evaluate.metrics import latency_ms, paired_gain, predict  # noqa: E402
 from kd_lib.models.builders import build_model, count_parameters  # noqa: E402
 from kd_lib.train import loop  # noqa: E402
 from kd_lib.train.losses import build_objective  # noqa: E402
@@ -270,6 +273,8 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, pad: int)
 
 
 SCRATCH = [LossTermConfig(name="ce")]
+# What a config without distill.losses gets (kd_lib.config.train), beside the tuned KD recipe.
+DEFAULT_RECIPE = list(DistillConfig().losses)
 
 
 def kd_losses(temperature: float, alpha: float) -> list[LossTermConfig]:
@@ -377,7 +382,7 @@ def run_arms(
     row[teacher_key] = accuracy(teacher, x["test"], y["test"], pad)
     students = {}
     for arm, losses, transfer in arms:
-        kd_teacher = teacher if losses is recipe.kd else None
+        kd_teacher = teacher if losses is not SCRATCH else None
         result = student_run(
             recipe.student, params, recipe.classes, kd_teacher, losses, train, recipe.student_cfg, recipe.seed, transfer
         )
@@ -458,8 +463,16 @@ def deployment(
 def full_arms(row: dict[str, Any], splits: Split, recipe: Recipe) -> None:
     """The all-labels arms of one seed, into ``row``: teacher, scratch, kd, kd_int8 and deployment numbers."""
     x, y, data_params = splits
-    arms: list[Arm] = [("scratch", SCRATCH, None), ("kd", recipe.kd, None)]
+    arms: list[Arm] = [("scratch", SCRATCH, None), ("kd", recipe.kd, None), ("default", DEFAULT_RECIPE, None)]
     teacher, students = run_arms(row, splits, "train", "teacher", arms, recipe)
+    # Exact McNemar test of each KD arm against scratch on the same test sentences.
+    pad = data_params["pad_id"]
+    scratch_pred = predict(students["scratch"], x["test"], pad_id=pad)
+    row["mcnemar"] = {
+        arm: paired_gain(predict(students[arm], x["test"], pad_id=pad), scratch_pred, y["test"])
+        for arm in ("kd", "default")
+    }
+    row["default_minus_scratch"] = row["default"] - row["scratch"]
     row["teacher_params"] = count_parameters(teacher)
     row["student_params"] = count_parameters(students["kd"])
     row["params_ratio"] = row["student_params"] / row["teacher_params"]
@@ -492,7 +505,9 @@ def report(summary: dict[str, Any]) -> None:
         ("scratch", "scratch (all labels)"),
         ("kd", "kd (all labels)"),
         ("kd_int8", "kd_int8 (all labels)"),
+        ("default", "default recipe (all labels)"),
         ("kd_minus_scratch", "kd - scratch"),
+        ("default_minus_scratch", "default - scratch"),
         ("kd_minus_kd_int8", "kd - kd_int8"),
         ("teacher_half", "teacher_half"),
         ("teacher_half_on_transfer", "teacher_half on transfer"),
@@ -516,6 +531,13 @@ def report(summary: dict[str, Any]) -> None:
     if "teacher" not in runs[0]:
         return
     first = runs[0]
+    if "mcnemar" in first:
+        for arm in first["mcnemar"]:
+            tests = [r["mcnemar"][arm] for r in runs]
+            ps = " ".join(f"{t['p_value']:.3f}" for t in tests)
+            worse = sum(t["significant"] and t["gain_points"] < 0 for t in tests)
+            better = sum(t["significant"] and t["gain_points"] > 0 for t in tests)
+            print(f"{arm} vs scratch, exact McNemar p per seed: {ps} ({better} significantly better, {worse} worse)")
     print(
         f"\nparams: teacher {first['teacher_params']:,}, student {first['student_params']:,}, "
         f"student/teacher {first['params_ratio']:.3f}"
@@ -550,6 +572,10 @@ def report(summary: dict[str, Any]) -> None:
         <= 0.30,
         "int8 within 1 point of kd (every seed)": all(abs(r["kd_minus_kd_int8"]) <= 0.01 for r in runs),
     }
+    if "mcnemar" in first:
+        targets["default recipe never significantly worse than scratch (McNemar p < 0.05, every seed)"] = not any(
+            r["mcnemar"]["default"]["significant"] and r["mcnemar"]["default"]["gain_points"] < 0 for r in runs
+        )
     if "transfer_minus_kd_half" in first:
         targets["kd_half + transfer > kd_half (mean)"] = statistics.mean(r["transfer_minus_kd_half"] for r in runs) > 0
     print(
