@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--out", default=str(HERE.parent / "results" / "deployment.json"))
     args = parser.parse_args()
+    out = Path(args.out).resolve()  # the steps below run in a temporary working directory
 
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="kdflow-bench-deploy-") as tmp:
@@ -132,9 +133,9 @@ def main() -> None:
         "load_average": {"before": load_before, "after": load_after},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
