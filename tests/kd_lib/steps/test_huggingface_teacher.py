@@ -24,7 +24,7 @@ from kd_lib.adapters.model_registry import ModelRegistry
 from kd_lib.adapters.tracking import fluent_run
 from kd_lib.artifacts.dataset_dir import load_splits
 from kd_lib.compress import quantization
-from kd_lib.config import PipelineConfig
+from kd_lib.config import LossTermConfig, PipelineConfig
 from kd_lib.steps.common import StepError
 from kd_lib.steps.distill import distill
 from kd_lib.steps.import_teacher import import_teacher
@@ -49,6 +49,19 @@ def text_config(tmp: Path, teacher_uri: Path, **sections: dict) -> PipelineConfi
     for name, values in sections.items():
         tree[name] = tree.get(name, {}) | values
     return tiny_config(tmp, **tree)
+
+
+def tinybert(cfg: PipelineConfig) -> None:
+    """Make ``cfg`` distill a 1-layer transformer student of the teacher's widths, initialized from
+    its layers, with KD + CE + hidden_mse + attention_kl (TinyBERT/MiniLM with DistilBERT's init)."""
+    student = {"arch": "transformer", "params": {"layers": 1, "hidden": 32, "heads": 2, "intermediate": 64}}
+    cfg.student = type(cfg.student)(model=student, init_from_teacher=True)
+    cfg.distill.losses = [
+        LossTermConfig(name="kd", weight=0.5, params={"temperature": 2.0}),
+        LossTermConfig(name="ce", weight=0.5),
+        LossTermConfig(name="hidden_mse", weight=1.0),
+        LossTermConfig(name="attention_kl", weight=1.0),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -156,17 +169,8 @@ def test_a_transformer_student_learns_its_layers_and_attention(prepared: dict, t
     """TinyBERT/MiniLM through the step: hidden-state MSE and attention KL read the Hugging Face
     teacher's own encoder layers (``bert.encoder.layer.N``), and the student starts from the
     teacher's embeddings and every other layer (DistilBERT init)."""
-    from kd_lib.config import LossTermConfig
-
     cfg = prepared["cfg"].model_copy(deep=True)
-    student = {"arch": "transformer", "params": {"layers": 1, "hidden": 32, "heads": 2, "intermediate": 64}}
-    cfg.student = type(cfg.student)(model=student, init_from_teacher=True)
-    cfg.distill.losses = [
-        LossTermConfig(name="kd", weight=0.5, params={"temperature": 2.0}),
-        LossTermConfig(name="ce", weight=0.5),
-        LossTermConfig(name="hidden_mse", weight=1.0),
-        LossTermConfig(name="attention_kl", weight=1.0),
-    ]
+    tinybert(cfg)
     history = tmp_path / "history.json"
     summary = distill(cfg, "tinybert", prepared["dataset"], prepared["teacher"], tmp_path / "student", history)
     epochs = json.loads(history.read_text())
@@ -187,22 +191,13 @@ def test_a_distilbert_teacher_is_imported_and_taught_to_a_transformer_student(tm
     """A DistilBERT save_pretrained directory as the teacher: imported with its own tokenizer, its
     layers (``distilbert.transformer.layer.N``) read by hidden_mse and attention_kl, and its
     weights the student's start (DistilBERT's layers copied into a BERT of the same width)."""
-    from kd_lib.config import LossTermConfig
-
     with SAMPLE.open(newline="") as f:
         texts = [row["text"] for row in csv.DictReader(f)]
     teacher_dir = save_tiny_bert(
         tmp_path / "distilbert", texts=texts, labels=CLASSES, max_positions=MAX_LENGTH, arch="distilbert"
     )
     cfg = text_config(tmp_path, teacher_dir)
-    student = {"arch": "transformer", "params": {"layers": 1, "hidden": 32, "heads": 2, "intermediate": 64}}
-    cfg.student = type(cfg.student)(model=student, init_from_teacher=True)
-    cfg.distill.losses = [
-        LossTermConfig(name="kd", weight=0.5, params={"temperature": 2.0}),
-        LossTermConfig(name="ce", weight=0.5),
-        LossTermConfig(name="hidden_mse", weight=1.0),
-        LossTermConfig(name="attention_kl", weight=1.0),
-    ]
+    tinybert(cfg)
     prepare_data(cfg, "setup", tmp_path / "dataset")
     import_teacher(cfg, "setup", tmp_path / "dataset", tmp_path / "teacher")
     teacher, spec = quantization.load_model(tmp_path / "teacher")
