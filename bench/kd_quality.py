@@ -17,7 +17,8 @@ over the seeds (ties: fewer epochs). The test split decides nothing. Each kept s
 quantized (``--scheme``, static int8 by default) and measured again. With ``--tune`` each KD
 method also runs its variants (``METHODS``' ``<method>@<change>``: a temperature, a weight), and
 the setting with the best mean validation accuracy is its tuned one, reported beside the
-paper's; the held-out seeds run both.
+paper's; the held-out seeds run both. ``--fixed kd@T8=120 ...`` runs given settings at given
+epochs on ``--seeds`` and chooses nothing: a recipe fixed earlier, confirmed on new seeds.
 
 Reported per method: its chosen epochs, test accuracy mean and standard deviation over the
 seeds, the difference to scratch (and its standard deviation over paired seeds), "gap
@@ -253,7 +254,10 @@ def run_dataset(name: str, source: str, args: argparse.Namespace) -> dict[str, A
 
     student = tuple(setup["student"]) if args.student is None else tuple(json.loads(args.student))
     grid = args.grid_epochs or setup["student_epochs"]
-    methods = select_methods(args.methods, args.tune)
+    # --fixed: each named setting at its own epochs, nothing chosen (a recipe confirmed on new seeds).
+    fixed = dict(_setting(text) for text in args.fixed) if args.fixed else None
+    methods = list(fixed) if fixed else select_methods(args.methods, args.tune)
+    grids = {method: [fixed[method]] if fixed else grid for method in methods}
     common = {
         "dataset": name,
         "source": source,
@@ -272,11 +276,11 @@ def run_dataset(name: str, source: str, args: argparse.Namespace) -> dict[str, A
         common | {"method": method, "seed": seed, "epochs": epochs}
         for seed in args.seeds
         for method in methods
-        for epochs in grid
+        for epochs in grids[method]
     ]
     runs = _run_all(name, tasks, args.jobs)
     chosen = choose_epochs(runs)
-    tuned = choose_variants(runs, chosen)
+    tuned = {} if fixed else choose_variants(runs, chosen)
     # Held-out seeds, run only after the choice: each paper setting and each method's tuned
     # variant at its chosen epochs, nothing tuned on them.
     kept_methods = [m for m in methods if "@" not in m or m in tuned.values()]
@@ -307,6 +311,7 @@ def run_dataset(name: str, source: str, args: argparse.Namespace) -> dict[str, A
             "num_params": count_parameters(build_model(student[0], student[1], shape, classes)),
         },
         "grid_epochs": grid,
+        "fixed": fixed,
         "chosen_epochs": chosen,
         "tuned": tuned,
         "holdout_seeds": args.holdout_seeds,
@@ -331,6 +336,14 @@ def _run_all(name: str, tasks: list[dict[str, Any]], jobs: int) -> list[dict[str
 
 def _without_predictions(run: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in run.items() if k != "test_pred"}
+
+
+def _setting(text: str) -> tuple[str, int]:
+    """``"kd@T8=120"`` -> ``("kd@T8", 120)``."""
+    method, _, epochs = text.partition("=")
+    if method not in METHODS or not epochs.isdigit():
+        raise SystemExit(f"--fixed takes METHOD=EPOCHS with METHOD one of {list(METHODS)}, got {text!r}")
+    return method, int(epochs)
 
 
 def family(method: str) -> str:
@@ -433,7 +446,10 @@ def print_table(result: dict[str, Any]) -> None:
         f"test {t['test_accuracy']:.4f}; student {result['student']['arch']} {result['student']['num_params']} params "
         f"(1/{t['num_params'] / result['student']['num_params']:.0f} of the teacher)"
     )
-    print(f"each method's epochs chosen on validation from {result['grid_epochs']}; last epoch kept")
+    if result.get("fixed"):
+        print(f"fixed settings, nothing chosen: {result['fixed']}; last epoch kept")
+    else:
+        print(f"each method's epochs chosen on validation from {result['grid_epochs']}; last epoch kept")
     _print_summary("tuning seeds (epochs chosen on their validation accuracy)", result["summary"])
     if any(method != name for name, method in result["tuned"].items()):
         _print_side_by_side("tuning seeds", result["summary"], result["tuned"])
@@ -501,6 +517,13 @@ def main(argv: list[str] | None = None) -> int:
         help="seeds run only after the choice, each method at its chosen epochs (e.g. 3 4 5)",
     )
     parser.add_argument("--methods", nargs="*", default=None, help=f"subset of {list(METHODS)}")
+    parser.add_argument(
+        "--fixed",
+        nargs="+",
+        default=None,
+        metavar="METHOD=EPOCHS",
+        help="run only these settings, each at its epochs, on --seeds: a fixed recipe confirmed, nothing chosen",
+    )
     parser.add_argument(
         "--tune",
         action="store_true",
