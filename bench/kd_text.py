@@ -382,7 +382,7 @@ def run_arms(
     row[teacher_key] = accuracy(teacher, x["test"], y["test"], pad)
     students = {}
     for arm, losses, transfer in arms:
-        kd_teacher = teacher if losses is not SCRATCH else None
+        kd_teacher = teacher if build_objective(losses).needs_teacher else None
         result = student_run(
             recipe.student, params, recipe.classes, kd_teacher, losses, train, recipe.student_cfg, recipe.seed, transfer
         )
@@ -478,7 +478,7 @@ def full_arms(row: dict[str, Any], splits: Split, recipe: Recipe) -> None:
     row["params_ratio"] = row["student_params"] / row["teacher_params"]
     row["kd_minus_scratch"] = row["kd"] - row["scratch"]
     row["gap_recovered"] = gap_recovered(row["kd"], row["scratch"], row["teacher"])
-    deployment(row, teacher, students["kd"], x, y, data_params["pad_id"], (x["train"].shape[1],))
+    deployment(row, teacher, students["kd"], x, y, pad, (x["train"].shape[1],))
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:

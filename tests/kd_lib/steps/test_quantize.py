@@ -125,11 +125,13 @@ def test_qat_fine_tunes_with_the_teacher(trained, tmp_path: Path) -> None:
     assert json.loads((out / "selection.json").read_text())["candidates"][0]["val_accuracy"] > 0.8
 
 
-def test_qat_fine_tunes_on_the_transfer_set_too(tmp_path: Path) -> None:
+def test_qat_fine_tunes_on_the_transfer_set_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With distill.transfer_source, qat_int8's fine-tuning learns the teacher's answers on the
     unlabeled samples as distill did (logged as qat.transfer_size), and its weights differ from a
     fine-tuning without them (its answers on the validation split differ)."""
     from sklearn.datasets import load_digits
+
+    monkeypatch.chdir(tmp_path)  # the sqlite store's run artifacts go to ./mlruns: keep them here
 
     digits = load_digits()
     x, y = digits.images[:, None].astype(np.float32), digits.target.astype(np.int64)
